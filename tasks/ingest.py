@@ -1,0 +1,214 @@
+"""Ingest datasets into a new label store: MaSS13K layout, CamVid (car hidden in "others"), synthetic.
+
+Every ingest builds the store in a temporary folder and publishes it only when every image is valid and
+written (`storage.store.build_label_store`), so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from storage.names import parse_image_id
+from storage.registry import IGNORE_INDEX, PRECISE_CLASSES, ImageRecord
+from storage.store import LabelStore, build_label_store, file_sha256
+from tasks.synthetic_scenes import make_scene
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+VALID_PRECISE = np.array(list(range(len(PRECISE_CLASSES))) + [IGNORE_INDEX])
+
+# CamVid ids: 0 Sky, 1 Building, 2 Pole, 3 Road, 4 Pavement, 5 Tree, 6 SignSymbol, 7 Fence, 8 Car,
+# 9 Pedestrian, 10 Bicyclist, 11 Unlabelled  ->  our 7 classes (car hidden in "others").
+CAMVID_TO_PRECISE = np.array([5, 2, 0, 4, 4, 3, 0, 0, 0, 1, 1, IGNORE_INDEX], np.uint8)
+CAMVID_CAR, CAMVID_UNLABELLED = 8, 11
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to ingest: its id, image file and annotation file."""
+
+    id: str
+    image: Path
+    annotation: Path
+
+
+def read_rgb(path: Path, *, image_id: str) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"Missing image file {path} (image id {image_id!r}).")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"Cannot decode image {path} (image id {image_id!r}): unreadable or corrupt.")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_label_png(path: Path, *, image_id: str) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"Missing annotation {path} for image id {image_id!r}.")
+    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if lab is None:
+        raise ValueError(f"Cannot decode annotation {path} (image id {image_id!r}): unreadable or corrupt.")
+    if lab.ndim != 2:
+        raise ValueError(f"Annotation {path} (image id {image_id!r}) has {lab.shape[2]} channels; expected a "
+                         "single-channel label map.")
+    if lab.dtype != np.uint8:
+        raise ValueError(f"Annotation {path} (image id {image_id!r}) is {lab.dtype}; expected uint8 labels.")
+    return lab
+
+
+def check_labels(labels: np.ndarray, *, allowed: np.ndarray, image_hw: tuple[int, int], where: str) -> None:
+    if labels.shape != image_hw:
+        raise ValueError(f"{where}: label size {labels.shape[1]}x{labels.shape[0]} differs from the image "
+                         f"size {image_hw[1]}x{image_hw[0]}.")
+    bad = np.setdiff1d(np.unique(labels), allowed)
+    if bad.size:
+        raise ValueError(f"{where}: label values {bad.tolist()} are outside the class set {allowed.tolist()}.")
+
+
+def _pair_folder(images: Path, annotations: Path, *, label_ext: str = ".png") -> list[Sample]:
+    if not images.is_dir():
+        raise FileNotFoundError(f"Missing image folder {images}.")
+    if not annotations.is_dir():
+        raise FileNotFoundError(f"Missing annotation folder {annotations}.")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"Empty split: no {'/'.join(IMAGE_EXTS)} images in {images}.")
+    seen: dict[str, Path] = {}
+    samples = []
+    for f in files:
+        image_id = parse_image_id(f.stem)
+        if image_id in seen:
+            raise ValueError(f"Duplicate image id {image_id!r}: {seen[image_id]} and {f}.")
+        seen[image_id] = f
+        samples.append(Sample(id=image_id, image=f, annotation=annotations / f"{f.stem}{label_ext}"))
+    return samples
+
+
+def _check_unique_across_splits(splits: dict[str, list[Sample]]) -> None:
+    owner: dict[str, str] = {}
+    for split, samples in splits.items():
+        for s in samples:
+            if s.id in owner:
+                raise ValueError(f"Duplicate image id {s.id!r} in splits {owner[s.id]!r} and {split!r}.")
+            owner[s.id] = split
+
+
+def _ingest_split(store: LabelStore, split: str, samples: list[Sample], *, convert, progress: bool) -> None:
+    """Validate and write one split; `convert(raw_label, sample) -> (precise, {class: hand mask})`."""
+    records = []
+    for s in tqdm(samples, desc=f"ingest {split}", unit="img", disable=not progress):
+        image = read_rgb(s.image, image_id=s.id)
+        raw = read_label_png(s.annotation, image_id=s.id)
+        if raw.shape != image.shape[:2]:
+            raise ValueError(f"{s.annotation}: label size {raw.shape[1]}x{raw.shape[0]} differs from image "
+                             f"{s.image} size {image.shape[1]}x{image.shape[0]} (image id {s.id!r}).")
+        precise, hand = convert(raw, s)
+        store.write_precise_labels(split, s.id, precise)
+        for cls, mask in hand.items():
+            store.write_hand_mask("eval" if split == "test" else "reference", cls, split, s.id, mask)
+        records.append(ImageRecord(id=s.id, path=str(s.image.resolve()), sha256=file_sha256(s.image),
+                                   height=image.shape[0], width=image.shape[1]))
+    store.write_image_records(split, records)
+
+
+def ingest_mass13k(src: str | os.PathLike[str], store: str | os.PathLike[str], *, overwrite: bool = False,
+                   progress: bool = True) -> Path:
+    """MaSS13K layout: `images/{split}/*.jpg` and `annotations/{split}/*.png` (labels 0..6, 255)."""
+    src = Path(src)
+    splits = {sp: _pair_folder(src / "images" / sp, src / "annotations" / sp)
+              for sp in ("train", "val", "test") if (src / "images" / sp).exists()}
+    if not splits:
+        raise FileNotFoundError(f"No MaSS13K splits under {src} (expected images/train, images/val, images/test).")
+    _check_unique_across_splits(splits)
+
+    def convert(raw: np.ndarray, s: Sample) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        check_labels(raw, allowed=VALID_PRECISE, image_hw=raw.shape, where=f"{s.annotation} (id {s.id!r})")
+        return raw, {}
+
+    with build_label_store(store, name=src.name, source="mass13k", overwrite=overwrite) as st:
+        for split, samples in splits.items():
+            _ingest_split(st, split, samples, convert=convert, progress=progress)
+    return Path(store)
+
+
+def camvid_to_precise(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CamVid ids -> (7-class precise labels, car hand mask 0/1 with 255 where CamVid is Unlabelled)."""
+    car = (raw == CAMVID_CAR).astype(np.uint8)
+    car[raw == CAMVID_UNLABELLED] = IGNORE_INDEX
+    return CAMVID_TO_PRECISE[raw], car
+
+
+def ingest_camvid(src: str | os.PathLike[str], store: str | os.PathLike[str], *, val_fraction: float = 0.2,
+                  overwrite: bool = False, progress: bool = True) -> Path:
+    """CamVid layout (`train/`, `trainannot/`, `test/`, `testannot/`); car is hidden inside "others".
+
+    The last `val_fraction` of the (sorted, sequential) train frames become the val split, so validation
+    never looks at test. Car hand masks go to `reference/car` (train, val) and `eval/car` (test).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"Expected val_fraction in [0, 1). Got {val_fraction} instead.")
+    src = Path(src)
+    train = _pair_folder(src / "train", src / "trainannot")
+    test = _pair_folder(src / "test", src / "testannot")
+    n_val = int(round(len(train) * val_fraction))
+    splits = {"train": train[: len(train) - n_val], "val": train[len(train) - n_val:], "test": test}
+    splits = {k: v for k, v in splits.items() if v}
+    _check_unique_across_splits(splits)
+
+    def convert(raw: np.ndarray, s: Sample) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        check_labels(raw, allowed=np.arange(12), image_hw=raw.shape, where=f"{s.annotation} (id {s.id!r})")
+        precise, car = camvid_to_precise(raw)
+        return precise, {"car": car}
+
+    with build_label_store(store, name="camvid", source="camvid", overwrite=overwrite) as st:
+        for split, samples in splits.items():
+            _ingest_split(st, split, samples, convert=convert, progress=progress)
+    return Path(store)
+
+
+def synthetic_split_sizes(n: int) -> dict[str, int]:
+    """60 / 20 / 20 % train / val / test, at least one image in each split."""
+    if n < 3:
+        raise ValueError(f"Expected at least 3 synthetic images (one per split). Got {n} instead.")
+    n_val = n_test = max(1, round(n * 0.2))
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def ingest_synthetic(store: str | os.PathLike[str], *, images: int = 12, size: tuple[int, int] = (256, 384),
+                     seed: int = 0, overwrite: bool = False, progress: bool = True) -> Path:
+    """Procedural scenes (`tasks.synthetic_scenes`); image files go to `STORE/files/<split>/`.
+
+    Exact car masks are stored as hand masks: `reference/car` for train and val, `eval/car` for test.
+    """
+    h, w = size
+    with build_label_store(store, name=f"synthetic-seed{seed}", source="synthetic", overwrite=overwrite) as st:
+        k = 0
+        for split, n in tqdm(synthetic_split_sizes(images).items(), desc="synthetic", disable=not progress):
+            folder = st.path / "files" / split
+            folder.mkdir(parents=True, exist_ok=True)
+            records = []
+            for _ in range(n):
+                image_id = f"syn{seed}_{k:05d}"
+                scene = make_scene(height=h, width=w, seed=seed * 1_000_003 + k)
+                path = folder / f"{image_id}.png"
+                if not cv2.imwrite(str(path), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)):
+                    raise OSError(f"Cannot write {path}.")
+                st.write_precise_labels(split, image_id, scene.labels)
+                st.write_hand_mask("eval" if split == "test" else "reference", "car", split, image_id,
+                                   scene.car.astype(np.uint8))
+                records.append(ImageRecord(id=image_id, path=str(path.relative_to(st.path)),
+                                           sha256=file_sha256(path), height=h, width=w))
+                k += 1
+            st.write_image_records(split, records)
+    return Path(store)
+
+
+def iter_samples(splits: dict[str, list[Sample]]) -> Iterable[tuple[str, Sample]]:
+    for split, samples in splits.items():
+        for s in samples:
+            yield split, s
