@@ -1,0 +1,378 @@
+"""MaSSFormer training losses: set criterion with deep supervision, reweighted point losses and the edge loss.
+
+After Mask2Former's ``SetCriterion`` (facebookresearch/Mask2Former ``mask2former/modeling/criterion.py``)
+and the MaSSFormer head (xiechenxi99/MaSS13K ``massformer_head.py``), with the project decisions of spec §5:
+
+- per decoder output (the last one plus every ``aux_outputs`` entry): softmax CE x2 (no-object weight 0.1),
+  point-sampled weighted BCE x5 and dice x5 on the Hungarian-matched masks;
+- once, on ``pred_edge``: BCE x10 against the intended edge target ``edge == 1``, pixels with ``edge == 255``
+  excluded from the mean (the released code's target is the constant 1, spec §5.4);
+- BCE point weights from ``models.loss_weights`` (``reweight`` = ``"none"`` / ``"edge"`` / ``"inverse"``), and
+  importance sampling on ``-|logit| * (1 - W)`` (spec §5.3; plain ``-|logit|`` when ``reweight="none"``).
+
+Ground-truth masks stay at full target resolution; the predicted masks (1/2 or 1/4) and the targets are
+read at the same normalized points, as in the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.loss_weights import ReweightMode, bce_weight_map, edge_weight_map, parse_reweight_mode
+from models.matcher import HungarianMatcher
+from models.point_sample import point_sample, uncertain_point_coords_with_randomness
+from models.targets import EDGE_IGNORE
+
+LOSS_NAMES: tuple[str, ...] = ("labels", "masks", "edge")
+
+
+def classification_loss(pred_logits: Tensor, target_classes: Tensor, class_weights: Tensor) -> Tensor:
+    """Softmax cross-entropy over all queries, weighted mean by class weight.
+
+    Equals ``sum_i c[y_i] * CE_i / sum_i c[y_i]``, as mmdet's ``avg_factor=class_weight[labels].sum()`` and
+    Mask2Former's ``F.cross_entropy(..., weight)``.
+
+    Args:
+        pred_logits: B x Q x (K+1) logits.
+        target_classes: B x Q int64 class ids, K (no-object) for unmatched queries.
+        class_weights: (K+1) weights, the last one the no-object weight.
+
+    Returns:
+        Scalar loss (unweighted by the loss weight).
+    """
+    logits = pred_logits.float().transpose(1, 2)  # B x (K+1) x Q
+    return F.cross_entropy(logits, target_classes, weight=class_weights.float())
+
+
+def weighted_sigmoid_ce_loss(
+    point_logits: Tensor, point_labels: Tensor, point_weights: Tensor | None, num_masks: float
+) -> Tensor:
+    """``sum_p w_p * BCE(logit_p, label_p) / (num_masks * P)`` (spec §5.2).
+
+    The denominator is not the sum of the weights, so the weights also raise the overall scale (as released).
+
+    Args:
+        point_logits: N x P mask logits at the sampled points.
+        point_labels: N x P targets in [0, 1] at the same points.
+        point_weights: N x P weights, or ``None`` for all ones.
+        num_masks: Number of ground-truth masks in the batch (>= 1).
+
+    Returns:
+        Scalar loss.
+    """
+    loss = F.binary_cross_entropy_with_logits(point_logits.float(), point_labels.float(), reduction="none")
+    if point_weights is not None:
+        loss = loss * point_weights.float()
+    return loss.mean(1).sum() / num_masks
+
+
+def dice_loss(point_logits: Tensor, point_labels: Tensor, num_masks: float, *, eps: float = 1.0) -> Tensor:
+    """Naive dice ``1 - (2 |p t| + eps) / (|p| + |t| + eps)`` per mask, summed, divided by ``num_masks``.
+
+    Args:
+        point_logits: N x P mask logits at the sampled points.
+        point_labels: N x P targets in [0, 1] at the same points.
+        num_masks: Number of ground-truth masks in the batch (>= 1).
+        eps: Smoothing term (spec: 1).
+
+    Returns:
+        Scalar loss.
+    """
+    prob = point_logits.float().sigmoid()
+    labels = point_labels.float()
+    numerator = 2.0 * (prob * labels).sum(-1)  # N
+    denominator = prob.sum(-1) + labels.sum(-1)  # N
+    return (1.0 - (numerator + eps) / (denominator + eps)).sum() / num_masks
+
+
+def edge_loss(
+    edge_logits: Tensor, edge_targets: Sequence[Tensor], *, ignore_value: int = EDGE_IGNORE
+) -> Tensor:
+    """BCE between upsampled edge logits and ``edge == 1``, mean over the non-ignored pixels of the batch.
+
+    Args:
+        edge_logits: B x 1 x h x w edge logits (1/2 resolution).
+        edge_targets: B maps H x W uint8 in {0, 1, ignore_value}; the logits are upsampled bilinearly
+            (``align_corners=False``) to each map's size.
+        ignore_value: Target value excluded from the mean (padding and ignore pixels).
+
+    Returns:
+        Scalar loss (0, with gradient, when no pixel is valid).
+    """
+    if len(edge_targets) != edge_logits.shape[0]:
+        raise ValueError(f"Expected {edge_logits.shape[0]} edge targets. Got {len(edge_targets)} instead.")
+    total = edge_logits.new_zeros((), dtype=torch.float32)
+    count = edge_logits.new_zeros((), dtype=torch.float32)
+    for b, tgt in enumerate(edge_targets):
+        tgt = tgt.to(edge_logits.device)
+        up = F.interpolate(
+            edge_logits[b : b + 1].float(), size=tuple(tgt.shape[-2:]), mode="bilinear", align_corners=False
+        )[0, 0]  # H x W
+        valid = tgt != ignore_value  # H x W
+        bce = F.binary_cross_entropy_with_logits(up, (tgt == 1).float(), reduction="none")  # H x W
+        total = total + (bce * valid).sum()
+        count = count + valid.sum()
+    return total / count.clamp(min=1.0)
+
+
+class SetCriterion(nn.Module):
+    """Matches every decoder output to the ground truth and returns the weighted named losses.
+
+    Args:
+        num_classes: K, the number of real classes; logits have K+1 entries (the last is no-object).
+        matcher: The Hungarian matcher.
+        class_weight: Weight of the classification loss (spec: 2).
+        mask_weight: Weight of the point BCE loss (spec: 5).
+        dice_weight: Weight of the dice loss (spec: 5).
+        edge_weight: Weight of the edge loss (spec: 10), applied once.
+        no_object_weight: CE class weight of the no-object class (spec: 0.1).
+        losses: Subset of ``("labels", "masks", "edge")``. ``"edge"`` is skipped for outputs whose
+            ``pred_edge`` is None (the fpn baseline).
+        num_points: Points per matched mask P (spec: 12544; tests and the CPU demo use fewer).
+        oversample_ratio: Candidates per point for importance sampling (spec: 3).
+        importance_sample_ratio: Fraction of points chosen by uncertainty (spec: 0.75).
+        reweight: ``"none"``, ``"edge"`` or ``"inverse"`` (``models.loss_weights``).
+        edge_lambda: lambda in ``1 + lambda * W`` (spec: 5).
+        inverse_weight_near_pseudo: Precise-class pixels near pseudo pixels get ``1 - W`` (``"inverse"``
+            only).
+        near_pseudo_radius: Chessboard radius of that band (2 px).
+        weight_kernel_size: Average-pool window of W (spec: 5).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        edge_weight: float = 10.0,
+        no_object_weight: float = 0.1,
+        losses: Sequence[str] = LOSS_NAMES,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        reweight: ReweightMode = "inverse",
+        edge_lambda: float = 5.0,
+        inverse_weight_near_pseudo: bool = True,
+        near_pseudo_radius: int = 2,
+        weight_kernel_size: int = 5,
+    ) -> None:
+        super().__init__()
+        unknown = [name for name in losses if name not in LOSS_NAMES]
+        if unknown:
+            raise ValueError(f"Expected loss names in {LOSS_NAMES}. Got unknown {unknown} instead.")
+        if num_classes < 1:
+            raise ValueError(f"Expected num_classes >= 1. Got {num_classes} instead.")
+        if num_points < 1:
+            raise ValueError(f"Expected num_points >= 1. Got {num_points} instead.")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.edge_weight = edge_weight
+        self.no_object_weight = no_object_weight
+        self.losses = tuple(losses)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.reweight: ReweightMode = parse_reweight_mode(reweight)
+        self.edge_lambda = edge_lambda
+        self.inverse_weight_near_pseudo = inverse_weight_near_pseudo
+        self.near_pseudo_radius = near_pseudo_radius
+        self.weight_kernel_size = weight_kernel_size
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def forward(
+        self,
+        outputs: Mapping[str, Any],
+        targets: Sequence[Mapping[str, Tensor]],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Computes all losses.
+
+        Args:
+            outputs: The model output dict of ``docs/interfaces.md``: ``pred_logits`` B x Q x (K+1),
+                ``pred_masks`` B x Q x h x w, optional ``aux_outputs`` (list of dicts with the same two keys,
+                any mask resolution) and ``pred_edge`` B x 1 x h x w or None.
+            targets: B dicts from ``models.targets.build_targets`` on the outputs' device.
+            generator: Optional RNG (on the outputs' device) for the matcher's and the losses' random
+                points, for reproducibility.
+
+        Returns:
+            ``loss_ce``, ``loss_mask``, ``loss_dice`` for the last output, the same with suffix ``_i`` for
+            ``aux_outputs[i]``, and ``loss_edge``; each already multiplied by its weight, so the total loss is
+            ``sum(losses.values())``.
+        """
+        self._check(outputs, targets)
+        device_type = outputs["pred_logits"].device.type
+        with torch.autocast(device_type=device_type, enabled=False):  # losses in fp32 (spec §1.3)
+            return self._losses(outputs, targets, generator)
+
+    def _losses(
+        self,
+        outputs: Mapping[str, Any],
+        targets: Sequence[Mapping[str, Tensor]],
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        prepared = [self._prepare_target(t) for t in targets] if "masks" in self.losses else []
+        # Mask losses are normalized by the number of ground-truth masks in the batch (single process; the
+        # reference also averages it over GPUs), not by the number of matched ones.
+        num_masks = max(sum(int(t["labels"].numel()) for t in targets), 1)
+
+        losses: dict[str, Tensor] = {}
+        layers: list[tuple[str, Mapping[str, Tensor]]] = [("", outputs)]
+        layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
+        for suffix, layer in layers:
+            indices = self.matcher(layer, targets, generator=generator)
+            if "labels" in self.losses:
+                losses["loss_ce" + suffix] = self.class_weight * self._loss_labels(layer, targets, indices)
+            if "masks" in self.losses:
+                loss_mask, loss_dice = self._loss_masks(layer, prepared, indices, num_masks, generator)
+                losses["loss_mask" + suffix] = self.mask_weight * loss_mask
+                losses["loss_dice" + suffix] = self.dice_weight * loss_dice
+        pred_edge = outputs.get("pred_edge")
+        if "edge" in self.losses and pred_edge is not None:
+            losses["loss_edge"] = self.edge_weight * edge_loss(pred_edge, [t["edge"] for t in targets])
+        return losses
+
+    def _check(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> None:
+        pred_logits = outputs["pred_logits"]
+        if pred_logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(
+                f"Expected pred_logits with K+1 = {self.num_classes + 1} entries. "
+                f"Got shape {tuple(pred_logits.shape)} instead."
+            )
+        if len(targets) != pred_logits.shape[0]:
+            raise ValueError(f"Expected {pred_logits.shape[0]} targets. Got {len(targets)} instead.")
+        for t in targets:
+            labels = t["labels"]
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(
+                    f"Expected target labels in [0, {self.num_classes}). Got {labels.tolist()} instead."
+                )
+
+    def _prepare_target(self, target: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
+        """Full-resolution maps sampled at the loss points, computed once for all decoder outputs."""
+        masks = target["masks"].float()  # G x H x W
+        if self.reweight == "none" or masks.shape[0] == 0:
+            return {"masks": masks, "edge_w": None, "bce_dev": None}
+        w_edge = edge_weight_map(masks, kernel_size=self.weight_kernel_size)  # G x H x W
+        bce_dev = bce_weight_map(
+            masks,
+            is_pseudo=target["is_pseudo"],
+            pseudo_region=target["pseudo_region"],
+            mode=self.reweight,
+            edge_weights=w_edge,
+            edge_lambda=self.edge_lambda,
+            inverse_weight_near_pseudo=self.inverse_weight_near_pseudo,
+            near_pseudo_radius=self.near_pseudo_radius,
+        ) - 1.0  # G x H x W, weight minus 1
+        return {"masks": masks, "edge_w": w_edge, "bce_dev": bce_dev}
+
+    def _loss_labels(
+        self,
+        layer: Mapping[str, Tensor],
+        targets: Sequence[Mapping[str, Tensor]],
+        indices: list[tuple[Tensor, Tensor]],
+    ) -> Tensor:
+        pred_logits = layer["pred_logits"]  # B x Q x (K+1)
+        target_classes = torch.full(
+            pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=pred_logits.device
+        )  # B x Q
+        for b, (src, tgt) in enumerate(indices):
+            if src.numel():
+                labels = targets[b]["labels"].to(pred_logits.device)
+                target_classes[b, src.to(pred_logits.device)] = labels[tgt.to(pred_logits.device)]
+        return classification_loss(pred_logits, target_classes, self.empty_weight)
+
+    def _loss_masks(
+        self,
+        layer: Mapping[str, Tensor],
+        prepared: list[dict[str, Tensor | None]],
+        indices: list[tuple[Tensor, Tensor]],
+        num_masks: int,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
+        pred_masks = layer["pred_masks"]  # B x Q x h x w
+        logits_list: list[Tensor] = []
+        labels_list: list[Tensor] = []
+        weights_list: list[Tensor] = []
+        for b, (src, tgt) in enumerate(indices):
+            if src.numel() == 0:
+                continue
+            src = src.to(pred_masks.device)
+            tgt = tgt.to(pred_masks.device)
+            prep = prepared[b]
+            matched = pred_masks[b, src].float().unsqueeze(1)  # n x 1 x h x w
+            masks = prep["masks"][tgt].unsqueeze(1)  # n x 1 x H x W
+            edge_w = prep["edge_w"]
+            scale = None if edge_w is None else (1.0 - edge_w[tgt]).unsqueeze(1)  # n x 1 x H x W
+            coords = uncertain_point_coords_with_randomness(
+                matched,
+                num_points=self.num_points,
+                oversample_ratio=self.oversample_ratio,
+                importance_sample_ratio=self.importance_sample_ratio,
+                uncertainty_scale=scale,
+                generator=generator,
+            )  # n x P x 2
+            with torch.no_grad():
+                labels_list.append(point_sample(masks, coords)[:, 0])  # n x P
+                bce_dev = prep["bce_dev"]
+                if bce_dev is not None:
+                    # 1 + sample(w - 1): equals 1 + lambda * W_p for the edge rule, as the reference samples W
+                    # and not w, so the zero padding of grid_sample reads weight 1 outside the image.
+                    dev = point_sample(bce_dev[tgt].unsqueeze(1), coords)[:, 0]  # n x P
+                    weights_list.append(1.0 + dev)
+            logits_list.append(point_sample(matched, coords)[:, 0])  # n x P
+        if not logits_list:
+            zero = pred_masks.sum() * 0.0  # keeps the graph when the batch has no ground truth
+            return zero, zero.clone()
+        point_logits = torch.cat(logits_list)  # N x P
+        point_labels = torch.cat(labels_list)  # N x P
+        point_weights = torch.cat(weights_list) if weights_list else None  # N x P
+        return (
+            weighted_sigmoid_ce_loss(point_logits, point_labels, point_weights, num_masks),
+            dice_loss(point_logits, point_labels, num_masks),
+        )
+
+
+def build_criterion(
+    *,
+    num_classes: int,
+    num_points: int = 12544,
+    reweight: ReweightMode = "inverse",
+    inverse_weight_near_pseudo: bool = True,
+    losses: Sequence[str] = LOSS_NAMES,
+) -> SetCriterion:
+    """The MaSSFormer criterion with the spec's weights (§1.2) and a matcher on the same number of points.
+
+    Args:
+        num_classes: K (real classes, without no-object).
+        num_points: Points for the matcher and the mask losses.
+        reweight: BCE weighting mode (``"inverse"`` is the project default).
+        inverse_weight_near_pseudo: Near-pseudo band option (default on).
+        losses: Loss names; drop ``"edge"`` for models without an edge head if preferred.
+
+    Returns:
+        A ``SetCriterion``; move it to the training device with ``.to(device)``.
+    """
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=num_points)
+    return SetCriterion(
+        num_classes=num_classes,
+        matcher=matcher,
+        losses=losses,
+        num_points=num_points,
+        reweight=reweight,
+        inverse_weight_near_pseudo=inverse_weight_near_pseudo,
+    )
