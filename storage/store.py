@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from zarr.codecs import ZstdCodec
 
 from storage.lock import store_lock
 from storage.names import parse_class_name, parse_image_id, parse_split, parse_version, version_number
+from storage.staging import staged_dir
 from storage.registry import (
     IGNORE_INDEX,
     PRECISE_CLASSES,
@@ -406,9 +405,7 @@ def build_label_store(path: str | os.PathLike[str], *, name: str, source: str,
     final = Path(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_dir(final, guard=lambda: store_lock(final, purpose="overwrite by ingest")) as tmp:
         zarr.open_group(str(tmp), mode="w", zarr_format=3)
         store = LabelStore(tmp, mode="w")
         store._init_doc(name=name, source=source)
@@ -416,14 +413,3 @@ def build_label_store(path: str | os.PathLike[str], *, name: str, source: str,
         if not store.splits():
             raise ValueError(f"Refusing to create an empty store at {final}: no images were ingested.")
         store._finish_build()
-        if final.exists():
-            trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
-            with store_lock(final, purpose="overwrite by ingest"):
-                os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

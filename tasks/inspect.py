@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from models.palette import colorize
-from storage.registry import IGNORE_INDEX
+from storage.registry import IGNORE_INDEX, PROV_PSEUDO
 from storage.store import LabelStore, open_label_store
 
 
@@ -47,11 +47,16 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
             p = versions[p].parent if p in versions else None
         pix = np.zeros(256, np.int64)
         prov = np.zeros(256, np.int64)
+        pseudo_pix = np.zeros(256, np.int64)  # per class: pixels with pseudo provenance (versions >= v2)
         sampled = 0
         for split in store.splits():
             for image_id in _even_sample(store.image_ids(split), max_images):
-                pix += np.bincount(store.read_labels(split, image_id, version=name).ravel(), minlength=256)
-                prov += np.bincount(store.read_provenance(split, image_id, version=name).ravel(), minlength=256)
+                labels = store.read_labels(split, image_id, version=name)
+                provenance = store.read_provenance(split, image_id, version=name)
+                pix += np.bincount(labels.ravel(), minlength=256)
+                prov += np.bincount(provenance.ravel(), minlength=256)
+                if name != "v1":
+                    pseudo_pix += np.bincount(labels[provenance == PROV_PSEUDO], minlength=256)
                 sampled += 1
         total = max(int(pix.sum()), 1)
         names = {c.id: c.name for c in classes}
@@ -64,6 +69,12 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
             "provenance_share": {"precise": round(float(prov[0]) / total, 6), "pseudo": round(float(prov[1]) / total, 6),
                                  "ignore": round(float(prov[IGNORE_INDEX]) / total, 6)},
         }
+        if name != "v1":  # share of each class's pixels that are pseudo (the rest are precise)
+            out["versions"][name]["class_provenance"] = {
+                names.get(i, str(i)): {"pixels": int(pix[i]),
+                                       "pseudo_share": round(float(pseudo_pix[i]) / max(int(pix[i]), 1), 6)}
+                for i in v.class_ids
+            }
     return out
 
 
@@ -82,6 +93,10 @@ def format_summary(s: dict[str, Any]) -> str:
         ps = v["provenance_share"]
         lines.append(f"  provenance precise {100 * ps['precise']:.1f}%, pseudo {100 * ps['pseudo']:.1f}%, "
                      f"ignore {100 * ps['ignore']:.1f}%")
+        if v.get("class_provenance"):
+            lines.append("  pseudo share per class " + ", ".join(
+                f"{k} {100 * c['pseudo_share']:.1f}%"
+                for k, c in v["class_provenance"].items() if c["pixels"]))
     if s["drafts"]:
         lines.append(f"drafts  {', '.join(s['drafts'])} (unpublished; a rerun of merge finishes them)")
     for kind in ("eval", "reference"):
