@@ -1,0 +1,75 @@
+"""Model registry in the label store (`sections["models"]`): trained models, their metrics, the champion.
+
+Each entry records the checkpoint path, the label version it was trained on, a hash of its training config,
+validation/test metrics and a selection score. `retrain` promotes a challenger only if its score beats the
+champion's on the same validation split. Written by the lock-holding flow process only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Any
+
+from storage.store import now_iso, open_label_store
+
+SECTION = "models"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def selection_score(results: dict[str, Any], *, split: str = "val") -> float:
+    """The number that picks the champion: the mean of the 7-class mIoU and each new class's IoU on `split`.
+
+    Returns NaN when the split was not evaluated (such a model can never be promoted over a scored one).
+    """
+    s = results.get("splits", {}).get(split)
+    if not s:
+        return math.nan
+    parts = [s["precise"]["means"]["miou"]]
+    parts += [c["iou"] for c in s.get("new_classes", {}).values() if c.get("iou") is not None]
+    parts = [p for p in parts if p is not None and not math.isnan(p)]
+    return float(sum(parts) / len(parts)) if parts else math.nan
+
+
+def list_models(store_path: str | os.PathLike[str]) -> dict[str, Any]:
+    return open_label_store(store_path).section(SECTION)
+
+
+def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: str, label_version: str,
+                   config: dict[str, Any], metrics: dict[str, Any], split: str = "val",
+                   promote: str = "if-better") -> dict[str, Any]:
+    """Record a trained model and decide whether it becomes the champion.
+
+    Args:
+        promote: 'if-better' (challenger must beat the champion's score), 'always', or 'never'.
+
+    Returns:
+        {"model_id", "score", "champion" (the champion after the decision), "promoted", "previous_champion",
+        "previous_score"}.
+    """
+    if promote not in ("if-better", "always", "never"):
+        raise ValueError(f"Expected promote in ('if-better', 'always', 'never'). Got {promote!r} instead.")
+    store = open_label_store(store_path, mode="a")
+    reg = store.section(SECTION) or {"champion": None, "models": {}}
+    score = selection_score(metrics, split=split)
+    prev = reg.get("champion")
+    prev_score = math.nan
+    if prev in reg["models"] and reg["models"][prev]["score"] is not None:
+        prev_score = float(reg["models"][prev]["score"])
+    if promote == "always" or (promote == "if-better" and (prev is None or math.isnan(prev_score)
+                                                         or (not math.isnan(score) and score > prev_score))):
+        reg["champion"] = model_id
+    reg["models"][model_id] = {
+        "path": path, "label_version": label_version, "config_hash": config_hash(config), "config": config,
+        "score": None if math.isnan(score) else score, "score_split": split, "metrics": metrics,
+        "created": now_iso(),
+    }
+    store.set_section(SECTION, reg)
+    return {"model_id": model_id, "score": score, "champion": reg["champion"],
+            "promoted": reg["champion"] == model_id, "previous_champion": prev,
+            "previous_score": None if prev_score is None or math.isnan(prev_score) else prev_score}

@@ -1,0 +1,270 @@
+"""Pseudo-label a prompt over a split of a label store, in batches of images, resumably.
+
+`plan_pseudo_label` validates the prompt and splits the work into batches; `label_batch` labels one batch in
+the calling process (one labeler per process, built once and reused: no per-image set-up) and writes each
+image's result as soon as it is done; `pseudo_label` runs the whole thing locally. Prefect/Dask map
+`label_batch` over the batches (flows/add_class.py). Results live under `pseudo/<class>/<split>/<id>`
+(storage/pseudo.py); images already done with the same settings are skipped, so a rerun after a crash
+finishes the job without redoing or duplicating work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from storage.names import class_name_from_prompt, parse_split
+from storage.pseudo import missing_pseudo, pseudo_done, record_pseudo_run, settings_key, write_pseudo_result
+from storage.store import LabelStore, open_label_store
+
+LabelerKind = Literal["grounded-sam", "simulated"]
+
+
+@dataclass(frozen=True)
+class LabelerConfig:
+    """Which labeler and how (the flow parameter; everything in it is part of the resume key)."""
+
+    kind: LabelerKind = "grounded-sam"
+    sam_variant: str = "vit_b"
+    sam_checkpoint: str | None = None
+    dino_config: str = "swint_ogc"
+    dino_checkpoint: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    nms_iou: float | None = 0.8
+    max_boxes: int | None = 20
+    dino_image_size: int = 800
+    random_weights: bool = False
+    seed: int = 0
+    simulated: dict[str, Any] = field(default_factory=dict)  # SimulatedLabeler keyword overrides
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("grounded-sam", "simulated"):
+            raise ValueError(f"Expected labeler 'grounded-sam' or 'simulated'. Got {self.kind!r} instead.")
+        for name in ("box_threshold", "text_threshold"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"Expected {name} in [0, 1]. Got {v} instead.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.kind == "simulated":  # detector settings do not apply
+            d = {"kind": "simulated", "seed": self.seed, "simulated": dict(self.simulated)}
+        return d
+
+
+_LABELERS: dict[str, Any] = {}  # one labeler per process and settings (Dask workers reuse it across batches)
+
+
+def build_labeler(config: LabelerConfig, *, store_path: str | os.PathLike[str] | None = None) -> Any:
+    """Build (or reuse) the labeler of `config` in this process."""
+    key = settings_key({**config.to_dict(), "store": str(store_path)})
+    if key in _LABELERS:
+        return _LABELERS[key]
+    if config.kind == "simulated":
+        from models.simulated_labeler import SimulatedLabeler
+
+        labeler: Any = SimulatedLabeler(seed=config.seed, **config.simulated)
+    else:
+        from models.grounded_sam import GroundedSamLabeler
+        from storage.embedding_cache import StoreEmbeddingCache
+
+        labeler = GroundedSamLabeler(
+            sam_variant=config.sam_variant, sam_checkpoint=config.sam_checkpoint, dino_config=config.dino_config,
+            dino_checkpoint=config.dino_checkpoint, device=config.device, dtype=config.dtype,
+            box_threshold=config.box_threshold, text_threshold=config.text_threshold, nms_iou=config.nms_iou,
+            max_boxes=config.max_boxes, dino_image_size=config.dino_image_size,
+            random_weights=config.random_weights, seed=config.seed,
+            embedding_cache=StoreEmbeddingCache(store_path) if store_path is not None else None,
+        )
+    _LABELERS[key] = labeler
+    return labeler
+
+
+@dataclass(frozen=True)
+class PseudoPlan:
+    """What a pseudo-label run will do: the class, its resume key and the batches of image ids left."""
+
+    store: str
+    prompt: str
+    class_name: str
+    split: str
+    key: str
+    labeler: LabelerConfig
+    batches: list[list[str]]
+    already_done: int
+
+
+def check_prompt(store: LabelStore, prompt: str) -> str:
+    """The class name for `prompt`; refuses empty prompts and prompts naming an existing class."""
+    name = class_name_from_prompt(prompt)
+    existing = {c.name for c in store.classes()}
+    if name in existing:
+        raise ValueError(f"Prompt {prompt!r} names class {name!r}, which already exists in {store.path} "
+                         f"(classes: {', '.join(sorted(existing))}).")
+    return name
+
+
+def class_name_for(store: LabelStore, prompt: str) -> str:
+    """Like `check_prompt`, but accepts a pseudo class already added from this same prompt (a rerun)."""
+    name = class_name_from_prompt(prompt)
+    for c in store.classes():
+        if c.name == name and not (c.source == "pseudo" and c.prompt == prompt):
+            return check_prompt(store, prompt)  # raises with the full message
+    return name
+
+
+def validate_labeler(config: LabelerConfig) -> None:
+    """Fail before any work if a Grounded-SAM checkpoint is missing (the error names the file and the URL)."""
+    if config.kind != "grounded-sam":
+        return
+    from models import grounded_sam as gs
+
+    if config.random_weights:
+        return
+    gs.resolve_checkpoint(explicit=config.sam_checkpoint, env_var=gs.SAM_ENV, url=gs.SAM_URL,
+                          file_name=gs.SAM_CHECKPOINT_FILES[config.sam_variant], what=f"SAM {config.sam_variant}")
+    gs.resolve_checkpoint(explicit=config.dino_checkpoint, env_var=gs.DINO_ENV, url=gs.DINO_URL,
+                          file_name=gs.DINO_VARIANTS[config.dino_config].checkpoint_file,
+                          what=f"GroundingDINO {config.dino_config}")
+
+
+def plan_pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split: str = "train",
+                      labeler: LabelerConfig, batch_size: int = 8) -> PseudoPlan:
+    """Validate the inputs and list the batches still to label (nothing is written)."""
+    if batch_size < 1:
+        raise ValueError(f"Expected batch_size >= 1. Got {batch_size} instead.")
+    store = open_label_store(store_path)
+    split = parse_split(split)
+    name = check_prompt(store, prompt)
+    ids = store.image_ids(split)
+    if not ids:
+        raise ValueError(f"Split {split!r} of {store.path} has no images.")
+    if labeler.kind == "simulated":
+        have = set(store.hand_mask_ids("reference", name, split))
+        if split == "test" or not have:
+            raise ValueError(f"The simulated labeler needs reference/{name} hand masks for split {split!r} "
+                             f"(evaluation masks never feed a labeler); {store.path} has none.")
+    key = settings_key({"prompt": prompt, **labeler.to_dict()})
+    todo = missing_pseudo(store, name, split, key=key)
+    batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+    return PseudoPlan(store=str(store_path), prompt=prompt, class_name=name, split=split, key=key, labeler=labeler,
+                      batches=batches, already_done=len(ids) - len(todo))
+
+
+def label_batch(plan: PseudoPlan, image_ids: list[str]) -> dict[str, int]:
+    """Label `image_ids` and write each result at once; returns {'labelled', 'skipped', 'detections', 'pid'}."""
+    store = open_label_store(plan.store, mode="a")
+    labeler = build_labeler(plan.labeler, store_path=plan.store)
+    out = {"labelled": 0, "skipped": 0, "detections": 0, "pid": os.getpid()}
+    for image_id in image_ids:
+        if pseudo_done(store, plan.class_name, plan.split, image_id, key=plan.key):
+            out["skipped"] += 1
+            continue
+        rec = store.image_record(plan.split, image_id)
+        image = store.read_image(plan.split, image_id)
+        if plan.labeler.kind == "simulated":
+            ref = store.read_hand_mask("reference", plan.class_name, image_id) == 1
+            result = labeler.label(image, plan.prompt, reference_mask=ref, image_sha256=rec.sha256)
+        else:
+            result = labeler.label(image, plan.prompt, image_sha256=rec.sha256)
+        write_pseudo_result(store, plan.class_name, plan.split, image_id, mask=result.mask,
+                            record=result.to_dict(), key=plan.key)
+        out["labelled"] += 1
+        out["detections"] += result.num_instances
+    return out
+
+
+def labeler_settings(plan: PseudoPlan) -> dict[str, Any]:
+    """The labeler's own settings (weights hashes, flags such as `simulated` / `random_weights`)."""
+    settings = dict(build_labeler(plan.labeler, store_path=plan.store).settings())
+    if plan.labeler.kind == "grounded-sam":  # smoke-test weights are flagged in the registry, explicitly
+        settings["random_weights"] = plan.labeler.random_weights
+    return settings
+
+
+def finish_pseudo_label(plan: PseudoPlan, *, detections: int) -> dict[str, Any]:
+    """Check every image is done and record the run in the store (lock holder only)."""
+    store = open_label_store(plan.store, mode="a")
+    left = missing_pseudo(store, plan.class_name, plan.split, key=plan.key)
+    if left:
+        raise RuntimeError(f"{len(left)} images of {plan.split!r} still lack a pseudo label, e.g. {left[:5]}.")
+    settings = labeler_settings(plan)
+    record_pseudo_run(store, plan.class_name, prompt=plan.prompt, labeler=settings, key=plan.key, split=plan.split,
+                      images=len(store.image_ids(plan.split)), detections=detections)
+    return {"class": plan.class_name, "split": plan.split, "key": plan.key, "labeler": settings,
+            "already_done": plan.already_done, "detections_new": detections}
+
+
+def pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split: str = "train",
+                 labeler: LabelerConfig, batch_size: int = 8, progress: bool = True,
+                 wait_for_lock: bool = False) -> dict[str, Any]:
+    """Pseudo-label `prompt` over `split` in this process (the CLI path), holding the store lock."""
+    plan = plan_pseudo_label(store_path, prompt=prompt, split=split, labeler=labeler, batch_size=batch_size)
+    store = open_label_store(store_path)
+    with store.lock(wait=wait_for_lock, purpose=f"pseudo-label {plan.class_name}"):
+        detections = 0
+        total = sum(len(b) for b in plan.batches)
+        with tqdm(total=total, desc=f"pseudo-label {plan.class_name} ({split})", unit="img",
+                  disable=not progress) as bar:
+            for batch in plan.batches:
+                r = label_batch(plan, batch)
+                detections += r["detections"]
+                bar.update(len(batch))
+        return finish_pseudo_label(plan, detections=detections)
+
+
+def import_pseudo(store_path: str | os.PathLike[str], *, class_name: str, masks_dir: str | os.PathLike[str],
+                  prompt: str | None = None) -> dict[str, Any]:
+    """Import binary PNG masks (one per image id, any split) made by another tool as pseudo labels.
+
+    Every file is validated (known image id, size, binary values 0/1 or 0/255) before anything is written.
+    """
+    store = open_label_store(store_path, mode="a")
+    name = check_prompt(store, class_name)
+    folder = Path(masks_dir)
+    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"No PNG masks in {folder}.")
+    where = {i: s for s in store.splits() for i in store.image_ids(s)}
+    masks: dict[str, tuple[str, np.ndarray]] = {}
+    for f in files:
+        if f.stem not in where:
+            raise ValueError(f"Mask {f} names image id {f.stem!r}, which is not in {store.path}.")
+        m = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        if m is None or m.ndim != 2:
+            raise ValueError(f"Mask {f} is unreadable or not a single-channel PNG.")
+        rec = store.image_record(where[f.stem], f.stem)
+        if m.shape != (rec.height, rec.width):
+            raise ValueError(f"Mask {f} is {m.shape[1]}x{m.shape[0]}, image {f.stem!r} is {rec.width}x{rec.height}.")
+        bad = np.setdiff1d(np.unique(m), [0, 1, 255])
+        if bad.size:
+            raise ValueError(f"Mask {f} has values {bad.tolist()}; expected binary 0/1 or 0/255.")
+        masks[f.stem] = (where[f.stem], m > 0)
+    settings = {"labeler": "import", "masks_dir": str(folder.resolve())}
+    key = settings_key({"prompt": prompt or name, **settings})
+    with store.lock(purpose=f"import-pseudo {name}"):
+        per_split: dict[str, int] = {}
+        for image_id, (split, m) in masks.items():
+            n, comp = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+            from models.label_record import LabelRecord  # tasks may use models
+
+            inst = np.stack([comp == k for k in range(1, n)]) if n > 1 else np.zeros((0, *m.shape), bool)
+            boxes = [[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+                     for ys, xs in (np.nonzero(i) for i in inst)]
+            record = LabelRecord.from_instances(instance_masks=inst, boxes=np.array(boxes, np.float32).reshape(-1, 4),
+                                                scores=np.ones(len(inst), np.float32), phrases=[name] * len(inst))
+            write_pseudo_result(store, name, split, image_id, mask=m, record=record.to_dict(), key=key)
+            per_split[split] = per_split.get(split, 0) + 1
+        for split, n_img in per_split.items():
+            record_pseudo_run(store, name, prompt=prompt or name, labeler=settings, key=key, split=split,
+                              images=n_img, detections=0)
+    return {"class": name, "images": per_split}

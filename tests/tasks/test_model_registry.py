@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from storage.store import open_label_store
+from tasks.model_registry import list_models, register_model, selection_score
+
+
+def _results(miou: float, car_iou: float | None, split: str = "val") -> dict:
+    new = {} if car_iou is None else {"car": {"iou": car_iou}}
+    return {"splits": {split: {"precise": {"means": {"miou": miou}}, "new_classes": new}}}
+
+
+def test_selection_score_is_the_mean_of_precise_miou_and_new_class_ious() -> None:
+    assert selection_score(_results(0.8, 0.6)) == pytest.approx(0.7)
+    assert selection_score(_results(0.8, None)) == pytest.approx(0.8)
+    assert math.isnan(selection_score(_results(0.8, 0.6, split="test")))  # val not evaluated
+
+
+def test_champion_challenger(fresh_store: Path) -> None:
+    first = register_model(fresh_store, model_id="m1", path="/r/m1", label_version="v1", config={"iters": 1},
+                           metrics=_results(0.5, 0.5))
+    assert first["promoted"] and first["champion"] == "m1" and first["previous_champion"] is None
+    worse = register_model(fresh_store, model_id="m2", path="/r/m2", label_version="v1", config={"iters": 2},
+                           metrics=_results(0.4, 0.5))
+    assert not worse["promoted"] and worse["champion"] == "m1" and worse["previous_score"] == pytest.approx(0.5)
+    better = register_model(fresh_store, model_id="m3", path="/r/m3", label_version="v1", config={"iters": 3},
+                            metrics=_results(0.6, 0.7))
+    assert better["promoted"] and better["champion"] == "m3"
+    unscored = register_model(fresh_store, model_id="m4", path="/r/m4", label_version="v1", config={},
+                              metrics=_results(0.9, 0.9, split="test"))
+    assert not unscored["promoted"]
+    forced = register_model(fresh_store, model_id="m5", path="/r/m5", label_version="v1", config={},
+                            metrics=_results(0.1, 0.1), promote="always")
+    assert forced["champion"] == "m5"
+    reg = list_models(fresh_store)
+    assert reg["champion"] == "m5" and set(reg["models"]) == {"m1", "m2", "m3", "m4", "m5"}
+    assert reg["models"]["m2"]["config_hash"] != reg["models"]["m3"]["config_hash"]
+    assert open_label_store(fresh_store).section("models") == reg  # lives in the store document
+
+
+def test_bad_promote_mode(fresh_store: Path) -> None:
+    with pytest.raises(ValueError, match="promote"):
+        register_model(fresh_store, model_id="x", path="p", label_version="v1", config={}, metrics={},
+                       promote="sometimes")
