@@ -49,25 +49,194 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- demo
-def cmd_demo(a: argparse.Namespace) -> int:
-    from tasks.ingest import ingest_synthetic
-    from tasks.inspect import format_summary, summarize_store, write_overlay_png
+# ---------------------------------------------------------------------------- pseudo labels
+def labeler_config_from_args(a: argparse.Namespace) -> Any:
+    from tasks.pseudo_label import LabelerConfig
 
+    return LabelerConfig(
+        kind=a.labeler, sam_variant=a.sam, sam_checkpoint=a.sam_checkpoint, dino_config=a.dino,
+        dino_checkpoint=a.dino_checkpoint, device=a.device, dtype=a.dtype, box_threshold=a.box_threshold,
+        text_threshold=a.text_threshold, max_boxes=a.max_boxes, random_weights=a.random_weights, seed=a.seed,
+    )
+
+
+def cmd_pseudo_label(a: argparse.Namespace) -> int:
+    from tasks.pseudo_label import pseudo_label
+
+    out = pseudo_label(a.store, prompt=a.prompt, split=a.split, labeler=labeler_config_from_args(a),
+                       batch_size=a.batch_size, progress=not a.quiet, wait_for_lock=a.wait)
+    _print_json(out) if a.json else print(
+        f"pseudo-labelled {out['class']!r} on {out['split']}: {out['detections_new']} new detections "
+        f"({out['already_done']} images were already done)")
+    return 0
+
+
+def cmd_import_pseudo(a: argparse.Namespace) -> int:
+    from tasks.pseudo_label import import_pseudo
+
+    out = import_pseudo(a.store, class_name=a.class_name, masks_dir=a.masks, prompt=a.prompt)
+    print(f"imported {out['class']!r}: " + ", ".join(f"{s} {n}" for s, n in out["images"].items()))
+    return 0
+
+
+def cmd_evaluate_masks(a: argparse.Namespace) -> int:
+    from tasks.evaluate_masks import evaluate_mask_folders
+
+    names = a.class_names.split(",") if a.class_names else None
+    out = evaluate_mask_folders(a.pred, a.gt, num_classes=a.num_classes, ignore_index=a.ignore, class_names=names,
+                                progress=not a.quiet)
+    if a.json:
+        _print_json(out)
+    else:
+        m = out["means"]
+        print(f"mIoU {100 * m['miou']:.2f}  mBIoU {100 * m['mbiou']:.2f}  mBF1 {m['mbf1']:.4f}  "
+              f"({out['num_images']} images)")
+        for c in out["per_class"]:
+            fmt = lambda x, pct=True: "  n/a" if x is None else (f"{100 * x:5.2f}" if pct else f"{x:.4f}")  # noqa: E731
+            print(f"  {c['name']:<12} IoU {fmt(c['iou'])}  BIoU {fmt(c['biou'])}  BF1 {fmt(c['bf1'], False)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- merge / export
+def cmd_merge(a: argparse.Namespace) -> int:
+    from tasks.merge import merge
+
+    version = merge(a.store, classes=a.classes, parent=a.parent, policy=a.policy, allow_partial=a.allow_partial,
+                    workers=a.workers, progress=not a.quiet)
+    print(f"published {version}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from tasks.export import export_coco_rle, export_mmseg
+
+    if a.format == "mmseg":
+        out = export_mmseg(a.store, version=a.version, out_dir=a.dir, copy_images=a.copy_images,
+                           overwrite=a.overwrite, progress=not a.quiet)
+    else:
+        out = export_coco_rle(a.store, classes=a.classes, out_dir=a.dir, overwrite=a.overwrite, progress=not a.quiet)
+    _print_json(out)
+    return 0
+
+
+# ---------------------------------------------------------------------------- train / evaluate / model-info
+def cmd_train(a: argparse.Namespace) -> int:
+    from tasks.train import TrainConfig, train
+
+    cfg = TrainConfig(store=a.store, out_dir=a.out, version=a.version, variant=a.variant,
+                      pixel_decoder=a.pixel_decoder, iters=a.iters, batch_size=a.batch_size,
+                      crop_size=(a.crop_size, a.crop_size), reweight=a.reweight,
+                      inverse_weight_near_pseudo=not a.no_inverse_near_pseudo, num_points=a.points,
+                      checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, num_workers=a.workers,
+                      backbone_checkpoint=a.backbone_checkpoint, lr=a.lr)
+    final = train(cfg, resume=a.resume, progress=not a.quiet)
+    print(f"model: {final}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from tasks.evaluate import evaluate_model, evaluate_pseudo, write_evaluation_report
+
+    model = evaluate_model(a.store, a.checkpoint, splits=tuple(a.splits), device=a.device, progress=not a.quiet,
+                           pred_dir=a.pred_dir)
+    paths = write_evaluation_report(a.out, model_results=model, pseudo_results=evaluate_pseudo(a.store),
+                                    pred_dir=a.pred_dir)
+    print(Path(paths["report.md"]).read_text())
+    print(f"report: {paths['report.md']}")
+    return 0
+
+
+def cmd_model_info(a: argparse.Namespace) -> int:
+    from models.build import model_info
+
+    info = model_info(a.variant, num_classes=a.num_classes, pixel_decoder=a.pixel_decoder)
+    if a.json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k:<28} {v:>14,}" if isinstance(v, int) else f"{k:<28} {v}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def add_class_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        prompt=a.prompt, store=str(a.store), labeler=a.labeler, sam_variant=a.sam, sam_checkpoint=a.sam_checkpoint,
+        dino_config=a.dino, dino_checkpoint=a.dino_checkpoint, random_weights=a.random_weights,
+        box_threshold=a.box_threshold, text_threshold=a.text_threshold, policy=a.policy, variant=a.variant,
+        iters=a.iters, batch_size=a.train_batch_size, crop_size=a.crop_size, num_points=a.points, reweight=a.reweight,
+        device=a.device,
+        runs_dir=a.runs_dir, dask_address=a.dask_address, scale_out=a.scale_out, wait_for_lock=a.wait, seed=a.seed,
+    )
+
+
+def cmd_add_class(a: argparse.Namespace) -> int:
+    params = add_class_kwargs(a)
+    if a.deployment:
+        from prefect.deployments import run_deployment
+
+        params = {k: v for k, v in params.items() if v is not None}
+        run = run_deployment(a.deployment_name, parameters=params, timeout=a.timeout)
+        state = run.state
+        print(f"flow run {run.name} ({run.id}): {state.type.value if state else 'unknown'}")
+        return 0 if state is not None and state.is_completed() else 1
+    from flows.add_class import add_class
+    from flows.runners import has_real_api
+
+    if a.dask_address is None and not has_real_api():
+        print("running in-process (Prefect ephemeral API, thread pool); --deployment submits to a server")
+    out = add_class(**params)
+    print(json.dumps({k: out[k] for k in ("class", "version", "checkpoint", "report", "registry")}, indent=2,
+                     default=str))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import time
+
+    from flows.add_class import add_class
+    from tasks.ingest import ingest_synthetic
+
+    t0 = time.time()
     out = Path(a.out)
     store = out / "store.zarr"
     ingest_synthetic(store, images=a.images, size=(a.size[0], a.size[1]), seed=a.seed, overwrite=True,
                      progress=not a.quiet)
-    print(format_summary(summarize_store(store)))
-    from storage.store import open_label_store
+    for stale in (Path(f"{store}.runs"),):
+        if stale.exists():
+            import shutil
 
-    first = open_label_store(store).image_ids("train")[0]
-    png = write_overlay_png(store, first, out / "overlay.png")
-    print(f"\ndemo store: {store}\noverlay:    {png}")
+            shutil.rmtree(stale)
+    result = add_class(prompt="car", store=str(store), labeler="simulated", variant="tiny", iters=a.iters,
+                       batch_size=2, crop_size=a.crop, num_points=a.points, num_workers=0, seed=a.seed,
+                       eval_splits=["val", "test"])
+    print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    print(f"label store: {store}  (addclass inspect {store})")
+    print(f"model:       {result['checkpoint']}")
+    print(f"report:      {result['report']['report.md']}")
     return 0
 
 
 # ---------------------------------------------------------------------------- parser
+def add_labeler_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("labeler")
+    g.add_argument("--labeler", choices=("grounded-sam", "simulated"), default="grounded-sam",
+                   help="simulated: degraded reference masks, for experiments and the demo only")
+    g.add_argument("--sam", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "tiny"))
+    g.add_argument("--sam-checkpoint", help="SAM checkpoint (else $ADDCLASS_SAM_CHECKPOINT, else "
+                   "~/.cache/addclass/weights/)")
+    g.add_argument("--dino", default="swint_ogc", choices=("swint_ogc", "swinb", "test"))
+    g.add_argument("--dino-checkpoint", help="GroundingDINO checkpoint (else $ADDCLASS_DINO_CHECKPOINT)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=("bfloat16", "float16"), help="autocast on GPU")
+    g.add_argument("--box-threshold", type=float, default=0.35)
+    g.add_argument("--text-threshold", type=float, default=0.25)
+    g.add_argument("--max-boxes", type=int, default=20)
+    g.add_argument("--random-weights", action="store_true", help="smoke tests only: random model weights")
+    g.add_argument("--seed", type=int, default=0)
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="addclass", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,10 +269,122 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--version", default="latest")
     ins.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads")
+    pl = sub.add_parser("pseudo-label", help="pseudo-label a prompt over a split (Grounded-SAM or simulated)")
+    pl.add_argument("store")
+    pl.add_argument("--prompt", required=True)
+    pl.add_argument("--split", default="train")
+    add_labeler_args(pl)
+    pl.add_argument("--batch-size", type=int, default=8, help="images per batch (one task per batch)")
+    pl.add_argument("--wait", action="store_true", help="wait for another writer instead of failing")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--quiet", action="store_true")
+    pl.set_defaults(func=cmd_pseudo_label)
+
+    ip = sub.add_parser("import-pseudo", help="import binary PNG masks (one per image id) as pseudo labels")
+    ip.add_argument("store")
+    ip.add_argument("--class", dest="class_name", required=True)
+    ip.add_argument("--masks", required=True, help="folder of <image id>.png masks (0/1 or 0/255)")
+    ip.add_argument("--prompt", help="the prompt the masks came from (default: the class name)")
+    ip.set_defaults(func=cmd_import_pseudo)
+
+    em = sub.add_parser("evaluate-masks", help="mIoU / BIoU / BF1 of two folders of PNG label maps")
+    em.add_argument("--pred", required=True)
+    em.add_argument("--gt", required=True)
+    em.add_argument("--num-classes", type=int, required=True)
+    em.add_argument("--ignore", type=int, default=255)
+    em.add_argument("--class-names", help="comma-separated names, in id order")
+    em.add_argument("--json", action="store_true")
+    em.add_argument("--quiet", action="store_true")
+    em.set_defaults(func=cmd_evaluate_masks)
+
+    mg = sub.add_parser("merge", help="merge pseudo classes into a new, immutable label version")
+    mg.add_argument("store")
+    mg.add_argument("--classes", required=True, help="car or car,bicycle (order breaks score ties)")
+    mg.add_argument("--from", dest="parent", default="latest", help="parent version (default: latest)")
+    mg.add_argument("--policy", choices=("carve-others", "overwrite"), default="carve-others")
+    mg.add_argument("--allow-partial", action="store_true", help="images without pseudo labels keep the parent's")
+    mg.add_argument("--workers", type=int, default=1)
+    mg.add_argument("--quiet", action="store_true")
+    mg.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser("export", help="export a label version (mmseg PNGs) or pseudo instances (COCO RLE)")
+    ex.add_argument("store")
+    ex.add_argument("dir")
+    ex.add_argument("--format", choices=("mmseg", "coco-rle"), default="mmseg")
+    ex.add_argument("--version", default="latest")
+    ex.add_argument("--classes", help="coco-rle: pseudo classes to export (default: all)")
+    ex.add_argument("--copy-images", action="store_true", help="mmseg: copy images instead of symlinking")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--quiet", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    tr = sub.add_parser("train", help="train MaSSFormer on a label version (resumable)")
+    tr.add_argument("store")
+    tr.add_argument("--version", default="latest")
+    tr.add_argument("--variant", choices=("tiny", "lite_r18", "r50"), default="r50")
+    tr.add_argument("--pixel-decoder", choices=("hr", "fpn"), default="hr")
+    tr.add_argument("--iters", type=int, default=80000)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--crop-size", type=int, default=1024)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
+    tr.add_argument("--no-inverse-near-pseudo", action="store_true")
+    tr.add_argument("--points", type=int, default=12544)
+    tr.add_argument("--checkpoint-every", type=int, default=1000)
+    tr.add_argument("--backbone-checkpoint", help="torchvision ImageNet ResNet weights (resnet50-0676ba61.pth)")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--workers", type=int, default=2, help="data loader processes")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a trained model (and the pseudo labels) against hand masks")
+    ev.add_argument("store")
+    ev.add_argument("--checkpoint", required=True, help="a run folder or its final/ folder")
+    ev.add_argument("--splits", nargs="+", default=["val", "test"])
+    ev.add_argument("--out", required=True, help="report folder")
+    ev.add_argument("--pred-dir", help="also write predicted PNGs here (rescore with evaluate-masks)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    mi = sub.add_parser("model-info", help="parameter counts per component")
+    mi.add_argument("variant", choices=("tiny", "lite_r18", "r50"))
+    mi.add_argument("--num-classes", type=int, default=7)
+    mi.add_argument("--pixel-decoder", choices=("hr", "fpn"), default="hr")
+    mi.add_argument("--json", action="store_true")
+    mi.set_defaults(func=cmd_model_info)
+
+    ac = sub.add_parser("add-class", help="run the add-class flow (in-process, or on a deployment)")
+    ac.add_argument("--prompt", required=True)
+    ac.add_argument("--store", required=True)
+    add_labeler_args(ac)
+    ac.add_argument("--policy", choices=("carve-others", "overwrite"), default="carve-others")
+    ac.add_argument("--variant", choices=("tiny", "lite_r18", "r50"), default="tiny")
+    ac.add_argument("--iters", type=int, default=300)
+    ac.add_argument("--train-batch-size", type=int, default=2)
+    ac.add_argument("--crop-size", type=int, default=256)
+    ac.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
+    ac.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
+    ac.add_argument("--runs-dir", help="where models and reports go (default: STORE.runs/)")
+    ac.add_argument("--dask-address", help="tcp://host:port of a running dask scheduler")
+    ac.add_argument("--scale-out", choices=("auto", "threads", "dask"), default="auto",
+                    help="runner of the mapped stages (auto: Dask with a server, threads without)")
+    ac.add_argument("--wait", action="store_true", help="wait for another writer of the store")
+    ac.add_argument("--deployment", action="store_true", help="submit to the add-class deployment and follow it")
+    ac.add_argument("--deployment-name", default="add-class/add-class")
+    ac.add_argument("--timeout", type=float, default=None, help="with --deployment: seconds to wait (default: until done)")
+    ac.set_defaults(func=cmd_add_class)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~5-10 min on 2 cores)")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--images", type=int, default=12)
     demo.add_argument("--size", type=int, nargs=2, default=(256, 384), metavar=("H", "W"))
+    demo.add_argument("--iters", type=int, default=300)
+    demo.add_argument("--crop", type=int, default=256)
+    demo.add_argument("--points", type=int, default=2048, help="sampled points per mask (spec: 12544)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)

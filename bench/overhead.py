@@ -1,0 +1,112 @@
+"""Prefect (+ Dask) overhead as a share of the demo's wall time.
+
+Runs the demo pipeline (synthetic store -> simulated pseudo labels -> merge -> tiny MaSSFormer -> evaluate)
+three ways on fresh copies of the same store, and prints JSON:
+- `plain`: the task functions called directly (the anchor: no orchestration at all);
+- `flow`: the add-class flow in-process (Prefect ephemeral API + thread pool: what `addclass demo` does);
+- `flow_dask` (with --server): the flow against a real local Prefect server, mapped stages on a local Dask
+  cluster (2 workers), as a deployment run would.
+overhead share = (orchestrated - plain) / orchestrated.
+Run: .venv/bin/python bench/overhead.py [--iters 300] [--images 12] [--server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_COMMON = "import sys, json, time\nargs = json.loads(sys.argv[1])\n"
+PLAIN = _COMMON + """
+from tasks.pseudo_label import LabelerConfig, pseudo_label
+from tasks.merge import merge
+from tasks.train import TrainConfig, train
+from tasks.evaluate import evaluate_model, evaluate_pseudo, write_evaluation_report
+t = time.perf_counter()
+s = args["store"]
+for split in ("train", "val"):
+    pseudo_label(s, prompt="car", split=split, labeler=LabelerConfig(kind="simulated"), progress=False)
+v = merge(s, classes="car", allow_partial=True, progress=False)
+out = args["runs"] + "/plain"
+ckpt = train(TrainConfig(store=s, out_dir=out, version=v, variant="tiny", iters=args["iters"], batch_size=2,
+             crop_size=(256, 256), num_points=2048, num_workers=0, device="cpu"), progress=False)
+m = evaluate_model(s, ckpt, splits=("val", "test"), progress=False)
+write_evaluation_report(out + "/report", model_results=m, pseudo_results=evaluate_pseudo(s))
+print("SECONDS", time.perf_counter() - t)
+"""
+FLOW = _COMMON + """
+t0 = time.perf_counter()
+from flows.add_class import add_class
+t = time.perf_counter()
+add_class(prompt="car", store=args["store"], labeler="simulated", variant="tiny", iters=args["iters"], batch_size=2,
+          crop_size=256, num_points=2048, num_workers=0, eval_splits=["val", "test"], runs_dir=args["runs"],
+          scale_out=args["scale_out"])
+print("SECONDS", time.perf_counter() - t)
+"""
+
+
+def _run(script: str, args: dict, env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", script, json.dumps(args)], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(p.stdout[-2000:] + p.stderr[-4000:])
+    inner = float(p.stdout.rsplit("SECONDS", 1)[1].split()[0])
+    return round(wall, 2), round(inner, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--server", action="store_true", help="also run against a real server with Dask")
+    a = ap.parse_args()
+    from tasks.ingest import ingest_synthetic
+
+    tmp = Path(tempfile.mkdtemp(prefix="overhead-"))
+    base = ingest_synthetic(tmp / "base.zarr", images=a.images, size=(256, 384), seed=0, progress=False)
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    env.pop("PREFECT_API_URL", None)
+    results = {}
+    try:
+        for mode in ["plain", "flow"] + (["flow_dask"] if a.server else []):
+            store = tmp / f"{mode}.zarr"
+            shutil.copytree(base, store)
+            args = {"store": str(store), "runs": str(tmp / f"{mode}.runs"), "iters": a.iters,
+                    "scale_out": "dask" if mode == "flow_dask" else "threads"}
+            if mode == "flow_dask":
+                from tests.flows.prefect_server import prefect_server
+
+                (tmp / "server").mkdir()
+                with prefect_server(tmp / "server") as server_env:
+                    results[mode] = _run(FLOW, args, server_env)
+            else:
+                results[mode] = _run(PLAIN if mode == "plain" else FLOW, args, env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    plain_wall = results["plain"][0]
+    report = {"iters": a.iters, "images": a.images,
+              "plain_s": {"process": results["plain"][0], "pipeline": results["plain"][1]}}
+    for mode in results:
+        if mode == "plain":
+            continue
+        wall, inner = results[mode]
+        report[f"{mode}_s"] = {"process": wall, "flow_call": inner}
+        report[f"{mode}_overhead_share_process"] = round((wall - plain_wall) / wall, 4)
+        report[f"{mode}_overhead_share_flow_call"] = round((inner - results["plain"][1]) / inner, 4)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

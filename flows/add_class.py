@@ -1,0 +1,196 @@
+"""The `add-class` flow: teach the model a new class from a text prompt.
+
+pseudo-label (train, val) -> merge into a new label version -> train MaSSFormer -> evaluate (pseudo labels and
+model vs hand masks) -> register the model. Parameters are typed and validated before any work starts; the
+flow holds the store's writer lock for the whole run, so a second add-class on the same store fails clearly
+(or waits, with `wait_for_lock`). Every stage is resumable from the store itself (pseudo labels are skipped
+per image, a merge draft is continued, training resumes from its last checkpoint), so a rerun after a crash
+finishes the job without redoing finished work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+
+from flows.runners import scale_out_runner
+from tasks import merge as merge_tasks
+from tasks import pseudo_label as pl
+from tasks.model_registry import config_hash, register_model
+from tasks.train import TrainConfig, train
+
+ReweightMode = Literal["none", "edge", "inverse"]
+
+
+# ---------------------------------------------------------------------------- thin tasks (paths and ids only)
+@task(name="pseudo-label-batch", retries=2, retry_delay_seconds=[2, 5])
+def label_batch_task(plan: pl.PseudoPlan, image_ids: list[str]) -> dict[str, int]:
+    return pl.label_batch(plan, image_ids)
+
+
+@task(name="merge-image", retries=2, retry_delay_seconds=[2, 5])
+def merge_image_task(store: str, version: str, split: str, image_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return merge_tasks.merge_image(store, version, split, image_id, spec=spec)
+
+
+@task(name="train")
+def train_task(config: TrainConfig) -> str:
+    return str(train(config, resume=True, progress=False))
+
+
+@task(name="evaluate")
+def evaluate_task(store: str, checkpoint: str, out_dir: str, splits: list[str], device: str) -> dict[str, Any]:
+    from tasks.evaluate import evaluate_model, evaluate_pseudo, write_evaluation_report
+
+    model_results = evaluate_model(store, checkpoint, splits=tuple(splits), device=device, progress=False)
+    pseudo_results = evaluate_pseudo(store)
+    paths = write_evaluation_report(out_dir, model_results=model_results, pseudo_results=pseudo_results)
+    return {"model": model_results, "pseudo": pseudo_results, "report": {k: str(v) for k, v in paths.items()}}
+
+
+# ---------------------------------------------------------------------------- scale-out stages (subflows)
+@flow(name="pseudo-label")
+def pseudo_label_stage(store: str, prompt: str, splits: list[str], labeler: pl.LabelerConfig,
+                       batch_size: int) -> list[dict[str, Any]]:
+    logger = get_run_logger()
+    summaries = []
+    for split in splits:
+        plan = pl.plan_pseudo_label(store, prompt=prompt, split=split, labeler=labeler, batch_size=batch_size)
+        logger.info("pseudo-label %s/%s: %d batches to do, %d images already done", plan.class_name, split,
+                    len(plan.batches), plan.already_done)
+        futures = label_batch_task.map(plan=plan, image_ids=plan.batches) if plan.batches else []
+        wait(futures)
+        results = [f.result() for f in futures]
+        summary = pl.finish_pseudo_label(plan, detections=sum(r["detections"] for r in results))
+        summary["worker_pids"] = sorted({r["pid"] for r in results})
+        summaries.append(summary)
+    return summaries
+
+
+@flow(name="merge")
+def merge_stage(store: str, classes: list[str], policy: str) -> str:
+    logger = get_run_logger()
+    # allow_partial: only the splits the pseudo stage labelled (and verified complete) get the new class;
+    # the others (test) keep the parent's labels, since evaluation masks never feed a labeler.
+    plan = merge_tasks.plan_merge(store, classes=classes, policy=policy, allow_partial=True, take_lock=False)
+    if plan.published:
+        logger.info("merge: identical version %s already published", plan.version)
+        return plan.version
+    items = merge_tasks.pending_images(plan)
+    logger.info("merge %s -> %s: %d images to write%s", plan.parent, plan.version, len(items),
+                " (resumed draft)" if plan.resumed else "")
+    futures = merge_image_task.map(store=store, version=plan.version, split=[s for s, _ in items],
+                                   image_id=[i for _, i in items], spec=[plan.spec] * len(items)) if items else []
+    wait(futures)
+    for f in futures:
+        f.result()
+    info = merge_tasks.finish_merge(store, plan, take_lock=False)
+    return info.name
+
+
+def publish_artifacts(prompt: str, class_name: str, results: dict[str, Any]) -> None:
+    """A table artifact (per class: pseudo label vs model) and a markdown artifact with the report."""
+    rows = []
+    for split, block in results["model"]["splits"].items():
+        for cls, m in block.get("new_classes", {}).items():
+            rows.append({"row": f"Model ({split})", "class": cls, "IoU": m.get("iou"), "BIoU": m.get("biou"),
+                         "BF1": m.get("bf1")})
+    for cls, per_split in results["pseudo"].get("classes", {}).items():
+        for split, m in per_split.items():
+            rows.append({"row": f"Pseudo Label ({split})", "class": cls, "IoU": m.get("iou"),
+                         "BIoU": m.get("biou"), "BF1": m.get("bf1")})
+    create_table_artifact(key=f"add-class-{class_name.replace('_', '-')}-metrics", table=rows,
+                          description=f"add-class {prompt!r}: pseudo labels vs model against hand masks")
+    report_md = Path(results["report"]["report.md"]).read_text()
+    create_markdown_artifact(key=f"add-class-{class_name.replace('_', '-')}-report", markdown=report_md,
+                             description=f"add-class {prompt!r} evaluation report")
+
+
+# ---------------------------------------------------------------------------- the flow
+@flow(name="add-class", log_prints=True)
+def add_class(
+    prompt: str,
+    store: str = "data/store.zarr",
+    labeler: Literal["grounded-sam", "simulated"] = "grounded-sam",
+    sam_variant: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b",
+    sam_checkpoint: str | None = None,
+    dino_config: Literal["swint_ogc", "swinb", "test"] = "swint_ogc",
+    dino_checkpoint: str | None = None,
+    random_weights: bool = False,
+    box_threshold: float = 0.35,
+    text_threshold: float = 0.25,
+    pseudo_splits: list[str] = ["train", "val"],  # noqa: B006 (Prefect parameters are JSON)
+    pseudo_batch_size: int = 8,
+    policy: Literal["carve-others", "overwrite"] = "carve-others",
+    variant: Literal["tiny", "lite_r18", "r50"] = "tiny",
+    iters: int = 300,
+    batch_size: int = 2,
+    crop_size: int = 256,
+    reweight: ReweightMode = "inverse",
+    inverse_weight_near_pseudo: bool = True,
+    num_points: int = 12544,
+    num_workers: int = 2,
+    eval_splits: list[str] = ["val", "test"],  # noqa: B006
+    device: str = "cpu",
+    runs_dir: str | None = None,
+    dask_address: str | None = None,
+    scale_out: Literal["auto", "threads", "dask"] = "auto",
+    wait_for_lock: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Add the class named by `prompt` to the store and train, evaluate and register a model for it."""
+    # ---- validate everything before any work
+    labeler_cfg = pl.LabelerConfig(kind=labeler, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
+                                   dino_config=dino_config, dino_checkpoint=dino_checkpoint, device=device,
+                                   box_threshold=box_threshold, text_threshold=text_threshold,
+                                   random_weights=random_weights, seed=seed)
+    pl.validate_labeler(labeler_cfg)
+    if iters < 1 or batch_size < 2 or crop_size < 64:
+        raise ValueError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. Got {iters}, {batch_size}, {crop_size}.")
+    from storage.store import open_label_store
+
+    st = open_label_store(store)
+    class_name = pl.class_name_for(st, prompt)  # resumes if this prompt's class is being added
+    runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
+    runner = scale_out_runner(dask_address, mode=scale_out)
+    logger = get_run_logger()
+    pseudo: list[dict[str, Any]] = []
+
+    with st.lock(wait=wait_for_lock, purpose=f"add-class {prompt!r}"):
+        # ---- 1. pseudo-label (scale-out)
+        if class_name not in {c.name for c in st.classes()}:
+            pseudo = pseudo_label_stage.with_options(task_runner=runner)(
+                store, prompt, pseudo_splits, labeler_cfg, pseudo_batch_size)
+            # ---- 2. merge into a new label version (scale-out)
+            version = merge_stage.with_options(task_runner=scale_out_runner(dask_address, mode=scale_out))(
+                store, [class_name], policy)
+        else:
+            version = open_label_store(store).resolve_version("latest")
+            logger.info("class %r already merged (version %s); continuing with training", class_name, version)
+        # ---- 3. train
+        tcfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
+                           crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
+                           reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
+                           seed=seed, device=device, out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}"))
+        checkpoint = train_task(tcfg)
+        # ---- 4. evaluate
+        results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)
+        publish_artifacts(prompt, class_name, results)
+        # ---- 5. register
+        cfg = json.loads(json.dumps(tcfg.__dict__, default=str))
+        reg = register_model(store, model_id=Path(tcfg.out_dir).name, path=checkpoint, label_version=version,
+                             config=cfg, metrics=results["model"], promote="if-better")
+    logger.info("report: %s", results["report"]["report.md"])
+    return {"class": class_name, "version": version, "checkpoint": checkpoint, "report": results["report"],
+            "registry": reg, "config_hash": config_hash(cfg), "pseudo": pseudo}
+
+
+if __name__ == "__main__":
+    import sys
+
+    add_class(prompt=sys.argv[1] if len(sys.argv) > 1 else "car")

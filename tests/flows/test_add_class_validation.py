@@ -1,0 +1,35 @@
+"""The add-class flow validates its parameters before any work (called via `.fn`, no Prefect API needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.add_class import add_class
+from storage.store import open_label_store
+
+
+def _untouched(store: Path) -> None:
+    st = open_label_store(store)
+    assert list(st.versions()) == ["v1"] and st.section("pseudo") == {} and not (store / "pseudo").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompt": ""}, ValueError, "non-empty"),
+        ({"prompt": "sky"}, ValueError, "already exists"),
+        ({"prompt": "car", "batch_size": 1}, ValueError, "batch_size >= 2"),
+        ({"prompt": "car", "labeler": "grounded-sam", "sam_checkpoint": "/nowhere/sam.pth"}, FileNotFoundError,
+         "/nowhere/sam.pth.*segment-anything"),
+        ({"prompt": "car", "scale_out": "dask"}, ValueError, "needs a Prefect server"),
+    ],
+)
+def test_bad_parameters_fail_before_any_work(fresh_store: Path, monkeypatch: pytest.MonkeyPatch,
+                                             kwargs: dict, error: type[Exception], message: str) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    args = {"store": str(fresh_store), "labeler": "simulated", **kwargs}
+    with pytest.raises(error, match=message):
+        add_class.fn(**args)
+    _untouched(fresh_store)

@@ -1,0 +1,162 @@
+"""End to end against a real Prefect server on 127.0.0.1 (deploy, worker, run), an external Dask cluster, and a
+kill -9 in the middle of pseudo-labelling. One server for the module (~15-20 s to start)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage.pseudo import missing_pseudo
+from storage.store import open_label_store
+from tasks.ingest import ingest_synthetic
+from tests.flows.prefect_server import BIN, REPO, free_port, prefect_server, run, stop
+
+pytestmark = pytest.mark.integration
+
+TINY = {"labeler": "simulated", "variant": "tiny", "iters": 4, "crop_size": 128, "num_points": 256, "num_workers": 0,
+        "eval_splits": ["test"]}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("prefect_home")
+    with prefect_server(home) as env:
+        yield env
+
+
+def _store(tmp: Path, name: str, images: int = 6) -> Path:
+    return ingest_synthetic(tmp / f"{name}.zarr", images=images, size=(64, 96), seed=11, progress=False)
+
+
+def test_deployment_run_add_class(server: dict[str, str], tmp_path: Path) -> None:
+    store = _store(tmp_path, "dep")
+    prefect = str(BIN / "prefect")
+    run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], server)
+    run([prefect, "--no-prompt", "deploy", "--all"], server)
+    params = ["--param", "prompt=car", "--param", f"store={store}"]
+    for k, v in TINY.items():
+        params += ["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    out = run([prefect, "deployment", "run", "add-class/add-class", *params], server)
+    flow_run_id = next(w for w in out.split() if len(w) == 36 and w.count("-") == 4)
+    run([prefect, "worker", "start", "--pool", "local", "--run-once"], server, timeout=600)
+    state = run([sys.executable, "-c", (
+        "import asyncio, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        fr = await c.read_flow_run(sys.argv[1])\n"
+        "        arts = await c.read_artifacts()\n"
+        "        print(fr.state.type.value, sorted({a.key for a in arts if a.key}))\n"
+        "asyncio.run(main())\n"), flow_run_id], server)
+    assert state.startswith("COMPLETED"), state
+    assert "add-class-car-metrics" in state and "add-class-car-report" in state
+    st = open_label_store(store)
+    assert st.resolve_version("latest") == "v2" and st.class_by_name("car").source == "pseudo"
+    models = st.section("models")
+    assert models["champion"] in models["models"]
+    assert Path(models["models"][models["champion"]]["path"]).exists()
+    assert "Pseudo Label" in (Path(f"{store}.runs") / models["champion"] / "report" / "report.md").read_text()
+
+
+def test_missing_prompt_is_rejected_by_the_server(server: dict[str, str]) -> None:
+    prefect = str(BIN / "prefect")
+    run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], server)
+    run([prefect, "--no-prompt", "deploy", "--all"], server)
+    out = run([prefect, "deployment", "run", "add-class/add-class"], server, check=False)
+    assert "prompt" in out and "required" in out
+
+
+def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    sched = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--no-dashboard"], env=server, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = subprocess.Popen([str(BIN / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2",
+                                "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"], env=server, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        store = _store(tmp_path, "dask")
+        script = (
+            "import json, sys\n"
+            "from flows.add_class import add_class\n"
+            "out = add_class(prompt='car', store=sys.argv[1], dask_address=sys.argv[2], pseudo_batch_size=1,\n"
+            "                **json.loads(sys.argv[3]))\n"
+            "import os\n"
+        "print('RESULT', json.dumps({'pseudo': out['pseudo'], 'pid': os.getpid()}))\n"
+        )
+        out = run([sys.executable, "-c", script, str(store), f"tcp://127.0.0.1:{port}", json.dumps(TINY)], server,
+                  timeout=600)
+        result = json.loads(out.split("RESULT", 1)[1].strip().splitlines()[0])
+        assert [p["split"] for p in result["pseudo"]] == ["train", "val"]
+        pids = {pid for p in result["pseudo"] for pid in p["worker_pids"]}
+        assert pids and result["pid"] not in pids  # the batches ran in the Dask worker processes
+        assert open_label_store(store).resolve_version("latest") == "v2"
+    finally:
+        stop(workers)
+        stop(sched)
+
+
+_CRASH = """
+import os, signal, sys, json
+import tasks.pseudo_label as pl
+real = pl.write_pseudo_result
+n = 0
+def dying(*a, **k):
+    global n
+    real(*a, **k)
+    n += 1
+    if n == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+pl.write_pseudo_result = dying
+from flows.add_class import add_class
+add_class(prompt="car", store=sys.argv[1], scale_out="threads", pseudo_batch_size=1, **json.loads(sys.argv[2]))
+"""
+
+
+def test_kill_9_mid_pseudo_label_then_rerun_completes(server: dict[str, str], tmp_path: Path) -> None:
+    store = _store(tmp_path, "crash", images=8)
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH, str(store), json.dumps(TINY)], env=server, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(300)
+    finally:
+        stop(proc)
+    assert proc.returncode == -9
+    st = open_label_store(store)
+    n_train = len(st.image_ids("train"))
+    assert len(missing_pseudo(st, "car", "train")) == n_train - 2
+    assert list(st.versions()) == ["v1"]
+    time.sleep(0.5)  # the killed flow's lock is released by the kernel
+    script = (
+        "import json, sys\n"
+        "from flows.add_class import add_class\n"
+        "out = add_class(prompt='car', store=sys.argv[1], scale_out='threads', pseudo_batch_size=1,\n"
+        "                **json.loads(sys.argv[2]))\n"
+        "print('RESULT', json.dumps(out['pseudo']))\n"
+    )
+    out = run([sys.executable, "-c", script, str(store), json.dumps(TINY)], server, timeout=600)
+    pseudo = json.loads(out.split("RESULT", 1)[1].strip().splitlines()[0])
+    train = next(p for p in pseudo if p["split"] == "train")
+    assert train["already_done"] == 2  # no image labelled twice
+    assert open_label_store(store).resolve_version("latest") == "v2"
+
+
+def test_second_add_class_on_a_locked_store_fails_clearly(server: dict[str, str], tmp_path: Path) -> None:
+    store = _store(tmp_path, "locked")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom storage.lock import store_lock\n"
+        "with store_lock(sys.argv[1], purpose='add-class busy'):\n    print('ready', flush=True)\n    time.sleep(120)\n"),
+        str(store)], cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        out = run([str(BIN / "addclass"), "add-class", "--prompt", "car", "--store", str(store), "--labeler",
+                   "simulated", "--iters", "2"], server, check=False, timeout=300)
+        assert "is locked by pid" in out and "add-class busy" in out
+    finally:
+        stop(holder)
