@@ -1,6 +1,7 @@
 """Models: MaSSFormer (backbone, HR pixel decoder, masked-attention transformer decoder) and friends.
 
-Kept import-light on purpose: import the submodule you need (``from models.build import build_massformer_tiny``).
+Kept import-light on purpose: import the submodule you need, e.g.
+``from models.build import build_massformer_tiny``.
 
 Glossary for shape comments in this package:
 

@@ -1,0 +1,98 @@
+# After MaskFormer's BasePixelDecoder
+# (facebookresearch/MaskFormer, mask_former/modeling/heads/pixel_decoder.py),
+# extended to hand three FPN levels to the masked-attention decoder.
+"""Mask-classification baseline pixel decoder (a MaskFormer-style FPN), ablation row #1 of the paper.
+
+Top-down FPN with GroupNorm: the s32 level is a 3x3 conv of C5; every finer level is
+``3x3(lateral1x1(C_i) + up(previous))``. Memories are the FPN outputs at strides 32, 16 and 8; the mask
+features are a 3x3 conv of the s4 output. No edge head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.pixel_decoder import PixelDecoderOutput
+
+
+def _conv_norm(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    norm_layer: Callable[[int], nn.Module],
+    relu: bool,
+) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_uniform_(conv.weight, a=1)  # c2_xavier_fill, as in detectron2
+    layers: list[nn.Module] = [conv, norm_layer(out_channels)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class FPNPixelDecoder(nn.Module):
+    """MaskFormer-style FPN pixel decoder. Mask features at stride 4."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: Sequence[int],
+        channels: int = 256,
+        out_channels: int = 256,
+        num_groups: int = 32,
+    ) -> None:
+        """Builds the decoder.
+
+        Args:
+            in_channels: channels of C2, C3, C4, C5 (strides 4, 8, 16, 32).
+            channels: FPN width; it is also the memory width, so it must equal the transformer width.
+            out_channels: width of the mask features (the transformer width).
+            num_groups: GroupNorm groups.
+        """
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"in_channels must list C2..C5 (4 values). Got {list(in_channels)} instead.")
+        norm = partial(nn.GroupNorm, num_groups)
+        # Index 0 = C2 (s4) ... 3 = C5 (s32); C5 has no lateral conv (MaskFormer).
+        self.lateral = nn.ModuleList(_conv_norm(c, channels, 1, norm, relu=False) for c in in_channels[:-1])
+        self.output = nn.ModuleList(
+            _conv_norm(in_channels[-1] if i == 3 else channels, channels, 3, norm, relu=True)
+            for i in range(4)
+        )
+        self.mask_features = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.kaiming_uniform_(self.mask_features.weight, a=1)
+        nn.init.zeros_(self.mask_features.bias)  # type: ignore[arg-type]  # bias=True
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sides must be multiples of this (exact 2x steps between levels)."""
+        return 32
+
+    def forward(self, features: Sequence[Tensor]) -> PixelDecoderOutput:
+        """Decodes backbone features.
+
+        Args:
+            features: (normalized image, C2 s4, C3 s8, C4 s16, C5 s32); the image is not used.
+
+        Returns:
+            `PixelDecoderOutput` with mask features at s4 and no edge logits.
+        """
+        _, *pyramid = features
+        y = self.output[3](pyramid[3])  # B x C x H/32 x W/32
+        outs = [y]
+        for level in (2, 1, 0):
+            lateral = self.lateral[level](pyramid[level])  # B x C x h x w
+            y = lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest")
+            y = self.output[level](y)
+            outs.append(y)
+        # outs: s32, s16, s8, s4
+        return PixelDecoderOutput(
+            mask_features=self.mask_features(outs[3]),  # B x D x H/4 x W/4
+            memories=outs[:3],
+            edge_logits=None,
+            mask_stride=4,
+        )

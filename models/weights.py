@@ -1,0 +1,183 @@
+"""Loading weights into built models: MaSSFormer checkpoints and ImageNet ResNet initialisation.
+
+Nothing here downloads. MaSSFormer weights are the output of your own ``addclass train`` run (the MaSS13K
+release has no checkpoints); the ImageNet backbone weights are torchvision's ``resnet50-0676ba61.pth`` /
+``resnet18-f37072fd.pth`` from https://download.pytorch.org/models/, fetched by you. Files are read with
+``torch.load(..., weights_only=True)`` or safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# Prefixes added by wrappers, not by the architecture: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Top-level keys under which training checkpoints nest the model's state dict.
+_NESTED_KEYS = ("model", "state_dict", "model_state_dict")
+TORCHVISION_RESNET_FILES = {"resnet50": "resnet50-0676ba61.pth", "resnet18": "resnet18-f37072fd.pth"}
+
+
+def remap_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Maps checkpoint keys onto this package's parameter names.
+
+    Strips wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile). Future renames of
+    parameters belong here as explicit, versioned migrations, never as silent renames elsewhere.
+
+    Args:
+        state_dict: raw checkpoint state dict.
+
+    Returns:
+        A new dict with remapped keys (tensors are not copied).
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        new_key = key
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if new_key.startswith(prefix):
+                    new_key = new_key[len(prefix) :]
+                    stripped = True
+        if new_key in out:
+            raise ValueError(f"checkpoint keys {key!r} and another key both map to {new_key!r}")
+        out[new_key] = value
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Reads a state dict from a ``.safetensors`` file or a torch checkpoint (``weights_only=True``).
+
+    Torch checkpoints may nest the state dict under ``model``, ``state_dict`` or ``model_state_dict``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds no recognisable state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    return _extract_state_dict(obj, path)
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj)
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _extract_state_dict(obj[key], path)
+        raise ValueError(
+            f"{path} holds no state dict: expected tensors or one of the keys {list(_NESTED_KEYS)}. "
+            f"Got top-level keys {sorted(map(str, obj))[:10]} instead."
+        )
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
+
+
+def _check_shapes(module: nn.Module, state_dict: Mapping[str, Tensor], path: Path) -> None:
+    expected = module.state_dict()
+    bad = [
+        f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if bad:
+        hint = ""
+        if any("class_embed" in line for line in bad):
+            hint = "\n(class_embed differs: the checkpoint was trained for another number of classes.)"
+        raise ValueError(f"shape mismatch loading {path} ({len(bad)} tensors):\n" + "\n".join(bad) + hint)
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | Path, *, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Loads a MaSSFormer checkpoint into a built model (after `remap_keys`).
+
+    Args:
+        model: the built model (e.g. from `models.build.MODEL_BUILDERS`).
+        path: ``.safetensors`` or torch checkpoint (``.pt``/``.pth``, possibly nested under ``model``).
+        strict: raise on missing or unexpected keys; when False they are logged as warnings.
+
+    Returns:
+        (missing keys, unexpected keys).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: shapes differ (all mismatches are listed).
+        RuntimeError: ``strict`` and keys are missing or unexpected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MaSSFormer checkpoint not found: {path}. MaSSFormer weights come from your own training run "
+            "(`addclass train` writes checkpoints to its output folder); nothing is downloaded."
+        )
+    state_dict = remap_keys(read_state_dict(path))
+    _check_shapes(model, state_dict, path)
+    result = model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            f"loading {path}: {len(missing)} missing keys {missing[:20]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:20]}"
+        )
+    if missing:
+        log.warning("loading %s: %d missing keys: %s", path, len(missing), missing[:20])
+    if unexpected:
+        log.warning("loading %s: %d unexpected keys: %s", path, len(unexpected), unexpected[:20])
+    return missing, unexpected
+
+
+def load_backbone_checkpoint(
+    model: nn.Module, path: str | Path, *, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Initialises the ResNet backbone from a torchvision ImageNet checkpoint (the ``fc`` head is dropped).
+
+    Args:
+        model: a `models.massformer.MaSSFormer` (its ``backbone`` is loaded) or a `ResNetBackbone`.
+        path: e.g. ``resnet50-0676ba61.pth`` or ``resnet18-f37072fd.pth``.
+        strict: raise on missing/unexpected keys. Pass False for the ``tiny`` backbone (one block per stage),
+            which then takes the first block of each stage of a ResNet-18.
+
+    Returns:
+        (missing keys, unexpected keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ImageNet backbone checkpoint not found: {path}. Get torchvision's "
+            f"{TORCHVISION_RESNET_FILES['resnet50']} (ResNet-50) or {TORCHVISION_RESNET_FILES['resnet18']} "
+            "(ResNet-18) from https://download.pytorch.org/models/ yourself; nothing is downloaded."
+        )
+    backbone = getattr(model, "backbone", model)
+    state_dict = {k: v for k, v in remap_keys(read_state_dict(path)).items() if not k.startswith("fc.")}
+    if strict:
+        _check_shapes(backbone, state_dict, path)
+    dropped: list[str] = []
+    if not strict:
+        expected = backbone.state_dict()
+        dropped = [k for k, v in state_dict.items() if k not in expected or v.shape != expected[k].shape]
+        state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+    result = backbone.load_state_dict(state_dict, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + dropped
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            f"loading backbone {path}: {len(missing)} missing keys {missing[:20]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:20]}"
+        )
+    if missing:
+        log.warning("backbone %s: %d missing keys: %s", path, len(missing), missing[:20])
+    return missing, unexpected
