@@ -1,0 +1,483 @@
+"""Train a MaSSFormer on one label version of a store, with checkpoints and exact resume.
+
+The recipe is spec §1.3/§1.5: AdamW (lr 3e-4, wd 0.05, backbone lr x0.1, no decay on embeddings and norms),
+gradient clipping at L2 norm 0.01, per-iteration cosine decay without warm-up, random resize 0.5-2.0 /
+``RandomCrop(cat_max_ratio=0.75)`` / flip / photometric distortion (`storage.dataset`). Classes whose registry
+``source`` is ``"pseudo"`` get the inverse loss weights (spec §5.6, ``reweight``). On a GPU the forward pass
+runs under bf16 autocast (``amp``); the losses stay fp32 (the criterion turns autocast off). On the CPU the
+loop is deterministic for a given seed.
+
+Outputs in ``out_dir``: ``train_config.json`` (the resolved `TrainConfig`), ``train_log.jsonl`` (one line
+per step: step, lr, every loss term, total, seconds), ``checkpoints/`` + ``latest.json`` (`tasks.checkpoint`)
+and ``final/`` (``model.safetensors`` + ``config.json``, what `load_trained_model` rebuilds the model from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.build import MODEL_BUILDERS, PIXEL_DECODERS
+from models.criterion import build_criterion
+from models.loss_weights import parse_reweight_mode
+from models.massformer import MaSSFormer
+from models.optim import GRAD_CLIP_MAX_NORM, GRAD_CLIP_NORM_TYPE, build_lr_scheduler, build_optimizer
+from models.targets import build_targets
+from models.weights import load_backbone_checkpoint
+from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
+from storage.store import LabelStore, open_label_store
+from tasks.checkpoint import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    get_rng_state,
+    latest_checkpoint,
+    load_model_weights,
+    load_training_state,
+    read_model_config,
+    save_checkpoint,
+    save_model_dir,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"
+FINAL_DIR = "final"
+# TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
+RESUME_FREE_FIELDS = frozenset(
+    {"out_dir", "store", "device", "amp", "num_workers", "checkpoint_every", "keep_checkpoints"}
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; written to ``out_dir/train_config.json``.
+
+    Attributes:
+        store: Label store path.
+        out_dir: Run folder (checkpoints, log, ``final/``).
+        version: Label version to train on (``"latest"`` is resolved by `resolve_train_config`).
+        variant: A ``models.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``).
+        num_classes: K; derived from the version (None until resolved; a different value is an error).
+        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline).
+        iters: Training steps (spec: 80000).
+        batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling).
+        crop_size: (height, width) of training crops; the model pads to multiples of 256, so multiples of
+            256 waste nothing.
+        scale_range: Random resize ratio range (of the native size).
+        cat_max_ratio: ``RandomCrop`` largest single-class fraction.
+        lr: Base learning rate (backbone x0.1).
+        weight_decay: AdamW weight decay.
+        reweight: BCE point weights, ``"none"``, ``"edge"`` or ``"inverse"``.
+        inverse_weight_near_pseudo: Precise pixels next to pseudo regions get the inverse weight.
+        num_points: Sampled points per mask (matcher and losses; spec 12544).
+        checkpoint_every: Steps between checkpoints (the last step is always saved).
+        keep_checkpoints: Newest checkpoints kept (0: all).
+        seed: Seed of the initialisation, the data order, the augmentations and the loss points.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        amp: bf16 autocast of the forward pass on CUDA (ignored on the CPU).
+        num_workers: DataLoader worker processes (0: load in the training process).
+        backbone_checkpoint: Optional torchvision ImageNet ResNet weights for a fresh run.
+        split: Store split to train on.
+    """
+
+    store: str
+    out_dir: str
+    version: str = "latest"
+    variant: str = "r50"
+    num_classes: int | None = None
+    pixel_decoder: str = "hr"
+    iters: int = 80000
+    batch_size: int = 16
+    crop_size: tuple[int, int] = (1024, 1024)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    reweight: str = "inverse"
+    inverse_weight_near_pseudo: bool = True
+    num_points: int = 12544
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 2
+    backbone_checkpoint: str | None = None
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalise types (paths to str, lists from JSON to tuples)
+        set_(self, "store", str(self.store))
+        set_(self, "out_dir", str(self.out_dir))
+        if self.backbone_checkpoint is not None:
+            set_(self, "backbone_checkpoint", str(self.backbone_checkpoint))
+        set_(self, "crop_size", tuple(int(v) for v in self.crop_size))
+        set_(self, "scale_range", tuple(float(v) for v in self.scale_range))
+        if self.variant not in MODEL_BUILDERS:
+            raise ValueError(f"Expected variant in {sorted(MODEL_BUILDERS)}. Got {self.variant!r} instead.")
+        if self.pixel_decoder not in PIXEL_DECODERS:
+            raise ValueError(
+                f"Expected pixel_decoder in {PIXEL_DECODERS}. Got {self.pixel_decoder!r} instead."
+            )
+        if self.batch_size < 2:
+            raise ValueError(
+                f"Expected batch_size >= 2 (the pixel decoder's BatchNorm after global pooling needs more "
+                f"than one value per channel in training). Got {self.batch_size} instead."
+            )
+        for name in ("iters", "checkpoint_every", "num_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Expected {name} >= 1. Got {getattr(self, name)} instead.")
+        if self.num_workers < 0 or self.keep_checkpoints < 0:
+            raise ValueError(
+                f"Expected num_workers, keep_checkpoints >= 0. "
+                f"Got {self.num_workers}, {self.keep_checkpoints} instead."
+            )
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ValueError(f"Expected crop_size (height, width) >= 1. Got {self.crop_size!r} instead.")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"Expected scale_range (low, high), 0 < low <= high. Got {self.scale_range!r}.")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"Expected lr > 0 and weight_decay >= 0. Got {self.lr}, {self.weight_decay}.")
+        parse_reweight_mode(self.reweight)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields."""
+        d = dataclasses.asdict(self)
+        d["crop_size"], d["scale_range"] = list(self.crop_size), list(self.scale_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig fields {unknown}.")
+        return cls(**d)
+
+
+def version_classes(store: LabelStore, version: str) -> tuple[list[str], set[int]]:
+    """Class names (index = class id) and pseudo class ids of a published version.
+
+    Raises:
+        ValueError: the version's class ids are not 0..K-1.
+    """
+    info = store.versions()[store.resolve_version(version)]
+    ids = sorted(info.class_ids)
+    if ids != list(range(len(ids))):
+        raise ValueError(
+            f"Expected class ids 0..K-1 in version {info.name} of {store.path}. Got {ids} instead."
+        )
+    by_id = {c.id: c for c in store.classes()}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(
+            f"Version {info.name} of {store.path} uses class ids {missing} missing from the registry."
+        )
+    return [by_id[i].name for i in ids], {i for i in ids if by_id[i].source == "pseudo"}
+
+
+def resolve_train_config(config: TrainConfig) -> TrainConfig:
+    """Resolves ``version="latest"`` and derives ``num_classes`` from the store.
+
+    Raises:
+        ValueError: ``config.num_classes`` is set and differs from the version's.
+    """
+    store = open_label_store(config.store)
+    version = store.resolve_version(config.version)
+    names, _ = version_classes(store, version)
+    if config.num_classes is not None and config.num_classes != len(names):
+        raise ValueError(
+            f"Expected num_classes {len(names)} (the classes of {version} in {config.store}: {names}). "
+            f"Got {config.num_classes} instead."
+        )
+    return dataclasses.replace(config, version=version, num_classes=len(names))
+
+
+def model_config(config: TrainConfig) -> dict[str, Any]:
+    """The ``config.json`` of checkpoints: what rebuilds the model and identifies its training data."""
+    store = open_label_store(config.store)
+    names, pseudo = version_classes(store, config.version)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "variant": config.variant,
+        "pixel_decoder": config.pixel_decoder,
+        "num_classes": len(names),
+        "class_names": names,
+        "pseudo_classes": sorted(pseudo),
+        "store": str(Path(config.store).resolve()),
+        "store_name": store.info.get("name"),
+        "label_version": config.version,
+        "label_version_created": store.versions()[config.version].created,
+        "train_config": config.to_dict(),
+    }
+
+
+def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
+    """Raises `CheckpointError` (naming the checkpoint's config.json) when it belongs to another run."""
+    found = read_model_config(checkpoint)
+    path = checkpoint / CONFIG_FILE
+    problems = [
+        f"{key}: checkpoint {found.get(key)!r}, this run {expected[key]!r}"
+        for key in ("variant", "pixel_decoder", "num_classes", "class_names", "label_version",
+                    "label_version_created")
+        if found.get(key) != expected[key]
+    ]
+    old, new = found.get("train_config", {}), expected["train_config"]
+    problems += [
+        f"train_config.{key}: checkpoint {old.get(key)!r}, this run {new[key]!r}"
+        for key in sorted(new)
+        if key not in RESUME_FREE_FIELDS and old.get(key) != new[key]
+    ]
+    if problems:
+        raise CheckpointError(
+            f"Cannot resume from {path}: it belongs to another run:\n  " + "\n  ".join(problems)
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_model(model_cfg: dict[str, Any]) -> MaSSFormer:
+    """Builds an untrained model from a checkpoint's ``config.json`` contents."""
+    variant = model_cfg["variant"]
+    if variant not in MODEL_BUILDERS:
+        raise ValueError(f"Unknown model variant {variant!r}; this addclass knows {sorted(MODEL_BUILDERS)}.")
+    pixel_decoder = model_cfg.get("pixel_decoder", "hr")
+    return MODEL_BUILDERS[variant](int(model_cfg["num_classes"]), pixel_decoder=pixel_decoder)
+
+
+def _truncate_log(path: Path, *, step: int) -> None:
+    """Keeps the log lines of steps <= ``step`` (a killed run may have logged past its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut by the kill
+            continue
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
+    """Trains (or resumes) a run and writes ``out_dir/final``.
+
+    Args:
+        config: The run's configuration (resolved here with `resolve_train_config`).
+        resume: Continue from ``out_dir/latest.json`` (with the same step, weights, optimizer, scheduler and
+            RNG states, and data order); a fresh start when the run has no checkpoint yet.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The final model folder ``out_dir/final`` (``model.safetensors`` + ``config.json``).
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
+        CheckpointError: the checkpoint to resume is corrupt or belongs to another run (other variant,
+            classes, label version or recipe); the message names the file.
+    """
+    config = resolve_train_config(config)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    expected = model_config(config)
+    device = resolve_device(config.device)
+    if not resume and ((out / LATEST_FILE).exists() or (out / FINAL_DIR).exists()):
+        raise FileExistsError(
+            f"{out} already holds a training run; resume it (resume=True) or pick another out_dir."
+        )
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, expected)
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    model = build_model(expected)
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint)
+    elif config.backbone_checkpoint is not None:
+        load_backbone_checkpoint(model, config.backbone_checkpoint, strict=config.variant != "tiny")
+    model.to(device).train()
+    criterion = build_criterion(
+        num_classes=expected["num_classes"],
+        num_points=config.num_points,
+        reweight=config.reweight,  # type: ignore[arg-type]
+        inverse_weight_near_pseudo=config.inverse_weight_near_pseudo,
+    ).to(device)
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, max_iters=config.iters)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+
+    start_step = 0
+    if checkpoint is not None:
+        state = load_training_state(checkpoint)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"], generators={"criterion": generator})
+            start_step = int(state["step"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            path = checkpoint / "training_state.pt"
+            raise CheckpointError(f"Cannot restore the training state {path}: {e}") from e
+        _truncate_log(out / LOG_FILE, step=start_step)
+        log.info("resuming %s at step %d", out, start_step)
+    else:
+        atomic_write_json(out / TRAIN_CONFIG_FILE, config.to_dict())
+        atomic_write_bytes(out / LOG_FILE, b"")
+
+    if start_step < config.iters:
+        _train_steps(
+            config, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+            generator=generator, expected=expected, device=device, start_step=start_step, progress=progress,
+        )
+    model_cfg = {**expected, "step": config.iters}
+    return save_model_dir(out / FINAL_DIR, model=model, config=model_cfg, step=config.iters)
+
+
+def _train_steps(
+    config: TrainConfig,
+    *,
+    model: MaSSFormer,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    expected: dict[str, Any],
+    device: torch.device,
+    start_step: int,
+    progress: bool,
+) -> None:
+    out = Path(config.out_dir)
+    pseudo = set(expected["pseudo_classes"])
+    dataset = LabelVersionDataset(
+        config.store, version=config.version, split=config.split, augment=True, crop_size=config.crop_size,
+        scale_range=config.scale_range, cat_max_ratio=config.cat_max_ratio, seed=config.seed,
+    )
+    sampler = StepSampler(
+        len(dataset), batch_size=config.batch_size, total_steps=config.iters, start_step=start_step,
+        seed=config.seed,
+    )
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+        pin_memory=device.type == "cuda", worker_init_fn=worker_init if config.num_workers else None,
+        multiprocessing_context=WORKER_START_METHOD if config.num_workers else None,
+    )
+    use_amp = config.amp and device.type == "cuda"
+    head_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "head"), 0)
+    bar = tqdm(total=config.iters, initial=start_step, desc="train", unit="it", disable=not progress)
+    step = start_step
+    t0 = time.perf_counter()
+    with open(out / LOG_FILE, "a") as log_file:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)  # B x 3 x H x W
+            labels = batch["labels"].to(device, non_blocking=True)  # B x H x W
+            targets = [build_targets(lab, pseudo_classes=pseudo) for lab in labels]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = model(images)
+            losses = criterion(outputs, targets, generator=generator)
+            total = torch.stack(list(losses.values())).sum()
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"Non-finite loss at step {step + 1} of {out}: "
+                    f"{ {k: float(v) for k, v in losses.items()} }. "
+                    "Resume from the last checkpoint with a lower lr."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_MAX_NORM, GRAD_CLIP_NORM_TYPE)
+            optimizer.step()
+            lr = float(optimizer.param_groups[head_group]["lr"])  # the rate this step used
+            scheduler.step()
+            step += 1
+
+            values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]).tolist()
+            seconds = time.perf_counter() - t0  # data wait + forward + backward + update (not checkpointing)
+            record = {"step": step, "lr": lr, **dict(zip(losses, values[:-1])), "total": values[-1],
+                      "seconds": round(seconds, 4)}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{values[-1]:.3f}")
+            if step % config.checkpoint_every == 0 or step == config.iters:
+                save_checkpoint(
+                    out, step=step, model=model, config={**expected, "step": step},
+                    training_state={
+                        "step": step,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": get_rng_state(generators={"criterion": generator}),
+                    },
+                    keep=config.keep_checkpoints,
+                )
+            t0 = time.perf_counter()
+    bar.close()
+    if step != config.iters:
+        raise RuntimeError(f"The data loader stopped at step {step} of {config.iters}.")
+
+
+def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
+    """A model folder: ``path`` itself, or for a run folder its ``final/``, else its latest checkpoint.
+
+    Raises:
+        FileNotFoundError: nothing trained at ``path``.
+    """
+    path = Path(path)
+    if (path / MODEL_FILE).is_file() or (path / CONFIG_FILE).is_file():
+        return path
+    if (path / FINAL_DIR / MODEL_FILE).is_file():
+        return path / FINAL_DIR
+    checkpoint = latest_checkpoint(path) if path.is_dir() else None
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"No trained model at {path}: expected {MODEL_FILE} + {CONFIG_FILE}, a final/ folder or "
+            f"{LATEST_FILE}. Train one with `addclass train`."
+        )
+    return checkpoint
+
+
+def load_trained_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> MaSSFormer:
+    """Rebuilds a trained model from ``config.json`` + ``model.safetensors`` (in eval mode).
+
+    Args:
+        path: A model folder (``RUN/final``), a checkpoint folder, or a run folder.
+        device: Where to put the model.
+
+    Returns:
+        The model; its class names and label version are in `tasks.checkpoint.read_model_config` of the same
+        folder.
+
+    Raises:
+        CheckpointError: a file is corrupt or does not fit the config (the message names it).
+    """
+    folder = resolve_model_dir(path)
+    model = build_model(read_model_config(folder))
+    load_model_weights(model, folder)
+    return model.to(device).eval()

@@ -1,0 +1,223 @@
+"""Training: overfitting one image, exact resume after kill -9, checkpoint validation, config handling.
+
+The store has 3 synthetic 256 x 256 scenes (1 train image) and a v2 where the exact car masks are a pseudo
+class 7, so the inverse loss weights are exercised. 256 x 256 crops waste nothing (the model pads to
+multiples of 256). The overfit test uses lr 5e-3 (~17x the recipe) and 512 points (spec: 12544) to converge in
+few steps on the CPU, and the precise labels v1 (in v2 the cars leave only ~160 "others" pixels in the
+training image, a class too small for a fair mIoU after a few dozen steps).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from models.metrics import MetricAccumulator
+from storage.dataset import LabelVersionDataset
+from storage.registry import ClassInfo
+from storage.store import open_label_store
+from tasks.checkpoint import CheckpointError, read_model_config
+from tasks.ingest import ingest_synthetic
+from tasks.train import TrainConfig, load_trained_model, resolve_train_config, train
+
+REPO = Path(__file__).resolve().parents[2]
+CAR = 7
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 scenes of 256 x 256 (1 train); v2 adds the exact car masks as a pseudo class."""
+    path = tmp_path_factory.mktemp("train") / "scenes.zarr"
+    ingest_synthetic(path, images=3, size=(256, 256), seed=0, progress=False)
+    st = open_label_store(path, mode="a")
+    st.begin_version("v2", parent="v1", class_ids=list(range(8)), policy="test", spec={})
+    for split in st.splits():
+        kind = "eval" if split == "test" else "reference"
+        for image_id in st.image_ids(split):
+            labels = st.read_labels(split, image_id).copy()
+            car = st.read_hand_mask(kind, "car", image_id).astype(bool)
+            labels[car] = CAR
+            st.write_version_labels("v2", split, image_id, labels, car.astype(np.uint8))
+    st.publish_version("v2", new_classes=[ClassInfo(id=CAR, name="car", source="pseudo", prompt="car")])
+    return path
+
+
+def tiny_config(store: Path, out: Path, **overrides: object) -> TrainConfig:
+    fields: dict[str, object] = dict(
+        store=str(store), out_dir=str(out), version="v2", variant="tiny", iters=3, batch_size=2,
+        crop_size=(256, 256), scale_range=(0.75, 1.25), num_points=256, checkpoint_every=2,
+        keep_checkpoints=0, seed=7, device="cpu", num_workers=0,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def straight_run(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 uninterrupted steps (checkpoints at steps 2 and 3)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny_config(train_store, out), progress=False)
+    return out
+
+
+def read_log(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+KILLER = """
+import os, signal, sys
+import tasks.train as tt
+from tasks.train import TrainConfig, train
+
+kill_at = int(sys.argv[2])
+save = tt.save_checkpoint
+
+def save_then_die(*args, **kwargs):
+    folder = save(*args, **kwargs)
+    if kwargs["step"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # right after the checkpoint and latest.json are written
+    return folder
+
+tt.save_checkpoint = save_then_die
+train(TrainConfig.from_dict(__import__("json").loads(sys.argv[1])), progress=False)
+"""
+
+
+def test_resume_after_kill_matches_the_straight_run(
+    train_store: Path, straight_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(train_store, out)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, json.dumps(config.to_dict()), "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert json.loads((out / "latest.json").read_text())["step"] == 2
+    assert not (out / "final").exists()
+
+    final = train(config, resume=True, progress=False)
+
+    straight = load_file(straight_run / "final" / "model.safetensors")
+    resumed = load_file(final / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    diff = max(float((straight[k].double() - resumed[k].double()).abs().max()) for k in straight)
+    print(f"resume max |weight difference| = {diff:.3g}")
+    assert diff <= 1e-6
+    log, ref = read_log(out), read_log(straight_run)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for mine, theirs in zip(log, ref):  # same losses step by step, incl. the step after the resume
+        assert mine["total"] == pytest.approx(theirs["total"], rel=1e-5, abs=1e-6)
+        assert mine["lr"] == pytest.approx(theirs["lr"])
+
+
+def test_log_and_outputs(straight_run: Path) -> None:
+    log = read_log(straight_run)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    first = log[0]
+    for key in ("lr", "loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_edge", "total", "seconds"):
+        assert key in first and np.isfinite(first[key])
+    terms = sum(v for k, v in first.items() if k.startswith("loss_"))
+    assert first["total"] == pytest.approx(terms, rel=1e-5)
+    # per-iteration cosine without warm-up: 3e-4, then 3e-4 * 0.5 * (1 + cos(pi / 3))
+    assert first["lr"] == pytest.approx(3e-4) and log[1]["lr"] == pytest.approx(3e-4 * 0.75)
+
+    cfg = read_model_config(straight_run / "final")
+    assert cfg["variant"] == "tiny" and cfg["num_classes"] == 8 and cfg["label_version"] == "v2"
+    assert cfg["class_names"][CAR] == "car" and cfg["pseudo_classes"] == [CAR]
+    assert json.loads((straight_run / "train_config.json").read_text())["num_classes"] == 8
+    checkpoints = sorted(p.name for p in (straight_run / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000002", "step_00000003"]
+    model = load_trained_model(straight_run)  # a run folder resolves to its final/
+    assert model.num_classes == 8 and not model.training
+
+
+def test_corrupt_checkpoint_is_a_clear_error(straight_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    weights = run / "checkpoints" / "step_00000003" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    saved = json.loads((run / "train_config.json").read_text())
+    config = TrainConfig.from_dict({**saved, "out_dir": str(run)})
+    with pytest.raises(CheckpointError, match=str(weights)):
+        train(config, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=str(weights)):
+        load_trained_model(weights.parent)
+
+    state = run / "checkpoints" / "step_00000002" / "training_state.pt"
+    with open(state, "r+b") as f:
+        f.truncate(100)
+    (run / "latest.json").write_text(json.dumps({"step": 2, "path": "checkpoints/step_00000002"}))
+    with pytest.raises(CheckpointError, match=str(state)):
+        train(config, resume=True, progress=False)
+
+    (run / "latest.json").write_text(json.dumps({"step": 9, "path": "checkpoints/step_00000009"}))
+    with pytest.raises(CheckpointError, match="latest.json"):
+        train(config, resume=True, progress=False)
+
+    final = run / "final" / "model.safetensors"
+    final.write_bytes(final.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=str(final)):
+        load_trained_model(run)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(
+    train_store: Path, straight_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    config_json = run / "checkpoints" / "step_00000003" / "config.json"
+    base = tiny_config(train_store, run)
+    variant = rf"(?s){config_json}.*variant: checkpoint 'tiny', this run 'lite_r18'"
+    with pytest.raises(CheckpointError, match=variant):
+        train(replace(base, variant="lite_r18"), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"(?s)num_classes: checkpoint 8, this run 7.*label_version"):
+        train(replace(base, version="v1"), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"train_config.seed"):
+        train(replace(base, seed=1), resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        train(base, progress=False)
+
+
+def test_config_validation_and_derivation(train_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        tiny_config(train_store, tmp_path, batch_size=1)
+    with pytest.raises(ValueError, match="variant"):
+        tiny_config(train_store, tmp_path, variant="r101")
+    with pytest.raises(ValueError, match="reweight"):
+        tiny_config(train_store, tmp_path, reweight="sideways")
+    resolved = resolve_train_config(tiny_config(train_store, tmp_path, version="latest"))
+    assert resolved.version == "v2" and resolved.num_classes == 8
+    assert TrainConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
+    with pytest.raises(ValueError, match="num_classes 8"):
+        resolve_train_config(tiny_config(train_store, tmp_path, num_classes=9))
+
+
+def test_tiny_model_overfits_one_image(train_store: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        train_store, tmp_path / "run", version="v1", iters=50, lr=5e-3, num_points=512,
+        scale_range=(1.0, 1.0), reweight="none", checkpoint_every=50,
+    )
+    t0 = time.perf_counter()
+    final = train(config, progress=False)
+    seconds = time.perf_counter() - t0
+    model = load_trained_model(final)
+    item = LabelVersionDataset(train_store, version="v1", augment=False)[0]
+    pred = model.predict(item["image"][None])[0].numpy()
+    acc = MetricAccumulator(num_classes=7)
+    acc.update(pred, item["labels"].numpy())
+    miou = acc.compute()["miou"]
+    rate = config.iters / seconds
+    print(f"overfit: {config.iters} steps in {seconds:.1f} s ({rate:.2f} it/s), mIoU {miou:.3f}")
+    assert miou > 0.9
