@@ -170,7 +170,8 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
 
     Items are dicts: ``image`` 3 x H x W float32 RGB in 0..255, ``labels`` H x W int64 (255 ignore and
     padding), ``provenance`` H x W uint8 (0 precise, 1 pseudo, 255 ignore and padding) and ``id`` (str).
-    With ``augment=True`` every item is ``crop_size``; otherwise items are the full images, unchanged.
+    With ``augment=True`` every item is ``crop_size``; otherwise items are the full images, unchanged (batch
+    those one at a time, or group them by size: the default collate stacks equal shapes only).
 
     Index with an int (the augmentation then depends only on the dataset ``seed`` and the index) or with a
     ``SampleKey`` ``(index, draw)`` from `StepSampler` (a fresh augmentation per draw).
