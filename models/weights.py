@@ -128,16 +128,19 @@ def load_checkpoint(
     state_dict = remap_keys(read_state_dict(path))
     _check_shapes(model, state_dict, path)
     result = model.load_state_dict(state_dict, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    return _report_keys(f"loading {path}", list(result.missing_keys), list(result.unexpected_keys), strict=strict)
+
+
+def _report_keys(what: str, missing: list[str], unexpected: list[str], *, strict: bool) -> tuple[list[str], list[str]]:
+    """Raise (strict) or log the missing/unexpected keys of a state-dict load; returns them."""
     if strict and (missing or unexpected):
         raise RuntimeError(
-            f"loading {path}: {len(missing)} missing keys {missing[:20]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:20]}"
+            f"{what}: {len(missing)} missing keys {missing[:20]}, {len(unexpected)} unexpected keys {unexpected[:20]}"
         )
     if missing:
-        log.warning("loading %s: %d missing keys: %s", path, len(missing), missing[:20])
+        log.warning("%s: %d missing keys: %s", what, len(missing), missing[:20])
     if unexpected:
-        log.warning("loading %s: %d unexpected keys: %s", path, len(unexpected), unexpected[:20])
+        log.warning("%s: %d unexpected keys: %s", what, len(unexpected), unexpected[:20])
     return missing, unexpected
 
 
@@ -172,12 +175,5 @@ def load_backbone_checkpoint(
         dropped = [k for k, v in state_dict.items() if k not in expected or v.shape != expected[k].shape]
         state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
     result = backbone.load_state_dict(state_dict, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + dropped
-    if strict and (missing or unexpected):
-        raise RuntimeError(
-            f"loading backbone {path}: {len(missing)} missing keys {missing[:20]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:20]}"
-        )
-    if missing:
-        log.warning("backbone %s: %d missing keys: %s", path, len(missing), missing[:20])
-    return missing, unexpected
+    return _report_keys(f"loading backbone {path}", list(result.missing_keys),
+                        list(result.unexpected_keys) + dropped, strict=strict)

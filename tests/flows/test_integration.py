@@ -15,6 +15,7 @@ import pytest
 from storage.pseudo import missing_pseudo
 from storage.store import open_label_store
 from tasks.ingest import ingest_synthetic
+from tests.crash import die_after_writes
 from tests.flows.prefect_server import BIN, REPO, free_port, prefect_server, run, stop
 
 pytestmark = pytest.mark.integration
@@ -102,18 +103,8 @@ def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], 
         stop(sched)
 
 
-_CRASH = """
-import os, signal, sys, json
-import tasks.pseudo_label as pl
-real = pl.write_pseudo_result
-n = 0
-def dying(*a, **k):
-    global n
-    real(*a, **k)
-    n += 1
-    if n == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-pl.write_pseudo_result = dying
+_CRASH = die_after_writes("tasks.pseudo_label", "write_pseudo_result", 2) + """
+import sys, json
 from flows.add_class import add_class
 add_class(prompt="car", store=sys.argv[1], scale_out="threads", pseudo_batch_size=1, **json.loads(sys.argv[2]))
 """

@@ -11,6 +11,7 @@ import pytest
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask, read_pseudo_record
 from storage.store import open_label_store
 from tasks.pseudo_label import LabelerConfig, import_pseudo, plan_pseudo_label, pseudo_label
+from tests.crash import die_after_writes
 
 REPO = Path(__file__).resolve().parents[2]
 SIM = LabelerConfig(kind="simulated")
@@ -49,18 +50,9 @@ def test_simulated_is_deterministic(tmp_path: Path) -> None:
     assert all(np.array_equal(x, y) for x, y in zip(*masks))
 
 
-_CRASHER = """
-import os, signal, sys
+_CRASHER = die_after_writes("tasks.pseudo_label", "write_pseudo_result", 2) + """
+import sys
 import tasks.pseudo_label as pl
-real = pl.write_pseudo_result
-count = 0
-def dying_write(*a, **k):
-    global count
-    real(*a, **k)
-    count += 1
-    if count == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-pl.write_pseudo_result = dying_write
 pl.pseudo_label(sys.argv[1], prompt="car", labeler=pl.LabelerConfig(kind="simulated"), batch_size=1, progress=False)
 """
 
