@@ -42,7 +42,8 @@ store; each row retrains unless ``--reuse-runs`` finds its finished run with the
 
 Defaults (CPU, 2 cores, <= 60 min): ``tiny`` from scratch, 256 x 256 crops, batch 2, ``DEFAULT_ITERS``
 steps, lr 1e-3, scale 0.75-1.5, 4096 points, 2 threads with ``OMP_WAIT_POLICY=PASSIVE``. A full run on a GPU
-(``GPU_EXAMPLE``) uses the Lite model with an ImageNet ResNet-18, 512 crops, batch 8 and 20k iterations.
+(``GPU_EXAMPLE``) uses the Lite model with an ImageNet ResNet-18, 512 crops, batch 8 and 10k iterations
+(not run yet: no GPU was available when this was written).
 
 Examples::
 
@@ -101,7 +102,7 @@ DEFAULT_ITERS = 400
 SIMULATED_DEFAULTS: dict[str, Any] = {"low_res": 128, "bleed_prob": 0.5, "bleed_px": 3, "miss_prob": 0.05,
                                       "min_area_frac": 3e-4}
 GPU_EXAMPLE = ("bench/camvid_newclass.py --device cuda --variant lite_r18 --backbone-checkpoint "
-               "resnet18-f37072fd.pth --crop 512 --batch-size 8 --iters 20000 --lr 3e-4 --scale 0.5 2.0 "
+               "resnet18-f37072fd.pth --crop 512 --batch-size 8 --iters 10000 --lr 3e-4 --scale 0.5 2.0 "
                "--num-points 12544 --threads 8 --num-workers 4")
 
 
