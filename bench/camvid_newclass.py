@@ -178,12 +178,12 @@ def labeler_config(args: argparse.Namespace) -> LabelerConfig:
                  "bleed_px": args.sim_bleed_px, "miss_prob": args.sim_miss_prob,
                  "min_area_frac": args.sim_min_area_frac}
         sim = {**simulated_defaults(args.downscale), **{k: v for k, v in given.items() if v is not None}}
-        return LabelerConfig(kind="simulated", seed=args.seed, simulated=sim)
+        return LabelerConfig(kind="simulated", seed=args.labeler_seed, simulated=sim)
     return LabelerConfig(kind="grounded-sam", sam_variant=args.sam_variant,
                          sam_checkpoint=args.sam_checkpoint, dino_config=args.dino_config,
                          dino_checkpoint=args.dino_checkpoint,
                          device=args.labeler_device, box_threshold=args.box_threshold,
-                         text_threshold=args.text_threshold, seed=args.seed)
+                         text_threshold=args.text_threshold, seed=args.labeler_seed)
 
 
 def build_pseudo_only_version(store_path: Path, *, parent: str) -> str:
@@ -475,7 +475,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3, help="base lr (backbone x0.1); 1e-3 from scratch")
     ap.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.5), help="random resize ratio range")
     ap.add_argument("--num-points", type=int, default=None, help="sampled points per mask (default 4096)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the labeler, the init and the data order")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the init, data order and loss points")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
@@ -495,6 +495,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--progress", action="store_true", help="progress bars")
     lab = ap.add_argument_group("labeler")
     lab.add_argument("--labeler", choices=("simulated", "grounded-sam"), default="simulated")
+    lab.add_argument("--labeler-seed", type=int, default=None, help="seed of the labeler (default: --seed)")
     sim = SIMULATED_DEFAULTS
     lab.add_argument("--sim-low-res", type=int, default=None,
                      help=f"default {sim['low_res']} at the native size, divided by --downscale")
@@ -518,6 +519,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_train = 24 if args.max_train is None else args.max_train
         args.max_test = 8 if args.max_test is None else args.max_test
     args.iters = DEFAULT_ITERS if args.iters is None else args.iters
+    args.labeler_seed = args.seed if args.labeler_seed is None else args.labeler_seed
     args.num_points = 4096 if args.num_points is None else args.num_points
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
