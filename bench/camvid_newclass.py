@@ -43,13 +43,18 @@ store; each row retrains unless ``--reuse-runs`` finds its finished run with the
 Defaults (CPU, 2 cores, <= 60 min): ``tiny`` from scratch, 256 x 256 crops, batch 2, ``DEFAULT_ITERS``
 steps, lr 1e-3, scale 0.75-1.5, 4096 points, 2 threads with ``OMP_WAIT_POLICY=PASSIVE``. A full run on a GPU
 (``GPU_EXAMPLE``) uses the Lite model with an ImageNet ResNet-18, 512 crops, batch 8 and 10k iterations
-(not run yet: no GPU was available when this was written).
+(not run yet: no GPU was available when this was written). Measured on 2 cores shared with other jobs
+(load ~5): the default run took 41 min (setup 20 s; 0.9-1.2 s per step; 27-51 s to evaluate 60 images;
+6.7-8.6 min per model row); the same step took 4-25 s with OpenMP's default (active) waiting.
 
 Examples::
 
     .venv/bin/python bench/camvid_newclass.py                      # the full CPU experiment
     .venv/bin/python bench/camvid_newclass.py --quick              # ~3-minute smoke run
     .venv/bin/python bench/camvid_newclass.py --rows pseudo_label,mixed_none,mixed_inverse --iters 100
+    # investigation: val only (never tune on test), another training seed on the same pseudo labels
+    .venv/bin/python bench/camvid_newclass.py --out runs/s1 --rows mixed_inverse --splits val --seed 1 \\
+        --labeler-seed 0
 """
 
 from __future__ import annotations
