@@ -68,7 +68,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ ROWS: dict[str, Row] = {r.id: r for r in (
     Row("mixed_edge", "Mixed + edge reweight", "train", "mixed", "edge"),
     Row("mixed_inverse", "Mixed + inverse reweight", "train", "mixed", "inverse", True),
     Row("mixed_inverse_noband", "Mixed + inverse w/o band", "train", "mixed", "inverse", False),
+    Row("hand_car", "Hand-labelled car (oracle)", "train", "hand_car", "none"),
 )}
 
 
@@ -218,6 +219,29 @@ def build_pseudo_only_version(store_path: Path, *, parent: str) -> str:
     return version
 
 
+def build_hand_car_version(store_path: Path, *, parent: str) -> str:
+    """Publish the oracle version: the car *hand* masks carved into "others" of ``parent`` (train and val;
+    test keeps the parent's labels and is never trained on). Same class ids as the mixed version, so a model
+    trained on it shows what the model and schedule reach with perfect car labels."""
+    store = open_label_store(store_path, mode="a")
+    with store.lock(purpose=f"bench: hand-labelled {CLASS} version"):
+        car = store.class_by_name(CLASS).id
+        version = store.next_version_name()
+        class_ids = sorted(set(store.versions()[parent].class_ids) | {car})
+        store.begin_version(version, parent=parent, class_ids=class_ids, policy="hand-car", spec={"bench": "camvid_newclass", "hand_car": CLASS})
+        for split in store.splits():
+            reference = set(store.hand_mask_ids("reference", CLASS, split))
+            for image_id in store.image_ids(split):
+                labels = store.read_labels(split, image_id, version=parent)
+                prov = store.read_provenance(split, image_id, version=parent)
+                if image_id in reference:
+                    hand = store.read_hand_mask("reference", CLASS, image_id).astype(bool)
+                    labels = np.where(hand & (labels == 0), car, labels).astype(np.uint8)
+                store.write_version_labels(version, split, image_id, labels, prov)
+        store.publish_version(version)
+    return version
+
+
 def prepare_store(args: argparse.Namespace, out: Path, labeler: LabelerConfig) -> dict[str, Any]:
     """Ingest, pseudo-label, merge and build the pseudo-only version; reused when the data settings match."""
     data_settings = {
@@ -252,12 +276,13 @@ def prepare_store(args: argparse.Namespace, out: Path, labeler: LabelerConfig) -
     mixed = merge(store, classes=CLASS, parent="v1", policy="carve-others", allow_partial=True,
                   progress=args.progress)
     pseudo_only = build_pseudo_only_version(store, parent=mixed)
+    hand_car = build_hand_car_version(store, parent="v1")
     times["merge_s"] = time.perf_counter() - t
     st = open_label_store(store)
     info = {
         "data": data_settings,
         "store": str(store),
-        "versions": {"mixed": mixed, "pseudo_only": pseudo_only},
+        "versions": {"mixed": mixed, "pseudo_only": pseudo_only, "hand_car": hand_car},
         "images": {s: len(st.image_ids(s)) for s in st.splits()},
         "pseudo_labelled_splits": splits,
         "times": {k: round(v, 2) for k, v in times.items()},
@@ -344,21 +369,48 @@ def model_scores(result: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_config(args: argparse.Namespace, row: Row, store: Path, version: str, out_dir: Path) -> TrainConfig:
+def train_config(
+    args: argparse.Namespace, row: Row, store: Path, version: str, out_dir: Path, *, init_model: str | None = None
+) -> TrainConfig:
     return TrainConfig(
         store=str(store), out_dir=str(out_dir), version=version, variant=args.variant, iters=args.iters,
         batch_size=args.batch_size, crop_size=(args.crop, args.crop), scale_range=tuple(args.scale),
         lr=args.lr, reweight=row.reweight, inverse_weight_near_pseudo=row.inverse_weight_near_pseudo,
         num_points=args.num_points, checkpoint_every=args.iters, keep_checkpoints=1, seed=args.seed,
-        device=args.device, num_workers=args.num_workers, backbone_checkpoint=args.backbone_checkpoint,
+        device=args.device, num_workers=args.num_workers,
+        backbone_checkpoint=None if init_model else args.backbone_checkpoint, init_model=init_model,
     )
 
 
-def run_train_row(args: argparse.Namespace, row: Row, info: dict[str, Any], out: Path) -> dict[str, Any]:
+BASE_ROW = Row("base", "Base: 7 precise classes (v1)", "base", "v1", "edge")
+
+
+def train_base(args: argparse.Namespace, info: dict[str, Any], out: Path) -> tuple[str, dict[str, Any]]:
+    """The user's existing model: trained on the 7 precise classes (v1, edge reweight) for ``--base-iters``;
+    every model row then fine-tunes it (`TrainConfig.init_model`). Reused when its settings match."""
+    store = Path(info["store"])
+    run_dir = out / "runs" / BASE_ROW.id
+    config = replace(train_config(args, BASE_ROW, store, "v1", run_dir), iters=args.base_iters,
+                     checkpoint_every=args.base_iters)
+    eval_file = run_dir / "eval.json"
+    if eval_file.is_file() and (run_dir / "final").is_dir():
+        saved = json.loads(eval_file.read_text())
+        if saved.get("train_config") == config.to_dict() and saved.get("store_data") == info["data"]:
+            print(f"[base] reusing {run_dir}", flush=True)
+            return str(run_dir / "final"), {**saved["row"], "reused": True}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"[base] training {args.variant} on v1 (7 precise classes), {args.base_iters} iters", flush=True)
+    rec = _train_and_evaluate(args, BASE_ROW, config, store, info)
+    return str(run_dir / "final"), rec
+
+
+def run_train_row(
+    args: argparse.Namespace, row: Row, info: dict[str, Any], out: Path, *, init_model: str | None = None
+) -> dict[str, Any]:
     store = Path(info["store"])
     version = info["versions"][row.version]
     run_dir = out / "runs" / row.id
-    config = train_config(args, row, store, version, run_dir)
+    config = train_config(args, row, store, version, run_dir, init_model=init_model)
     eval_file = run_dir / "eval.json"
     if args.reuse_runs and eval_file.is_file():
         saved = json.loads(eval_file.read_text())
@@ -368,7 +420,15 @@ def run_train_row(args: argparse.Namespace, row: Row, info: dict[str, Any], out:
             return {**saved["row"], "reused": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"[{row.id}] training {args.variant} on {version} ({row.version}), reweight={row.reweight}, "
-          f"band={row.inverse_weight_near_pseudo}, {args.iters} iters", flush=True)
+          f"band={row.inverse_weight_near_pseudo}, {args.iters} iters"
+          + (f", from {init_model}" if init_model else ""), flush=True)
+    return _train_and_evaluate(args, row, config, store, info)
+
+
+def _train_and_evaluate(
+    args: argparse.Namespace, row: Row, config: TrainConfig, store: Path, info: dict[str, Any]
+) -> dict[str, Any]:
+    run_dir = Path(config.out_dir)
     t0 = time.perf_counter()
     final = train(config, progress=args.progress)
     t1 = time.perf_counter()
@@ -377,19 +437,20 @@ def run_train_row(args: argparse.Namespace, row: Row, info: dict[str, Any], out:
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line]
     tail = log[-max(1, len(log) // 10):]
     rec = {
-        "id": row.id, "name": row.name, "kind": row.kind, "label_version": version, "labels": row.version,
-        "reweight": row.reweight, "inverse_weight_near_pseudo": row.inverse_weight_near_pseudo,
-        "scores": model_scores(result),
+        "id": row.id, "name": row.name, "kind": row.kind, "label_version": config.version,
+        "labels": row.version, "reweight": row.reweight,
+        "inverse_weight_near_pseudo": row.inverse_weight_near_pseudo, "init_model": config.init_model,
+        "iters": config.iters, "scores": model_scores(result),
         "train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1), "wall_s": round(t2 - t0, 1),
-        "s_per_iter": round((t1 - t0) / args.iters, 3),
+        "s_per_iter": round((t1 - t0) / config.iters, 3),
         "final_loss": round(float(np.mean([r["total"] for r in tail])), 4),
         "run_dir": str(run_dir),
     }
-    eval_file.write_text(json.dumps({"row": rec, "train_config": config.to_dict(), "store_data": info["data"],
-                                     "evaluation": {k: v for k, v in result.items() if k != "splits"}
-                                     | {"splits": {s: {k: v for k, v in r.items() if k != "per_image"}
-                                                   for s, r in result["splits"].items()}}},
-                                    indent=2, allow_nan=False) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps(
+        {"row": rec, "train_config": config.to_dict(), "store_data": info["data"],
+         "evaluation": {k: v for k, v in result.items() if k != "splits"}
+         | {"splits": {s: {k: v for k, v in r.items() if k != "per_image"} for s, r in result["splits"].items()}}},
+        indent=2, allow_nan=False) + "\n")
     car = rec["scores"].get("val", {}).get("car") or {}
     print(f"[{row.id}] done in {rec['wall_s']} s: val car IoU {format_percent(car.get('iou'))} "
           f"BIoU {format_percent(car.get('biou'))}", flush=True)
@@ -430,7 +491,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
                       format_fraction(car.get("bf1"))]
         for split in ("val", "test"):
             cells.append(format_percent((r["scores"].get(split) or {}).get("miou7")))
-        cells.append(f"{r['wall_s']:.0f}" if r["kind"] == "train" else "-")
+        cells.append(f"{r['wall_s']:.0f}" if r["kind"] in ("train", "base") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -450,6 +511,11 @@ def notes(results: dict[str, Any]) -> str:
         + (f", CamVid downscaled {s['downscale']}x" if s["downscale"] != 1 else "")
         + f". Labeler: {json.dumps(lab)}.",
     ]
+    if s.get("base_iters"):
+        lines.append(f"Every model row fine-tunes the base model (7 precise classes, v1, edge reweight, "
+                     f"{s['base_iters']} iters) for {s['iters']} iters; car starts untrained.")
+    lines.append("Hand-labelled car (oracle): the CamVid car hand masks carved into others, trained like "
+                 "'Mixed, no reweight': what this model and schedule reach with perfect car labels.")
     if not pseudo_test:
         lines.append("The simulated labeler needs the hand masks, which are never used on test, so the "
                      "pseudo labels have no test row: compare them with the models on val.")
@@ -476,6 +542,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--crop", type=int, default=256,
                     help="square training crop (the model pads to multiples of 256)")
     ap.add_argument("--variant", default="tiny", help="model: tiny, lite_r18, r50")
+    ap.add_argument("--base-iters", type=int, default=0,
+                    help="first train a 7-class model on the precise labels (v1) for N steps and fine-tune it "
+                         "in every model row (the add-class use case); 0: every row from scratch")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3, help="base lr (backbone x0.1); 1e-3 from scratch")
     ap.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.5), help="random resize ratio range")
@@ -548,7 +617,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     info = prepare_store(args, out, labeler)
     setup_s = time.perf_counter() - t
-    keys = ("variant", "iters", "crop", "batch_size", "lr", "num_points", "seed", "device", "threads",
+    keys = ("variant", "iters", "base_iters", "crop", "batch_size", "lr", "num_points", "seed", "device", "threads",
             "num_workers", "backbone_checkpoint", "quick", "splits")
     settings: dict[str, Any] = {k: getattr(args, k) for k in keys}
     settings["scale"] = list(args.scale)
@@ -562,9 +631,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["bench/camvid_newclass.py", *(argv if argv is not None else sys.argv[1:])]),
         "gpu_example": GPU_EXAMPLE,
     }
+    init_model = None
+    if args.base_iters and any(ROWS[r].kind == "train" for r in args.rows):
+        init_model, base = train_base(args, info, out)
+        if not base.get("reused"):
+            args.reuse_runs = False  # rows fine-tuned from an older base model are stale
+        results["rows"].append(base)
+        write_results(out, results)
     for row_id in args.rows:
         row = ROWS[row_id]
-        rec = label_row(row, info) if row.kind != "train" else run_train_row(args, row, info, out)
+        if row.kind == "train":
+            rec = run_train_row(args, row, info, out, init_model=init_model)
+        else:
+            rec = label_row(row, info)
         results["rows"].append(rec)
         write_results(out, results)  # partial results survive a crash
     results["total_s"] = round(time.perf_counter() - t_start, 1)

@@ -22,7 +22,7 @@ from flows.runners import scale_out_runner
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model
-from tasks.train import TrainConfig, train
+from tasks.train import TrainConfig, init_tag, train
 
 ReweightMode = Literal["none", "edge", "inverse"]
 
@@ -135,6 +135,7 @@ def add_class(
     inverse_weight_near_pseudo: bool = True,
     num_points: int = 12544,
     num_workers: int = 2,
+    init_model: str | None = None,
     eval_splits: list[str] = ["val", "test"],  # noqa: B006
     device: str = "cpu",
     runs_dir: str | None = None,
@@ -143,7 +144,11 @@ def add_class(
     wait_for_lock: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Add the class named by `prompt` to the store and train, evaluate and register a model for it."""
+    """Add the class named by `prompt` to the store and train, evaluate and register a model for it.
+
+    ``init_model`` (a trained model folder, e.g. the ``final/`` of your 7-class model) fine-tunes that model
+    on the new label version instead of training from scratch; the new class starts untrained.
+    """
     # ---- validate everything before any work
     labeler_cfg = pl.LabelerConfig(kind=labeler, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                                    dino_config=dino_config, dino_checkpoint=dino_checkpoint, device=device,
@@ -176,7 +181,8 @@ def add_class(
         tcfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
                            crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
                            reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
-                           seed=seed, device=device, out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}"))
+                           seed=seed, device=device, init_model=init_model,
+                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}{init_tag(init_model)}"))
         checkpoint = train_task(tcfg)
         # ---- 4. evaluate
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)

@@ -129,7 +129,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                       crop_size=(a.crop_size, a.crop_size), reweight=a.reweight,
                       inverse_weight_near_pseudo=not a.no_inverse_near_pseudo, num_points=a.points,
                       checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, num_workers=a.workers,
-                      backbone_checkpoint=a.backbone_checkpoint, lr=a.lr)
+                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr)
     final = train(cfg, resume=a.resume, progress=not a.quiet)
     print(f"model: {final}")
     return 0
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--points", type=int, default=12544)
     tr.add_argument("--checkpoint-every", type=int, default=1000)
     tr.add_argument("--backbone-checkpoint", help="torchvision ImageNet ResNet weights (resnet50-0676ba61.pth)")
+    tr.add_argument("--init-model", help="fine-tune a trained model folder (final/ of an earlier run); "
+                    "classes matched by name, new classes start untrained")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--workers", type=int, default=2, help="data loader processes")
     tr.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.add_class import evaluate_task, train_task
 from tasks.model_registry import register_model
-from tasks.train import TrainConfig
+from tasks.train import TrainConfig, init_tag
 
 
 @flow(name="retrain", log_prints=True)
@@ -27,6 +27,7 @@ def retrain(
     inverse_weight_near_pseudo: bool = True,
     num_points: int = 12544,
     num_workers: int = 2,
+    init_model: str | None = None,
     eval_splits: list[str] = ["val", "test"],  # noqa: B006 (Prefect parameters are JSON)
     promote: Literal["if-better", "always", "never"] = "if-better",
     device: str = "cpu",
@@ -34,7 +35,10 @@ def retrain(
     wait_for_lock: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Train a challenger on `version` and promote it if it beats the champion on val."""
+    """Train a challenger on `version` and promote it if it beats the champion on val.
+
+    ``init_model`` (a trained model folder, e.g. the champion's) fine-tunes it instead of training from scratch.
+    """
     from storage.store import open_label_store
 
     logger = get_run_logger()
@@ -47,8 +51,8 @@ def retrain(
         tcfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
                            crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
                            reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
-                           seed=seed, device=device,
-                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}"))
+                           seed=seed, device=device, init_model=init_model,
+                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}{init_tag(init_model)}"))
         checkpoint = train_task(tcfg)
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)
         cfg = json.loads(json.dumps(tcfg.__dict__, default=str))

@@ -177,3 +177,65 @@ def load_backbone_checkpoint(
     result = backbone.load_state_dict(state_dict, strict=False)
     return _report_keys(f"loading backbone {path}", list(result.missing_keys),
                         list(result.unexpected_keys) + dropped, strict=strict)
+
+
+CLASS_HEAD_KEYS = ("transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias")
+
+
+def load_with_new_classes(
+    model: nn.Module, path: str | Path, *, class_rows: Mapping[int, int]
+) -> list[int]:
+    """Loads a MaSSFormer checkpoint trained on other classes, to fine-tune it on a new class set.
+
+    Every tensor but the class head must fit the model exactly (same variant and pixel decoder). The class
+    head (``class_embed``: K+1 rows, the last one "no object") is copied row by row: new class ``i`` takes
+    the checkpoint's row ``class_rows[i]``, the no-object row takes the checkpoint's last row, and classes
+    absent from ``class_rows`` keep the model's fresh initialisation.
+
+    Args:
+        model: the built model for the new classes.
+        path: ``.safetensors`` or torch checkpoint of the trained model.
+        class_rows: new class id -> class id in the checkpoint (classes both know, usually matched by name).
+
+    Returns:
+        The new class ids that start untrained (sorted).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a non-head tensor differs in shape, keys are missing or unexpected, or ``class_rows``
+            names a row outside either head.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MaSSFormer checkpoint not found: {path}. MaSSFormer weights come from your own training run "
+            "(`addclass train` writes checkpoints to its output folder); nothing is downloaded."
+        )
+    state_dict = remap_keys(read_state_dict(path))
+    head = {k: state_dict.pop(k) for k in CLASS_HEAD_KEYS if k in state_dict}
+    _check_shapes(model, state_dict, path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict) - set(CLASS_HEAD_KEYS))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected or len(head) != len(CLASS_HEAD_KEYS):
+        raise ValueError(
+            f"{path} is not a MaSSFormer of this architecture: missing keys {missing[:20]}, unexpected keys "
+            f"{unexpected[:20]}, class head keys found {sorted(head)}."
+        )
+    new_rows = own[CLASS_HEAD_KEYS[0]].shape[0]  # K_new + 1
+    old_rows = head[CLASS_HEAD_KEYS[0]].shape[0]  # K_old + 1
+    bad = {n: o for n, o in class_rows.items() if not (0 <= n < new_rows - 1 and 0 <= o < old_rows - 1)}
+    if bad:
+        raise ValueError(
+            f"class_rows {bad} fall outside the heads: the model has {new_rows - 1} classes, {path} has "
+            f"{old_rows - 1}."
+        )
+    pairs = sorted(class_rows.items()) + [(new_rows - 1, old_rows - 1)]  # + the no-object row
+    new_ids = torch.tensor([n for n, _ in pairs])
+    old_ids = torch.tensor([o for _, o in pairs])
+    for key in CLASS_HEAD_KEYS:
+        merged = own[key].clone()  # (K_new + 1) [x C]
+        merged[new_ids] = head[key][old_ids].to(merged.dtype)
+        state_dict[key] = merged
+    model.load_state_dict(state_dict, strict=True)
+    return sorted(set(range(new_rows - 1)) - set(class_rows))

@@ -15,6 +15,7 @@ and ``final/`` (``model.safetensors`` + ``config.json``, what `load_trained_mode
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from models.loss_weights import parse_reweight_mode
 from models.massformer import MaSSFormer
 from models.optim import GRAD_CLIP_MAX_NORM, GRAD_CLIP_NORM_TYPE, build_lr_scheduler, build_optimizer
 from models.targets import build_targets
-from models.weights import load_backbone_checkpoint
+from models.weights import load_backbone_checkpoint, load_with_new_classes
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
 from storage.store import LabelStore, open_label_store
 from tasks.checkpoint import (
@@ -55,6 +56,7 @@ from tasks.checkpoint import (
     save_checkpoint,
     save_model_dir,
     set_rng_state,
+    verify_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,9 @@ class TrainConfig:
         amp: bf16 autocast of the forward pass on CUDA (ignored on the CPU).
         num_workers: DataLoader worker processes (0: load in the training process).
         backbone_checkpoint: Optional torchvision ImageNet ResNet weights for a fresh run.
+        init_model: Optional trained model folder (``final/`` of an earlier run, or one of its
+            ``checkpoints/``) to fine-tune from, e.g. a 7-class model taught a new class: same variant and
+            pixel decoder; classes are matched by name and new classes start untrained (`init_from_model`).
         split: Store split to train on.
     """
 
@@ -123,14 +128,21 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = 2
     backbone_checkpoint: str | None = None
+    init_model: str | None = None
     split: str = "train"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise types (paths to str, lists from JSON to tuples)
         set_(self, "store", str(self.store))
         set_(self, "out_dir", str(self.out_dir))
-        if self.backbone_checkpoint is not None:
-            set_(self, "backbone_checkpoint", str(self.backbone_checkpoint))
+        for name in ("backbone_checkpoint", "init_model"):
+            if getattr(self, name) is not None:
+                set_(self, name, str(getattr(self, name)))
+        if self.backbone_checkpoint is not None and self.init_model is not None:
+            raise ValueError(
+                f"Expected backbone_checkpoint or init_model, not both: init_model {self.init_model} already "
+                f"holds a trained backbone. Got backbone_checkpoint {self.backbone_checkpoint} too."
+            )
         set_(self, "crop_size", tuple(int(v) for v in self.crop_size))
         set_(self, "scale_range", tuple(float(v) for v in self.scale_range))
         if self.variant not in MODEL_BUILDERS:
@@ -272,6 +284,55 @@ def build_model(model_cfg: dict[str, Any]) -> MaSSFormer:
     return MODEL_BUILDERS[variant](int(model_cfg["num_classes"]), pixel_decoder=pixel_decoder)
 
 
+def init_tag(init_model: str | os.PathLike[str] | None) -> str:
+    """Run-folder suffix of a fine-tuning run: ``-ft`` + 8 hex digits of the model folder's absolute path."""
+    if init_model is None:
+        return ""
+    return "-ft" + hashlib.sha1(str(Path(init_model).resolve()).encode()).hexdigest()[:8]
+
+
+def init_from_model(model: MaSSFormer, folder: str | os.PathLike[str], *, expected: dict[str, Any]) -> list[str]:
+    """Starts a run from a trained model folder: its weights, with the class head matched by class name.
+
+    Args:
+        model: the freshly built model of this run.
+        folder: ``final/`` of an earlier run, or a folder of its ``checkpoints/``.
+        expected: this run's `model_config` (variant, pixel decoder, class names).
+
+    Returns:
+        The names of this run's classes that the trained model did not know (they start untrained).
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a model folder.
+        ValueError: the folder holds another variant or pixel decoder.
+        CheckpointError: the folder is corrupt (the message names the file).
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"init_model {folder} is not a trained model folder ({CONFIG_FILE} missing): pass the final/ "
+            "folder of an earlier `addclass train` run, or one of its checkpoints/ folders."
+        )
+    found = read_model_config(folder)
+    for key in ("variant", "pixel_decoder"):
+        if found.get(key, "hr") != expected[key]:
+            raise ValueError(
+                f"init_model {folder} is a {key} {found.get(key)!r} model; this run builds "
+                f"{expected[key]!r}. Train with {key}={found.get(key)!r} or start from another model."
+            )
+    old, new = list(found["class_names"]), list(expected["class_names"])
+    rows = {i: old.index(name) for i, name in enumerate(new) if name in old}
+    verify_dir(folder, files=(MODEL_FILE,))
+    path = folder / MODEL_FILE
+    try:
+        fresh = load_with_new_classes(model, path, class_rows=rows)
+    except ValueError as e:
+        raise CheckpointError(f"Cannot fine-tune from {path}: {e}") from e
+    dropped = [name for name in old if name not in new]
+    log.info("fine-tuning from %s: new classes %s, dropped classes %s", folder, [new[i] for i in fresh], dropped)
+    return [new[i] for i in fresh]
+
+
 def _truncate_log(path: Path, *, step: int) -> None:
     """Keeps the log lines of steps <= ``step`` (a killed run may have logged past its last checkpoint)."""
     if not path.is_file():
@@ -322,6 +383,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     model = build_model(expected)
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
+    elif config.init_model is not None:
+        init_from_model(model, config.init_model, expected=expected)
     elif config.backbone_checkpoint is not None:
         load_backbone_checkpoint(model, config.backbone_checkpoint, strict=config.variant != "tiny")
     model.to(device).train()

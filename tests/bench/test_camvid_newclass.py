@@ -25,7 +25,7 @@ bench = importlib.util.module_from_spec(_SPEC)
 sys.modules.setdefault("camvid_newclass", bench)
 _SPEC.loader.exec_module(bench)
 
-TRAIN_ROWS = ("pseudo_only", "mixed_inverse")
+TRAIN_ROWS = ("pseudo_only", "mixed_inverse", "hand_car")
 ROWS = ("pseudo_label", "merged_label", *TRAIN_ROWS)
 
 
@@ -106,9 +106,11 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
 
     store = open_label_store(results["store"]["store"])
     mixed, pseudo_only = results["store"]["versions"]["mixed"], results["store"]["versions"]["pseudo_only"]
+    hand_car = results["store"]["versions"]["hand_car"]
     car = store.class_by_name("car").id
     versions = store.versions()
     assert versions[pseudo_only].class_ids == versions[mixed].class_ids == tuple(range(car + 1))
+    assert versions[hand_car].class_ids == versions[mixed].class_ids
     for image_id in store.image_ids("train"):
         v1 = store.read_labels("train", image_id, version="v1")
         pseudo = read_pseudo_mask(store, "car", "train", image_id)
@@ -117,9 +119,21 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.where(m == car, 0, m), v1)
         p = store.read_labels("train", image_id, version=pseudo_only)
         np.testing.assert_array_equal(p, np.where(pseudo, car, 0))  # pseudo masks alone
+        hand = store.read_hand_mask("reference", "car", image_id).astype(bool)
+        h = store.read_labels("train", image_id, version=hand_car)
+        np.testing.assert_array_equal(h, np.where(hand & (v1 == 0), car, v1))  # the oracle: hand car carved
     for image_id in store.image_ids("test"):  # never trained on: the parent's labels
         np.testing.assert_array_equal(store.read_labels("test", image_id, version=pseudo_only),
                                       store.read_labels("test", image_id, version=mixed))
+
+    # fine-tuning mode: a 7-class base model on v1 first, then every model row starts from it
+    tuned = bench.run(["--camvid", str(CAMVID), "--out", str(out), "--rows", "mixed_inverse", "--max-train", "5",
+                       "--max-test", "1", "--iters", "1", "--base-iters", "2", "--num-points", "256"])
+    assert [r["id"] for r in tuned["rows"]] == ["base", "mixed_inverse"]
+    base, row = tuned["rows"]
+    assert base["iters"] == 2 and base["scores"]["val"]["car"] is None and _finite(base["scores"]["val"]["miou7"])
+    assert row["init_model"] == str(Path(base["run_dir"]) / "final")
+    assert "fine-tunes the base model" in (out / "results.md").read_text()
 
     # a rerun with the same data settings reuses the store (no second ingest)
     again = bench.run(["--camvid", str(CAMVID), "--out", str(out), "--rows", "pseudo_label",

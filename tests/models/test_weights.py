@@ -10,8 +10,14 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
-from models.build import build_massformer_tiny
-from models.weights import load_backbone_checkpoint, load_checkpoint, remap_keys
+from models.build import build_massformer_lite_r18, build_massformer_tiny
+from models.weights import (
+    CLASS_HEAD_KEYS,
+    load_backbone_checkpoint,
+    load_checkpoint,
+    load_with_new_classes,
+    remap_keys,
+)
 
 
 def _trained(num_classes: int = 4) -> torch.nn.Module:
@@ -128,3 +134,35 @@ def test_missing_backbone_checkpoint_names_torchvision_file(tmp_path: Path) -> N
     with pytest.raises(FileNotFoundError) as err:
         load_backbone_checkpoint(build_massformer_tiny(4), tmp_path / "resnet50.pth")
     assert "resnet50-0676ba61.pth" in str(err.value) and "download.pytorch.org" in str(err.value)
+
+
+def test_load_with_new_classes_copies_known_rows_and_keeps_new_ones_fresh(tmp_path: Path) -> None:
+    old = _trained(num_classes=4)  # classes 0..3 + no-object row 4
+    path = tmp_path / "old.safetensors"
+    save_file(old.state_dict(), str(path))
+    torch.manual_seed(1)
+    new = build_massformer_tiny(5)  # classes 0..4 + no-object row 5; new class 4 sits between
+    fresh_head = {k: new.state_dict()[k].clone() for k in CLASS_HEAD_KEYS}
+    # class 3 of the old model is class 2 of the new one (a renumbering), old class 2 is dropped
+    untrained = load_with_new_classes(new, path, class_rows={0: 0, 1: 1, 2: 3, 3: 2})
+    assert untrained == [4]
+    sn, so = new.state_dict(), old.state_dict()
+    for k in sn:
+        if k not in CLASS_HEAD_KEYS:
+            assert torch.equal(sn[k], so[k]), k
+    for k in CLASS_HEAD_KEYS:
+        assert sn[k].shape[0] == 6
+        for new_id, old_id in ((0, 0), (1, 1), (2, 3), (3, 2), (5, 4)):
+            assert torch.equal(sn[k][new_id], so[k][old_id]), (k, new_id)
+        assert torch.equal(sn[k][4], fresh_head[k][4]), k  # the new class keeps its initialisation
+
+
+def test_load_with_new_classes_errors(tmp_path: Path) -> None:
+    path = tmp_path / "old.pth"
+    torch.save(_trained(num_classes=4).state_dict(), path)
+    with pytest.raises(FileNotFoundError, match="missing.pth.*nothing is downloaded"):
+        load_with_new_classes(build_massformer_tiny(5), tmp_path / "missing.pth", class_rows={})
+    with pytest.raises(ValueError, match=r"class_rows \{0: 4\} fall outside"):
+        load_with_new_classes(build_massformer_tiny(5), path, class_rows={0: 4})  # 4 is the no-object row
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_with_new_classes(build_massformer_lite_r18(5), path, class_rows={0: 0})

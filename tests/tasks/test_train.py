@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from models.metrics import MetricAccumulator
@@ -28,7 +29,16 @@ from storage.registry import ClassInfo
 from storage.store import open_label_store
 from tasks.checkpoint import CheckpointError, read_model_config
 from tasks.ingest import ingest_synthetic
-from tasks.train import TrainConfig, load_trained_model, resolve_train_config, train
+from tasks.train import (
+    TrainConfig,
+    build_model,
+    init_from_model,
+    init_tag,
+    load_trained_model,
+    model_config,
+    resolve_train_config,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CAR = 7
@@ -221,3 +231,47 @@ def test_tiny_model_overfits_one_image(train_store: Path, tmp_path: Path) -> Non
     rate = config.iters / seconds
     print(f"overfit: {config.iters} steps in {seconds:.1f} s ({rate:.2f} it/s), mIoU {miou:.3f}")
     assert miou > 0.9
+
+
+def test_fine_tune_a_seven_class_model_on_the_new_class(
+    train_store: Path, straight_run: Path, tmp_path: Path
+) -> None:
+    """The add-class use case: a model trained on the precise classes (v1) starts the run on v1 + car (v2)."""
+    v1_run = tmp_path / "v1"
+    v1_final = train(tiny_config(train_store, v1_run, version="v1", iters=2), progress=False)
+    config = resolve_train_config(tiny_config(train_store, tmp_path / "ft", init_model=str(v1_final)))
+    expected = model_config(config)
+    model = build_model(expected)
+    assert init_from_model(model, v1_final, expected=expected) == ["car"]
+    v1 = load_trained_model(v1_final).state_dict()
+    head = "transformer_decoder.class_embed.weight"
+    for k, v in model.state_dict().items():
+        if k == head or k.endswith("class_embed.bias"):
+            assert torch.equal(v[:7], v1[k][:7]) and torch.equal(v[8], v1[k][7]), k  # 7 classes + no object
+        else:
+            assert torch.equal(v, v1[k]), k
+    final = train(config, progress=False)
+    assert read_model_config(final)["train_config"]["init_model"] == str(v1_final)
+    # the fine-tuned run differs from the same run started from scratch (straight_run, same seed and data)
+    scratch = load_file(str(straight_run / "final" / "model.safetensors"))
+    tuned = load_file(str(final / "model.safetensors"))
+    assert scratch.keys() == tuned.keys()
+    assert any(not torch.equal(tuned[k], scratch[k]) for k in scratch if "class_embed" not in k)
+    assert init_tag(v1_final) == init_tag(str(v1_final)) and init_tag(v1_final).startswith("-ft")
+    assert init_tag(None) == ""
+
+
+def test_fine_tune_errors_name_the_folder(train_store: Path, straight_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"init_model {tmp_path / 'nope'} is not a trained model"):
+        train(tiny_config(train_store, tmp_path / "a", init_model=str(tmp_path / "nope")), progress=False)
+    final = straight_run / "final"
+    with pytest.raises(ValueError, match=rf"init_model {final} is a variant 'tiny' model.*'lite_r18'"):
+        train(tiny_config(train_store, tmp_path / "b", init_model=str(final), variant="lite_r18"),
+              progress=False)
+    with pytest.raises(ValueError, match="backbone_checkpoint or init_model, not both"):
+        tiny_config(train_store, tmp_path / "c", init_model=str(final), backbone_checkpoint="r18.pth")
+    bad = tmp_path / "corrupt"
+    shutil.copytree(final, bad)
+    (bad / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=rf"{bad / 'model.safetensors'}"):
+        train(tiny_config(train_store, tmp_path / "d", init_model=str(bad)), progress=False)
