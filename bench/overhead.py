@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-_COMMON = "import sys, json, time\nargs = json.loads(sys.argv[1])\n"
+# Both modes pin torch to the same thread count (the anchor must not differ in its thread pool).
+_COMMON = ("import sys, json, time\nargs = json.loads(sys.argv[1])\n"
+           "import torch\ntorch.set_num_threads(args['threads'])\n")
 PLAIN = _COMMON + """
 from tasks.pseudo_label import LabelerConfig, pseudo_label
 from tasks.merge import merge
@@ -70,12 +72,14 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--server", action="store_true", help="also run against a real server with Dask")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, the same in every mode")
     a = ap.parse_args()
     from tasks.ingest import ingest_synthetic
 
     tmp = Path(tempfile.mkdtemp(prefix="overhead-"))
     base = ingest_synthetic(tmp / "base.zarr", images=a.images, size=(256, 384), seed=0, progress=False)
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "DO_NOT_TRACK": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE",
+           "PREFECT_HOME": str(tmp / "prefect"), "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     env.pop("PREFECT_API_URL", None)
     results = {}
@@ -83,20 +87,21 @@ def main() -> None:
         for mode in ["plain", "flow"] + (["flow_dask"] if a.server else []):
             store = tmp / f"{mode}.zarr"
             shutil.copytree(base, store)
-            args = {"store": str(store), "runs": str(tmp / f"{mode}.runs"), "iters": a.iters,
+            args = {"store": str(store), "runs": str(tmp / f"{mode}.runs"), "iters": a.iters, "threads": a.threads,
                     "scale_out": "dask" if mode == "flow_dask" else "threads"}
             if mode == "flow_dask":
                 from tests.flows.prefect_server import prefect_server
 
                 (tmp / "server").mkdir()
                 with prefect_server(tmp / "server") as server_env:
-                    results[mode] = _run(FLOW, args, server_env)
+                    results[mode] = _run(FLOW, args, {**server_env, "OMP_NUM_THREADS": str(a.threads),
+                                                      "OMP_WAIT_POLICY": "PASSIVE"})
             else:
                 results[mode] = _run(PLAIN if mode == "plain" else FLOW, args, env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     plain_wall = results["plain"][0]
-    report = {"iters": a.iters, "images": a.images,
+    report = {"iters": a.iters, "images": a.images, "threads": a.threads,
               "plain_s": {"process": results["plain"][0], "pipeline": results["plain"][1]}}
     for mode in results:
         if mode == "plain":

@@ -41,7 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.embedding_cache import InMemoryEmbeddingCache
-from models.grounded_sam import GroundedSamLabeler, build_dino, build_sam, select_boxes
+from models.grounded_sam import GroundedSamLabeler
+from models.grounded_sam_ops import select_boxes
+from models.grounded_sam_weights import build_dino, build_sam
 
 
 def _vm_kb(field: str) -> int:
@@ -272,7 +274,7 @@ def run_rss_4k(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     if args.naive_postprocess:
         # The mask stage, step by step: SAM's decoder for all boxes (resolution-independent) ...
-        from models.grounded_sam import upsample_mask_logits
+        from models.grounded_sam_ops import upsample_mask_logits
 
         boxes_px = torch.from_numpy(record.boxes)
         del record

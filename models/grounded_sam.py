@@ -33,397 +33,42 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from models.bert_offline import OFFLINE_BERT_PREFIX, cache_root, file_sha256, install_offline_patches
+from models.bert_offline import file_sha256
 from models.embedding_cache import EmbeddingCache, embedding_key
 from models.embedding_cache import image_sha256 as compute_image_sha256
+from models.grounded_sam_ops import (
+    build_caption,
+    cxcywh_to_xyxy,
+    dino_input_size,
+    select_boxes,
+    token_prompt_index,
+    upsample_mask_logits,
+)
+from models.grounded_sam_weights import (
+    DINO_ENV,
+    DINO_URL,
+    DINO_VARIANTS,
+    SAM_CHECKPOINT_FILES,
+    SAM_ENV,
+    SAM_URL,
+    build_dino,
+    build_sam,
+    resolve_checkpoint,
+)
 from models.label_record import LabelRecord
 
 logger = logging.getLogger(__name__)
 
-SAM_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
-DINO_URL = "https://github.com/IDEA-Research/GroundingDINO/releases"
-SAM_ENV = "ADDCLASS_SAM_CHECKPOINT"
-DINO_ENV = "ADDCLASS_DINO_CHECKPOINT"
-SAM_CHECKPOINT_FILES: dict[str, str | None] = {
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_h": "sam_vit_h_4b8939.pth",
-    "tiny": None,
-}
-
-
-@dataclass(frozen=True)
-class DinoVariant:
-    """A GroundingDINO layout: shipped config file, released checkpoint name, config overrides."""
-
-    config_file: str
-    checkpoint_file: str | None
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-
-
-DINO_VARIANTS: dict[str, DinoVariant] = {
-    "swint_ogc": DinoVariant("GroundingDINO_SwinT_OGC.py", "groundingdino_swint_ogc.pth"),
-    "swinb": DinoVariant("GroundingDINO_SwinB_cfg.py", "groundingdino_swinb_cogcoor.pth"),
-    "test": DinoVariant(
-        "GroundingDINO_SwinT_OGC.py",
-        None,
-        {
-            "enc_layers": 1,
-            "dec_layers": 1,
-            "num_queries": 100,
-            "dim_feedforward": 512,
-            "text_encoder_type": f"{OFFLINE_BERT_PREFIX}2",
-        },
-    ),
-}
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class MissingCheckpointError(FileNotFoundError):
-    """A checkpoint file does not exist; the message names the path and the download URL."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model (wrong shapes, missing required keys, unreadable)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-
-def weights_dir() -> Path:
-    """Default checkpoint folder: ``~/.cache/addclass/weights`` (``$ADDCLASS_CACHE_DIR/weights`` when set)."""
-    return cache_root() / "weights"
-
-
-def resolve_checkpoint(
-    *, explicit: str | os.PathLike[str] | None, env_var: str, file_name: str | None, url: str, what: str
-) -> Path:
-    """Find a checkpoint: explicit path, else ``$env_var``, else ``weights_dir() / file_name``.
-
-    Raises:
-        MissingCheckpointError: the file does not exist (message: path, file name, URL).
-        ValueError: no path given and the variant has no released checkpoint.
-    """
-    if explicit is not None:
-        path, origin = Path(explicit).expanduser(), "argument"
-    elif os.environ.get(env_var):
-        path, origin = Path(os.environ[env_var]).expanduser(), f"${env_var}"
-    elif file_name is not None:
-        path, origin = weights_dir() / file_name, "default folder"
-    else:
-        raise ValueError(f"{what} has no released checkpoint; pass a checkpoint path or random_weights=True.")
-    if not path.is_file():
-        expected = file_name or path.name
-        raise MissingCheckpointError(
-            f"{what} checkpoint not found: {path} (from {origin}). Download {expected} from {url} "
-            "and put it at "
-            f"{path}, or pass its path (argument or ${env_var}). For tests only: random_weights=True."
-        )
-    return path
-
-
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint (``weights_only``): a state dict or ``{"model": state_dict}``; strips ``module.``."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling / zip errors: say which file
-        raise CheckpointMismatchError(f"Cannot read checkpoint {path}: {exc}") from exc
-    state = raw.get("model", raw) if isinstance(raw, Mapping) else raw
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatchError(f"{path} is not a state dict (or a dict with a 'model' state dict).")
-    return {(k.removeprefix("module.")): v for k, v in state.items()}
-
-
-def check_state_dict(
-    model: torch.nn.Module,
-    state: Mapping[str, torch.Tensor],
-    *,
-    path: Path,
-    strict: bool,
-    required_prefixes: tuple[str, ...] = (),
-) -> None:
-    """Validate ``state`` against ``model`` before loading; log what a non-strict load would skip.
-
-    Raises:
-        CheckpointMismatchError: a shape differs; (strict) any key is missing or unexpected; (non-strict) a
-            parameter under ``required_prefixes`` is missing.
-    """
-    own = model.state_dict()
-    wrong = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if wrong:
-        raise CheckpointMismatchError(
-            f"Checkpoint {path} does not match the model ({len(wrong)} shape mismatches, e.g. "
-            f"{'; '.join(wrong[:3])}). Is it the checkpoint of the selected variant?"
-        )
-    if strict and (missing or unexpected):
-        raise CheckpointMismatchError(
-            f"Checkpoint {path} does not match the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
-        )
-    params = {name for name, _ in model.named_parameters()}
-    required_missing = [k for k in missing if k in params and k.startswith(required_prefixes)]
-    if required_missing:
-        raise CheckpointMismatchError(
-            f"Checkpoint {path} lacks {len(required_missing)} required weights under {required_prefixes} "
-            f"(e.g. {required_missing[:3]}); they would stay random."
-        )
-    if missing or unexpected:
-        logger.warning(
-            "Loading %s non-strictly: missing keys %s; unexpected keys %s", path, missing, unexpected
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model builders
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_tiny_sam() -> torch.nn.Module:
-    """SAM with a tiny ViT encoder (2 windowed blocks, width 64) for tests; same 1024 input and 64 x 64 x 256
-    embedding, and SAM's real prompt encoder and mask decoder."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=2,
-            embed_dim=64,
-            img_size=1024,
-            mlp_ratio=2,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=2,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=False,  # window attention only: global attention over 4096 tokens dominates the time
-            global_attn_indexes=(),
-            window_size=14,
-            out_chans=256,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-    return sam.eval()
-
-
-def build_sam(*, variant: str, checkpoint: Path | None, seed: int = 0) -> torch.nn.Module:
-    """Build SAM ``variant`` (vit_b, vit_l, vit_h, tiny): load ``checkpoint`` strictly, else seeded random."""
-    from segment_anything import sam_model_registry
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sam = build_tiny_sam() if variant == "tiny" else sam_model_registry[variant](checkpoint=None)
-    if checkpoint is not None:
-        state = load_state_dict_file(checkpoint)
-        check_state_dict(sam, state, path=checkpoint, strict=True)
-        sam.load_state_dict(state, strict=True)
-    return sam.eval()
-
-
-def build_dino(
-    *, config: str, checkpoint: Path | None, device: torch.device, seed: int = 0
-) -> torch.nn.Module:
-    """Build GroundingDINO offline (Recipe A); load ``checkpoint`` with ``strict=False`` (as the reference).
-
-    Fails when any ``bert.*`` or ``backbone.*`` parameter is missing from the checkpoint; other differences
-    are logged.
-    """
-    import groundingdino
-    from groundingdino.models import build_model
-    from groundingdino.util.slconfig import SLConfig
-
-    install_offline_patches()
-    variant = DINO_VARIANTS[config]
-    args = SLConfig.fromfile(str(Path(groundingdino.__file__).parent / "config" / variant.config_file))
-    for key, value in variant.overrides.items():
-        setattr(args, key, value)
-    args.device = str(device)
-    # Gradient checkpointing is a training-memory option; numerically identical, and slower in inference.
-    args.use_checkpoint = False
-    args.use_transformer_ckpt = False
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(args)
-    if checkpoint is not None:
-        state = load_state_dict_file(checkpoint)
-        check_state_dict(
-            model, state, path=checkpoint, strict=False, required_prefixes=("bert.", "backbone.")
-        )
-        model.load_state_dict(state, strict=False)
-    return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Pure helpers: coordinates, selection, mask upsampling
-# ----------------------------------------------------------------------------------------------------------
-
-
-def dino_input_size(
-    height: int, width: int, *, size: int = 800, max_size: int | None = 1333
-) -> tuple[int, int]:
-    """(h, w) that GroundingDINO's ``RandomResize([size], max_size)`` gives an H x W image."""
-    # Adapted from groundingdino/datasets/transforms.py: resize.get_size_with_aspect_ratio.
-    if max_size is not None:
-        short, long = float(min(height, width)), float(max(height, width))
-        if long / short * size > max_size:
-            size = round(max_size * short / long)
-    if (width <= height and width == size) or (height <= width and height == size):
-        return (height, width)
-    if width < height:
-        return (int(size * height / width), size)
-    return (size, int(size * width / height))
-
-
-def cxcywh_to_xyxy(boxes: torch.Tensor, *, height: int, width: int, clip: bool = True) -> torch.Tensor:
-    """Normalized cxcywh (GroundingDINO ``pred_boxes``) -> pixel xyxy at the original size.
-
-    Args:
-        boxes: N x 4 in [0, 1], relative to the unpadded image.
-        height: Original image height H.
-        width: Original image width W.
-        clip: Clip to [0, W] x [0, H].
-
-    Returns:
-        N x 4 float32 (x0, y0, x1, y1) in pixels.
-    """
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
-    cx, cy, w, h = (boxes.float() * scale).unbind(-1)  # each N
-    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # N x 4
-    if clip:
-        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
-        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
-    return xyxy
-
-
-def select_boxes(
-    scores: torch.Tensor,
-    boxes_xyxy: torch.Tensor,
-    *,
-    box_threshold: float,
-    nms_iou: float | None,
-    max_boxes: int | None,
-) -> torch.Tensor:
-    """Indices of the detections to keep, best first: score > threshold, then NMS, then the top-k cap.
-
-    Args:
-        scores: N detection scores.
-        boxes_xyxy: N x 4 pixel boxes.
-        box_threshold: Keep scores strictly above this (reference: ``> box_threshold``).
-        nms_iou: Class-agnostic NMS IoU threshold; None disables NMS.
-        max_boxes: Keep at most this many; None = no cap.
-
-    Returns:
-        K int64 indices into the inputs, sorted by decreasing score.
-    """
-    idx = torch.nonzero(scores > box_threshold).flatten()
-    if nms_iou is not None and idx.numel():
-        from torchvision.ops import nms
-
-        idx = idx[nms(boxes_xyxy[idx].float(), scores[idx].float(), nms_iou)]  # sorted by score
-    else:
-        idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
-    return idx[:max_boxes] if max_boxes is not None else idx
-
-
-def upsample_mask_logits(
-    low_res_logits: torch.Tensor,
-    *,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    img_size: int = 1024,
-    threshold: float = 0.0,
-    chunk_bytes: int = 64 << 20,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM low-res mask logits -> boolean masks at the original resolution, a chunk of boxes at a time.
-
-    Same arithmetic as ``Sam.postprocess_masks`` + ``> mask_threshold``: bilinear to ``img_size``², crop to
-    the resized image (``input_size``, the padding is bottom/right), bilinear to ``original_size``. Only a
-    chunk of boxes is held as float at full resolution (about ``chunk_bytes``), and each chunk is ORed into
-    the union right away.
-
-    Args:
-        low_res_logits: N x 1 x h x w logits (h = w = 256 for SAM).
-        input_size: (h, w) of the image after ``ResizeLongestSide(img_size)``.
-        original_size: (H, W) of the original image.
-        img_size: SAM input size (1024).
-        threshold: Logit threshold (SAM's ``mask_threshold`` = 0).
-        chunk_bytes: Budget for the float masks of one chunk.
-
-    Returns:
-        (instances N x H x W bool, union H x W bool), on CPU.
-    """
-    n = low_res_logits.shape[0]
-    height, width = original_size
-    instances = torch.zeros((n, height, width), dtype=torch.bool)
-    union = torch.zeros((height, width), dtype=torch.bool)
-    per_box = 4 * (height * width + img_size * img_size)
-    chunk = max(1, chunk_bytes // per_box)
-    for start in range(0, n, chunk):
-        logits = low_res_logits[start : start + chunk].float()  # n' x 1 x h x w
-        logits = F.interpolate(logits, (img_size, img_size), mode="bilinear", align_corners=False)
-        logits = logits[..., : input_size[0], : input_size[1]]  # n' x 1 x h_in x w_in
-        logits = F.interpolate(
-            logits, (height, width), mode="bilinear", align_corners=False
-        )  # n' x 1 x H x W
-        masks = (logits[:, 0] > threshold).cpu()  # n' x H x W
-        del logits
-        instances[start : start + masks.shape[0]] = masks
-        union |= masks.any(dim=0)
-    return instances, union
-
-
-def build_caption(prompts: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
-    """Joint caption ``"car . bicycle ."`` and each prompt's character span in it."""
-    caption, spans = "", []
-    for prompt in prompts:
-        text = prompt.lower().strip().rstrip(".").strip()
-        if not text:
-            raise ValueError(f"Prompts must be non-empty. Got {prompt!r} instead.")
-        spans.append((len(caption), len(caption) + len(text)))
-        caption += text + " . "
-    return caption.strip(), spans
-
-
-def token_prompt_index(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Per token, the index of the prompt whose character span holds it; -1 for special tokens and '.'."""
-    out = torch.full((len(offsets),), -1, dtype=torch.long)
-    for t, (start, end) in enumerate(offsets):
-        if end <= start:
-            continue  # [CLS], [SEP], padding
-        for p, (s, e) in enumerate(spans):
-            if start >= s and end <= e:
-                out[t] = p
-                break
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

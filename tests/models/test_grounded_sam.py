@@ -22,21 +22,22 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou, nms
 
 from models.embedding_cache import EmbeddingCache, InMemoryEmbeddingCache, embedding_key, image_sha256
-from models.grounded_sam import (
-    DINO_URL,
-    SAM_URL,
-    CheckpointMismatchError,
-    GroundedSamLabeler,
-    MissingCheckpointError,
+from models.grounded_sam import GroundedSamLabeler, parse_dtype
+from models.grounded_sam_ops import (
     build_caption,
-    build_dino,
-    check_state_dict,
     cxcywh_to_xyxy,
     dino_input_size,
-    parse_dtype,
     select_boxes,
     token_prompt_index,
     upsample_mask_logits,
+)
+from models.grounded_sam_weights import (
+    DINO_URL,
+    SAM_URL,
+    CheckpointMismatchError,
+    MissingCheckpointError,
+    build_dino,
+    check_state_dict,
 )
 from models.label_record import LabelRecord
 

@@ -1,0 +1,148 @@
+"""Pure Grounded-SAM helpers: GroundingDINO input size, box conversion and selection, SAM mask-logit
+upsampling, and the caption/token bookkeeping of several prompts. No model, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def dino_input_size(
+    height: int, width: int, *, size: int = 800, max_size: int | None = 1333
+) -> tuple[int, int]:
+    """(h, w) that GroundingDINO's ``RandomResize([size], max_size)`` gives an H x W image."""
+    # Adapted from groundingdino/datasets/transforms.py: resize.get_size_with_aspect_ratio.
+    if max_size is not None:
+        short, long = float(min(height, width)), float(max(height, width))
+        if long / short * size > max_size:
+            size = round(max_size * short / long)
+    if (width <= height and width == size) or (height <= width and height == size):
+        return (height, width)
+    if width < height:
+        return (int(size * height / width), size)
+    return (size, int(size * width / height))
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor, *, height: int, width: int, clip: bool = True) -> torch.Tensor:
+    """Normalized cxcywh (GroundingDINO ``pred_boxes``) -> pixel xyxy at the original size.
+
+    Args:
+        boxes: N x 4 in [0, 1], relative to the unpadded image.
+        height: Original image height H.
+        width: Original image width W.
+        clip: Clip to [0, W] x [0, H].
+
+    Returns:
+        N x 4 float32 (x0, y0, x1, y1) in pixels.
+    """
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
+    cx, cy, w, h = (boxes.float() * scale).unbind(-1)  # each N
+    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # N x 4
+    if clip:
+        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
+        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+    return xyxy
+
+
+def select_boxes(
+    scores: torch.Tensor,
+    boxes_xyxy: torch.Tensor,
+    *,
+    box_threshold: float,
+    nms_iou: float | None,
+    max_boxes: int | None,
+) -> torch.Tensor:
+    """Indices of the detections to keep, best first: score > threshold, then NMS, then the top-k cap.
+
+    Args:
+        scores: N detection scores.
+        boxes_xyxy: N x 4 pixel boxes.
+        box_threshold: Keep scores strictly above this (reference: ``> box_threshold``).
+        nms_iou: Class-agnostic NMS IoU threshold; None disables NMS.
+        max_boxes: Keep at most this many; None = no cap.
+
+    Returns:
+        K int64 indices into the inputs, sorted by decreasing score.
+    """
+    idx = torch.nonzero(scores > box_threshold).flatten()
+    if nms_iou is not None and idx.numel():
+        from torchvision.ops import nms
+
+        idx = idx[nms(boxes_xyxy[idx].float(), scores[idx].float(), nms_iou)]  # sorted by score
+    else:
+        idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
+    return idx[:max_boxes] if max_boxes is not None else idx
+
+
+def upsample_mask_logits(
+    low_res_logits: torch.Tensor,
+    *,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    img_size: int = 1024,
+    threshold: float = 0.0,
+    chunk_bytes: int = 64 << 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM low-res mask logits -> boolean masks at the original resolution, a chunk of boxes at a time.
+
+    Same arithmetic as ``Sam.postprocess_masks`` + ``> mask_threshold``: bilinear to ``img_size``², crop to
+    the resized image (``input_size``, the padding is bottom/right), bilinear to ``original_size``. Only a
+    chunk of boxes is held as float at full resolution (about ``chunk_bytes``), and each chunk is ORed into
+    the union right away.
+
+    Args:
+        low_res_logits: N x 1 x h x w logits (h = w = 256 for SAM).
+        input_size: (h, w) of the image after ``ResizeLongestSide(img_size)``.
+        original_size: (H, W) of the original image.
+        img_size: SAM input size (1024).
+        threshold: Logit threshold (SAM's ``mask_threshold`` = 0).
+        chunk_bytes: Budget for the float masks of one chunk.
+
+    Returns:
+        (instances N x H x W bool, union H x W bool), on CPU.
+    """
+    n = low_res_logits.shape[0]
+    height, width = original_size
+    instances = torch.zeros((n, height, width), dtype=torch.bool)
+    union = torch.zeros((height, width), dtype=torch.bool)
+    per_box = 4 * (height * width + img_size * img_size)
+    chunk = max(1, chunk_bytes // per_box)
+    for start in range(0, n, chunk):
+        logits = low_res_logits[start : start + chunk].float()  # n' x 1 x h x w
+        logits = F.interpolate(logits, (img_size, img_size), mode="bilinear", align_corners=False)
+        logits = logits[..., : input_size[0], : input_size[1]]  # n' x 1 x h_in x w_in
+        logits = F.interpolate(
+            logits, (height, width), mode="bilinear", align_corners=False
+        )  # n' x 1 x H x W
+        masks = (logits[:, 0] > threshold).cpu()  # n' x H x W
+        del logits
+        instances[start : start + masks.shape[0]] = masks
+        union |= masks.any(dim=0)
+    return instances, union
+
+
+def build_caption(prompts: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Joint caption ``"car . bicycle ."`` and each prompt's character span in it."""
+    caption, spans = "", []
+    for prompt in prompts:
+        text = prompt.lower().strip().rstrip(".").strip()
+        if not text:
+            raise ValueError(f"Prompts must be non-empty. Got {prompt!r} instead.")
+        spans.append((len(caption), len(caption) + len(text)))
+        caption += text + " . "
+    return caption.strip(), spans
+
+
+def token_prompt_index(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Per token, the index of the prompt whose character span holds it; -1 for special tokens and '.'."""
+    out = torch.full((len(offsets),), -1, dtype=torch.long)
+    for t, (start, end) in enumerate(offsets):
+        if end <= start:
+            continue  # [CLS], [SEP], padding
+        for p, (s, e) in enumerate(spans):
+            if start >= s and end <= e:
+                out[t] = p
+                break
+    return out
