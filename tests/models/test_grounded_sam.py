@@ -275,7 +275,7 @@ def test_dino_checkpoint_round_trip_and_required_keys(
     # ... any other missing or unexpected key is logged.
     partial = {k: v for k, v in state.items() if k != "feat_map.bias"}
     partial["extra.key"] = torch.zeros(1)
-    with caplog.at_level(logging.WARNING, logger="models.grounded_sam"):
+    with caplog.at_level(logging.WARNING, logger="models.grounded_sam_weights"):
         check_state_dict(
             labeler.dino, partial, path=path, strict=False, required_prefixes=("bert.", "backbone.")
         )
