@@ -189,7 +189,8 @@ def labeler_config(args: argparse.Namespace) -> LabelerConfig:
                          sam_checkpoint=args.sam_checkpoint, dino_config=args.dino_config,
                          dino_checkpoint=args.dino_checkpoint,
                          device=args.labeler_device, box_threshold=args.box_threshold,
-                         text_threshold=args.text_threshold, seed=args.labeler_seed)
+                         text_threshold=args.text_threshold, seed=args.labeler_seed,
+                         random_weights=args.random_weights)
 
 
 def build_pseudo_only_version(store_path: Path, *, parent: str) -> str:
@@ -256,9 +257,9 @@ def prepare_store(args: argparse.Namespace, out: Path, labeler: LabelerConfig) -
         if saved.get("data") == data_settings:
             print(f"reusing the label store {store} (same data settings)", flush=True)
             return saved
+    validate_labeler(labeler)  # a missing checkpoint fails here, before the old store is removed
     shutil.rmtree(store, ignore_errors=True)
     marker.unlink(missing_ok=True)
-    validate_labeler(labeler)
     times: dict[str, float] = {}
     t = time.perf_counter()
     src = prepare_camvid(Path(args.camvid), out / "camvid_input", max_train=args.max_train,
@@ -583,6 +584,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     lab.add_argument("--dino-config", default="swint_ogc")
     lab.add_argument("--dino-checkpoint", default=None,
                      help="GroundingDINO weights (default: its environment variable)")
+    lab.add_argument("--random-weights", action="store_true",
+                     help="grounded-sam with random weights: a smoke test of the plumbing, meaningless numbers")
     lab.add_argument("--labeler-device", default="cpu")
     lab.add_argument("--box-threshold", type=float, default=0.35)
     lab.add_argument("--text-threshold", type=float, default=0.25)

@@ -140,3 +140,23 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
                        "--max-train", "5", "--max-test", "1"])
     assert again["store"]["versions"] == results["store"]["versions"]
     assert again["rows"][0]["scores"] == results["rows"][0]["scores"]
+
+
+@pytest.mark.shared_data
+@needs_camvid
+def test_grounded_sam_labeler_runs_on_every_split(tmp_path: Path) -> None:
+    """`--labeler grounded-sam` (random weights: the plumbing, not the numbers) labels train, val and test."""
+    out = tmp_path / "gsam"
+    common = ["--camvid", str(CAMVID), "--out", str(out), "--max-train", "3", "--max-test", "1",
+              "--labeler", "grounded-sam", "--sam-variant", "tiny", "--dino-config", "test"]
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing.pth'}"):
+        bench.run([*common, "--sam-checkpoint", str(tmp_path / "missing.pth"), "--dino-checkpoint",
+                   str(tmp_path / "missing.pth"), "--rows", "pseudo_label"])
+    assert not (out / "store").exists()  # nothing was built before the checkpoint check
+    results = bench.run([*common, "--random-weights", "--box-threshold", "0.0", "--rows",
+                         "pseudo_label,mixed_none", "--iters", "1", "--num-points", "256"])
+    assert results["store"]["pseudo_labelled_splits"] == ["train", "val", "test"]
+    assert results["store"]["data"]["labeler"]["random_weights"] is True
+    pseudo_row, model_row = results["rows"]
+    assert set(pseudo_row["scores"]) == {"train", "val", "test"}  # a real labeler never sees the hand masks
+    assert set(model_row["scores"]) == {"val", "test"} and _finite(model_row["scores"]["val"]["miou7"])
