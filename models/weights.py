@@ -87,6 +87,16 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
 
 
+def _read_massformer_state_dict(path: Path) -> dict[str, Tensor]:
+    """`read_state_dict` + `remap_keys`; a missing file says where MaSSFormer weights come from."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MaSSFormer checkpoint not found: {path}. MaSSFormer weights come from your own training run "
+            "(`addclass train` writes checkpoints to its output folder); nothing is downloaded."
+        )
+    return remap_keys(read_state_dict(path))
+
+
 def _check_shapes(module: nn.Module, state_dict: Mapping[str, Tensor], path: Path) -> None:
     expected = module.state_dict()
     bad = [
@@ -120,12 +130,7 @@ def load_checkpoint(
         RuntimeError: ``strict`` and keys are missing or unexpected.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"MaSSFormer checkpoint not found: {path}. MaSSFormer weights come from your own training run "
-            "(`addclass train` writes checkpoints to its output folder); nothing is downloaded."
-        )
-    state_dict = remap_keys(read_state_dict(path))
+    state_dict = _read_massformer_state_dict(path)
     _check_shapes(model, state_dict, path)
     result = model.load_state_dict(state_dict, strict=False)
     return _report_keys(f"loading {path}", list(result.missing_keys), list(result.unexpected_keys), strict=strict)
@@ -206,12 +211,7 @@ def load_with_new_classes(
             names a row outside either head.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"MaSSFormer checkpoint not found: {path}. MaSSFormer weights come from your own training run "
-            "(`addclass train` writes checkpoints to its output folder); nothing is downloaded."
-        )
-    state_dict = remap_keys(read_state_dict(path))
+    state_dict = _read_massformer_state_dict(path)
     head = {k: state_dict.pop(k) for k in CLASS_HEAD_KEYS if k in state_dict}
     _check_shapes(model, state_dict, path)
     own = model.state_dict()
