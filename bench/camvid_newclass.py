@@ -229,7 +229,8 @@ def build_hand_car_version(store_path: Path, *, parent: str) -> str:
         car = store.class_by_name(CLASS).id
         version = store.next_version_name()
         class_ids = sorted(set(store.versions()[parent].class_ids) | {car})
-        store.begin_version(version, parent=parent, class_ids=class_ids, policy="hand-car", spec={"bench": "camvid_newclass", "hand_car": CLASS})
+        store.begin_version(version, parent=parent, class_ids=class_ids, policy="hand-car",
+                            spec={"bench": "camvid_newclass", "hand_car": CLASS})
         for split in store.splits():
             reference = set(store.hand_mask_ids("reference", CLASS, split))
             for image_id in store.image_ids(split):
@@ -504,7 +505,7 @@ def notes(results: dict[str, Any]) -> str:
     lines = [
         "",
         "IoU and BIoU of car (class vs rest, against the CamVid hand masks) in %, BF1 as a fraction; "
-        f"7-class mIoU in % against the precise labels with car folded into others. Images: "
+        "7-class mIoU in % against the precise labels with car folded into others. Images: "
         + ", ".join(f"{k} {v}" for k, v in results["store"]["images"].items()) + ".",
         f"Models: {s['variant']}, {s['iters']} iters, batch {s['batch_size']}, crop {s['crop']}, "
         f"lr {s['lr']}, scale {s['scale'][0]}-{s['scale'][1]}, {s['num_points']} points, seed {s['seed']}, "
@@ -512,7 +513,10 @@ def notes(results: dict[str, Any]) -> str:
         + (f", CamVid downscaled {s['downscale']}x" if s["downscale"] != 1 else "")
         + f". Labeler: {json.dumps(lab)}.",
     ]
-    if s.get("base_iters"):
+    if s.get("base_model"):
+        lines.append(f"Every model row fine-tunes {s['base_model']} for {s['iters']} iters; car starts "
+                     "untrained.")
+    elif s.get("base_iters"):
         lines.append(f"Every model row fine-tunes the base model (7 precise classes, v1, edge reweight, "
                      f"{s['base_iters']} iters) for {s['iters']} iters; car starts untrained.")
     lines.append("Hand-labelled car (oracle): the CamVid car hand masks carved into others, trained like "
@@ -546,6 +550,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--base-iters", type=int, default=0,
                     help="first train a 7-class model on the precise labels (v1) for N steps and fine-tune it "
                          "in every model row (the add-class use case); 0: every row from scratch")
+    ap.add_argument("--base-model", default=None,
+                    help="fine-tune this trained model folder (e.g. runs/camvid_ft/runs/base/final of an earlier "
+                         "run) in every model row instead of training a base model here")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3, help="base lr (backbone x0.1); 1e-3 from scratch")
     ap.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.5), help="random resize ratio range")
@@ -620,8 +627,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     info = prepare_store(args, out, labeler)
     setup_s = time.perf_counter() - t
-    keys = ("variant", "iters", "base_iters", "crop", "batch_size", "lr", "num_points", "seed", "device", "threads",
-            "num_workers", "backbone_checkpoint", "quick", "splits")
+    keys = ("variant", "iters", "base_iters", "base_model", "crop", "batch_size", "lr", "num_points", "seed",
+            "device", "threads", "num_workers", "backbone_checkpoint", "quick", "splits")
     settings: dict[str, Any] = {k: getattr(args, k) for k in keys}
     settings["scale"] = list(args.scale)
     settings["downscale"] = args.downscale
@@ -634,8 +641,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["bench/camvid_newclass.py", *(argv if argv is not None else sys.argv[1:])]),
         "gpu_example": GPU_EXAMPLE,
     }
-    init_model = None
-    if args.base_iters and any(ROWS[r].kind == "train" for r in args.rows):
+    init_model = args.base_model
+    if args.base_iters and not args.base_model and any(ROWS[r].kind == "train" for r in args.rows):
         init_model, base = train_base(args, info, out)
         if not base.get("reused"):
             args.reuse_runs = False  # rows fine-tuned from an older base model are stale

@@ -134,6 +134,11 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
     assert base["iters"] == 2 and base["scores"]["val"]["car"] is None and _finite(base["scores"]["val"]["miou7"])
     assert row["init_model"] == str(Path(base["run_dir"]) / "final")
     assert "fine-tunes the base model" in (out / "results.md").read_text()
+    given = bench.run(["--camvid", str(CAMVID), "--out", str(tmp_path / "given"), "--rows", "mixed_none",
+                       "--max-train", "5", "--max-test", "1", "--iters", "1", "--num-points", "256",
+                       "--base-model", row["init_model"], "--splits", "val"])
+    assert [r["id"] for r in given["rows"]] == ["mixed_none"]  # no base model trained here
+    assert given["rows"][0]["init_model"] == row["init_model"]
 
     # a rerun with the same data settings reuses the store (no second ingest)
     again = bench.run(["--camvid", str(CAMVID), "--out", str(out), "--rows", "pseudo_label",
