@@ -108,6 +108,14 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discard_draft(a: argparse.Namespace) -> int:
+    from tasks.merge import discard_draft
+
+    discard_draft(a.store, a.version, wait_for_lock=a.wait)
+    print(f"discarded draft {a.version}")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from tasks.export import export_coco_rle, export_mmseg
 
@@ -307,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--workers", type=int, default=1)
     mg.add_argument("--quiet", action="store_true")
     mg.set_defaults(func=cmd_merge)
+
+    dd = sub.add_parser("discard-draft",
+                        help="delete an abandoned, unpublished label version (never a published one)")
+    dd.add_argument("store")
+    dd.add_argument("version", help="the draft's name, as `addclass inspect` lists it")
+    dd.add_argument("--wait", action="store_true", help="wait for the store lock instead of failing")
+    dd.set_defaults(func=cmd_discard_draft)
 
     ex = sub.add_parser("export", help="export a label version (mmseg PNGs) or pseudo instances (COCO RLE)")
     ex.add_argument("store")

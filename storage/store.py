@@ -270,6 +270,22 @@ class LabelStore:
         if version not in self._doc.get("drafts", {}):
             raise KeyError(f"No draft version {version!r} in {self.path}; call begin_version first.")
 
+    def discard_draft(self, version: str) -> None:
+        """Delete an unpublished draft version and its arrays. Published versions are refused (immutable).
+
+        The arrays go first and the registration last, so a crash in between leaves a registered draft that
+        a second call finishes deleting, never stale finished arrays under a free version name.
+        """
+        self._require_writable()
+        self._require_draft(version)
+        for kind in ("labels", "provenance"):
+            try:
+                del self._root[f"{kind}/{version}"]
+            except KeyError:
+                pass
+        self._doc["drafts"].pop(version)
+        self._save()
+
     def version_image_done(self, version: str, split: str, image_id: str) -> bool:
         return self._array_done(self._label_key(version, split, image_id))
 

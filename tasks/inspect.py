@@ -98,7 +98,8 @@ def format_summary(s: dict[str, Any]) -> str:
                 f"{k} {100 * c['pseudo_share']:.1f}%"
                 for k, c in v["class_provenance"].items() if c["pixels"]))
     if s["drafts"]:
-        lines.append(f"drafts  {', '.join(s['drafts'])} (unpublished; a rerun of merge finishes them)")
+        lines.append(f"drafts  {', '.join(s['drafts'])} (unpublished; a rerun of merge finishes them, "
+                     "`addclass discard-draft` deletes one)")
     for kind in ("eval", "reference"):
         for cls, per in s["hand_masks"][kind].items():
             lines.append(f"{kind:<7} {cls}: " + ", ".join(f"{sp} {n}" for sp, n in per.items()) + " hand masks")

@@ -541,3 +541,20 @@ def merge(store_path: str | os.PathLike[str], *, classes: str | Sequence[str], p
         finish_merge(store_path, plan, take_lock=False)
     return plan.version
 
+
+
+def discard_draft(store_path: str | os.PathLike[str], version: str, *, wait_for_lock: bool = False) -> None:
+    """Deletes an abandoned (unpublished) draft version under the store lock.
+
+    A merge that was stopped and will not be rerun leaves its draft (``addclass inspect`` lists drafts); a
+    rerun of the same merge would finish it instead. Published versions cannot be discarded.
+
+    Raises:
+        KeyError: the store has no draft named ``version``.
+        ImmutableError: ``version`` is published.
+        StoreLockedError: another process holds the lock (e.g. the merge that is writing the draft).
+    """
+    store = open_label_store(store_path, mode="a")
+    with store.lock(wait=wait_for_lock, purpose=f"discard draft {version}"):
+        store.refresh()
+        store.discard_draft(version)

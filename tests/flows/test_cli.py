@@ -38,6 +38,8 @@ def test_cli_overlay_png(tmp_path: Path, synthetic_store: Path) -> None:
         (["inspect", "{tmp}/missing.zarr"], "No label store"),
         (["ingest", "camvid", "{tmp}/nothing", "{tmp}/x.zarr"], "Missing image folder"),
         (["inspect", "{store}", "--image", "nope", "--png", "{tmp}/o.png"], "Unknown image id 'nope'"),
+        (["discard-draft", "{store}", "v1"], "'v1' of"),
+        (["discard-draft", "{store}", "v9"], "No draft version 'v9'"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path: Path, synthetic_store: Path, capsys: pytest.CaptureFixture[str],

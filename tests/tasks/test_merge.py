@@ -20,11 +20,12 @@ from models.label_record import LabelRecord
 from storage.lock import StoreLockedError
 from storage.pseudo import record_pseudo_run, settings_key, write_pseudo_result
 from storage.registry import ImageRecord
-from storage.store import build_label_store, open_label_store
+from storage.store import ImmutableError, build_label_store, open_label_store
 from tasks.inspect import summarize_store
 from tasks.merge import (
     DELAY_ENV,
     MergeError,
+    discard_draft,
     finish_merge,
     merge,
     merge_image,
@@ -339,6 +340,30 @@ def test_flow_style_plan_map_finish(tiny: Path) -> None:
             merge_image(tiny, again.version, s, i, spec=again.spec)
         info = finish_merge(tiny, again, take_lock=False)
     assert info.name == "v2" and open_label_store(tiny).class_by_name("car").added_in == "v2"
+
+
+def test_abandoned_draft_is_discarded_and_its_name_reused_cleanly(tiny: Path) -> None:
+    car_everywhere(tiny)
+    plan = plan_merge(tiny, classes="car")
+    merge_image(tiny, plan.version, "train", "t0", spec=plan.spec)  # then the run is abandoned
+    assert open_label_store(tiny).drafts().keys() == {"v2"}
+    st = open_label_store(tiny, mode="a")
+    with st.lock(purpose="a merge still writing"):
+        with pytest.raises(StoreLockedError):
+            discard_draft(tiny, "v2")
+    discard_draft(tiny, "v2")
+    assert open_label_store(tiny).drafts() == {} and not (tiny / "labels" / "v2").exists()
+    assert not (tiny / "provenance" / "v2").exists()
+    with pytest.raises(KeyError, match="No draft version 'v2'"):
+        discard_draft(tiny, "v2")
+    # the name is free again, and a new merge writes every image (nothing stale is taken as done)
+    again = plan_merge(tiny, classes="car", take_lock=True)
+    assert again.version == "v2" and not again.resumed and len(pending_images(again)) == 4
+    version = merge(tiny, classes="car", progress=False)
+    assert version == "v2" and open_label_store(tiny).verify_version("v2") == []
+    for published in ("v1", "v2"):
+        with pytest.raises(ImmutableError, match="immutable"):
+            discard_draft(tiny, published)
 
 
 def test_open_drafts_reserve_their_class_ids(tiny: Path) -> None:
