@@ -32,7 +32,8 @@ PLAIN = _COMMON + """
 from tasks.pseudo_label import LabelerConfig, pseudo_label
 from tasks.merge import merge
 from tasks.train import TrainConfig, train
-from tasks.evaluate import evaluate_model, evaluate_pseudo, write_evaluation_report
+from tasks.evaluate import evaluate_model, evaluate_pseudo
+from tasks.evaluation_report import write_evaluation_report
 t = time.perf_counter()
 s = args["store"]
 for split in ("train", "val"):

@@ -45,7 +45,8 @@ def train_task(config: TrainConfig) -> str:
 
 @task(name="evaluate")
 def evaluate_task(store: str, checkpoint: str, out_dir: str, splits: list[str], device: str) -> dict[str, Any]:
-    from tasks.evaluate import evaluate_model, evaluate_pseudo, write_evaluation_report
+    from tasks.evaluate import evaluate_model, evaluate_pseudo
+    from tasks.evaluation_report import write_evaluation_report
 
     model_results = evaluate_model(store, checkpoint, splits=tuple(splits), device=device, progress=False)
     pseudo_results = evaluate_pseudo(store)

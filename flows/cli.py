@@ -144,7 +144,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from tasks.evaluate import evaluate_model, evaluate_pseudo, write_evaluation_report
+    from tasks.evaluate import evaluate_model, evaluate_pseudo
+    from tasks.evaluation_report import write_evaluation_report
 
     model = evaluate_model(a.store, a.checkpoint, splits=tuple(a.splits), device=a.device, progress=not a.quiet,
                            pred_dir=a.pred_dir)

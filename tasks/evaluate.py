@@ -30,16 +30,15 @@ with a ``predict(images) -> B x H x W`` method), predicts images of one size in 
 ``torch.inference_mode`` (the model chunks its upsampling, so memory stays bounded; only one batch is held
 at a time) and keeps per-image scores. With ``pred_dir`` it also writes the predicted label PNGs
 (``pred_dir/<split>/<id>.png``, K-class ids) so they can be rescored with ``addclass evaluate-masks``.
-``write_evaluation_report`` writes ``metrics.json``, ``report.md`` and overlay PNGs of the k worst and best
-images by new-class IoU (from the saved PNGs, or by re-running the checkpoint on just those images).
+`tasks.evaluation_report.write_evaluation_report` writes the results as ``metrics.json``, ``report.md`` and
+overlay PNGs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,6 @@ from models.metrics import (
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask
 from storage.registry import IGNORE_INDEX
 from storage.store import LabelStore, open_label_store
-from tasks.report import format_percent, per_class_table, select_images, summary_table, write_overlays
 
 __all__ = [
     "SPLIT_ORDER",
@@ -68,8 +66,10 @@ __all__ = [
     "evaluate_pseudo",
     "fold_new_classes",
     "hand_mask_kinds",
+    "load_eval_model",
+    "predict_labels",
+    "read_hand_or_none",
     "score_prediction",
-    "write_evaluation_report",
 ]
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")
@@ -206,7 +206,7 @@ def _add(total: Counts, counts: Mapping[str, np.ndarray]) -> None:
         total[k] += counts[k]
 
 
-def _load_model(checkpoint: str | os.PathLike[str], device: str) -> tuple[Any, dict[str, Any]]:
+def load_eval_model(checkpoint: str | os.PathLike[str], device: str) -> tuple[Any, dict[str, Any]]:
     """(model in eval mode on ``device``, its ``config.json``) from a model, checkpoint or run folder."""
     from tasks.checkpoint import read_model_config
     from tasks.train import load_trained_model, resolve_model_dir
@@ -254,7 +254,7 @@ def _size_batches(store: LabelStore, split: str, ids: Sequence[str], batch_size:
     return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def _predict(model: Any, images: list[np.ndarray], device: str) -> np.ndarray:
+def predict_labels(model: Any, images: list[np.ndarray], device: str) -> np.ndarray:
     # B x 3 x H x W RGB 0..255; contiguous: a permuted uint8 tensor would otherwise stay channels-last
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device, torch.float32)
     with torch.inference_mode():
@@ -318,7 +318,7 @@ def evaluate_model(
     if model is None:
         if checkpoint is None:
             raise ValueError("Pass a checkpoint (a training output folder) or a model.")
-        model, cfg = _load_model(checkpoint, device)
+        model, cfg = load_eval_model(checkpoint, device)
     elif hasattr(model, "eval"):
         model.eval()
     model_k = getattr(model, "num_classes", None)
@@ -354,11 +354,11 @@ def evaluate_model(
             (out_root / split).mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(ids), desc=f"evaluate {split}", unit="img", disable=not progress)
         for batch in _size_batches(store, split, ids, batch_size):
-            preds = _predict(model, [store.read_image(split, i) for i in batch], device)  # B x H x W
+            preds = predict_labels(model, [store.read_image(split, i) for i in batch], device)  # B x H x W
             for image_id, pred in zip(batch, preds, strict=True):
                 if out_root is not None:
                     _write_png(out_root / split / f"{image_id}.png", pred)
-                masks = {cid: _read_hand(store, kinds[name], name, image_id) for cid, name in new}
+                masks = {cid: read_hand_or_none(store, kinds[name], name, image_id) for cid, name in new}
                 precise = store.read_labels(split, image_id, version="v1")
                 res = score_prediction(pred, precise, masks, num_precise=num_precise, num_classes=k)
                 _add(precise_total, res["counts"]["precise"])
@@ -405,7 +405,7 @@ def _write_png(path: Path, labels: np.ndarray) -> None:
         raise OSError(f"Cannot write {path}.")
 
 
-def _read_hand(store: LabelStore, kinds: Mapping[str, str], name: str, image_id: str) -> np.ndarray | None:
+def read_hand_or_none(store: LabelStore, kinds: Mapping[str, str], name: str, image_id: str) -> np.ndarray | None:
     if image_id not in kinds:
         return None
     return store.read_hand_mask(kinds[image_id], name, image_id)  # type: ignore[arg-type]
@@ -470,7 +470,7 @@ def evaluate_pseudo(
             per_image = []
             for image_id in both:
                 pseudo = read_pseudo_mask(store, name, split, image_id)
-                c = binary_counts(pseudo, _read_hand(store, kinds, name, image_id))
+                c = binary_counts(pseudo, read_hand_or_none(store, kinds, name, image_id))
                 _add(total, c)
                 s = _class_scores(c)
                 per_image.append({"id": image_id, "iou": s["iou"], "biou": s["biou"], "bf1": s["bf1"]})
@@ -485,201 +485,3 @@ def evaluate_pseudo(
         out["skipped"][name] = skipped
         out["settings_keys"][name] = key
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _ordered(splits: Iterable[str]) -> list[str]:
-    return sorted(splits, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER))
-
-
-def _predictions(
-    model_results: Mapping[str, Any],
-    store: LabelStore,
-    *,
-    pred_dir: str | os.PathLike[str] | None,
-    model: Any,
-) -> Callable[[str, str], np.ndarray] | None:
-    """``predict(split, id) -> H x W labels`` for overlays: saved PNGs, else the model run on that image."""
-    root = pred_dir if pred_dir is not None else model_results.get("pred_dir")
-    if root is not None:
-        folder = Path(root)
-
-        def read(split: str, image_id: str) -> np.ndarray:
-            pred = cv2.imread(str(folder / split / f"{image_id}.png"), cv2.IMREAD_UNCHANGED)
-            if pred is None:
-                raise FileNotFoundError(f"Missing prediction {folder / split / f'{image_id}.png'}.")
-            return pred
-
-        return read
-    device = str(model_results.get("device", "cpu"))
-    if model is None and model_results.get("checkpoint"):
-        model, _ = _load_model(model_results["checkpoint"], device)
-    if model is None:
-        return None
-
-    def run(split: str, image_id: str) -> np.ndarray:
-        return _predict(model, [store.read_image(split, image_id)], device)[0]
-
-    return run
-
-
-def _overlay_loader(
-    store: LabelStore, predict: Callable[[str, str], np.ndarray], class_id: int, class_name: str,
-    new: Sequence[tuple[int, str]],
-) -> Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
-    """``load("split/id") -> (image, K-class prediction, ground truth, pseudo label or None)``."""
-
-    def load(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        split, image_id = name.split("/", 1)
-        precise = store.read_labels(split, image_id, version="v1")
-        masks = [(cid, _read_hand(store, hand_mask_kinds(store, n, split), n, image_id)) for cid, n in new]
-        gt = all_classes_ground_truth(precise, [(cid, m) for cid, m in masks if m is not None])
-        try:  # the raw pseudo mask drawn over the precise labels
-            pseudo = np.where(read_pseudo_mask(store, class_name, split, image_id), class_id, precise)
-        except KeyError:
-            pseudo = None
-        return store.read_image(split, image_id), predict(split, image_id), gt, pseudo
-
-    return load
-
-
-def _pseudo_note(name: str, pseudo_splits: Iterable[str], model_splits: Iterable[str],
-                 skipped: Mapping[str, str]) -> str:
-    scored = _ordered(pseudo_splits)
-    missing = [s for s in _ordered(model_splits) if s not in scored]
-    if not missing:
-        return ""
-    why = "; ".join(f"{s}: {skipped[s]}" for s in missing if s in skipped)
-    return (
-        f"\nPseudo labels of {name} are scored on the splits that have both pseudo labels and hand masks "
-        f"({', '.join(scored) or 'none'}). No pseudo-label row for {', '.join(missing)}"
-        + (f" ({why})" if why else "")
-        + (". Evaluation masks never feed a labeler, so test images are not pseudo-labelled" if "test" in missing
-           else "")
-        + ".\n"
-    )
-
-
-def write_evaluation_report(
-    out_dir: str | os.PathLike[str],
-    *,
-    model_results: Mapping[str, Any] | None,
-    pseudo_results: Mapping[str, Any] | None,
-    title: str = "addclass evaluation",
-    k: int = 3,
-    pred_dir: str | os.PathLike[str] | None = None,
-    model: Any = None,
-    max_width: int | None = 1024,
-) -> dict[str, Path]:
-    """Write ``metrics.json``, ``report.md`` and overlays of the k worst and best images per new class.
-
-    ``report.md``: per new class a table with rows ``Pseudo Label (<split>)`` and ``Model (<split>)`` (the
-    class's own IoU / BIoU / BF1 against its hand masks), the 7-class table (summary and per class, one row
-    per split) and, where available, the all-classes table. Overlays
-    (``overlays/<class>/{worst,best}_NN_<id>.png``: image | prediction with BF1 boundary errors | ground truth
-    (rule 3 with the hand masks the image has) | pseudo label over the v1 labels, when the image has one)
-    rank the evaluated images of all splits by the class's per-image IoU. Their predictions come from
-    ``pred_dir`` (default ``model_results["pred_dir"]``), else from ``model`` or the checkpoint re-run on just
-    those images.
-
-    Args:
-        out_dir: Report folder (created).
-        model_results: ``evaluate_model`` output, or None.
-        pseudo_results: ``evaluate_pseudo`` output, or None.
-        title: Report heading.
-        k: Overlays per side and class.
-        pred_dir: Folder of predicted PNGs (``<split>/<id>.png``).
-        model: Model for the overlay predictions when there are no PNGs (default: load the checkpoint).
-        max_width: Panel width limit of the overlays.
-
-    Returns:
-        Written files by path relative to ``out_dir``: ``metrics.json``, ``report.md``,
-        ``overlays/<class>/<file>.png``, ...
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model_splits: Mapping[str, Any] = (model_results or {}).get("splits", {})
-    pseudo_classes: Mapping[str, Any] = (pseudo_results or {}).get("classes", {})
-    new_classes = list((model_results or {}).get("new_classes", []))
-    new_classes += [c for c in pseudo_classes if c not in new_classes]
-    paths: dict[str, Path] = {}
-
-    md = [f"# {title}\n\n"]
-    if model_results:
-        md.append(
-            f"Store `{model_results['store']}`, checkpoint `{model_results.get('checkpoint')}`, "
-            f"label version `{model_results['label_version']}` ({len(model_results['classes'])} classes: "
-            f"{', '.join(c['name'] for c in model_results['classes'])}).\n\n"
-        )
-    md.append(
-        "Ground truth: a new class is scored class-vs-rest against its hand masks (`eval` on test, "
-        "`reference` on train/val); the 7-class score folds every new class into *others* and compares with "
-        "the precise v1 labels; the all-classes score carves the hand masks into v1 where v1 is *others*. "
-        "IoU and BIoU in %, "
-        "BF1 as a fraction (2 px tolerance); `n/a`: class absent.\n"
-    )
-    for name in new_classes:
-        pseudo_splits = pseudo_classes.get(name, {})
-        rows: dict[str, Mapping[str, Any]] = {
-            f"Pseudo Label ({s})": pseudo_splits[s] for s in _ordered(pseudo_splits)
-        }
-        for s in _ordered(model_splits):
-            if name in model_splits[s]["new_classes"]:
-                rows[f"Model ({s})"] = model_splits[s]["new_classes"][name]
-        md.append(f"\n## {name} (class vs rest, against hand masks)\n\n")
-        md.append(per_class_table(rows, classes=[name]) if rows else "No split has hand masks for it.\n")
-        if pseudo_results is not None:
-            skipped = pseudo_results.get("skipped", {}).get(name, {})
-            md.append(_pseudo_note(name, pseudo_splits, model_splits, skipped))
-    if model_splits:
-        precise = {f"Model ({s})": model_splits[s]["precise"] for s in _ordered(model_splits)}
-        md.append("\n## Precise classes (new classes folded into others, against v1)\n\n")
-        md.append(summary_table(precise) + "\n" + per_class_table(precise))
-        full = {
-            f"Model ({s})": model_splits[s]["all"] for s in _ordered(model_splits) if model_splits[s]["all"]
-        }
-        if full:
-            md.append("\n## All classes (hand masks carved into v1)\n\n")
-            md.append(summary_table(full) + "\n" + per_class_table(full))
-
-    overlays: dict[str, dict[str, list[str]]] = {}
-    if model_results and model_results["new_classes"]:
-        store = open_label_store(model_results["store"])
-        predict = _predictions(model_results, store, pred_dir=pred_dir, model=model)
-        new = [(c["id"], c["name"]) for c in model_results["classes"][model_results["num_precise"] :]]
-        for cid, name in new if predict is not None else []:
-            entries = [
-                {"name": f"{s}/{e['id']}", "iou": e["new_classes"].get(name, {}).get("iou")}
-                for s in _ordered(model_splits)
-                for e in model_splits[s]["per_image"]
-            ]
-            chosen = select_images(entries, k=k, key="iou")
-            written = write_overlays(
-                out / "overlays" / name, entries, load=_overlay_loader(store, predict, cid, name, new),
-                k=k, key="iou", num_classes=len(model_results["classes"]), max_width=max_width,
-            )
-            overlays[name] = {s: [p.relative_to(out).as_posix() for p in ps] for s, ps in written.items()}
-            if not any(written.values()):
-                continue
-            md.append(
-                f"\n## Overlays: {name}, the {k} worst and best images by IoU\n\nPanels: image | prediction "
-                "| ground truth | pseudo label (where the image has one). Red: predicted boundary not within "
-                "2 px of the ground truth; yellow: missed ground-truth boundary.\n"
-            )
-            for side, ps in written.items():
-                for p, entry in zip(ps, chosen[side], strict=True):
-                    rel = p.relative_to(out).as_posix()
-                    paths[rel] = p
-                    score = format_percent(entry["iou"])
-                    md.append(f"\n{side} `{entry['name']}`, IoU {score} %\n\n![{p.stem}]({rel})\n")
-        if predict is None:
-            md.append("\nNo overlays: no saved predictions (`pred_dir`) and no checkpoint to rerun.\n")
-
-    doc = {"title": title, "model": model_results, "pseudo": pseudo_results, "overlays": overlays}
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    (out / "report.md").write_text("".join(md))
-    return {"metrics.json": out / "metrics.json", "report.md": out / "report.md", **paths}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -21,8 +20,8 @@ from tasks.evaluate import (
     evaluate_pseudo,
     fold_new_classes,
     score_prediction,
-    write_evaluation_report,
 )
+from tasks.evaluation_report import write_evaluation_report
 from tasks.merge import merge
 
 I = 255  # ignore
