@@ -21,7 +21,7 @@ from prefect.futures import wait
 from flows.runners import scale_out_runner
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
-from tasks.model_registry import config_hash, register_model
+from tasks.model_registry import config_hash, register_model, resolve_init_model
 from tasks.train import TrainConfig, init_tag, train
 
 ReweightMode = Literal["none", "edge", "inverse"]
@@ -147,8 +147,9 @@ def add_class(
 ) -> dict[str, Any]:
     """Add the class named by `prompt` to the store and train, evaluate and register a model for it.
 
-    ``init_model`` (a trained model folder, e.g. the ``final/`` of your 7-class model) fine-tunes that model
-    on the new label version instead of training from scratch; the new class starts untrained.
+    ``init_model`` (a trained model folder, e.g. the ``final/`` of your 7-class model, or ``"champion"``: the
+    store's registered champion) fine-tunes that model on the new label version instead of training from
+    scratch; the new class starts untrained.
     """
     # ---- validate everything before any work
     labeler_cfg = pl.LabelerConfig(kind=labeler, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
@@ -161,6 +162,7 @@ def add_class(
     from storage.store import open_label_store
 
     st = open_label_store(store)
+    start_model = resolve_init_model(store, init_model)  # "champion" or a model folder, checked now
     class_name = pl.class_name_for(st, prompt)  # resumes if this prompt's class is being added
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
     runner = scale_out_runner(dask_address, mode=scale_out)
@@ -182,8 +184,8 @@ def add_class(
         tcfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
                            crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
                            reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
-                           seed=seed, device=device, init_model=init_model,
-                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}{init_tag(init_model)}"))
+                           seed=seed, device=device, init_model=start_model,
+                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}{init_tag(start_model)}"))
         checkpoint = train_task(tcfg)
         # ---- 4. evaluate
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)

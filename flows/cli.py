@@ -175,7 +175,7 @@ def add_class_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         dino_config=a.dino, dino_checkpoint=a.dino_checkpoint, random_weights=a.random_weights,
         box_threshold=a.box_threshold, text_threshold=a.text_threshold, policy=a.policy, variant=a.variant,
         iters=a.iters, batch_size=a.train_batch_size, crop_size=a.crop_size, num_points=a.points, reweight=a.reweight,
-        device=a.device,
+        device=a.device, init_model=a.init_model,
         runs_dir=a.runs_dir, dask_address=a.dask_address, scale_out=a.scale_out, wait_for_lock=a.wait, seed=a.seed,
     )
 
@@ -387,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--crop-size", type=int, default=256)
     ac.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
     ac.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
+    ac.add_argument("--init-model", help="fine-tune this model folder, or 'champion' (the store's champion)")
     ac.add_argument("--runs-dir", help="where models and reports go (default: STORE.runs/)")
     ac.add_argument("--dask-address", help="tcp://host:port of a running dask scheduler")
     ac.add_argument("--scale-out", choices=("auto", "threads", "dask"), default="auto",

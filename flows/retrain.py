@@ -11,7 +11,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 
 from flows.add_class import evaluate_task, train_task
-from tasks.model_registry import register_model
+from tasks.model_registry import register_model, resolve_init_model
 from tasks.train import TrainConfig, init_tag
 
 
@@ -37,7 +37,8 @@ def retrain(
 ) -> dict[str, Any]:
     """Train a challenger on `version` and promote it if it beats the champion on val.
 
-    ``init_model`` (a trained model folder, e.g. the champion's) fine-tunes it instead of training from scratch.
+    ``init_model`` (a model folder, or ``"champion"``: the current champion) fine-tunes that model instead of
+    training from scratch (a warm start).
     """
     from storage.store import open_label_store
 
@@ -46,13 +47,15 @@ def retrain(
         raise ValueError(f"Expected iters >= 1 and batch_size >= 2. Got {iters}, {batch_size}.")
     st = open_label_store(store)
     version = st.resolve_version(version)
+    start_model = resolve_init_model(store, init_model)  # "champion" or a model folder, checked now
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
     with st.lock(wait=wait_for_lock, purpose="retrain"):
         tcfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
                            crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
                            reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
-                           seed=seed, device=device, init_model=init_model,
-                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}{init_tag(init_model)}"))
+                           seed=seed, device=device, init_model=start_model,
+                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}"
+                                       f"{init_tag(start_model)}"))
         checkpoint = train_task(tcfg)
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)
         cfg = json.loads(json.dumps(tcfg.__dict__, default=str))

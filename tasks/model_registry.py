@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from storage.store import now_iso, open_label_store
@@ -73,3 +74,30 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
     return {"model_id": model_id, "score": score, "champion": reg["champion"],
             "promoted": reg["champion"] == model_id, "previous_champion": prev,
             "previous_score": None if prev_score is None or math.isnan(prev_score) else prev_score}
+
+
+def resolve_init_model(store_path: str | os.PathLike[str], init_model: str | None) -> str | None:
+    """The model folder a run starts from, checked before any work: ``"champion"`` is the store's current
+    champion, a path must be a model folder (``config.json``), None is a fresh start.
+
+    Raises:
+        KeyError: ``"champion"`` and the store has no champion yet (the message names the store).
+        FileNotFoundError: the folder holds no ``config.json`` (the message names it).
+    """
+    if init_model is None:
+        return None
+    if init_model == "champion":
+        reg = list_models(store_path) or {}
+        champion = reg.get("champion")
+        if champion is None or champion not in reg.get("models", {}):
+            raise KeyError(
+                f"init_model='champion' but {store_path} has no champion model yet: run add-class or retrain "
+                "once without init_model, or pass a model folder."
+            )
+        init_model = str(reg["models"][champion]["path"])
+    if not (Path(init_model) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"init_model {init_model} is not a trained model folder (no config.json): pass the final/ folder "
+            "of an earlier training run."
+        )
+    return init_model

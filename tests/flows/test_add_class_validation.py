@@ -24,6 +24,8 @@ def _untouched(store: Path) -> None:
         ({"prompt": "car", "labeler": "grounded-sam", "sam_checkpoint": "/nowhere/sam.pth"}, FileNotFoundError,
          "/nowhere/sam.pth.*segment-anything"),
         ({"prompt": "car", "scale_out": "dask"}, ValueError, "needs a Prefect server"),
+        ({"prompt": "car", "init_model": "champion"}, KeyError, "no champion model yet"),
+        ({"prompt": "car", "init_model": "/nowhere/final"}, FileNotFoundError, "/nowhere/final is not a trained"),
     ],
 )
 def test_bad_parameters_fail_before_any_work(fresh_store: Path, monkeypatch: pytest.MonkeyPatch,

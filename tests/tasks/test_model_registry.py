@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from storage.store import open_label_store
-from tasks.model_registry import list_models, register_model, selection_score
+from tasks.model_registry import list_models, register_model, resolve_init_model, selection_score
 
 
 def _results(miou: float, car_iou: float | None, split: str = "val") -> dict:
@@ -46,3 +46,18 @@ def test_bad_promote_mode(fresh_store: Path) -> None:
     with pytest.raises(ValueError, match="promote"):
         register_model(fresh_store, model_id="x", path="p", label_version="v1", config={}, metrics={},
                        promote="sometimes")
+
+
+def test_resolve_init_model(fresh_store: Path, tmp_path: Path) -> None:
+    assert resolve_init_model(fresh_store, None) is None
+    with pytest.raises(KeyError, match=f"{fresh_store} has no champion"):
+        resolve_init_model(fresh_store, "champion")
+    model = tmp_path / "run" / "final"
+    with pytest.raises(FileNotFoundError, match=f"init_model {model} is not a trained model folder"):
+        resolve_init_model(fresh_store, str(model))
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert resolve_init_model(fresh_store, str(model)) == str(model)
+    register_model(fresh_store, model_id="m1", path=str(model), label_version="v1", config={},
+                   metrics=_results(0.5, 0.5))
+    assert resolve_init_model(fresh_store, "champion") == str(model)
