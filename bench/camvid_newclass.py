@@ -40,12 +40,17 @@ number, the settings, the per-row wall times and the machine), ``store/`` (the l
 ``runs/<row>/`` (each training run and its ``eval.json``). A rerun with the same data settings reuses the
 store; each row retrains unless ``--reuse-runs`` finds its finished run with the same training settings.
 
-Defaults (CPU, 2 cores, <= 60 min): ``tiny`` from scratch, 256 x 256 crops, batch 2, ``DEFAULT_ITERS``
-steps, lr 1e-3, scale 0.75-1.5, 4096 points, 2 threads with ``OMP_WAIT_POLICY=PASSIVE``. A full run on a GPU
-(``GPU_EXAMPLE``) uses the Lite model with an ImageNet ResNet-18, 512 crops, batch 8 and 10k iterations
-(not run yet: no GPU was available when this was written). Measured on 2 cores shared with other jobs
-(load ~5): the default run took 41 min (setup 20 s; 0.9-1.2 s per step; 27-51 s to evaluate 60 images;
-6.7-8.6 min per model row); the same step took 4-25 s with OpenMP's default (active) waiting.
+Defaults (CPU, 2 cores, <= 60 min): the add-class use case. A 7-class ``tiny`` model is trained from scratch
+on the precise labels (v1, edge reweight, ``DEFAULT_BASE_ITERS`` steps: the "Base" row, the user's existing
+model), and every model row fine-tunes it for ``DEFAULT_ITERS`` steps (`TrainConfig.init_model`: all weights
+kept, the car row of the class head starts untrained). ``--base-iters 0`` trains every row from scratch
+instead; ``--base-model DIR`` fine-tunes a given model (e.g. the base of an earlier run, for more seeds).
+256 x 256 crops, batch 2, lr 1e-3, scale 0.75-1.5, 4096 points, 2 threads with ``OMP_WAIT_POLICY=PASSIVE``.
+Measured on the 2-core machine at load 1-1.7 (short test runs beside it): 39.5 min in all (base 13.6 min at
+~0.66 s per step; each model row 4-5 min including ~20 s to evaluate 60 images). A full run on a GPU (``GPU_EXAMPLE``) uses the Lite
+model with an ImageNet ResNet-18, 512 crops, batch 8, a 10k-step base and 10k steps per row (not run yet:
+no GPU was available when this was written). Under heavy sharing (load ~5) OpenMP's default (active)
+waiting made a step 4-25 s instead of ~1 s; passive waiting fixes it.
 
 Examples::
 
@@ -99,6 +104,7 @@ CLASS = "car"
 DEFAULT_CAMVID = REPO.parent / "shared" / "data" / "camvid"
 DEFAULT_OUT = REPO / "runs" / "camvid_newclass"
 DEFAULT_ITERS = 400
+DEFAULT_BASE_ITERS = 1200
 # The simulated labeler's degradations (models.simulated_labeler). SAM predicts 256 x 256 logits for its
 # 1024 input: at MaSS13K's ~4000 px images a logit cell is ~16 px, about 3x the 5 px BIoU band. At CamVid's
 # 480 px the same relative coarseness is a grid of ~128 cells (3.75 px cells against a 1 px band). Instances
@@ -107,8 +113,8 @@ DEFAULT_ITERS = 400
 SIMULATED_DEFAULTS: dict[str, Any] = {"low_res": 128, "bleed_prob": 0.5, "bleed_px": 3, "miss_prob": 0.05,
                                       "min_area_frac": 3e-4}
 GPU_EXAMPLE = ("bench/camvid_newclass.py --device cuda --variant lite_r18 --backbone-checkpoint "
-               "resnet18-f37072fd.pth --crop 512 --batch-size 8 --iters 10000 --lr 3e-4 --scale 0.5 2.0 "
-               "--num-points 12544 --threads 8 --num-workers 4")
+               "resnet18-f37072fd.pth --crop 512 --batch-size 8 --base-iters 10000 --iters 10000 --lr 3e-4 "
+               "--scale 0.5 2.0 --num-points 12544 --threads 8 --num-workers 4")
 
 
 @dataclass(frozen=True)
@@ -547,9 +553,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--crop", type=int, default=256,
                     help="square training crop (the model pads to multiples of 256)")
     ap.add_argument("--variant", default="tiny", help="model: tiny, lite_r18, r50")
-    ap.add_argument("--base-iters", type=int, default=0,
+    ap.add_argument("--base-iters", type=int, default=None,
                     help="first train a 7-class model on the precise labels (v1) for N steps and fine-tune it "
-                         "in every model row (the add-class use case); 0: every row from scratch")
+                         f"in every model row, the add-class use case (default {DEFAULT_BASE_ITERS}); 0: every "
+                         "row from scratch")
     ap.add_argument("--base-model", default=None,
                     help="fine-tune this trained model folder (e.g. runs/camvid_ft/runs/base/final of an earlier "
                          "run) in every model row instead of training a base model here")
@@ -603,6 +610,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_train = 24 if args.max_train is None else args.max_train
         args.max_test = 8 if args.max_test is None else args.max_test
     args.iters = DEFAULT_ITERS if args.iters is None else args.iters
+    args.base_iters = (20 if args.quick else DEFAULT_BASE_ITERS) if args.base_iters is None else args.base_iters
     args.labeler_seed = args.seed if args.labeler_seed is None else args.labeler_seed
     args.num_points = 4096 if args.num_points is None else args.num_points
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -33,9 +33,11 @@ def test_parse_args_defaults_and_rows() -> None:
     args = bench.parse_args([])
     assert args.rows == list(bench.ROWS)
     assert (args.iters, args.crop, args.variant, args.num_points) == (bench.DEFAULT_ITERS, 256, "tiny", 4096)
+    assert args.base_iters == bench.DEFAULT_BASE_ITERS and bench.parse_args(["--base-iters", "0"]).base_iters == 0
     quick = bench.parse_args(["--quick", "--rows", "mixed_inverse,pseudo_label"])
     assert quick.rows == ["pseudo_label", "mixed_inverse"]  # table order, not command-line order
     assert quick.iters < args.iters and quick.max_train is not None and quick.max_test is not None
+    assert quick.base_iters < args.base_iters
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "pseudo_label,bogus"])
 
@@ -70,7 +72,7 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
     out = tmp_path / "out"
     results = bench.run([
         "--camvid", str(CAMVID), "--out", str(out), "--rows", ",".join(ROWS), "--max-train", "5",
-        "--max-test", "1", "--iters", "1", "--num-points", "256", "--threads", "2",
+        "--max-test", "1", "--iters", "1", "--num-points", "256", "--threads", "2", "--base-iters", "0",
     ])
 
     # files: the markdown table and the JSON, with one table line per row, in table order
@@ -159,7 +161,7 @@ def test_grounded_sam_labeler_runs_on_every_split(tmp_path: Path) -> None:
                    str(tmp_path / "missing.pth"), "--rows", "pseudo_label"])
     assert not (out / "store").exists()  # nothing was built before the checkpoint check
     results = bench.run([*common, "--random-weights", "--box-threshold", "0.0", "--rows",
-                         "pseudo_label,mixed_none", "--iters", "1", "--num-points", "256"])
+                         "pseudo_label,mixed_none", "--iters", "1", "--num-points", "256", "--base-iters", "0"])
     assert results["store"]["pseudo_labelled_splits"] == ["train", "val", "test"]
     assert results["store"]["data"]["labeler"]["random_weights"] is True
     pseudo_row, model_row = results["rows"]
