@@ -49,8 +49,8 @@ instead; ``--base-model DIR`` fine-tunes a given model (e.g. the base of an earl
 Measured on the 2-core machine at load 1-1.7 (short test runs beside it): 39.5 min in all (base 13.6 min at
 ~0.66 s per step; each model row 4-5 min including ~20 s to evaluate 60 images). A full run on a GPU
 (``GPU_EXAMPLE``) uses the Lite model with an ImageNet ResNet-18, 512 crops, batch 8, a 10k-step base and 10k
-steps per row (not run yet: no GPU was available when this was written). Under heavy sharing (load ~5) OpenMP's default (active)
-waiting made a step 4-25 s instead of ~1 s; passive waiting fixes it.
+steps per row (not run yet: no GPU was available when this was written). Under heavy sharing (load ~5)
+OpenMP's default (active) waiting made a step 4-25 s instead of ~1 s; passive waiting fixes it.
 
 Examples::
 
