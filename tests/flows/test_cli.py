@@ -48,3 +48,25 @@ def test_cli_errors_are_one_line(tmp_path: Path, synthetic_store: Path, capsys: 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("addclass: error:") and message in err and "Traceback" not in err
+
+
+def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """ingest -> train on v1 -> pseudo-label + merge car -> train on v2 from the v1 model (--init-model)."""
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", "synthetic", store, "--images", "4", "--size", "64", "96", "--quiet"]) == 0
+    small = ["--variant", "tiny", "--iters", "1", "--batch-size", "2", "--crop-size", "64", "--points", "64",
+             "--workers", "0", "--device", "cpu", "--quiet"]
+    assert main(["train", store, "--version", "v1", *small, "--out", str(tmp_path / "v1")]) == 0
+    for split in ("train", "val"):
+        assert main(["pseudo-label", store, "--prompt", "car", "--split", split, "--labeler", "simulated",
+                     "--quiet"]) == 0
+    assert main(["merge", store, "--classes", "car", "--allow-partial", "--quiet"]) == 0
+    capsys.readouterr()
+    base = tmp_path / "v1" / "final"
+    assert main(["train", store, *small, "--out", str(tmp_path / "v2"), "--init-model", str(base)]) == 0
+    assert f"model: {tmp_path / 'v2' / 'final'}" in capsys.readouterr().out
+    config = json.loads((tmp_path / "v2" / "final" / "config.json").read_text())
+    assert config["class_names"][-1] == "car" and config["train_config"]["init_model"] == str(base)
+    assert main(["train", store, *small, "--out", str(tmp_path / "v3"), "--init-model", str(tmp_path)]) == 2
+    assert "is not a trained model folder" in capsys.readouterr().err
