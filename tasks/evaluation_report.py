@@ -188,7 +188,9 @@ def write_evaluation_report(
         store = open_label_store(model_results["store"])
         predict = _predictions(model_results, store, pred_dir=pred_dir, model=model)
         new = [(c["id"], c["name"]) for c in model_results["classes"][model_results["num_precise"] :]]
-        for cid, name in new if predict is not None else []:
+        for cid, name in new:
+            if predict is None:
+                break
             entries = [
                 {"name": f"{s}/{e['id']}", "iou": e["new_classes"].get(name, {}).get("iou")}
                 for s in _ordered(model_splits)
