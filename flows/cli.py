@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--timeout", type=float, default=None, help="with --deployment: seconds to wait (default: until done)")
     ac.set_defaults(func=cmd_add_class)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~5-10 min on 2 cores)")
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~3 min on 2 cores)")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--images", type=int, default=12)
     demo.add_argument("--size", type=int, nargs=2, default=(256, 384), metavar=("H", "W"))
