@@ -23,7 +23,6 @@ from zarr.codecs import ZstdCodec
 
 from storage.lock import store_lock
 from storage.names import parse_class_name, parse_image_id, parse_split, parse_version, version_number
-from storage.staging import staged_dir
 from storage.registry import (
     IGNORE_INDEX,
     PRECISE_CLASSES,
@@ -33,6 +32,7 @@ from storage.registry import (
     ImageRecord,
     VersionInfo,
 )
+from storage.staging import staged_dir
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "addclass"
