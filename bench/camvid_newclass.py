@@ -72,7 +72,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ sys.path.insert(0, str(REPO))
 from models.metrics import binary_counts, class_vs_rest, metrics_from_counts  # noqa: E402
 from storage.pseudo import read_pseudo_mask  # noqa: E402
 from storage.registry import PROV_PRECISE, PROV_PSEUDO  # noqa: E402
-from storage.store import open_label_store  # noqa: E402
+from storage.store import LabelStore, open_label_store  # noqa: E402
 from tasks.evaluate import evaluate_model, evaluate_pseudo, hand_mask_kinds  # noqa: E402
 from tasks.ingest import ingest_camvid  # noqa: E402
 from tasks.merge import merge  # noqa: E402
@@ -199,55 +199,61 @@ def labeler_config(args: argparse.Namespace) -> LabelerConfig:
                          random_weights=args.random_weights)
 
 
+Relabel = Callable[[LabelStore, str, str, int], tuple[np.ndarray, np.ndarray]]
+
+
+def publish_derived_version(store_path: Path, *, parent: str, policy: str, relabel: Relabel) -> str:
+    """Publish a version with the class ids of ``parent`` plus car, whose (labels, provenance) per image are
+    ``relabel(store, split, image_id, car_id)``; drafted, written and published under the store lock."""
+    store = open_label_store(store_path, mode="a")
+    with store.lock(purpose=f"bench: {policy} version of {CLASS}"):
+        car = store.class_by_name(CLASS).id
+        version = store.next_version_name()
+        class_ids = sorted(set(store.versions()[parent].class_ids) | {car})
+        store.begin_version(version, parent=parent, class_ids=class_ids, policy=policy,
+                            spec={"bench": "camvid_newclass", policy: CLASS})
+        for split in store.splits():
+            for image_id in store.image_ids(split):
+                labels, prov = relabel(store, split, image_id, car)
+                store.write_version_labels(version, split, image_id, labels, prov)
+        store.publish_version(version)
+    return version
+
+
 def build_pseudo_only_version(store_path: Path, *, parent: str) -> str:
     """Publish a version whose labels are the raw pseudo masks alone: car (its id) / others (0).
 
     Splits without pseudo labels (test, with the simulated labeler) keep the parent's labels and provenance;
     they are never trained on.
     """
-    store = open_label_store(store_path, mode="a")
-    with store.lock(purpose=f"bench: pseudo-only version of {CLASS}"):
-        car = store.class_by_name(CLASS).id
-        version = store.next_version_name()
-        store.begin_version(version, parent=parent, class_ids=list(store.versions()[parent].class_ids),
-                            policy="pseudo-only", spec={"bench": "camvid_newclass", "pseudo_only": CLASS})
-        for split in store.splits():
-            for image_id in store.image_ids(split):
-                try:
-                    pseudo = read_pseudo_mask(store, CLASS, split, image_id)
-                except KeyError:
-                    labels = store.read_labels(split, image_id, version=parent)
-                    prov = store.read_provenance(split, image_id, version=parent)
-                else:
-                    labels = np.where(pseudo, car, 0).astype(np.uint8)
-                    prov = np.where(pseudo, PROV_PSEUDO, PROV_PRECISE).astype(np.uint8)
-                store.write_version_labels(version, split, image_id, labels, prov)
-        store.publish_version(version)
-    return version
+
+    def relabel(store: LabelStore, split: str, image_id: str, car: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            pseudo = read_pseudo_mask(store, CLASS, split, image_id)
+        except KeyError:
+            return store.read_labels_and_provenance(split, image_id, version=parent)
+        return (np.where(pseudo, car, 0).astype(np.uint8),
+                np.where(pseudo, PROV_PSEUDO, PROV_PRECISE).astype(np.uint8))
+
+    return publish_derived_version(store_path, parent=parent, policy="pseudo-only", relabel=relabel)
 
 
 def build_hand_car_version(store_path: Path, *, parent: str) -> str:
     """Publish the oracle version: the car *hand* masks carved into "others" of ``parent`` (train and val;
     test keeps the parent's labels and is never trained on). Same class ids as the mixed version, so a model
     trained on it shows what the model and schedule reach with perfect car labels."""
-    store = open_label_store(store_path, mode="a")
-    with store.lock(purpose=f"bench: hand-labelled {CLASS} version"):
-        car = store.class_by_name(CLASS).id
-        version = store.next_version_name()
-        class_ids = sorted(set(store.versions()[parent].class_ids) | {car})
-        store.begin_version(version, parent=parent, class_ids=class_ids, policy="hand-car",
-                            spec={"bench": "camvid_newclass", "hand_car": CLASS})
-        for split in store.splits():
-            reference = set(store.hand_mask_ids("reference", CLASS, split))
-            for image_id in store.image_ids(split):
-                labels = store.read_labels(split, image_id, version=parent)
-                prov = store.read_provenance(split, image_id, version=parent)
-                if image_id in reference:
-                    hand = store.read_hand_mask("reference", CLASS, image_id).astype(bool)
-                    labels = np.where(hand & (labels == 0), car, labels).astype(np.uint8)
-                store.write_version_labels(version, split, image_id, labels, prov)
-        store.publish_version(version)
-    return version
+
+    st = open_label_store(store_path)
+    reference = {split: set(st.hand_mask_ids("reference", CLASS, split)) for split in st.splits()}
+
+    def relabel(store: LabelStore, split: str, image_id: str, car: int) -> tuple[np.ndarray, np.ndarray]:
+        labels, prov = store.read_labels_and_provenance(split, image_id, version=parent)
+        if image_id in reference[split]:
+            hand = store.read_hand_mask("reference", CLASS, image_id).astype(bool)
+            labels = np.where(hand & (labels == 0), car, labels).astype(np.uint8)
+        return labels, prov
+
+    return publish_derived_version(store_path, parent=parent, policy="hand-car", relabel=relabel)
 
 
 def prepare_store(args: argparse.Namespace, out: Path, labeler: LabelerConfig) -> dict[str, Any]:

@@ -258,8 +258,7 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
         """The unaugmented (image H x W x 3 uint8 RGB, labels H x W uint8, provenance H x W uint8)."""
         image_id = self.image_ids[index]
         image = self.store.read_image(self.split, image_id)
-        labels = self.store.read_labels(self.split, image_id, version=self.version)
-        provenance = self.store.read_provenance(self.split, image_id, version=self.version)
+        labels, provenance = self.store.read_labels_and_provenance(self.split, image_id, version=self.version)
         if not image.shape[:2] == labels.shape == provenance.shape:
             raise ValueError(
                 f"Image {image_id!r} is {image.shape[:2]} but its {self.version} labels are {labels.shape} "

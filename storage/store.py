@@ -193,11 +193,19 @@ class LabelStore:
 
     def read_provenance(self, split: str, image_id: str, *, version: str = "v1") -> np.ndarray:
         """Per-pixel provenance (0 precise, 1 pseudo, 255 ignore) of a published version."""
+        return self.read_labels_and_provenance(split, image_id, version=version)[1]
+
+    def read_labels_and_provenance(
+        self, split: str, image_id: str, *, version: str = "v1"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, provenance) of a published version. v1 stores no provenance: it is derived from the
+        labels (precise, ignore where 255), so v1 costs one read here instead of two."""
         version = self.resolve_version(version)
+        labels = self.read_labels(split, image_id, version=version)
         if version == "v1":
-            labels = self.read_labels(split, image_id, version="v1")
-            return np.where(labels == IGNORE_INDEX, PROV_IGNORE, PROV_PRECISE).astype(np.uint8)
-        return np.asarray(self._root[self._label_key(version, split, image_id, kind="provenance")][...])
+            return labels, np.where(labels == IGNORE_INDEX, PROV_IGNORE, PROV_PRECISE).astype(np.uint8)
+        key = self._label_key(version, split, image_id, kind="provenance")
+        return labels, np.asarray(self._root[key][...])
 
     def stored_sha256(self, split: str, image_id: str, *, version: str) -> str | None:
         return self._root[self._label_key(version, split, image_id)].attrs.get("sha256")

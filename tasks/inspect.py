@@ -51,8 +51,7 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
         sampled = 0
         for split in store.splits():
             for image_id in _even_sample(store.image_ids(split), max_images):
-                labels = store.read_labels(split, image_id, version=name)
-                provenance = store.read_provenance(split, image_id, version=name)
+                labels, provenance = store.read_labels_and_provenance(split, image_id, version=name)
                 pix += np.bincount(labels.ravel(), minlength=256)
                 prov += np.bincount(provenance.ravel(), minlength=256)
                 if name != "v1":
@@ -120,8 +119,7 @@ def render_overlay(path: str | os.PathLike[str], image_id: str, *, version: str 
     store = open_label_store(path, mode="r")
     split = find_split(store, image_id)
     image = store.read_image(split, image_id)
-    labels = store.read_labels(split, image_id, version=version)
-    prov = store.read_provenance(split, image_id, version=version)
+    labels, prov = store.read_labels_and_provenance(split, image_id, version=version)
     blend = (0.45 * image + 0.55 * colorize(labels)).astype(np.uint8)
     prov_rgb = np.zeros_like(image)
     prov_rgb[prov == 0] = (40, 160, 60)

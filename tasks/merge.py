@@ -414,11 +414,7 @@ def merge_image(store_path: str | os.PathLike[str], version: str, split: str, im
         out["skipped"] = True
         return out
     parent = spec["parent"]
-    labels = store.read_labels(split, image_id, version=parent)
-    if parent == "v1":  # v1 provenance is derived from its labels (layout.md); skip a second read
-        prov = np.where(labels == IGNORE_INDEX, np.uint8(PROV_IGNORE), np.uint8(PROV_PRECISE))
-    else:
-        prov = store.read_provenance(split, image_id, version=parent)
+    labels, prov = store.read_labels_and_provenance(split, image_id, version=parent)
     masks, ids, names = [], [], []
     for name in spec["classes"]:
         info = spec["pseudo"][name]

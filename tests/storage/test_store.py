@@ -92,6 +92,10 @@ def test_draft_version_publish_is_all_or_nothing(fresh_store: Path) -> None:
     ro = open_label_store(fresh_store)
     assert ro.resolve_version("latest") == "v2" and ro.class_by_name("car").source == "pseudo"
     assert np.array_equal(ro.read_provenance(s, i, version="v2"), np.ones_like(lab))
+    for version in ("v1", "v2"):  # one call, the same arrays as the two separate reads
+        both = ro.read_labels_and_provenance(s, i, version=version)
+        assert np.array_equal(both[0], ro.read_labels(s, i, version=version))
+        assert np.array_equal(both[1], ro.read_provenance(s, i, version=version))
     with pytest.raises(ImmutableError):
         st.write_version_labels("v2", s, i, lab, lab)
 
