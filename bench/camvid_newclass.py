@@ -399,6 +399,24 @@ def train_config(
 BASE_ROW = Row("base", "Base: 7 precise classes (v1)", "base", "v1", "edge")
 
 
+def saved_row(
+    config: TrainConfig, info: dict[str, Any], *, splits: Sequence[str] | None = None
+) -> dict[str, Any] | None:
+    """The row record of a finished run with the same training config and data (and scored ``splits``, when
+    given), or None."""
+    run_dir = Path(config.out_dir)
+    eval_file = run_dir / "eval.json"
+    if not eval_file.is_file() or not (run_dir / "final").is_dir():
+        return None
+    saved = json.loads(eval_file.read_text())
+    if saved.get("train_config") != config.to_dict() or saved.get("store_data") != info["data"]:
+        return None
+    if splits is not None and set(saved["row"]["scores"]) != set(splits):
+        return None
+    print(f"[{saved['row']['id']}] reusing {run_dir}", flush=True)
+    return {**saved["row"], "reused": True}
+
+
 def train_base(args: argparse.Namespace, info: dict[str, Any], out: Path) -> tuple[str, dict[str, Any]]:
     """The user's existing model: trained on the 7 precise classes (v1, edge reweight) for ``--base-iters``;
     every model row then fine-tunes it (`TrainConfig.init_model`). Reused when its settings match."""
@@ -406,12 +424,9 @@ def train_base(args: argparse.Namespace, info: dict[str, Any], out: Path) -> tup
     run_dir = out / "runs" / BASE_ROW.id
     config = replace(train_config(args, BASE_ROW, store, "v1", run_dir), iters=args.base_iters,
                      checkpoint_every=args.base_iters)
-    eval_file = run_dir / "eval.json"
-    if eval_file.is_file() and (run_dir / "final").is_dir():
-        saved = json.loads(eval_file.read_text())
-        if saved.get("train_config") == config.to_dict() and saved.get("store_data") == info["data"]:
-            print(f"[base] reusing {run_dir}", flush=True)
-            return str(run_dir / "final"), {**saved["row"], "reused": True}
+    saved = saved_row(config, info)  # rows fine-tune it, so it is reused whatever splits were scored
+    if saved is not None:
+        return str(run_dir / "final"), saved
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"[base] training {args.variant} on v1 (7 precise classes), {args.base_iters} iters", flush=True)
     rec = _train_and_evaluate(args, BASE_ROW, config, store, info)
@@ -425,13 +440,9 @@ def run_train_row(
     version = info["versions"][row.version]
     run_dir = out / "runs" / row.id
     config = train_config(args, row, store, version, run_dir, init_model=init_model)
-    eval_file = run_dir / "eval.json"
-    if args.reuse_runs and eval_file.is_file():
-        saved = json.loads(eval_file.read_text())
-        same = saved.get("train_config") == config.to_dict() and saved.get("store_data") == info["data"]
-        if same and set(saved["row"]["scores"]) == set(args.splits):
-            print(f"[{row.id}] reusing {run_dir}", flush=True)
-            return {**saved["row"], "reused": True}
+    saved = saved_row(config, info, splits=args.splits) if args.reuse_runs else None
+    if saved is not None:
+        return saved
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"[{row.id}] training {args.variant} on {version} ({row.version}), reweight={row.reweight}, "
           f"band={row.inverse_weight_near_pseudo}, {args.iters} iters"

@@ -79,8 +79,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="overhead-"))
     base = ingest_synthetic(tmp / "base.zarr", images=a.images, size=(256, 384), seed=0, progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE",
-           "PREFECT_HOME": str(tmp / "prefect"), "DO_NOT_TRACK": "1",
+    threads_env = {"OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE"}  # every mode alike
+    env = {**os.environ, **threads_env, "PREFECT_HOME": str(tmp / "prefect"), "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     env.pop("PREFECT_API_URL", None)
     results = {}
@@ -95,8 +95,7 @@ def main() -> None:
 
                 (tmp / "server").mkdir()
                 with prefect_server(tmp / "server") as server_env:
-                    results[mode] = _run(FLOW, args, {**server_env, "OMP_NUM_THREADS": str(a.threads),
-                                                      "OMP_WAIT_POLICY": "PASSIVE"})
+                    results[mode] = _run(FLOW, args, {**server_env, **threads_env})
             else:
                 results[mode] = _run(PLAIN if mode == "plain" else FLOW, args, env)
     finally:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 from storage.store import now_iso, open_label_store
@@ -78,11 +77,11 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
 
 def resolve_init_model(store_path: str | os.PathLike[str], init_model: str | None) -> str | None:
     """The model folder a run starts from, checked before any work: ``"champion"`` is the store's current
-    champion, a path must be a model folder (``config.json``), None is a fresh start.
+    champion, a path must hold a trained model (`tasks.train.resolve_init_dir`), None is a fresh start.
 
     Raises:
         KeyError: ``"champion"`` and the store has no champion yet (the message names the store).
-        FileNotFoundError: the folder holds no ``config.json`` (the message names it).
+        FileNotFoundError: nothing trained at the path (the message names it).
     """
     if init_model is None:
         return None
@@ -95,9 +94,6 @@ def resolve_init_model(store_path: str | os.PathLike[str], init_model: str | Non
                 "once without init_model, or pass a model folder."
             )
         init_model = str(reg["models"][champion]["path"])
-    if not (Path(init_model) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"init_model {init_model} is not a trained model folder (no config.json): pass the final/ folder "
-            "of an earlier training run."
-        )
-    return init_model
+    from tasks.train import resolve_init_dir  # torch-heavy; only when a run starts from a model
+
+    return str(resolve_init_dir(init_model))

@@ -291,12 +291,25 @@ def init_tag(init_model: str | os.PathLike[str] | None) -> str:
     return "-ft" + hashlib.sha1(str(Path(init_model).resolve()).encode()).hexdigest()[:8]
 
 
+def resolve_init_dir(init_model: str | os.PathLike[str]) -> Path:
+    """The model folder of ``init_model``: a model or checkpoint folder, or a run folder (its ``final/``,
+    else its latest checkpoint), as `resolve_model_dir`.
+
+    Raises:
+        FileNotFoundError: nothing trained there (the message names the path).
+    """
+    try:
+        return resolve_model_dir(init_model)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"init_model {init_model} is not a trained model folder: {e}") from e
+
+
 def init_from_model(model: MaSSFormer, folder: str | os.PathLike[str], *, expected: dict[str, Any]) -> list[str]:
     """Starts a run from a trained model folder: its weights, with the class head matched by class name.
 
     Args:
         model: the freshly built model of this run.
-        folder: ``final/`` of an earlier run, or a folder of its ``checkpoints/``.
+        folder: ``final/`` of an earlier run, one of its ``checkpoints/``, or the run folder itself.
         expected: this run's `model_config` (variant, pixel decoder, class names).
 
     Returns:
@@ -307,12 +320,7 @@ def init_from_model(model: MaSSFormer, folder: str | os.PathLike[str], *, expect
         ValueError: the folder holds another variant or pixel decoder.
         CheckpointError: the folder is corrupt (the message names the file).
     """
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(
-            f"init_model {folder} is not a trained model folder ({CONFIG_FILE} missing): pass the final/ "
-            "folder of an earlier `addclass train` run, or one of its checkpoints/ folders."
-        )
+    folder = resolve_init_dir(folder)
     found = read_model_config(folder)
     for key in ("variant", "pixel_decoder"):
         if found.get(key, "hr") != expected[key]:

@@ -136,6 +136,11 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
     assert base["iters"] == 2 and base["scores"]["val"]["car"] is None and _finite(base["scores"]["val"]["miou7"])
     assert row["init_model"] == str(Path(base["run_dir"]) / "final")
     assert "fine-tunes the base model" in (out / "results.md").read_text()
+    rerun = bench.run(["--camvid", str(CAMVID), "--out", str(out), "--rows", "mixed_inverse", "--max-train", "5",
+                       "--max-test", "1", "--iters", "1", "--base-iters", "2", "--num-points", "256",
+                       "--reuse-runs"])  # nothing retrains: the base always, the row with --reuse-runs
+    assert [r.get("reused") for r in rerun["rows"]] == [True, True]
+    assert rerun["rows"][1]["scores"] == row["scores"]
     given = bench.run(["--camvid", str(CAMVID), "--out", str(tmp_path / "given"), "--rows", "mixed_none",
                        "--max-train", "5", "--max-test", "1", "--iters", "1", "--num-points", "256",
                        "--base-model", row["init_model"], "--splits", "val"])

@@ -36,6 +36,7 @@ from tasks.train import (
     init_tag,
     load_trained_model,
     model_config,
+    resolve_init_dir,
     resolve_train_config,
     train,
 )
@@ -243,6 +244,7 @@ def test_fine_tune_a_seven_class_model_on_the_new_class(
     expected = model_config(config)
     model = build_model(expected)
     assert init_from_model(model, v1_final, expected=expected) == ["car"]
+    assert resolve_init_dir(v1_run) == v1_final  # a run folder stands for its final model
     v1 = load_trained_model(v1_final).state_dict()
     head = "transformer_decoder.class_embed.weight"
     for k, v in model.state_dict().items():
