@@ -6,7 +6,7 @@ own (``train_config.json``). Prints JSON, one entry per run and split.
 
 Example::
 
-    .venv/bin/python bench/camvid_confusion.py runs/camvid_ft/runs/* --splits val,test
+    .venv/bin/python bench/camvid_confusion.py runs/camvid_newclass/runs/* --splits val,test
 """
 
 from __future__ import annotations

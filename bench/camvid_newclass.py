@@ -575,8 +575,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          f"in every model row, the add-class use case (default {DEFAULT_BASE_ITERS}); 0: every "
                          "row from scratch")
     ap.add_argument("--base-model", default=None,
-                    help="fine-tune this trained model folder (e.g. runs/camvid_ft/runs/base/final of an earlier "
-                         "run) in every model row instead of training a base model here")
+                    help="fine-tune this trained model folder (e.g. runs/camvid_newclass/runs/base/final of an "
+                         "earlier run) in every model row instead of training a base model here")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3, help="base lr (backbone x0.1); 1e-3 from scratch")
     ap.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.5), help="random resize ratio range")

@@ -7,7 +7,8 @@ JSON. A difference between two rows smaller than about two standard deviations i
 
 Example::
 
-    .venv/bin/python bench/camvid_seeds.py runs/camvid_ft runs/camvid_ft_s1 runs/camvid_ft_s2 --split val
+    .venv/bin/python bench/camvid_seeds.py runs/camvid_newclass runs/camvid_newclass_s1 \\
+        runs/camvid_newclass_s2 --split val
 """
 
 from __future__ import annotations
