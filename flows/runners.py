@@ -1,6 +1,8 @@
 """Task runners for the scale-out stages (pseudo-label, merge).
 
-- `dask_address` given: `DaskTaskRunner(address=...)` on an existing `dask scheduler`.
+- `dask_address` given: `DaskTaskRunner(address=...)` on an existing `dask scheduler`, checked first: a scheduler
+  that does not answer is an error naming the address; one with no workers is logged (an adaptive cluster starts
+  them on demand), since its tasks wait until a worker joins.
 - A real Prefect API (PREFECT_API_URL set, e.g. a deployment run): a local Dask cluster (2 workers x 1 thread).
 - Prefect's ephemeral API (no server, the CLI's default): a thread pool. Never Dask there: every Dask worker
   process would start its own temporary Prefect server (orchestration.md §6).
@@ -35,9 +37,48 @@ def scale_out_runner(dask_address: str | None = None, *, mode: str = "auto", wor
         dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV,
                          "distributed.logging.distributed": "warning"})
         if dask_address:
+            check_dask_scheduler(dask_address)
             return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                               "dashboard_address": None})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def check_dask_scheduler(address: str) -> int:
+    """Ask the scheduler at `address` who it is (within `distributed.comm.timeouts.connect`) and return its number
+    of workers. No answer, or an answer from something other than a scheduler, is a ConnectionError naming the
+    address; a scheduler with no workers is logged, not refused (adaptive clusters start workers on demand)."""
+    import asyncio
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+    from distributed.comm import connect
+
+    timeout = dask.config.get("distributed.comm.timeouts.connect")
+
+    async def identity() -> dict[str, Any]:
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return dict(await comm.read())
+        finally:
+            await comm.close()
+
+    try:
+        with ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller runs in
+            info = pool.submit(asyncio.run, identity()).result()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"No Dask scheduler answers at dask_address={address!r} (waited {timeout}): start one "
+                              f"with `dask scheduler` and workers with `dask worker ADDRESS`, or leave dask_address "
+                              f"unset for a local cluster. ({type(e).__name__}: {e})") from e
+    if info.get("type") != "Scheduler":
+        raise ConnectionError(f"dask_address={address!r} is a Dask {info.get('type')!r}, not the scheduler: pass the "
+                              f"address `dask scheduler` printed.")
+    n_workers = int(info.get("n_workers", len(info.get("workers", ()))))
+    if n_workers == 0:
+        logging.getLogger(__name__).warning("the Dask scheduler at %s has no workers yet: the mapped tasks wait "
+                                            "until one joins (`dask worker %s`)", address, address)
+    return n_workers

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dask
 import pytest
 
 from flows.add_class import add_class
 from storage.store import open_label_store
+from tests.flows.prefect_server import free_port
 
 
 def _untouched(store: Path) -> None:
@@ -34,4 +36,12 @@ def test_bad_parameters_fail_before_any_work(fresh_store: Path, monkeypatch: pyt
     args = {"store": str(fresh_store), "labeler": "simulated", **kwargs}
     with pytest.raises(error, match=message):
         add_class.fn(**args)
+    _untouched(fresh_store)
+
+
+def test_an_external_dask_scheduler_is_checked_before_any_work(fresh_store: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(ConnectionError, match=f"No Dask scheduler answers at dask_address='{address}'"):
+            add_class.fn(prompt="car", store=str(fresh_store), labeler="simulated", dask_address=address)
     _untouched(fresh_store)

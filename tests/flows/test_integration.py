@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.runners import check_dask_scheduler
 from storage.pseudo import missing_pseudo
 from storage.store import open_label_store
 from tasks.ingest import ingest_synthetic
@@ -75,13 +76,23 @@ def test_missing_prompt_is_rejected_by_the_server(server: dict[str, str]) -> Non
 
 def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("scheduler", "workers")}
+    cluster_env = {**server, "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "info"}  # their logs explain a timeout
     sched = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                              "--no-dashboard"], env=server, cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+                              "--no-dashboard"], env=cluster_env, cwd=REPO, stdout=logs["scheduler"],
+                             stderr=subprocess.STDOUT, start_new_session=True)
     workers = subprocess.Popen([str(BIN / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2",
-                                "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"], env=server, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"], env=cluster_env,
+                               cwd=REPO, stdout=logs["workers"], stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tails() -> str:
+        return "".join(f"\n{n} log:\n{(tmp_path / f'{n}.log').read_text(errors='replace')[-4000:]}" for n in logs)
+
     try:
+        deadline = time.monotonic() + 180  # the cluster is up (both workers joined) before the flow starts
+        while _workers(f"tcp://127.0.0.1:{port}") < 2:
+            assert time.monotonic() < deadline and workers.poll() is None, f"the Dask workers did not start{tails()}"
+            time.sleep(1)
         store = _store(tmp_path, "dask")
         script = (
             "import json, sys\n"
@@ -89,10 +100,14 @@ def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], 
             "out = add_class(prompt='car', store=sys.argv[1], dask_address=sys.argv[2], pseudo_batch_size=1,\n"
             "                **json.loads(sys.argv[3]))\n"
             "import os\n"
-        "print('RESULT', json.dumps({'pseudo': out['pseudo'], 'pid': os.getpid()}))\n"
+            "print('RESULT', json.dumps({'pseudo': out['pseudo'], 'pid': os.getpid()}))\n"
         )
-        out = run([sys.executable, "-c", script, str(store), f"tcp://127.0.0.1:{port}", json.dumps(TINY)], server,
-                  timeout=600)
+        try:
+            out = run([sys.executable, "-c", script, str(store), f"tcp://127.0.0.1:{port}", json.dumps(TINY)],
+                      server, timeout=300)
+        except subprocess.TimeoutExpired as e:  # show what the cluster did, not only that the flow waited
+            flow_log = (e.stderr or b"")[-4000:]
+            raise AssertionError(f"the flow timed out\nflow stderr:\n{flow_log!r}{tails()}") from e
         result = json.loads(out.split("RESULT", 1)[1].strip().splitlines()[0])
         assert [p["split"] for p in result["pseudo"]] == ["train", "val"]
         pids = {pid for p in result["pseudo"] for pid in p["worker_pids"]}
@@ -101,6 +116,15 @@ def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], 
     finally:
         stop(workers)
         stop(sched)
+        for f in logs.values():
+            f.close()
+
+
+def _workers(address: str) -> int:
+    try:
+        return check_dask_scheduler(address)
+    except ConnectionError:
+        return 0  # the scheduler is not listening yet
 
 
 _CRASH = die_after_writes("tasks.pseudo_label", "write_pseudo_result", 2) + """
