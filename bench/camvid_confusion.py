@@ -79,9 +79,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         store = open_label_store(json.loads((run / "train_config.json").read_text())["store"])
         car_id = store.class_by_name(CLASS).id
         model = load_trained_model(run / "final", device=args.device)
+
+        def predict(image: np.ndarray, model: torch.nn.Module = model) -> np.ndarray:
+            return predict_labels(model, [image], args.device)[0]
+
         for split in args.splits.split(","):
-            res = car_confusion(store, lambda im: predict_labels(model, [im], args.device)[0], split,
-                                car_id=car_id)
+            res = car_confusion(store, predict, split, car_id=car_id)
             out.append({"run": str(run), "split": split, **res})
             print(json.dumps(out[-1]), flush=True)
 

@@ -461,7 +461,7 @@ def _train_and_evaluate(
     t2 = time.perf_counter()
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line]
     tail = log[-max(1, len(log) // 10):]
-    rec = {
+    rec: dict[str, Any] = {
         "id": row.id, "name": row.name, "kind": row.kind, "label_version": config.version,
         "labels": row.version, "reweight": row.reweight,
         "inverse_weight_near_pseudo": row.inverse_weight_near_pseudo, "init_model": config.init_model,

@@ -32,6 +32,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,10 @@ class NaiveGroundedSam:
         xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
         keep = select_boxes(scores, xyxy, box_threshold=0.35, nms_iou=0.8, max_boxes=self.args.max_boxes)
         _ = [get_phrases_from_posmap(logits[q] > 0.25, tokenized, self.dino.tokenizer) for q in keep.tolist()]
-        self.predictor.set_image(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+        bgr = cv2.imread(str(path))
+        if bgr is None:
+            raise FileNotFoundError(f"Cannot read image {path}.")
+        self.predictor.set_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
         union = np.zeros((height, width), bool)
         for box in xyxy[keep].numpy():  # one predict per box (grounded_sam_simple_demo.py)
             masks, _, _ = self.predictor.predict(box=box, multimask_output=False)
@@ -179,15 +183,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             shared = None if rebuild else NaiveGroundedSam(args, dino=labeler.dino, sam=labeler.sam)
             for i, path in enumerate(paths):
                 for prompt in prompts:
-                    runner = NaiveGroundedSam(args) if rebuild else shared
+                    runner = NaiveGroundedSam(args) if shared is None else shared
                     naive_unions[(i, prompt)] = runner.label(path, prompt)
 
-        variants = {}
+        variants: dict[str, Callable[[], Any]] = {}
         if not args.skip_rebuild:
             variants["naive_rebuild"] = lambda: naive(True)
         variants["naive_loaded"] = lambda: naive(False)
         variants["ours"] = lambda: list(labeler.label_many(paths, prompts, prefetch=2))
-        ours_records = None
+        ours_records: list[Any] = []
         for name, fn in variants.items():
             seconds, cpu_seconds, out = _timed_cpu(fn)
             if name == "ours":

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -183,10 +183,12 @@ def add_class_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_add_class(a: argparse.Namespace) -> int:
     params = add_class_kwargs(a)
     if a.deployment:
+        from prefect.client.schemas.objects import FlowRun
         from prefect.deployments import run_deployment
 
         params = {k: v for k, v in params.items() if v is not None}
-        run = run_deployment(a.deployment_name, parameters=params, timeout=a.timeout)
+        # called from sync code, run_deployment returns the FlowRun itself (its type also admits a coroutine)
+        run = cast(FlowRun, run_deployment(a.deployment_name, parameters=params, timeout=a.timeout))
         state = run.state
         print(f"flow run {run.name} ({run.id}): {state.type.value if state else 'unknown'}")
         return 0 if state is not None and state.is_completed() else 1

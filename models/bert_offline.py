@@ -41,7 +41,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]  # v5: alias
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ read at the same normalized points, as in the reference.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,14 @@ def edge_loss(
     return total / count.clamp(min=1.0)
 
 
+class PreparedTarget(NamedTuple):
+    """One image's full-resolution maps, computed once for all decoder layers."""
+
+    masks: Tensor  # G x H x W, float
+    edge_w: Tensor | None  # G x H x W edge weights (None without reweighting)
+    bce_dev: Tensor | None  # G x H x W, BCE weight minus 1 (None without reweighting)
+
+
 class SetCriterion(nn.Module):
     """Matches every decoder output to the ground truth and returns the weighted named losses.
 
@@ -190,6 +198,7 @@ class SetCriterion(nn.Module):
         self.weight_kernel_size = weight_kernel_size
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
+        self.empty_weight: Tensor
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def forward(
@@ -262,11 +271,11 @@ class SetCriterion(nn.Module):
                     f"Expected target labels in [0, {self.num_classes}). Got {labels.tolist()} instead."
                 )
 
-    def _prepare_target(self, target: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
+    def _prepare_target(self, target: Mapping[str, Tensor]) -> PreparedTarget:
         """Full-resolution maps sampled at the loss points, computed once for all decoder outputs."""
         masks = target["masks"].float()  # G x H x W
         if self.reweight == "none" or masks.shape[0] == 0:
-            return {"masks": masks, "edge_w": None, "bce_dev": None}
+            return PreparedTarget(masks, None, None)
         w_edge = edge_weight_map(masks, kernel_size=self.weight_kernel_size)  # G x H x W
         bce_dev = bce_weight_map(
             masks,
@@ -278,7 +287,7 @@ class SetCriterion(nn.Module):
             inverse_weight_near_pseudo=self.inverse_weight_near_pseudo,
             near_pseudo_radius=self.near_pseudo_radius,
         ) - 1.0  # G x H x W, weight minus 1
-        return {"masks": masks, "edge_w": w_edge, "bce_dev": bce_dev}
+        return PreparedTarget(masks, w_edge, bce_dev)
 
     def _loss_labels(
         self,
@@ -299,7 +308,7 @@ class SetCriterion(nn.Module):
     def _loss_masks(
         self,
         layer: Mapping[str, Tensor],
-        prepared: list[dict[str, Tensor | None]],
+        prepared: list[PreparedTarget],
         indices: list[tuple[Tensor, Tensor]],
         num_masks: int,
         generator: torch.Generator | None,
@@ -315,8 +324,8 @@ class SetCriterion(nn.Module):
             tgt = tgt.to(pred_masks.device)
             prep = prepared[b]
             matched = pred_masks[b, src].float().unsqueeze(1)  # n x 1 x h x w
-            masks = prep["masks"][tgt].unsqueeze(1)  # n x 1 x H x W
-            edge_w = prep["edge_w"]
+            masks = prep.masks[tgt].unsqueeze(1)  # n x 1 x H x W
+            edge_w = prep.edge_w
             scale = None if edge_w is None else (1.0 - edge_w[tgt]).unsqueeze(1)  # n x 1 x H x W
             coords = uncertain_point_coords_with_randomness(
                 matched,
@@ -328,7 +337,7 @@ class SetCriterion(nn.Module):
             )  # n x P x 2
             with torch.no_grad():
                 labels_list.append(point_sample(masks, coords)[:, 0])  # n x P
-                bce_dev = prep["bce_dev"]
+                bce_dev = prep.bce_dev
                 if bce_dev is not None:
                     # 1 + sample(w - 1): equals 1 + lambda * W_p for the edge rule, as the reference samples W
                     # and not w, so the zero padding of grid_sample reads weight 1 outside the image.

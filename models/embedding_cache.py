@@ -40,7 +40,7 @@ def image_sha256(image: np.ndarray) -> str:
     """
     header = "x".join(str(d) for d in image.shape) + f"|{image.dtype.str}|"
     digest = hashlib.sha256(header.encode())
-    digest.update(memoryview(np.ascontiguousarray(image)).cast("B"))
+    digest.update(np.ascontiguousarray(image).data.cast("B"))
     return digest.hexdigest()
 
 

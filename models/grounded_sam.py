@@ -358,9 +358,10 @@ class GroundedSamLabeler:
         original_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
         img_size = self.sam.image_encoder.img_size
         key = None
-        if self.embedding_cache is not None:
+        cache = self.embedding_cache
+        if cache is not None:
             key = self.embedding_cache_key(image_sha256 or compute_image_sha256(image_rgb))
-            cached = self.embedding_cache.get(key)
+            cached = cache.get(key)
             if cached is not None:
                 # What SamPredictor.set_torch_image sets, without running the image encoder.
                 self.predictor.reset_image()
@@ -373,8 +374,8 @@ class GroundedSamLabeler:
                 return True
         with self._autocast():
             self.predictor.set_image(image_rgb, image_format="RGB")
-        if key is not None:
-            self.embedding_cache.put(key, self.predictor.features)
+        if cache is not None and key is not None:
+            cache.put(key, self.predictor.features)
         return False
 
     @torch.no_grad()

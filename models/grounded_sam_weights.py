@@ -18,11 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.bert_offline import OFFLINE_BERT_PREFIX, cache_root, install_offline_patches
+
+if TYPE_CHECKING:
+    from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
+    from segment_anything.modeling import Sam
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +175,7 @@ def check_state_dict(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_tiny_sam() -> torch.nn.Module:
+def build_tiny_sam() -> Sam:
     """SAM with a tiny ViT encoder (2 windowed blocks, width 64) for tests; same 1024 input and 64 x 64 x 256
     embedding, and SAM's real prompt encoder and mask decoder."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -207,7 +211,7 @@ def build_tiny_sam() -> torch.nn.Module:
     return sam.eval()
 
 
-def build_sam(*, variant: str, checkpoint: Path | None, seed: int = 0) -> torch.nn.Module:
+def build_sam(*, variant: str, checkpoint: Path | None, seed: int = 0) -> Sam:
     """Build SAM ``variant`` (vit_b, vit_l, vit_h, tiny): load ``checkpoint`` strictly, else seeded random."""
     from segment_anything import sam_model_registry
 
@@ -223,7 +227,7 @@ def build_sam(*, variant: str, checkpoint: Path | None, seed: int = 0) -> torch.
 
 def build_dino(
     *, config: str, checkpoint: Path | None, device: torch.device, seed: int = 0
-) -> torch.nn.Module:
+) -> GroundingDINO:
     """Build GroundingDINO offline (Recipe A); load ``checkpoint`` with ``strict=False`` (as the reference).
 
     Fails when any ``bert.*`` or ``backbone.*`` parameter is missing from the checkpoint; other differences

@@ -113,7 +113,7 @@ class LabelRecord:
         """Build a record whose ``mask`` is the OR of ``instance_masks`` (N x H x W)."""
         instance_masks = np.asarray(instance_masks, dtype=bool)
         mask = (
-            instance_masks.any(axis=0)
+            np.asarray(instance_masks.any(axis=0))
             if instance_masks.shape[0]
             else np.zeros(instance_masks.shape[1:], bool)
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def pseudo_done(store: LabelStore, class_name: str, split: str, image_id: str, *
 def read_pseudo_mask(store: LabelStore, class_name: str, split: str, image_id: str) -> np.ndarray:
     """The union mask (H x W bool) of a finished pseudo label."""
     try:
-        arr = store.root[_key(class_name, split, image_id)]
+        arr = store.array(_key(class_name, split, image_id))
     except KeyError:
         raise KeyError(f"No pseudo label for class {class_name!r}, image {image_id!r} ({split}) in {store.path}; "
                        f"run `addclass pseudo-label` first.") from None
@@ -65,7 +65,7 @@ def read_pseudo_mask(store: LabelStore, class_name: str, split: str, image_id: s
 
 def read_pseudo_record(store: LabelStore, class_name: str, split: str, image_id: str) -> dict[str, Any]:
     """The stored labeler record (boxes, scores, phrases, RLE instances, extra) of one image."""
-    return dict(store.root[_key(class_name, split, image_id)].attrs["record"])
+    return dict(cast(dict[str, Any], store.root[_key(class_name, split, image_id)].attrs["record"]))
 
 
 def missing_pseudo(store: LabelStore, class_name: str, split: str, *, key: str | None = None) -> list[str]:

@@ -12,9 +12,9 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
@@ -49,7 +49,7 @@ class ImmutableError(PermissionError):
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def labels_sha256(labels: np.ndarray) -> str:
@@ -154,14 +154,17 @@ class LabelStore:
     def image_ids(self, split: str) -> list[str]:
         return list(self._doc.get("splits", {}).get(parse_split(split), []))
 
+    def _image_records(self, split: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._root[f"images/{parse_split(split)}"].attrs.get("records", {}))
+
     def image_record(self, split: str, image_id: str) -> ImageRecord:
-        recs = self._root[f"images/{parse_split(split)}"].attrs.get("records", {})
+        recs = self._image_records(split)
         if image_id not in recs:
             raise KeyError(f"Unknown image id {image_id!r} in split {split!r} of {self.path}.")
         return ImageRecord.from_dict(recs[image_id])
 
     def image_records(self, split: str) -> list[ImageRecord]:
-        recs = self._root[f"images/{parse_split(split)}"].attrs.get("records", {})
+        recs = self._image_records(split)
         return [ImageRecord.from_dict(recs[i]) for i in self.image_ids(split)]
 
     def image_path(self, record: ImageRecord) -> Path:
@@ -189,7 +192,7 @@ class LabelStore:
     def read_labels(self, split: str, image_id: str, *, version: str = "v1") -> np.ndarray:
         """Label map (H x W uint8) of `image_id` in a published `version`."""
         version = self.resolve_version(version)
-        return np.asarray(self._root[self._label_key(version, split, image_id)][...])
+        return np.asarray(self.array(self._label_key(version, split, image_id))[...])
 
     def read_provenance(self, split: str, image_id: str, *, version: str = "v1") -> np.ndarray:
         """Per-pixel provenance (0 precise, 1 pseudo, 255 ignore) of a published version."""
@@ -205,10 +208,11 @@ class LabelStore:
         if version == "v1":
             return labels, np.where(labels == IGNORE_INDEX, PROV_IGNORE, PROV_PRECISE).astype(np.uint8)
         key = self._label_key(version, split, image_id, kind="provenance")
-        return labels, np.asarray(self._root[key][...])
+        return labels, np.asarray(self.array(key)[...])
 
     def stored_sha256(self, split: str, image_id: str, *, version: str) -> str | None:
-        return self._root[self._label_key(version, split, image_id)].attrs.get("sha256")
+        sha = self._root[self._label_key(version, split, image_id)].attrs.get("sha256")
+        return sha if isinstance(sha, str) else None
 
     def verify_version(self, version: str) -> list[str]:
         """Re-hash every label map of a published version; returns the ids whose content changed."""
@@ -354,7 +358,7 @@ class LabelStore:
     def read_hand_mask(self, kind: HandMaskKind, class_name: str, image_id: str) -> np.ndarray:
         key = f"{kind}/{parse_class_name(class_name)}/{parse_image_id(image_id)}"
         try:
-            return np.asarray(self._root[key][...])
+            return np.asarray(self.array(key)[...])
         except KeyError:
             raise KeyError(f"No {kind} mask for class {class_name!r}, image {image_id!r} in {self.path}.") from None
 
@@ -371,6 +375,13 @@ class LabelStore:
     def root(self) -> zarr.Group:
         """The zarr root group, for task modules that keep their own arrays (pseudo/, cache/)."""
         return self._root
+
+    def array(self, key: str) -> zarr.Array:
+        """The zarr array at `key` (KeyError if there is none, or a group is there)."""
+        node = self._root[key]
+        if not isinstance(node, zarr.Array):
+            raise KeyError(f"{key!r} in {self.path} is a group, not an array.")
+        return node
 
     def lock(self, *, wait: bool = False, timeout: float | None = None, purpose: str = "") -> Any:
         """Exclusive writer lock (see `storage.lock.store_lock`)."""

@@ -26,7 +26,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -301,7 +301,7 @@ def get_rng_state(*, generators: Mapping[str, torch.Generator] | None = None) ->
     Args:
         generators: Extra generators (e.g. the criterion's point sampler), saved by name.
     """
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state())  # the legacy tuple (name, keys, pos, ...)
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -470,7 +470,9 @@ def evaluate_pseudo(
             per_image = []
             for image_id in both:
                 pseudo = read_pseudo_mask(store, name, split, image_id)
-                c = binary_counts(pseudo, read_hand_or_none(store, kinds, name, image_id))
+                hand = read_hand_or_none(store, kinds, name, image_id)
+                assert hand is not None  # `both` holds only images with a hand mask
+                c = binary_counts(pseudo, hand)
                 _add(total, c)
                 s = _class_scores(c)
                 per_image.append({"id": image_id, "iou": s["iou"], "biou": s["biou"], "bf1": s["bf1"]})

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from models.label_record import rle_decode
 from storage.names import parse_class_name
 from storage.pseudo import missing_pseudo, pseudo_done, pseudo_runs, read_pseudo_mask, read_pseudo_record
-from storage.registry import IGNORE_INDEX, PROV_IGNORE, PROV_PRECISE, PROV_PSEUDO, ClassInfo, VersionInfo
+from storage.registry import IGNORE_INDEX, PROV_PSEUDO, ClassInfo, VersionInfo
 from storage.store import LabelStore, open_label_store
 
 POLICIES: tuple[str, ...] = ("carve-others", "overwrite")

@@ -72,13 +72,13 @@ def make_scene(*, height: int, width: int, seed: int) -> Scene:
                 cv2.rectangle(paint, (wx, wy), (wx + max(2, int(5 * s)), wy + max(2, int(6 * s))), (70, 80, 100), -1)
 
     for _ in range(rng.integers(1, 4)):  # trees: trunk + a crown with a ragged, fine edge
-        cx, cy = int(rng.uniform(0, w)), int(horizon - rng.uniform(0.05, 0.25) * h)
+        tx, ty = int(rng.uniform(0, w)), int(horizon - rng.uniform(0.05, 0.25) * h)
         r = rng.uniform(15, 35) * s
-        ang = np.arctan2(yy - cy, xx - cx)
-        rad = np.hypot(yy - cy, xx - cx)
+        ang = np.arctan2(yy - ty, xx - tx)
+        rad = np.hypot(yy - ty, xx - tx)
         ragged = r * (1 + 0.15 * np.sin(7 * ang + rng.uniform(0, 6)) + 0.08 * np.sin(23 * ang))
         crown = rad < ragged
-        trunk = (np.abs(xx - cx) <= max(1, 2 * s)) & (yy >= cy) & (yy < horizon + int(4 * s))
+        trunk = (np.abs(xx - tx) <= max(1, 2 * s)) & (yy >= ty) & (yy < horizon + int(4 * s))
         _fill(labels, paint, crown | trunk, VEGETATION, _COLOURS[VEGETATION])
 
     for _ in range(rng.integers(1, 4)):  # poles and signs: "others"
@@ -100,8 +100,8 @@ def make_scene(*, height: int, width: int, seed: int) -> Scene:
         cabin = np.array([[cx + cw * 0.2, cy - ch * 0.55], [cx + cw * 0.3, cy - ch], [cx + cw * 0.7, cy - ch],
                           [cx + cw * 0.8, cy - ch * 0.55]])
         cv2.fillPoly(m, [body.astype(np.int32), cabin.astype(np.int32)], 1)
-        for wx in (cx + cw * 0.22, cx + cw * 0.78):
-            cv2.circle(m, (int(wx), int(cy)), max(2, int(ch * 0.22)), 1, -1)
+        for wheel_x in (cx + cw * 0.22, cx + cw * 0.78):
+            cv2.circle(m, (int(wheel_x), int(cy)), max(2, int(ch * 0.22)), 1, -1)
         mb = m.astype(bool) & (labels != WATER)
         _fill(labels, paint, mb, OTHERS, _CAR_PAINTS[rng.integers(len(_CAR_PAINTS))])
         car |= mb
@@ -118,6 +118,6 @@ def make_scene(*, height: int, width: int, seed: int) -> Scene:
         car &= ~mb
 
     noise = rng.normal(0, 8, size=(h, w, 3))
-    image = np.clip(paint.astype(np.float32) + noise, 0, 255).astype(np.uint8)
-    image = cv2.GaussianBlur(image, (3, 3), 0.6)  # cameras blur edges a little; labels stay sharp
+    noisy = np.clip(paint.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    image = cv2.GaussianBlur(noisy, (3, 3), 0.6)  # cameras blur edges a little; labels stay sharp
     return Scene(image=image, labels=labels, car=car)

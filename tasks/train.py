@@ -491,7 +491,7 @@ def _train_steps(
 
             values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]).tolist()
             seconds = time.perf_counter() - t0  # data wait + forward + backward + update (not checkpointing)
-            record = {"step": step, "lr": lr, **dict(zip(losses, values[:-1])), "total": values[-1],
+            record = {"step": step, "lr": lr, **dict(zip(losses, values[:-1], strict=True)), "total": values[-1],
                       "seconds": round(seconds, 4)}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()

@@ -101,7 +101,7 @@ def test_point_losses_match_loops() -> None:
     for n in range(3):
         s = [1 / (1 + math.exp(-v)) for v in logits[n].tolist()]
         t = labels[n].tolist()
-        exp_dice += 1 - (2 * sum(a * b for a, b in zip(s, t)) + 1) / (sum(s) + sum(t) + 1)
+        exp_dice += 1 - (2 * sum(a * b for a, b in zip(s, t, strict=True)) + 1) / (sum(s) + sum(t) + 1)
     exp_dice /= num_masks
     got = weighted_sigmoid_ce_loss(logits, labels, weights, num_masks).item()
     got_plain = weighted_sigmoid_ce_loss(logits, labels, None, num_masks).item()

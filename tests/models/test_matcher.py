@@ -41,9 +41,9 @@ def _loop_cost(logits, pred_masks, labels, tgt_masks, coords) -> np.ndarray:
         z = np.exp(logits[i] - logits[i].max())
         prob = z / z.sum()
         for j in range(g):
-            ce = sum(_softplus(a) - a * t for a, t in zip(pred_pts[i], tgt_pts[j])) / p
+            ce = sum(_softplus(a) - a * t for a, t in zip(pred_pts[i], tgt_pts[j], strict=True)) / p
             s = [1 / (1 + math.exp(-a)) for a in pred_pts[i]]
-            inter = sum(a * t for a, t in zip(s, tgt_pts[j]))
+            inter = sum(a * t for a, t in zip(s, tgt_pts[j], strict=True))
             dice = 1 - (2 * inter + 1) / (sum(s) + sum(tgt_pts[j]) + 1)
             cost[i, j] = -2 * prob[labels[j]] + 5 * ce + 5 * dice
     return cost
@@ -80,9 +80,9 @@ def test_pairwise_costs_match_loops() -> None:
         for j in range(3):
             a = pred[i].double().tolist()
             t = tgt[j].double().tolist()
-            exp_ce = sum(_softplus(v) - v * y for v, y in zip(a, t)) / 9
+            exp_ce = sum(_softplus(v) - v * y for v, y in zip(a, t, strict=True)) / 9
             s = [1 / (1 + math.exp(-v)) for v in a]
-            exp_dice = 1 - (2 * sum(u * y for u, y in zip(s, t)) + 1) / (sum(s) + sum(t) + 1)
+            exp_dice = 1 - (2 * sum(u * y for u, y in zip(s, t, strict=True)) + 1) / (sum(s) + sum(t) + 1)
             assert ce[i, j].item() == pytest.approx(exp_ce, rel=1e-5)
             assert dice[i, j].item() == pytest.approx(exp_dice, rel=1e-5, abs=1e-6)
             assert cls[i, j].item() == pytest.approx(-prob[labels[j]].item(), rel=1e-5)
@@ -114,9 +114,9 @@ def test_matcher_equals_brute_force(seed: int, q: int, g: int) -> None:
         itertools.permutations(range(q), g), key=lambda perm: sum(cost[perm[j], j] for j in range(g))
     )
     best_total = sum(cost[best[j], j] for j in range(g))
-    got_total = sum(cost[r, c] for r, c in zip(rows.tolist(), cols.tolist()))
+    got_total = sum(cost[r, c] for r, c in zip(rows.tolist(), cols.tolist(), strict=True))
     assert got_total == pytest.approx(best_total, abs=1e-6)
-    assert dict(zip(cols.tolist(), rows.tolist())) == {j: best[j] for j in range(g)}
+    assert dict(zip(cols.tolist(), rows.tolist(), strict=True)) == {j: best[j] for j in range(g)}
 
 
 def test_matcher_empty_targets_and_random_points() -> None:

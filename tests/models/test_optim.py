@@ -130,10 +130,10 @@ def test_cosine_schedule_per_iteration() -> None:
         ref_opt.step()
         ref.step()
         factor = 0.5 * (1 + math.cos(math.pi * min(t, max_iters) / max_iters))
-        for g, base in zip(opt.param_groups, bases):
+        for g, base in zip(opt.param_groups, bases, strict=True):
             assert g["lr"] == pytest.approx(base * factor, abs=1e-12)
         if t <= max_iters:
-            for g, r in zip(opt.param_groups, ref_opt.param_groups):
+            for g, r in zip(opt.param_groups, ref_opt.param_groups, strict=True):
                 assert g["lr"] == pytest.approx(r["lr"], abs=1e-10)
     assert all(g["lr"] == 0.0 for g in opt.param_groups)  # held at eta_min after max_iters
 

@@ -198,7 +198,7 @@ def test_dataset_pickles_and_workers_load_the_same_batches(synthetic_store: Path
 
     serial, parallel = batches(0), batches(2)
     assert len(serial) == len(parallel) == 3
-    for s, p in zip(serial, parallel):
+    for s, p in zip(serial, parallel, strict=True):
         assert s["id"] == p["id"]
         assert torch.equal(s["image"], p["image"]) and torch.equal(s["labels"], p["labels"])
         assert s["image"].shape == (2, 3, 64, 64)

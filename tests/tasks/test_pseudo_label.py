@@ -47,7 +47,7 @@ def test_simulated_is_deterministic(tmp_path: Path) -> None:
         pseudo_label(p, prompt="car", labeler=SIM, progress=False)
         st = open_label_store(p)
         masks.append([read_pseudo_mask(st, "car", "train", i) for i in st.image_ids("train")])
-    assert all(np.array_equal(x, y) for x, y in zip(*masks))
+    assert all(np.array_equal(x, y) for x, y in zip(*masks, strict=True))
 
 
 _CRASHER = die_after_writes("tasks.pseudo_label", "write_pseudo_result", 2) + """

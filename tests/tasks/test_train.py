@@ -127,7 +127,7 @@ def test_resume_after_kill_matches_the_straight_run(
     assert diff <= 1e-6
     log, ref = read_log(out), read_log(straight_run)
     assert [r["step"] for r in log] == [1, 2, 3]
-    for mine, theirs in zip(log, ref):  # same losses step by step, incl. the step after the resume
+    for mine, theirs in zip(log, ref, strict=True):  # same losses step by step, incl. the step after the resume
         assert mine["total"] == pytest.approx(theirs["total"], rel=1e-5, abs=1e-6)
         assert mine["lr"] == pytest.approx(theirs["lr"])
 
