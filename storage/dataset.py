@@ -168,8 +168,8 @@ def photometric_distortion(
 class LabelVersionDataset(Dataset[dict[str, Any]]):
     """Images of one split with the labels and provenance of one label version.
 
-    Items are dicts: ``image`` 3 x H x W float32 RGB in 0..255, ``labels`` H x W int64 (255 ignore and
-    padding), ``provenance`` H x W uint8 (0 precise, 1 pseudo, 255 ignore and padding) and ``id`` (str).
+    Items are dicts: ``image`` 3 x H x W float32 RGB in 0..255, ``labels`` H x W int64 model class indices
+    (`VersionInfo.model_class_ids`: the store ids where they are 0..K-1; 255 ignore and padding), ``provenance`` H x W uint8 (0 precise, 1 pseudo, 255 ignore and padding) and ``id`` (str).
     With ``augment=True`` every item is ``crop_size``; otherwise items are the full images, unchanged (batch
     those one at a time, or group them by size: the default collate stacks equal shapes only).
 
@@ -219,6 +219,8 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
         self.store_path = Path(store)
         opened = open_label_store(self.store_path)
         self.version = opened.resolve_version(version)
+        lut = opened.versions()[self.version].label_lut()
+        self.label_lut = None if lut is None else np.asarray(lut, np.uint8)  # store id -> model index
         self.split = split
         all_ids = opened.image_ids(split)
         if image_ids is None:
@@ -255,10 +257,13 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
         return self._store
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The unaugmented (image H x W x 3 uint8 RGB, labels H x W uint8, provenance H x W uint8)."""
+        """The unaugmented (image H x W x 3 uint8 RGB, labels H x W uint8 model class indices, provenance
+        H x W uint8)."""
         image_id = self.image_ids[index]
         image = self.store.read_image(self.split, image_id)
         labels, provenance = self.store.read_labels_and_provenance(self.split, image_id, version=self.version)
+        if self.label_lut is not None:
+            labels = self.label_lut[labels]
         if not image.shape[:2] == labels.shape == provenance.shape:
             raise ValueError(
                 f"Image {image_id!r} is {image.shape[:2]} but its {self.version} labels are {labels.shape} "

@@ -69,6 +69,24 @@ class VersionInfo:
         d["class_ids"] = list(self.class_ids)
         return d
 
+    @property
+    def model_class_ids(self) -> list[int]:
+        """The store class ids in model order: a model trained on this version predicts class index `i` for
+        store id `model_class_ids[i]`. Store ids may have gaps (a name keeps one id store-wide, so a branch
+        `v1 -> v3` can hold ids 0..6 and 8); model indices never do."""
+        return sorted(self.class_ids)
+
+    def label_lut(self) -> list[int] | None:
+        """256-entry lookup table from store label values to model class indices (255 stays 255, ids not in
+        the version map to 255); None when the ids already are 0..K-1."""
+        ids = self.model_class_ids
+        if ids == list(range(len(ids))):
+            return None
+        lut = [IGNORE_INDEX] * 256
+        for index, store_id in enumerate(ids):
+            lut[store_id] = index
+        return lut
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VersionInfo:
         return cls(

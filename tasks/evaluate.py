@@ -217,11 +217,10 @@ def load_eval_model(checkpoint: str | os.PathLike[str], device: str) -> tuple[An
 def _resolve_classes(
     store: LabelStore, version: str, *, model_classes: int | None, names_expected: Sequence[str] | None
 ) -> tuple[str, list[dict[str, Any]], int]:
-    """(version, [{id, name, source}] for ids 0..K-1, number of precise classes)."""
+    """(version, [{id, name, source}] in model class order, number of precise classes). Model class index
+    k is the k-th entry; its store `id` may differ where the version's ids have gaps (0..6 and 8)."""
     version = store.resolve_version(version)
-    ids = sorted(store.versions()[version].class_ids)
-    if ids != list(range(len(ids))):
-        raise ValueError(f"Label version {version!r} of {store.path} has class ids {ids}; expected 0..K-1.")
+    ids = store.versions()[version].model_class_ids
     registry = {c.id: c for c in store.classes()}
     classes = [{"id": i, "name": registry[i].name, "source": registry[i].source} for i in ids]
     num_precise = sum(c["source"] == "precise" for c in classes)
@@ -329,7 +328,7 @@ def evaluate_model(
         names_expected=cfg.get("class_names"),
     )
     k = len(classes)
-    new = [(c["id"], c["name"]) for c in classes[num_precise:]]
+    new = [(num_precise + j, c["name"]) for j, c in enumerate(classes[num_precise:])]  # (model index, name)
     out_root = Path(pred_dir) if pred_dir is not None else None
     results: dict[str, Any] = {
         "store": str(store.path),

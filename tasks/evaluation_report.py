@@ -187,7 +187,8 @@ def write_evaluation_report(
     if model_results and model_results["new_classes"]:
         store = open_label_store(model_results["store"])
         predict = _predictions(model_results, store, pred_dir=pred_dir, model=model)
-        new = [(c["id"], c["name"]) for c in model_results["classes"][model_results["num_precise"] :]]
+        num_precise = model_results["num_precise"]
+        new = [(num_precise + j, c["name"]) for j, c in enumerate(model_results["classes"][num_precise:])]
         for cid, name in new:
             if predict is None:
                 break

@@ -78,11 +78,10 @@ def export_mmseg(store_path: str | os.PathLike[str], *, version: str, out_dir: s
     version = store.resolve_version(version)
     info = store.versions()[version]
     registry = {c.id: c for c in store.classes()}
-    ids = sorted(info.class_ids)
-    remapped = ids != list(range(len(ids)))
-    lut = np.full(256, IGNORE_INDEX, np.uint8)
-    for new_id, store_id in enumerate(ids):
-        lut[store_id] = new_id
+    ids = info.model_class_ids  # the same contiguous ids a model trained on this version predicts
+    store_lut = info.label_lut()
+    remapped = store_lut is not None
+    lut = np.asarray(store_lut or range(256), np.uint8)
     classes = []
     for new_id, store_id in enumerate(ids):
         c = registry[store_id]

@@ -189,24 +189,21 @@ class TrainConfig:
 
 
 def version_classes(store: LabelStore, version: str) -> tuple[list[str], set[int]]:
-    """Class names (index = class id) and pseudo class ids of a published version.
+    """Class names and pseudo classes of a published version, both by model class index
+    (`VersionInfo.model_class_ids`: store ids with gaps, e.g. 0..6 and 8, become 0..7).
 
     Raises:
-        ValueError: the version's class ids are not 0..K-1.
+        ValueError: the version uses ids missing from the class registry.
     """
     info = store.versions()[store.resolve_version(version)]
-    ids = sorted(info.class_ids)
-    if ids != list(range(len(ids))):
-        raise ValueError(
-            f"Expected class ids 0..K-1 in version {info.name} of {store.path}. Got {ids} instead."
-        )
+    ids = info.model_class_ids
     by_id = {c.id: c for c in store.classes()}
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise ValueError(
             f"Version {info.name} of {store.path} uses class ids {missing} missing from the registry."
         )
-    return [by_id[i].name for i in ids], {i for i in ids if by_id[i].source == "pseudo"}
+    return [by_id[i].name for i in ids], {k for k, i in enumerate(ids) if by_id[i].source == "pseudo"}
 
 
 def resolve_train_config(config: TrainConfig) -> TrainConfig:
@@ -237,6 +234,7 @@ def model_config(config: TrainConfig) -> dict[str, Any]:
         "pixel_decoder": config.pixel_decoder,
         "num_classes": len(names),
         "class_names": names,
+        "store_class_ids": store.versions()[config.version].model_class_ids,
         "pseudo_classes": sorted(pseudo),
         "store": str(Path(config.store).resolve()),
         "store_name": store.info.get("name"),

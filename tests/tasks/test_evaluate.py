@@ -22,7 +22,7 @@ from tasks.evaluate import (
     score_prediction,
 )
 from tasks.evaluation_report import write_evaluation_report
-from tasks.merge import merge
+from tasks.merge import merge, plan_merge
 
 I = 255  # ignore
 CAR = 7
@@ -77,8 +77,11 @@ SPLIT_OF = {i: s for s, maps in LABELS.items() for i in maps}
 COLOUR = {image_id: 20 * (k + 1) for k, image_id in enumerate(SPLIT_OF)}  # unique flat grey per image
 
 
-def make_store(path: Path) -> Path:
-    """The hand-written store, car pseudo labels on train and val, merged into v2 (classes 0..7)."""
+def make_store(path: Path, *, id_gap: bool = False) -> Path:
+    """The hand-written store, car pseudo labels on train and val, merged into v2 (classes 0..7).
+
+    `id_gap`: an abandoned merge of "bus" first holds draft v2 and id 7, so car becomes id 8 of v3
+    (ids 0..6 and 8; the model still predicts car as class index 7)."""
     files = path.parent / f"{path.name}-files"
     files.mkdir(parents=True, exist_ok=True)
     with build_label_store(path, name="tiny", source="test") as st:
@@ -94,13 +97,16 @@ def make_store(path: Path) -> Path:
                 recs.append(ImageRecord(id=image_id, path=str(f), sha256="0", height=6, width=8))
             st.write_image_records(split, recs)
     st = open_label_store(path, mode="a")
-    key = settings_key({"name": "simulated", "class": "car"})
-    for split in ("train", "val"):
-        for image_id in LABELS[split]:
-            write_pseudo_result(st, "car", split, image_id, mask=PSEUDO[image_id], record={}, key=key)
-        record_pseudo_run(st, "car", prompt="car", labeler={"name": "simulated"}, key=key, split=split,
-                          images=len(LABELS[split]), detections=len(LABELS[split]))
-    assert merge(path, classes="car", progress=False) == "v2"
+    for name in ("bus", "car") if id_gap else ("car",):
+        key = settings_key({"name": "simulated", "class": name})
+        for split in ("train", "val"):
+            for image_id in LABELS[split]:
+                write_pseudo_result(st, name, split, image_id, mask=PSEUDO[image_id], record={}, key=key)
+            record_pseudo_run(st, name, prompt=name, labeler={"name": "simulated"}, key=key, split=split,
+                              images=len(LABELS[split]), detections=len(LABELS[split]))
+    if id_gap:
+        assert plan_merge(path, classes="bus").spec["class_ids"] == {"bus": CAR}  # then abandoned
+    assert merge(path, classes="car", progress=False) == ("v3" if id_gap else "v2")
     return path
 
 
@@ -175,6 +181,15 @@ def test_score_prediction_without_hand_mask_has_no_new_class_or_all_score() -> N
 
 
 # ---------------------------------------------------------------------------- rules 1-3 through the store
+def test_a_version_with_a_class_id_gap_scores_by_model_index(tmp_path: Path) -> None:
+    path = make_store(tmp_path / "gap.zarr", id_gap=True)
+    assert sorted(open_label_store(path).versions()["v3"].class_ids) == [0, 1, 2, 3, 4, 5, 6, 8]
+    res = evaluate_model(path, model=FakeModel(all_perfect()), splits=("test",), progress=False)
+    assert res["label_version"] == "v3" and res["classes"][CAR] == {"id": 8, "name": "car", "source": "pseudo"}
+    car = res["splits"]["test"]["new_classes"]["car"]
+    assert (car["iou"], car["biou"], car["bf1"]) == (1.0, 1.0, 1.0)  # predicted index 7 is store id 8
+
+
 def test_perfect_prediction_scores_one(store: Path) -> None:
     res = evaluate_model(store, model=FakeModel(all_perfect()), splits=("val", "test"), progress=False)
     assert res["label_version"] == "v2" and res["num_precise"] == 7 and res["new_classes"] == ["car"]

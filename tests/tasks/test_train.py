@@ -215,6 +215,32 @@ def test_config_validation_and_derivation(train_store: Path, tmp_path: Path) -> 
         resolve_train_config(tiny_config(train_store, tmp_path, num_classes=9))
 
 
+def test_a_version_with_a_class_id_gap_trains_on_model_indices(tmp_path: Path) -> None:
+    """Store ids 0..6 and 8 (a name keeps one id store-wide): the dataset and the model use indices 0..7."""
+    path = ingest_synthetic(tmp_path / "gap.zarr", images=3, size=(128, 128), seed=1, progress=False)
+    st = open_label_store(path, mode="a")
+    st.begin_version("v2", parent="v1", class_ids=[*range(7), 8], policy="test", spec={})
+    car_masks = {}
+    for split in st.splits():
+        kind = "eval" if split == "test" else "reference"
+        for image_id in st.image_ids(split):
+            labels = st.read_labels(split, image_id).copy()
+            car_masks[image_id] = car = st.read_hand_mask(kind, "car", image_id).astype(bool)
+            labels[car] = 8
+            st.write_version_labels("v2", split, image_id, labels, car.astype(np.uint8))
+    st.publish_version("v2", new_classes=[ClassInfo(id=8, name="car", source="pseudo", prompt="car")])
+
+    item = LabelVersionDataset(path, version="v2", augment=False)[0]
+    assert car_masks[item["id"]].any() and int(item["labels"].max()) == CAR  # no 8 reaches the model
+    assert torch.equal(item["labels"] == CAR, torch.from_numpy(car_masks[item["id"]]))
+    config = resolve_train_config(tiny_config(path, tmp_path / "run", iters=2, crop_size=(128, 128)))
+    cfg = model_config(config)
+    assert config.num_classes == 8 and cfg["class_names"][CAR] == "car" and cfg["pseudo_classes"] == [CAR]
+    assert cfg["store_class_ids"] == [*range(7), 8]
+    final = train(config, progress=False)
+    assert load_trained_model(final).num_classes == 8
+
+
 def test_tiny_model_overfits_one_image(train_store: Path, tmp_path: Path) -> None:
     config = tiny_config(
         train_store, tmp_path / "run", version="v1", iters=50, lr=5e-3, num_points=512,
