@@ -165,6 +165,15 @@ def _pseudo_class_status(store: LabelStore,
         if split in run.get("splits", {}) or len(miss) < len(ids):
             splits.append(split)
             missing[split] = miss
+        elif len(missing_pseudo(store, name, split)) < len(ids):
+            # finished labels from other settings: leaving the split out would train on no `name` there
+            done = sorted(run.get("splits", {}))
+            raise MergeError(
+                f"Split {split!r} of class {name!r} in {store.path} was pseudo-labelled with other labeler "
+                f"settings than its latest run (settings key {key}, on {done}), so the two do not mix. "
+                f"Rerun `addclass pseudo-label STORE --prompt {run.get('prompt', name)} --split {split}` with "
+                f"the settings of that run (or relabel {done} with the old ones)."
+            )
     if not splits:
         raise MergeError(f"Class {name!r} is not pseudo-labelled yet in {store.path}: no split has finished "
                          f"pseudo labels. Run `addclass pseudo-label STORE --prompt {name}`.")

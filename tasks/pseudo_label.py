@@ -28,7 +28,8 @@ LabelerKind = Literal["grounded-sam", "simulated"]
 
 @dataclass(frozen=True)
 class LabelerConfig:
-    """Which labeler and how (the flow parameter; everything in it is part of the resume key)."""
+    """Which labeler and how (the flow parameter; everything in it but `device` is part of the resume key, so a
+    run interrupted on the GPU can finish on the CPU without relabelling)."""
 
     kind: LabelerKind = "grounded-sam"
     sam_variant: str = "vit_b"
@@ -59,6 +60,10 @@ class LabelerConfig:
         if self.kind == "simulated":  # detector settings do not apply
             d = {"kind": "simulated", "seed": self.seed, "simulated": dict(self.simulated)}
         return d
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings that decide the labels (the resume key's): all but the device."""
+        return {k: v for k, v in self.to_dict().items() if k != "device"}
 
 
 _LABELERS: dict[str, Any] = {}  # one labeler per process and settings (Dask workers reuse it across batches)
@@ -153,7 +158,7 @@ def plan_pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split:
         if split == "test" or not have:
             raise ValueError(f"The simulated labeler needs reference/{name} hand masks for split {split!r} "
                              f"(evaluation masks never feed a labeler); {store.path} has none.")
-    key = settings_key({"prompt": prompt, **labeler.to_dict()})
+    key = settings_key({"prompt": prompt, **labeler.resume_settings()})
     todo = missing_pseudo(store, name, split, key=key)
     batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
     return PseudoPlan(store=str(store_path), prompt=prompt, class_name=name, split=split, key=key, labeler=labeler,

@@ -318,6 +318,15 @@ def test_pseudo_labels_from_older_settings_count_as_missing(tiny: Path) -> None:
         plan_merge(tiny, classes="car")
 
 
+def test_a_split_labelled_with_other_settings_is_refused_not_left_out(tiny: Path) -> None:
+    add_pseudo(tiny, "car", "train", {"t0": [(CAR_T0, 0.8)], "t1": [(box(0, 3, 0, 2), 0.5)]},
+               settings={"class": "car", "box_threshold": 0.5})
+    add_pseudo(tiny, "car", "val", {"v0": [(box(0, 3, 1, 4), 0.7)]})  # the latest run: other settings
+    with pytest.raises(MergeError, match=r"Split 'train' of class 'car' .* other labeler settings .*--split train"):
+        plan_merge(tiny, classes="car", allow_partial=True)
+    assert list(open_label_store(tiny).drafts()) == []  # refused before a draft was started
+
+
 # ---------------------------------------------------------------------------- flow-style use, lock
 def test_flow_style_plan_map_finish(tiny: Path) -> None:
     car_everywhere(tiny)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -148,3 +149,8 @@ def test_grounded_sam_random_weights_through_the_task(tmp_path: Path) -> None:
     finally:
         hook.remove()
     assert cache.hits == len(ids) and calls == []
+    # the device is not part of the resume key: the run is done, whatever device finishes it
+    on_gpu = plan_pseudo_label(store, prompt="car", labeler=replace(cfg, device="cuda"))
+    assert on_gpu.batches == [] and on_gpu.already_done == len(ids)
+    stricter = plan_pseudo_label(store, prompt="car", labeler=replace(cfg, box_threshold=0.5))
+    assert stricter.already_done == 0  # a setting that changes the labels does relabel
