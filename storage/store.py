@@ -383,9 +383,14 @@ class LabelStore:
             raise KeyError(f"{key!r} in {self.path} is a group, not an array.")
         return node
 
-    def lock(self, *, wait: bool = False, timeout: float | None = None, purpose: str = "") -> Any:
-        """Exclusive writer lock (see `storage.lock.store_lock`)."""
-        return store_lock(self.path, wait=wait, timeout=timeout, purpose=purpose)
+    @contextmanager
+    def lock(self, *, wait: bool = False, timeout: float | None = None, purpose: str = "") -> Iterator[None]:
+        """Exclusive writer lock (see `storage.lock.store_lock`). On acquiring it the metadata is re-read, so
+        the holder never writes back a document that another writer changed since this handle opened."""
+        with store_lock(self.path, wait=wait, timeout=timeout, purpose=purpose):
+            if self.mode != "w":
+                self.refresh()
+            yield
 
     # ------------------------------------------------------------------ building (ingest)
     def _init_doc(self, *, name: str, source: str) -> None:

@@ -256,7 +256,8 @@ def import_pseudo(store_path: str | os.PathLike[str], *, class_name: str, masks_
         masks[f.stem] = (where[f.stem], m > 0)
     settings = {"labeler": "import", "masks_dir": str(folder.resolve())}
     key = settings_key({"prompt": prompt or name, **settings})
-    with store.lock(purpose=f"import-pseudo {name}"):
+    with store.lock(purpose=f"import-pseudo {name}"):  # re-reads the store: another writer may have finished
+        check_prompt(store, class_name)  # ... adding this very class while the masks were validated
         per_split: dict[str, int] = {}
         for image_id, (split, m) in masks.items():
             n, comp = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)

@@ -100,6 +100,23 @@ def test_draft_version_publish_is_all_or_nothing(fresh_store: Path) -> None:
         st.write_version_labels("v2", s, i, lab, lab)
 
 
+def test_a_handle_opened_before_another_writer_published_does_not_undo_it(fresh_store: Path) -> None:
+    stale = open_label_store(fresh_store, mode="a")  # e.g. a command validating its input before the lock
+    writer = open_label_store(fresh_store, mode="a")
+    with writer.lock(purpose="merge"):
+        writer.begin_version("v2", parent="v1", class_ids=list(range(8)), policy="carve-others", spec={})
+        for s in writer.splits():
+            for i in writer.image_ids(s):
+                lab = writer.read_labels(s, i)
+                writer.write_version_labels("v2", s, i, lab, np.zeros_like(lab))
+        writer.publish_version("v2", new_classes=[ClassInfo(id=7, name="car", source="pseudo", prompt="car")])
+    with stale.lock(purpose="import-pseudo"):  # taking the lock re-reads the document
+        stale.set_section("pseudo", {"bus": {"splits": {}}})
+    ro = open_label_store(fresh_store)
+    assert list(ro.versions()) == ["v1", "v2"] and ro.class_by_name("car").id == 7
+    assert ro.section("pseudo") == {"bus": {"splits": {}}}
+
+
 def test_draft_with_other_settings_is_refused(fresh_store: Path) -> None:
     st = open_label_store(fresh_store, mode="a")
     st.begin_version("v2", parent="v1", class_ids=[0, 1], policy="carve-others", spec={"a": 1})
