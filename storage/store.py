@@ -8,6 +8,7 @@ per-image arrays are written by any number of workers, one writer per array (see
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -434,17 +435,35 @@ def open_label_store(path: str | os.PathLike[str], *, mode: Literal["r", "a"] = 
     return LabelStore(p, mode=mode)
 
 
+def is_label_store(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` holds an addclass label store (a zarr group whose attributes carry the store document)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        return ATTRS_KEY in json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @contextmanager
-def build_label_store(path: str | os.PathLike[str], *, name: str, source: str,
-                      overwrite: bool = False) -> Iterator[LabelStore]:
+def build_label_store(path: str | os.PathLike[str], *, name: str, source: str, overwrite: bool = False,
+                      sources: Sequence[str | os.PathLike[str]] = ()) -> Iterator[LabelStore]:
     """Build a new store in a temporary folder next to `path` and publish it there only on success.
 
-    A failure midway leaves no half store. An existing store is replaced only with `overwrite=True`, and
-    only when no other process holds its lock.
+    A failure midway leaves no half store. An existing store is replaced only with `overwrite=True`, only
+    when no other process holds its lock, and never when `path` is something else than a label store or
+    holds one of the `sources` (the folders the new store reads from).
     """
     final = Path(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if final.exists():
+        if not is_label_store(final):
+            raise FileExistsError(f"{final} exists and is not an addclass label store; overwrite=True "
+                                  f"(--overwrite) only replaces a label store. Choose another path.")
+        for src in map(Path, sources):
+            if src.resolve() == final.resolve() or final.resolve() in src.resolve().parents:
+                raise ValueError(f"The source {src} is inside {final}, which overwrite=True (--overwrite) would "
+                                 f"delete. Write the store to another path.")
     with staged_dir(final, guard=lambda: store_lock(final, purpose="overwrite by ingest")) as tmp:
         zarr.open_group(str(tmp), mode="w", zarr_format=3)
         store = LabelStore(tmp, mode="w")

@@ -17,8 +17,9 @@
   classes has a finished pseudo label for it (made with the class's recorded run settings), so a listed image
   without annotations of a class is a true negative for it. Splits without pseudo labels get no file.
 
-Both refuse a non-empty DIR unless `overwrite=True`, and build the export in a temporary folder next to DIR
-that replaces DIR only when complete (with `overwrite=True` the old DIR is deleted).
+Both refuse a non-empty DIR unless `overwrite=True` (which replaces only an earlier export, never another
+folder), and build the export in a temporary folder next to DIR that replaces DIR only when complete (with
+`overwrite=True` the old DIR is deleted).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from storage.staging import staged_dir
 from storage.store import LabelStore, open_label_store
 
 
+def _is_export(folder: Path) -> bool:
+    return (folder / "classes.json").is_file() or any(folder.glob("instances_*.json"))
+
+
 @contextmanager
 def _staged_dir(out_dir: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder that replaces `out_dir` on success; a failure leaves `out_dir` as it was."""
@@ -50,6 +55,9 @@ def _staged_dir(out_dir: str | os.PathLike[str], *, overwrite: bool) -> Iterator
         raise FileExistsError(f"{final} exists and is not a folder.")
     if final.is_dir() and any(final.iterdir()) and not overwrite:
         raise FileExistsError(f"{final} is not empty; pass overwrite=True (--overwrite) to replace it.")
+    if final.is_dir() and any(final.iterdir()) and not _is_export(final):
+        raise FileExistsError(f"{final} is not empty and holds no addclass export (no classes.json or "
+                              f"instances_*.json); overwrite=True (--overwrite) only replaces an export.")
     with staged_dir(final) as tmp:
         yield tmp
 

@@ -130,7 +130,7 @@ def ingest_mass13k(src: str | os.PathLike[str], store: str | os.PathLike[str], *
         check_labels(raw, allowed=VALID_PRECISE, image_hw=raw.shape, where=f"{s.annotation} (id {s.id!r})")
         return raw, {}
 
-    with build_label_store(store, name=src.name, source="mass13k", overwrite=overwrite) as st:
+    with build_label_store(store, name=src.name, source="mass13k", overwrite=overwrite, sources=[src]) as st:
         for split, samples in splits.items():
             _ingest_split(st, split, samples, convert=convert, progress=progress)
     return Path(store)
@@ -165,7 +165,7 @@ def ingest_camvid(src: str | os.PathLike[str], store: str | os.PathLike[str], *,
         precise, car = camvid_to_precise(raw)
         return precise, {"car": car}
 
-    with build_label_store(store, name="camvid", source="camvid", overwrite=overwrite) as st:
+    with build_label_store(store, name="camvid", source="camvid", overwrite=overwrite, sources=[src]) as st:
         for split, samples in splits.items():
             _ingest_split(st, split, samples, convert=convert, progress=progress)
     return Path(store)

@@ -75,11 +75,14 @@ def test_non_empty_dir_is_refused_unless_overwrite(merged: Path, tmp_path: Path)
         export_mmseg(merged, version="v2", out_dir=out)
     with pytest.raises(FileExistsError, match="not empty"):
         export_coco_rle(merged, out_dir=out)
+    with pytest.raises(FileExistsError, match="holds no addclass export"):  # overwrite replaces exports only
+        export_mmseg(merged, version="v1", out_dir=out, overwrite=True)
     assert (out / "keep.txt").read_text() == "x"
-    export_mmseg(merged, version="v1", out_dir=out, overwrite=True)
-    assert not (out / "keep.txt").exists()
-    assert np.array_equal(_png(out / "annotations/train/t1.png"), T1)  # v1: no car
-    assert json.loads((out / "classes.json").read_text())["num_classes"] == 7
+    done = tmp_path / "done"
+    export_mmseg(merged, version="v2", out_dir=done)
+    export_mmseg(merged, version="v1", out_dir=done, overwrite=True)
+    assert np.array_equal(_png(done / "annotations/train/t1.png"), T1)  # v1: no car
+    assert json.loads((done / "classes.json").read_text())["num_classes"] == 7
     empty = tmp_path / "empty"
     empty.mkdir()
     export_mmseg(merged, version="v2", out_dir=empty)  # an empty folder is fine

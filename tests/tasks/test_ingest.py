@@ -117,6 +117,20 @@ def test_existing_store_needs_overwrite(tmp_path: Path) -> None:
     _no_leftovers(tmp_path)
 
 
+def test_overwrite_replaces_only_a_label_store_and_never_its_source(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    src = _mass13k(data / "mass13k")
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not an addclass label store"):
+        ingest_mass13k(src, data, overwrite=True, progress=False)  # a typo: the parent folder as the store
+    assert (data / "notes.txt").read_text() == "keep me" and (src / "images" / "train").is_dir()
+    store = ingest_mass13k(src, data / "m.zarr", progress=False)
+    inside = _mass13k(store / "inbox")  # a source kept inside the store it would replace
+    with pytest.raises(ValueError, match="is inside .*m.zarr"):
+        ingest_mass13k(inside, store, overwrite=True, progress=False)
+    assert (inside / "images" / "train").is_dir() and open_label_store(store).splits() == ["train"]
+
+
 def test_camvid_mapping() -> None:
     raw = np.arange(12, dtype=np.uint8).reshape(3, 4)
     precise, car = camvid_to_precise(raw)
