@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 
+from flows.params import check_splits
 from flows.runners import scale_out_runner
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
@@ -159,12 +160,23 @@ def add_class(
     pl.validate_labeler(labeler_cfg)
     if iters < 1 or batch_size < 2 or crop_size < 64:
         raise ValueError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. Got {iters}, {batch_size}, {crop_size}.")
+    check_splits("pseudo_splits", pseudo_splits)
+    check_splits("eval_splits", eval_splits)
     from storage.store import open_label_store
 
     st = open_label_store(store)
     start_model = resolve_init_model(store, init_model)  # "champion" or a model folder, checked now
     class_name = pl.class_name_for(st, prompt)  # resumes if this prompt's class is being added
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
+
+    def train_config(version: str) -> TrainConfig:
+        return TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
+                           crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
+                           reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
+                           seed=seed, device=device, init_model=start_model,
+                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}{init_tag(start_model)}"))
+
+    train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
     runner = scale_out_runner(dask_address, mode=scale_out)
     logger = get_run_logger()
     pseudo: list[dict[str, Any]] = []
@@ -181,11 +193,7 @@ def add_class(
             version = open_label_store(store).resolve_version("latest")
             logger.info("class %r already merged (version %s); continuing with training", class_name, version)
         # ---- 3. train
-        tcfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
-                           crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
-                           reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
-                           seed=seed, device=device, init_model=start_model,
-                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}{init_tag(start_model)}"))
+        tcfg = train_config(version)
         checkpoint = train_task(tcfg)
         # ---- 4. evaluate
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 
 from flows.add_class import evaluate_task, train_task
+from flows.params import check_splits
 from tasks.model_registry import register_model, resolve_init_model
 from tasks.train import TrainConfig, init_tag
 
@@ -42,20 +43,27 @@ def retrain(
     """
     from storage.store import open_label_store
 
-    logger = get_run_logger()
     if iters < 1 or batch_size < 2:
         raise ValueError(f"Expected iters >= 1 and batch_size >= 2. Got {iters}, {batch_size}.")
+    check_splits("eval_splits", eval_splits)
     st = open_label_store(store)
-    version = st.resolve_version(version)
+    st.resolve_version(version)  # a bad name fails now; "latest" is resolved again under the lock
     start_model = resolve_init_model(store, init_model)  # "champion" or a model folder, checked now
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
-    with st.lock(wait=wait_for_lock, purpose="retrain"):
-        tcfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
+
+    def train_config(version: str) -> TrainConfig:
+        return TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
                            crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
                            reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
                            seed=seed, device=device, init_model=start_model,
                            out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}"
                                        f"{init_tag(start_model)}"))
+
+    train_config(version)  # the training parameters are checked before waiting for the lock
+    logger = get_run_logger()
+    with st.lock(wait=wait_for_lock, purpose="retrain"):  # re-reads the store: another writer may have published
+        version = st.resolve_version(version)
+        tcfg = train_config(version)
         checkpoint = train_task(tcfg)
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)
         cfg = json.loads(json.dumps(tcfg.__dict__, default=str))

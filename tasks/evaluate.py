@@ -55,6 +55,7 @@ from models.metrics import (
     metrics_from_counts,
     metrics_summary,
 )
+from storage.names import parse_split
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask
 from storage.registry import IGNORE_INDEX
 from storage.store import LabelStore, open_label_store
@@ -244,6 +245,15 @@ def _resolve_classes(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _present_splits(store: LabelStore, splits: Sequence[str]) -> list[str]:
+    """The requested splits the store has (names checked: a typo is an error, not a silently empty report)."""
+    wanted = [parse_split(s) for s in splits]
+    present = [s for s in wanted if s in store.splits()]
+    if not present:
+        raise ValueError(f"None of the splits {wanted} to evaluate is in {store.path} (it has {store.splits()}).")
+    return present
+
+
 def _size_batches(store: LabelStore, split: str, ids: Sequence[str], batch_size: int) -> list[list[str]]:
     """Ids grouped by image size (split order kept inside a group), cut into batches."""
     sizes = {r.id: (r.height, r.width) for r in store.image_records(split)}  # one metadata read
@@ -341,7 +351,7 @@ def evaluate_model(
         "pred_dir": None if out_root is None else str(out_root),
         "splits": {},
     }
-    for split in [s for s in splits if s in store.splits()]:
+    for split in _present_splits(store, splits):
         ids = store.image_ids(split)[:max_images]
         kinds = {name: hand_mask_kinds(store, name, split) for _, name in new}
         precise_total, all_total = _zeros(num_precise), _zeros(k)

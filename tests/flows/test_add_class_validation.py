@@ -28,6 +28,10 @@ def _untouched(store: Path) -> None:
         ({"prompt": "car", "scale_out": "dask"}, ValueError, "needs a Prefect server"),
         ({"prompt": "car", "init_model": "champion"}, KeyError, "no champion model yet"),
         ({"prompt": "car", "init_model": "/nowhere/final"}, FileNotFoundError, "/nowhere/final is not a trained"),
+        ({"prompt": "car", "eval_splits": ["valid"]}, ValueError, "eval_splits: .*'valid'"),
+        ({"prompt": "car", "pseudo_splits": "train"}, ValueError, "pseudo_splits to be a non-empty list"),
+        ({"prompt": "car", "num_points": 0}, ValueError, "num_points >= 1"),
+        ({"prompt": "car", "num_workers": -1}, ValueError, "num_workers"),
     ],
 )
 def test_bad_parameters_fail_before_any_work(fresh_store: Path, monkeypatch: pytest.MonkeyPatch,

@@ -1,0 +1,58 @@
+"""The scheduled `retrain` flow: a challenger trained on the newest labels, promoted only if it beats the
+champion; bad parameters fail before any work. Runs in-process on Prefect's test harness (a temporary
+server and database, stopped at the end of the module)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.retrain import retrain
+from storage.store import open_label_store
+from tasks.ingest import ingest_synthetic
+
+SMALL = {"variant": "tiny", "iters": 2, "batch_size": 2, "crop_size": 64, "num_points": 64, "num_workers": 0,
+         "eval_splits": ["val"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> str:
+    return str(ingest_synthetic(tmp_path / "s.zarr", images=4, size=(64, 96), seed=3, progress=False))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"eval_splits": ["valid"]}, ValueError, "eval_splits: .*'valid'"),
+        ({"version": "v9"}, KeyError, "v9"),
+        ({"num_points": 0}, ValueError, "num_points >= 1"),
+        ({"init_model": "champion"}, KeyError, "no champion model yet"),
+    ],
+)
+def test_bad_parameters_fail_before_any_work(store: str, kwargs: dict, error: type[Exception],
+                                             message: str) -> None:
+    with pytest.raises(error, match=message):
+        retrain.fn(store=store, **{**SMALL, **kwargs})
+    assert open_label_store(store).section("models") == {} and not Path(f"{store}.runs").exists()
+
+
+def test_challenger_is_registered_and_promoted_only_when_allowed(store: str) -> None:
+    first = retrain(store=store, **SMALL)
+    models = open_label_store(store).section("models")
+    assert models["champion"] == first["registry"]["model_id"] == Path(first["checkpoint"]).parent.name
+    assert first["registry"]["model_id"] == "v1-tiny-inverse-s0-i2"  # names the version and the schedule
+    assert Path(first["report"]["report.md"]).is_file()
+    second = retrain(store=store, **{**SMALL, "seed": 1}, promote="never", init_model="champion")
+    models = open_label_store(store).section("models")
+    assert second["registry"]["promoted"] is False and models["champion"] == first["registry"]["model_id"]
+    assert set(models["models"]) == {first["registry"]["model_id"], second["registry"]["model_id"]}
+    assert second["registry"]["model_id"].startswith("v1-tiny-inverse-s1-i2")  # a warm start from the champion
