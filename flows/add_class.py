@@ -126,6 +126,8 @@ def add_class(
     random_weights: bool = False,
     box_threshold: float = 0.35,
     text_threshold: float = 0.25,
+    max_boxes: int | None = 20,
+    dtype: Literal["bfloat16", "float16"] | None = None,
     pseudo_splits: list[str] = ["train", "val"],  # noqa: B006 (Prefect parameters are JSON)
     pseudo_batch_size: int = 8,
     policy: Literal["carve-others", "overwrite"] = "carve-others",
@@ -156,7 +158,7 @@ def add_class(
     labeler_cfg = pl.LabelerConfig(kind=labeler, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                                    dino_config=dino_config, dino_checkpoint=dino_checkpoint, device=device,
                                    box_threshold=box_threshold, text_threshold=text_threshold,
-                                   random_weights=random_weights, seed=seed)
+                                   max_boxes=max_boxes, dtype=dtype, random_weights=random_weights, seed=seed)
     pl.validate_labeler(labeler_cfg)
     if iters < 1 or batch_size < 2 or crop_size < 64:
         raise ValueError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. Got {iters}, {batch_size}, {crop_size}.")

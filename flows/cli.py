@@ -169,29 +169,53 @@ def cmd_model_info(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- demo
+def _absolute(path: str | None) -> str | None:
+    """A path as the user meant it: a deployment's worker runs in another working directory."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def add_class_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    init_model = a.init_model if a.init_model in (None, "champion") else _absolute(a.init_model)
     return dict(
-        prompt=a.prompt, store=str(a.store), labeler=a.labeler, sam_variant=a.sam, sam_checkpoint=a.sam_checkpoint,
-        dino_config=a.dino, dino_checkpoint=a.dino_checkpoint, random_weights=a.random_weights,
-        box_threshold=a.box_threshold, text_threshold=a.text_threshold, policy=a.policy, variant=a.variant,
-        iters=a.iters, batch_size=a.train_batch_size, crop_size=a.crop_size, num_points=a.points, reweight=a.reweight,
-        device=a.device, init_model=a.init_model,
-        runs_dir=a.runs_dir, dask_address=a.dask_address, scale_out=a.scale_out, wait_for_lock=a.wait, seed=a.seed,
+        prompt=a.prompt, store=_absolute(a.store), labeler=a.labeler, sam_variant=a.sam,
+        sam_checkpoint=_absolute(a.sam_checkpoint), dino_config=a.dino, dino_checkpoint=_absolute(a.dino_checkpoint),
+        random_weights=a.random_weights, box_threshold=a.box_threshold, text_threshold=a.text_threshold,
+        max_boxes=a.max_boxes, dtype=a.dtype, policy=a.policy, variant=a.variant, iters=a.iters,
+        batch_size=a.train_batch_size, crop_size=a.crop_size, num_points=a.points, num_workers=a.workers,
+        reweight=a.reweight, device=a.device, init_model=init_model, runs_dir=_absolute(a.runs_dir),
+        dask_address=a.dask_address, scale_out=a.scale_out, wait_for_lock=a.wait, seed=a.seed,
     )
+
+
+def _run_deployment(name: str, params: dict[str, Any], timeout: float | None) -> int:
+    """Submit a run of deployment `name`, say so at once (with its id), then follow it to its final state."""
+    import asyncio
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import FlowRunWaitTimeout
+    from prefect.flow_runs import wait_for_flow_run
+
+    # timeout=0: create the run and return; from sync code this is the FlowRun (the type also admits a coroutine)
+    run = cast(FlowRun, run_deployment(name, parameters=params, timeout=0))
+    print(f"submitted flow run {run.name} ({run.id}) of {name}; waiting for it (a worker of the deployment's "
+          f"work pool must be running: `prefect worker start --pool POOL`; Ctrl-C stops waiting, not the run)",
+          flush=True)
+    try:
+        run = asyncio.run(wait_for_flow_run(run.id, timeout=None if timeout is None else int(timeout)))
+    except FlowRunWaitTimeout:
+        print(f"flow run {run.name} ({run.id}) has not finished after {timeout:.0f} s; it goes on on the server "
+              f"(`prefect flow-run inspect {run.id}`)")
+        return 1
+    state = run.state
+    print(f"flow run {run.name} ({run.id}): {state.type.value if state else 'unknown'}")
+    return 0 if state is not None and state.is_completed() else 1
 
 
 def cmd_add_class(a: argparse.Namespace) -> int:
     params = add_class_kwargs(a)
     if a.deployment:
-        from prefect.client.schemas.objects import FlowRun
-        from prefect.deployments import run_deployment
-
-        params = {k: v for k, v in params.items() if v is not None}
-        # called from sync code, run_deployment returns the FlowRun itself (its type also admits a coroutine)
-        run = cast(FlowRun, run_deployment(a.deployment_name, parameters=params, timeout=a.timeout))
-        state = run.state
-        print(f"flow run {run.name} ({run.id}): {state.type.value if state else 'unknown'}")
-        return 0 if state is not None and state.is_completed() else 1
+        return _run_deployment(a.deployment_name, {k: v for k, v in params.items() if v is not None}, a.timeout)
     from flows.add_class import add_class
     from flows.runners import has_real_api
 
@@ -389,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--crop-size", type=int, default=256)
     ac.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
     ac.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
+    ac.add_argument("--workers", type=int, default=2, help="training data-loader processes")
     ac.add_argument("--init-model", help="fine-tune this model folder, or 'champion' (the store's champion)")
     ac.add_argument("--runs-dir", help="where models and reports go (default: STORE.runs/)")
     ac.add_argument("--dask-address", help="tcp://host:port of a running dask scheduler")

@@ -70,3 +70,25 @@ def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
     assert config["class_names"][-1] == "car" and config["train_config"]["init_model"] == str(base)
     assert main(["train", store, *small, "--out", str(tmp_path / "v3"), "--init-model", str(tmp_path)]) == 2
     assert "is not a trained model folder" in capsys.readouterr().err
+
+
+def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    from flows.add_class import add_class
+    from flows.cli import add_class_kwargs, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    a = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s.zarr", "--max-boxes", "5",
+                                   "--dtype", "bfloat16", "--workers", "0", "--init-model", "runs/m",
+                                   "--sam-checkpoint", "~/w/sam.pth", "--runs-dir", "out"])
+    kwargs = add_class_kwargs(a)
+    inspect.signature(add_class.fn).bind(**kwargs)  # every option is a parameter of the flow
+    assert (kwargs["max_boxes"], kwargs["dtype"], kwargs["num_workers"]) == (5, "bfloat16", 0)
+    # a deployment's worker runs elsewhere: paths go out absolute
+    assert kwargs["store"] == str(tmp_path / "s.zarr") and kwargs["init_model"] == str(tmp_path / "runs" / "m")
+    assert kwargs["runs_dir"] == str(tmp_path / "out")
+    assert kwargs["sam_checkpoint"] == str(Path("~/w/sam.pth").expanduser())
+    champion = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--init-model", "champion"])
+    assert add_class_kwargs(champion)["init_model"] == "champion"

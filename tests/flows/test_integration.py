@@ -74,6 +74,27 @@ def test_missing_prompt_is_rejected_by_the_server(server: dict[str, str]) -> Non
     assert "prompt" in out and "required" in out
 
 
+def test_cli_deployment_run_names_the_run_at_once_and_does_not_wait_forever(server: dict[str, str],
+                                                                            tmp_path: Path) -> None:
+    store = _store(tmp_path, "nowork", images=3)
+    prefect = str(BIN / "prefect")
+    run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], server)
+    run([prefect, "--no-prompt", "deploy", "--all"], server)
+    t0 = time.monotonic()
+    out = run([str(BIN / "addclass"), "add-class", "--prompt", "car", "--store", str(store), "--labeler",
+               "simulated", "--deployment", "--timeout", "5"], server, check=False)  # no worker polls the pool
+    assert time.monotonic() - t0 < 120
+    assert "submitted flow run" in out and "has not finished after 5 s" in out, out
+    flow_run_id = next(w.strip("()") for w in out.split() if len(w.strip("()")) == 36 and w.count("-") == 4)
+    run([sys.executable, "-c", (  # no scheduled run may be left for a later test's worker
+        "import asyncio, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        await c.delete_flow_run(sys.argv[1])\n"
+        "asyncio.run(main())\n"), flow_run_id], server)
+
+
 def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("scheduler", "workers")}
