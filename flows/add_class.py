@@ -191,8 +191,8 @@ def add_class(
             # ---- 2. merge into a new label version (scale-out)
             version = merge_stage.with_options(task_runner=scale_out_runner(dask_address, mode=scale_out))(
                 store, [class_name], policy)
-        else:
-            version = open_label_store(store).resolve_version("latest")
+        else:  # a rerun after the merge: train on the version that added the class, not a later one
+            version = st.class_by_name(class_name).added_in or st.resolve_version("latest")
             logger.info("class %r already merged (version %s); continuing with training", class_name, version)
         # ---- 3. train
         tcfg = train_config(version)

@@ -154,3 +154,8 @@ def test_grounded_sam_random_weights_through_the_task(tmp_path: Path) -> None:
     assert on_gpu.batches == [] and on_gpu.already_done == len(ids)
     stricter = plan_pseudo_label(store, prompt="car", labeler=replace(cfg, box_threshold=0.5))
     assert stricter.already_done == 0  # a setting that changes the labels does relabel
+    # an image file replaced after ingest (same size) is refused, not labelled from its stale cached embedding
+    path = st.image_path(st.image_record("train", ids[0]))
+    assert cv2.imwrite(str(path), 255 - cv2.imread(str(path)))
+    with pytest.raises(ValueError, match=f"id '{ids[0]}'.*changed since ingest"):
+        pseudo_label(store, prompt="bus", labeler=cfg, progress=False)
