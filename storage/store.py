@@ -146,7 +146,9 @@ class LabelStore:
         return version
 
     def next_version_name(self) -> str:
-        used = set(self.versions()) | set(self._doc.get("drafts", {}))
+        """One more than any version name ever used: published, drafts, and discarded drafts (never reused, so
+        a straggling writer of a discarded draft cannot put arrays under a new version)."""
+        used = set(self.versions()) | set(self._doc.get("drafts", {})) | set(self._doc.get("discarded", []))
         return f"v{max(version_number(v) for v in used) + 1}"
 
     def splits(self) -> list[str]:
@@ -287,7 +289,7 @@ class LabelStore:
         """Delete an unpublished draft version and its arrays. Published versions are refused (immutable).
 
         The arrays go first and the registration last, so a crash in between leaves a registered draft that
-        a second call finishes deleting, never stale finished arrays under a free version name.
+        a second call finishes deleting. The name is retired (`next_version_name` never hands it out again).
         """
         self._require_writable()
         self._require_draft(version)
@@ -297,6 +299,7 @@ class LabelStore:
             except KeyError:
                 pass
         self._doc["drafts"].pop(version)
+        self._doc.setdefault("discarded", []).append(version)
         self._save()
 
     def version_image_done(self, version: str, split: str, image_id: str) -> bool:

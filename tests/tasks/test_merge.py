@@ -351,7 +351,7 @@ def test_flow_style_plan_map_finish(tiny: Path) -> None:
     assert info.name == "v2" and open_label_store(tiny).class_by_name("car").added_in == "v2"
 
 
-def test_abandoned_draft_is_discarded_and_its_name_reused_cleanly(tiny: Path) -> None:
+def test_abandoned_draft_is_discarded_and_its_name_retired(tiny: Path) -> None:
     car_everywhere(tiny)
     plan = plan_merge(tiny, classes="car")
     merge_image(tiny, plan.version, "train", "t0", spec=plan.spec)  # then the run is abandoned
@@ -360,17 +360,20 @@ def test_abandoned_draft_is_discarded_and_its_name_reused_cleanly(tiny: Path) ->
     with st.lock(purpose="a merge still writing"):
         with pytest.raises(StoreLockedError):
             discard_draft(tiny, "v2")
+    straggler = open_label_store(tiny, mode="a")  # e.g. a worker of the crashed run, still going
     discard_draft(tiny, "v2")
     assert open_label_store(tiny).drafts() == {} and not (tiny / "labels" / "v2").exists()
     assert not (tiny / "provenance" / "v2").exists()
     with pytest.raises(KeyError, match="No draft version 'v2'"):
         discard_draft(tiny, "v2")
-    # the name is free again, and a new merge writes every image (nothing stale is taken as done)
+    # the name is retired: a new merge is v3 and writes every image, whatever the straggler writes into v2
+    straggler.write_version_labels("v2", "train", "t1", T1, np.zeros_like(T1))
     again = plan_merge(tiny, classes="car", take_lock=True)
-    assert again.version == "v2" and not again.resumed and len(pending_images(again)) == 4
+    assert again.version == "v3" and not again.resumed and len(pending_images(again)) == 4
     version = merge(tiny, classes="car", progress=False)
-    assert version == "v2" and open_label_store(tiny).verify_version("v2") == []
-    for published in ("v1", "v2"):
+    assert version == "v3" and open_label_store(tiny).verify_version("v3") == []
+    assert list(open_label_store(tiny).versions()) == ["v1", "v3"]
+    for published in ("v1", "v3"):
         with pytest.raises(ImmutableError, match="immutable"):
             discard_draft(tiny, published)
 
