@@ -137,7 +137,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                       crop_size=(a.crop_size, a.crop_size), reweight=a.reweight,
                       inverse_weight_near_pseudo=not a.no_inverse_near_pseudo, num_points=a.points,
                       checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, num_workers=a.workers,
-                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr)
+                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr, amp=a.amp)
     final = train(cfg, resume=a.resume, progress=not a.quiet)
     print(f"model: {final}")
     return 0
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--crop-size", type=int, default=1024)
     tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--amp", action="store_true", help="bf16 autocast of the forward pass on a GPU (spec: fp32)")
     tr.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
     tr.add_argument("--no-inverse-near-pseudo", action="store_true")
     tr.add_argument("--points", type=int, default=12544)

@@ -215,8 +215,8 @@ class SetCriterion(nn.Module):
                 ``pred_masks`` B x Q x h x w, optional ``aux_outputs`` (list of dicts with the same two keys,
                 any mask resolution) and ``pred_edge`` B x 1 x h x w or None.
             targets: B dicts from ``models.targets.build_targets`` on the outputs' device.
-            generator: Optional RNG (on the outputs' device) for the matcher's and the losses' random
-                points, for reproducibility.
+            generator: Optional RNG for the matcher's and the losses' random points, for reproducibility
+                (on any device: the points move to the outputs').
 
         Returns:
             ``loss_ce``, ``loss_mask``, ``loss_dice`` for the last output, the same with suffix ``_i`` for

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from models.point_sample import point_sample
+from models.point_sample import point_sample, uniform_points
 
 
 def batch_class_cost(pred_logits: Tensor, tgt_labels: Tensor) -> Tensor:
@@ -171,7 +171,7 @@ class HungarianMatcher(nn.Module):
                 if point_coords is not None:
                     coords = point_coords[b].to(pred_masks.device)
                 else:
-                    coords = torch.rand(self.num_points, 2, device=pred_masks.device, generator=generator)
+                    coords = uniform_points((self.num_points, 2), device=pred_masks.device, generator=generator)
                 cost = matching_cost(
                     pred_logits[b], pred_masks[b], labels, tgt["masks"], coords,
                     cost_class=self.cost_class, cost_mask=self.cost_mask, cost_dice=self.cost_dice,

@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def uniform_points(shape: tuple[int, ...], *, device: torch.device | str,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Uniform [0, 1) coordinates of `shape` on `device`, drawn on the generator's own device: a CPU generator
+    gives the same points whatever device trains (and its saved state resumes on any device)."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, device=source, generator=generator).to(device)
+
+
 def point_sample(inputs: Tensor, point_coords: Tensor, *, align_corners: bool = False) -> Tensor:
     """Bilinearly samples ``inputs`` at normalized point coordinates.
 
@@ -92,13 +100,13 @@ def uncertain_point_coords_with_randomness(
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
     with torch.no_grad():
-        candidates = torch.rand(n, num_sampled, 2, device=device, generator=generator)  # N x M x 2
+        candidates = uniform_points((n, num_sampled, 2), device=device, generator=generator)  # N x M x 2
         logits = point_sample(mask_logits.detach().float(), candidates)[:, 0]  # N x M
         uncertainty = -logits.abs()
         if uncertainty_scale is not None:
             uncertainty = uncertainty * point_sample(uncertainty_scale.float(), candidates)[:, 0]  # N x M
         coords = select_uncertain_points(candidates, uncertainty, num_uncertain)  # N x k x 2
         if num_random > 0:
-            uniform = torch.rand(n, num_random, 2, device=device, generator=generator)  # N x (P - k) x 2
+            uniform = uniform_points((n, num_random, 2), device=device, generator=generator)  # N x (P - k) x 2
             coords = torch.cat([coords, uniform], dim=1)  # N x P x 2
     return coords

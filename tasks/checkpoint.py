@@ -161,8 +161,10 @@ def save_checkpoint(
         config: JSON-serialisable model config (as for `save_model_dir`).
         training_state: ``torch.save``-able dict of tensors and plain containers (optimizer, scheduler, RNG),
             loadable with ``weights_only=True``.
-        keep: Number of newest checkpoints to keep (older ones are deleted after ``latest.json`` moved on);
-            0 keeps all.
+        keep: Number of checkpoints up to this step to keep (older ones are deleted after ``latest.json``
+            moved on); 0 keeps all. Folders of later steps (left by a kill between the rename of a checkpoint
+            and the move of ``latest.json``, then resumed from the step before) are deleted too: they are not
+            part of this run's history any more.
 
     Returns:
         The checkpoint folder.
@@ -179,10 +181,26 @@ def save_checkpoint(
     }
     folder = _write_dir(run_dir / CHECKPOINTS_DIR / f"step_{step:08d}", files, step=step)
     atomic_write_json(run_dir / LATEST_FILE, {"step": step, "path": str(folder.relative_to(run_dir))})
-    if keep > 0:
-        for old in sorted((run_dir / CHECKPOINTS_DIR).glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    steps = sorted((int(p.name[len("step_"):]), p) for p in (run_dir / CHECKPOINTS_DIR).glob("step_*")
+                   if p.name[len("step_"):].isdigit())
+    stale = [p for s, p in steps if s > step]
+    history = [p for s, p in steps if s <= step]  # ends with `folder`, which is never deleted
+    for old in stale + (history[:-keep] if keep > 0 else []):
+        shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def remove_partial_writes(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary and trash folders a kill during a checkpoint or model write leaves behind
+    (``.NAME.tmp-*``, ``.NAME.trash-*``: never a complete checkpoint). Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for parent in (run_dir, run_dir / CHECKPOINTS_DIR):
+        for p in sorted(parent.glob(".*.tmp-*")) + sorted(parent.glob(".*.trash-*")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -341,5 +359,6 @@ def set_rng_state(
         if name not in state["generators"]:
             raise CheckpointError(f"The checkpoint has no state for the RNG {name!r}.")
         generator.set_state(state["generators"][name])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as many GPUs as both runs see (CUDA_VISIBLE_DEVICES)
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device=index)

@@ -3,9 +3,9 @@
 The recipe is spec §1.3/§1.5: AdamW (lr 3e-4, wd 0.05, backbone lr x0.1, no decay on embeddings and norms),
 gradient clipping at L2 norm 0.01, per-iteration cosine decay without warm-up, random resize 0.5-2.0 /
 ``RandomCrop(cat_max_ratio=0.75)`` / flip / photometric distortion (`storage.dataset`). Classes whose registry
-``source`` is ``"pseudo"`` get the inverse loss weights (spec §5.6, ``reweight``). On a GPU the forward pass
-runs under bf16 autocast (``amp``); the losses stay fp32 (the criterion turns autocast off). On the CPU the
-loop is deterministic for a given seed.
+``source`` is ``"pseudo"`` get the inverse loss weights (spec §5.6, ``reweight``). Training is fp32, as the
+spec's recipe; ``amp=True`` opts in to bf16 autocast of the forward pass on a GPU (the losses stay fp32: the
+criterion turns autocast off). On the CPU the loop is deterministic for a given seed.
 
 Outputs in ``out_dir``: ``train_config.json`` (the resolved `TrainConfig`), ``train_log.jsonl`` (one line
 per step: step, lr, every loss term, total, seconds), ``checkpoints/`` + ``latest.json`` (`tasks.checkpoint`)
@@ -53,6 +53,7 @@ from tasks.checkpoint import (
     load_model_weights,
     load_training_state,
     read_model_config,
+    remove_partial_writes,
     save_checkpoint,
     save_model_dir,
     set_rng_state,
@@ -62,11 +63,15 @@ from tasks.checkpoint import (
 log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
+# A diverged run cannot be resumed with another lr (the optimizer state restores the old one, and `lr` is part of
+# the run's identity): the deterministic loop would replay the same steps.
+DIVERGED_ADVICE = "Start a new run (another out_dir) with a lower lr, or from the last checkpoint's weights " \
+                  "with init_model."
 TRAIN_CONFIG_FILE = "train_config.json"
 FINAL_DIR = "final"
 # TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
 RESUME_FREE_FIELDS = frozenset(
-    {"out_dir", "store", "device", "amp", "num_workers", "checkpoint_every", "keep_checkpoints"}
+    {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints"}
 )
 
 
@@ -96,7 +101,8 @@ class TrainConfig:
         keep_checkpoints: Newest checkpoints kept (0: all).
         seed: Seed of the initialisation, the data order, the augmentations and the loss points.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        amp: bf16 autocast of the forward pass on CUDA (ignored on the CPU).
+        amp: bf16 autocast of the forward pass on CUDA (ignored on the CPU); off by default, as the spec's
+            fp32 recipe. It changes GPU results, so a resume must keep it.
         num_workers: DataLoader worker processes (0: load in the training process).
         backbone_checkpoint: Optional torchvision ImageNet ResNet weights for a fresh run.
         init_model: Optional trained model folder (``final/`` of an earlier run, or one of its
@@ -125,7 +131,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: bool = False
     num_workers: int = 2
     backbone_checkpoint: str | None = None
     init_model: str | None = None
@@ -379,6 +385,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise FileExistsError(
             f"{out} already holds a training run; resume it (resume=True) or pick another out_dir."
         )
+    if resume:
+        for partial in remove_partial_writes(out):  # a kill during a checkpoint write left these
+            log.info("removed the partial write %s", partial)
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         check_resumable(checkpoint, expected)
@@ -402,7 +411,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     ).to(device)
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_lr_scheduler(optimizer, max_iters=config.iters)
-    generator = torch.Generator(device=device)
+    generator = torch.Generator()  # on the CPU: the loss points and their saved state do not depend on device
     generator.manual_seed(config.seed)
 
     start_step = 0
@@ -476,12 +485,16 @@ def _train_steps(
             if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"Non-finite loss at step {step + 1} of {out}: "
-                    f"{ {k: float(v) for k, v in losses.items()} }. "
-                    "Resume from the last checkpoint with a lower lr."
+                    f"{ {k: float(v) for k, v in losses.items()} }. {DIVERGED_ADVICE}"
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_MAX_NORM, GRAD_CLIP_NORM_TYPE)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_MAX_NORM, GRAD_CLIP_NORM_TYPE)
+            if not torch.isfinite(grad_norm):  # clipping would spread it: no step, so no bad checkpoint
+                raise FloatingPointError(
+                    f"Non-finite gradient norm at step {step + 1} of {out} (loss {float(total):.4g}); the weights "
+                    f"were not updated. {DIVERGED_ADVICE}"
+                )
             optimizer.step()
             lr = float(optimizer.param_groups[head_group]["lr"])  # the rate this step used
             scheduler.step()

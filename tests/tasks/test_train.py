@@ -241,6 +241,18 @@ def test_a_version_with_a_class_id_gap_trains_on_model_indices(tmp_path: Path) -
     assert load_trained_model(final).num_classes == 8
 
 
+def test_a_non_finite_gradient_stops_before_the_update(train_store: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def inf_norm(*args: object, **kwargs: object) -> torch.Tensor:
+        return torch.tensor(float("inf"))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_norm)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="Non-finite gradient norm at step 1 .*not updated.*lower lr"):
+        train(tiny_config(train_store, out, iters=2, checkpoint_every=1), progress=False)
+    assert not (out / "latest.json").exists() and not (out / "checkpoints").exists()  # nothing bad was saved
+
+
 def test_tiny_model_overfits_one_image(train_store: Path, tmp_path: Path) -> None:
     config = tiny_config(
         train_store, tmp_path / "run", version="v1", iters=50, lr=5e-3, num_points=512,
