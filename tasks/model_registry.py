@@ -1,8 +1,10 @@
 """Model registry in the label store (`sections["models"]`): trained models, their metrics, the champion.
 
 Each entry records the checkpoint path, the label version it was trained on, a hash of its training config,
-validation/test metrics and a selection score. `retrain` promotes a challenger only if its score beats the
-champion's on the same validation split. Written by the lock-holding flow process only.
+validation/test metrics and a selection score. `retrain` promotes a challenger only if it beats the champion on
+the validation split, compared on the terms both have (a challenger trained on a newer version may know more
+classes: its extra classes are not held against it, nor counted for it). Written by the lock-holding flow
+process only.
 """
 
 from __future__ import annotations
@@ -22,18 +24,28 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def score_terms(results: dict[str, Any], *, split: str = "val") -> dict[str, float]:
+    """The numbers behind the selection score on `split`: ``"precise"`` (the 7-class mIoU) and each new class's
+    IoU by name; terms that are missing or NaN are left out (empty when the split was not evaluated)."""
+    s = results.get("splits", {}).get(split)
+    if not s:
+        return {}
+    terms = {"precise": s["precise"]["means"]["miou"]}
+    terms |= {name: c.get("iou") for name, c in s.get("new_classes", {}).items()}
+    return {k: float(v) for k, v in terms.items() if v is not None and not math.isnan(v)}
+
+
+def _mean(terms: dict[str, float], names: set[str] | None = None) -> float:
+    values = [v for k, v in terms.items() if names is None or k in names]
+    return float(sum(values) / len(values)) if values else math.nan
+
+
 def selection_score(results: dict[str, Any], *, split: str = "val") -> float:
     """The number that picks the champion: the mean of the 7-class mIoU and each new class's IoU on `split`.
 
     Returns NaN when the split was not evaluated (such a model can never be promoted over a scored one).
     """
-    s = results.get("splits", {}).get(split)
-    if not s:
-        return math.nan
-    parts = [s["precise"]["means"]["miou"]]
-    parts += [c["iou"] for c in s.get("new_classes", {}).values() if c.get("iou") is not None]
-    parts = [p for p in parts if p is not None and not math.isnan(p)]
-    return float(sum(parts) / len(parts)) if parts else math.nan
+    return _mean(score_terms(results, split=split))
 
 
 def list_models(store_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -50,7 +62,7 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
 
     Returns:
         {"model_id", "score", "champion" (the champion after the decision), "promoted", "previous_champion",
-        "previous_score"}.
+        "previous_score", "compared_on" (the terms both models were scored on; their means decided)}.
     """
     if promote not in ("if-better", "always", "never"):
         raise ValueError(f"Expected promote in ('if-better', 'always', 'never'). Got {promote!r} instead.")
@@ -61,8 +73,12 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
     prev_score = math.nan
     if prev in reg["models"] and reg["models"][prev]["score"] is not None:
         prev_score = float(reg["models"][prev]["score"])
-    if promote == "always" or (promote == "if-better" and (prev is None or math.isnan(prev_score)
-                                                         or (not math.isnan(score) and score > prev_score))):
+    mine = score_terms(metrics, split=split)
+    theirs = score_terms(reg["models"][prev].get("metrics", {}), split=split) if prev in reg["models"] else {}
+    shared = set(mine) & set(theirs)  # like with like: the classes both models know
+    mine_cmp, theirs_cmp = (_mean(mine, shared), _mean(theirs, shared)) if shared else (score, prev_score)
+    if promote == "always" or (promote == "if-better" and (prev is None or math.isnan(theirs_cmp)
+                                                         or (not math.isnan(mine_cmp) and mine_cmp > theirs_cmp))):
         reg["champion"] = model_id
     reg["models"][model_id] = {
         "path": path, "label_version": label_version, "config_hash": config_hash(config), "config": config,
@@ -72,7 +88,7 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
     store.set_section(SECTION, reg)
     return {"model_id": model_id, "score": score, "champion": reg["champion"],
             "promoted": reg["champion"] == model_id, "previous_champion": prev,
-            "previous_score": None if prev_score is None or math.isnan(prev_score) else prev_score}
+            "previous_score": None if math.isnan(prev_score) else prev_score, "compared_on": sorted(shared)}
 
 
 def resolve_init_model(store_path: str | os.PathLike[str], init_model: str | None) -> str | None:

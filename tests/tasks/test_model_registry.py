@@ -42,6 +42,21 @@ def test_champion_challenger(fresh_store: Path) -> None:
     assert open_label_store(fresh_store).section("models") == reg  # lives in the store document
 
 
+def test_a_challenger_that_knows_more_classes_is_compared_on_the_shared_ones(fresh_store: Path) -> None:
+    register_model(fresh_store, model_id="v2-model", path="/r/a", label_version="v2", config={},
+                   metrics=_results(0.5, 0.9))  # score 0.70
+    easy = _results(0.4, 0.9)
+    easy["splits"]["val"]["new_classes"]["bus"] = {"iou": 0.9}  # score 0.73, thanks to a class v2 lacks
+    out = register_model(fresh_store, model_id="v3-easy", path="/r/b", label_version="v3", config={},
+                         metrics=easy)
+    assert out["score"] == pytest.approx(2.2 / 3) and out["compared_on"] == ["car", "precise"]
+    assert not out["promoted"]  # worse on what both know (0.65 vs 0.70): bus does not count for it
+    hard = _results(0.6, 0.9)
+    hard["splits"]["val"]["new_classes"]["bus"] = {"iou": 0.1}  # score 0.53
+    out = register_model(fresh_store, model_id="v3-hard", path="/r/c", label_version="v3", config={}, metrics=hard)
+    assert out["promoted"]  # better on what both know (0.75 vs 0.70): bus is not held against it
+
+
 def test_bad_promote_mode(fresh_store: Path) -> None:
     with pytest.raises(ValueError, match="promote"):
         register_model(fresh_store, model_id="x", path="p", label_version="v1", config={}, metrics={},
