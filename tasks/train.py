@@ -165,10 +165,10 @@ class TrainConfig:
         for name in ("iters", "checkpoint_every", "num_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected {name} >= 1. Got {getattr(self, name)} instead.")
-        if self.num_workers < 0 or self.keep_checkpoints < 0:
+        if self.num_workers < 0 or self.keep_checkpoints < 0 or self.seed < 0:
             raise ValueError(
-                f"Expected num_workers, keep_checkpoints >= 0. "
-                f"Got {self.num_workers}, {self.keep_checkpoints} instead."
+                f"Expected num_workers, keep_checkpoints, seed >= 0. "
+                f"Got {self.num_workers}, {self.keep_checkpoints}, {self.seed} instead."
             )
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
             raise ValueError(f"Expected crop_size (height, width) >= 1. Got {self.crop_size!r} instead.")

@@ -208,6 +208,8 @@ def test_config_validation_and_derivation(train_store: Path, tmp_path: Path) -> 
         tiny_config(train_store, tmp_path, variant="r101")
     with pytest.raises(ValueError, match="reweight"):
         tiny_config(train_store, tmp_path, reweight="sideways")
+    with pytest.raises(ValueError, match="seed >= 0"):
+        tiny_config(train_store, tmp_path, seed=-1)
     resolved = resolve_train_config(tiny_config(train_store, tmp_path, version="latest"))
     assert resolved.version == "v2" and resolved.num_classes == 8
     assert TrainConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
