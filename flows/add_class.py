@@ -18,12 +18,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 
-from flows.params import check_splits
+from flows.params import check_splits, flow_train_config
 from flows.runners import scale_out_runner
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model, resolve_init_model
-from tasks.train import TrainConfig, init_tag, train
+from tasks.train import TrainConfig, train
 
 ReweightMode = Literal["none", "edge", "inverse"]
 
@@ -172,11 +172,10 @@ def add_class(
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
 
     def train_config(version: str) -> TrainConfig:
-        return TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
-                           crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
-                           reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
-                           seed=seed, device=device, init_model=start_model,
-                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}{init_tag(start_model)}"))
+        return flow_train_config(store=store, version=version, runs=runs, variant=variant, iters=iters,
+                                 batch_size=batch_size, crop_size=crop_size, num_points=num_points,
+                                 num_workers=num_workers, reweight=reweight, seed=seed, device=device,
+                                 inverse_weight_near_pseudo=inverse_weight_near_pseudo, init_model=start_model)
 
     train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
     runner = scale_out_runner(dask_address, mode=scale_out)

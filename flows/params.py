@@ -1,10 +1,13 @@
-"""Checks of flow parameters that run before any work (errors name the parameter)."""
+"""Flow parameters: checks that run before any work (errors name the parameter), and the training config."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 from storage.names import parse_split
+from tasks.train import TrainConfig, run_name
 
 
 def check_splits(parameter: str, splits: Sequence[str]) -> list[str]:
@@ -15,3 +18,16 @@ def check_splits(parameter: str, splits: Sequence[str]) -> list[str]:
         return [parse_split(s) for s in splits]
     except ValueError as e:
         raise ValueError(f"{parameter}: {e}") from None
+
+
+def flow_train_config(*, store: str, version: str, runs: Path, variant: str, iters: int, batch_size: int,
+                      crop_size: int, num_points: int, num_workers: int, reweight: str,
+                      inverse_weight_near_pseudo: bool, seed: int, device: str,
+                      init_model: str | None) -> TrainConfig:
+    """The training stage's `TrainConfig` (square crops), in a folder under `runs` named by `run_name`;
+    building it checks the training parameters."""
+    cfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
+                      crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
+                      reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo, seed=seed,
+                      device=device, init_model=init_model, out_dir=str(runs))
+    return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))

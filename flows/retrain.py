@@ -11,9 +11,9 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 
 from flows.add_class import evaluate_task, train_task
-from flows.params import check_splits
+from flows.params import check_splits, flow_train_config
 from tasks.model_registry import register_model, resolve_init_model
-from tasks.train import TrainConfig, init_tag
+from tasks.train import TrainConfig
 
 
 @flow(name="retrain", log_prints=True)
@@ -52,12 +52,10 @@ def retrain(
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
 
     def train_config(version: str) -> TrainConfig:
-        return TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
-                           crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
-                           reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo,
-                           seed=seed, device=device, init_model=start_model,
-                           out_dir=str(runs / f"{version}-{variant}-{reweight}-s{seed}-i{iters}"
-                                       f"{init_tag(start_model)}"))
+        return flow_train_config(store=store, version=version, runs=runs, variant=variant, iters=iters,
+                                 batch_size=batch_size, crop_size=crop_size, num_points=num_points,
+                                 num_workers=num_workers, reweight=reweight, seed=seed, device=device,
+                                 inverse_weight_near_pseudo=inverse_weight_near_pseudo, init_model=start_model)
 
     train_config(version)  # the training parameters are checked before waiting for the lock
     logger = get_run_logger()

@@ -288,11 +288,16 @@ def build_model(model_cfg: dict[str, Any]) -> MaSSFormer:
     return MODEL_BUILDERS[variant](int(model_cfg["num_classes"]), pixel_decoder=pixel_decoder)
 
 
-def init_tag(init_model: str | os.PathLike[str] | None) -> str:
-    """Run-folder suffix of a fine-tuning run: ``-ft`` + 8 hex digits of the model folder's absolute path."""
-    if init_model is None:
-        return ""
-    return "-ft" + hashlib.sha1(str(Path(init_model).resolve()).encode()).hexdigest()[:8]
+def run_name(config: TrainConfig) -> str:
+    """The run-folder name the flows give a training run: version, variant, reweight, seed and iterations for
+    people to read, then 8 hex digits of every field that makes the run what it is (all but
+    `RESUME_FREE_FIELDS`; ``init_model`` as an absolute path). Two different runs never share a folder (one
+    would refuse to resume the other's checkpoint), and a rerun of the same one resumes it."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
+    if config.init_model is not None:
+        identity["init_model"] = str(Path(config.init_model).resolve())
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{config.version}-{config.variant}-{config.reweight}-s{config.seed}-i{config.iters}-{digest}"
 
 
 def resolve_init_dir(init_model: str | os.PathLike[str]) -> Path:

@@ -33,11 +33,11 @@ from tasks.train import (
     TrainConfig,
     build_model,
     init_from_model,
-    init_tag,
     load_trained_model,
     model_config,
     resolve_init_dir,
     resolve_train_config,
+    run_name,
     train,
 )
 
@@ -299,8 +299,16 @@ def test_fine_tune_a_seven_class_model_on_the_new_class(
     tuned = load_file(str(final / "model.safetensors"))
     assert scratch.keys() == tuned.keys()
     assert any(not torch.equal(tuned[k], scratch[k]) for k in scratch if "class_embed" not in k)
-    assert init_tag(v1_final) == init_tag(str(v1_final)) and init_tag(v1_final).startswith("-ft")
-    assert init_tag(None) == ""
+
+
+def test_run_names_tell_runs_apart_and_find_a_rerun(train_store: Path, tmp_path: Path) -> None:
+    base = tiny_config(train_store, tmp_path / "a")
+    name = run_name(base)
+    assert name.startswith("v2-tiny-inverse-s7-i3-") and run_name(replace(base, out_dir=str(tmp_path))) == name
+    assert run_name(replace(base, num_workers=2, device="cuda")) == name  # resume-free fields: the same run
+    others = [replace(base, batch_size=4), replace(base, crop_size=(128, 128)), replace(base, num_points=64),
+              replace(base, init_model=str(tmp_path / "m")), replace(base, amp=True)]
+    assert len({run_name(c) for c in others} | {name}) == len(others) + 1  # anything else: another folder
 
 
 def test_fine_tune_errors_name_the_folder(train_store: Path, straight_run: Path, tmp_path: Path) -> None:
