@@ -1,6 +1,7 @@
 """The `retrain` flow (scheduled weekly in prefect.yaml): train on the newest label version, evaluate, and
-promote the new model only if it beats the current champion on the validation split (champion/challenger,
-both recorded in the store's model registry)."""
+promote the new model (`promote`: if-better, always, never) only if it beats the current champion on the
+validation split, compared on the score terms both have (`tasks.model_registry`); champion and challenger are
+both recorded in the store's model registry."""
 
 from __future__ import annotations
 

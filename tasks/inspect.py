@@ -21,6 +21,14 @@ def _even_sample(ids: list[str], limit: int | None) -> list[str]:
     return [ids[int(i * step)] for i in range(limit)]
 
 
+def _models(store: LabelStore) -> dict[str, Any]:
+    """The model registry without its bulky parts: champion, and per model path, label version, score, created."""
+    reg = store.section("models")
+    keep = ("path", "label_version", "score", "score_split", "created")
+    return {"champion": reg.get("champion"),
+            "models": {m: {k: e.get(k) for k in keep} for m, e in reg.get("models", {}).items()}}
+
+
 def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 200) -> dict[str, Any]:
     """Classes, versions (with lineage), images per split, per-class pixel and provenance shares, hand masks.
 
@@ -39,6 +47,7 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
         "hand_masks": {kind: {c: {s: len(ids) for s, ids in v.items()} for c, v in store.hand_mask_sets(kind).items()}
                        for kind in ("eval", "reference")},
         "pseudo": {name: {k: v for k, v in sec.items() if k != "images"} for name, sec in store.section("pseudo").items()},
+        "models": _models(store),
     }
     for name, v in versions.items():
         lineage, p = [name], v.parent
@@ -104,6 +113,10 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"{kind:<7} {cls}: " + ", ".join(f"{sp} {n}" for sp, n in per.items()) + " hand masks")
     for cls, sec in s["pseudo"].items():
         lines.append(f"pseudo  {cls}: " + ", ".join(f"{k}={v}" for k, v in sec.items() if k != "labeler"))
+    for model_id, m in s["models"]["models"].items():
+        star = " (champion)" if model_id == s["models"]["champion"] else ""
+        score = "unscored" if m["score"] is None else f"{m['score_split']} score {m['score']:.4f}"
+        lines.append(f"model   {model_id}{star}: {m['label_version']}, {score}, {m['path']}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from storage.store import open_label_store
+from tasks.inspect import format_summary, summarize_store
 from tasks.model_registry import list_models, register_model, resolve_init_model, selection_score
 
 
@@ -40,6 +41,10 @@ def test_champion_challenger(fresh_store: Path) -> None:
     assert reg["champion"] == "m5" and set(reg["models"]) == {"m1", "m2", "m3", "m4", "m5"}
     assert reg["models"]["m2"]["config_hash"] != reg["models"]["m3"]["config_hash"]
     assert open_label_store(fresh_store).section("models") == reg  # lives in the store document
+    shown = summarize_store(fresh_store)["models"]  # what `addclass inspect` shows of it
+    assert shown["champion"] == "m5" and shown["models"]["m3"]["score"] == pytest.approx(0.65)
+    text = format_summary(summarize_store(fresh_store))
+    assert "model   m5 (champion): v1, val score 0.1000, /r/m5" in text and "model   m4: v1, unscored" in text
 
 
 def test_a_challenger_that_knows_more_classes_is_compared_on_the_shared_ones(fresh_store: Path) -> None:
