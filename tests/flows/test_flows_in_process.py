@@ -1,6 +1,6 @@
-"""The scheduled `retrain` flow: a challenger trained on the newest labels, promoted only if it beats the
-champion; bad parameters fail before any work. Runs in-process on Prefect's test harness (a temporary
-server and database, stopped at the end of the module)."""
+"""The flows run in-process on Prefect's test harness (a temporary server and database, stopped at the end of
+the module): the scheduled `retrain` (a challenger trained on the newest labels, promoted only if it beats the
+champion; bad parameters fail before any work) and an add-class rerun after its merge."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.add_class import add_class
 from flows.retrain import retrain
+from storage.registry import ClassInfo
 from storage.store import open_label_store
 from tasks.ingest import ingest_synthetic
 
@@ -56,3 +58,19 @@ def test_challenger_is_registered_and_promoted_only_when_allowed(store: str) -> 
     assert second["registry"]["promoted"] is False and models["champion"] == first["registry"]["model_id"]
     assert set(models["models"]) == {first["registry"]["model_id"], second["registry"]["model_id"]}
     assert second["registry"]["model_id"].startswith("v1-tiny-inverse-s1-i2")  # a warm start from the champion
+
+
+def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_class(store: str) -> None:
+    params = {**SMALL, "prompt": "car", "store": store, "labeler": "simulated", "pseudo_batch_size": 2}
+    first = add_class(**params)
+    assert first["version"] == "v2" and first["class"] == "car"
+    st = open_label_store(store, mode="a")  # a later version on top (another class), as a later merge makes
+    st.begin_version("v3", parent="v2", class_ids=[*range(8), 8], policy="test", spec={})
+    for split in st.splits():
+        for image_id in st.image_ids(split):
+            labels, provenance = st.read_labels_and_provenance(split, image_id, version="v2")
+            st.write_version_labels("v3", split, image_id, labels, provenance)
+    st.publish_version("v3", new_classes=[ClassInfo(id=8, name="bus", source="pseudo", prompt="bus")])
+    again = add_class(**params)  # e.g. after a crash during training: pseudo-label and merge are done
+    assert again["version"] == "v2" and again["checkpoint"] == first["checkpoint"]  # its own run, resumed
+    assert again["pseudo"] == [] and list(open_label_store(store).versions()) == ["v1", "v2", "v3"]
