@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 
 from flows.params import check_splits, flow_train_config
-from flows.runners import scale_out_runner
+from flows.runners import restored_environ, scale_out_runner
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model, resolve_init_model
@@ -185,11 +185,12 @@ def add_class(
     with st.lock(wait=wait_for_lock, purpose=f"add-class {prompt!r}"):
         # ---- 1. pseudo-label (scale-out)
         if class_name not in {c.name for c in st.classes()}:
-            pseudo = pseudo_label_stage.with_options(task_runner=runner)(
-                store, prompt, pseudo_splits, labeler_cfg, pseudo_batch_size)
-            # ---- 2. merge into a new label version (scale-out)
-            version = merge_stage.with_options(task_runner=scale_out_runner(dask_address, mode=scale_out))(
-                store, [class_name], policy)
+            with restored_environ():  # a local Dask cluster's nannies would leave their workers' environment
+                pseudo = pseudo_label_stage.with_options(task_runner=runner)(
+                    store, prompt, pseudo_splits, labeler_cfg, pseudo_batch_size)
+                # ---- 2. merge into a new label version (scale-out)
+                version = merge_stage.with_options(task_runner=scale_out_runner(dask_address, mode=scale_out))(
+                    store, [class_name], policy)
         else:  # a rerun after the merge: train on the version that added the class, not a later one
             version = st.class_by_name(class_name).added_in or st.resolve_version("latest")
             logger.info("class %r already merged (version %s); continuing with training", class_name, version)

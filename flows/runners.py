@@ -6,15 +6,34 @@
 - A real Prefect API (PREFECT_API_URL set, e.g. a deployment run): a local Dask cluster (2 workers x 1 thread).
 - Prefect's ephemeral API (no server, the CLI's default): a thread pool. Never Dask there: every Dask worker
   process would start its own temporary Prefect server (orchestration.md §6).
-Worker environment: BLAS threads pinned to 1 and no `MALLOC_TRIM_THRESHOLD_` (orchestration.md §9).
+Worker environment: BLAS threads pinned to 1 and no `MALLOC_TRIM_THRESHOLD_` (orchestration.md §9). A local
+cluster's nannies live in the flow process and write that environment into it for good (distributed does
+`os.environ.update` before spawning a worker): run the stages under `restored_environ`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 WORKER_ENV = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
+
+
+@contextmanager
+def restored_environ() -> Iterator[None]:
+    """Put back every environment variable a block changed, e.g. the OMP_NUM_THREADS=1 and PYTHONHASHSEED a
+    local Dask cluster's nannies set in this process, which later subprocesses (data-loader workers) inherit."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def has_real_api() -> bool:

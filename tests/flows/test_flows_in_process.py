@@ -4,6 +4,7 @@ champion; bad parameters fail before any work) and an add-class rerun after its 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def test_challenger_is_registered_and_promoted_only_when_allowed(store: str) -> 
 
 def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_class(store: str) -> None:
     params = {**SMALL, "prompt": "car", "store": store, "labeler": "simulated", "pseudo_batch_size": 2}
-    first = add_class(**params)
+    environ = dict(os.environ)
+    first = add_class(**params)  # on the harness's API: its mapped stages run on a local Dask cluster
+    assert dict(os.environ) == environ  # the nannies' OMP_NUM_THREADS=1 etc. did not stay in this process
     assert first["version"] == "v2" and first["class"] == "car"
     st = open_label_store(store, mode="a")  # a later version on top (another class), as a later merge makes
     st.begin_version("v3", parent="v2", class_ids=[*range(8), 8], policy="test", spec={})
