@@ -169,7 +169,8 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
     """Images of one split with the labels and provenance of one label version.
 
     Items are dicts: ``image`` 3 x H x W float32 RGB in 0..255, ``labels`` H x W int64 model class indices
-    (`VersionInfo.model_class_ids`: the store ids where they are 0..K-1; 255 ignore and padding), ``provenance`` H x W uint8 (0 precise, 1 pseudo, 255 ignore and padding) and ``id`` (str).
+    (`VersionInfo.model_class_ids`: the store ids where they are 0..K-1; 255 ignore and padding),
+    ``provenance`` H x W uint8 (0 precise, 1 pseudo, 255 ignore and padding) and ``id`` (str).
     With ``augment=True`` every item is ``crop_size``; otherwise items are the full images, unchanged (batch
     those one at a time, or group them by size: the default collate stacks equal shapes only).
 

@@ -174,11 +174,26 @@ class LabelStore:
         p = Path(record.path)
         return p if p.is_absolute() else self.path / p
 
-    def read_image(self, split: str, image_id: str) -> np.ndarray:
-        """The RGB image (H x W x 3 uint8) referenced by the store."""
+    def read_image(self, split: str, image_id: str, *, verify: bool = False) -> np.ndarray:
+        """The RGB image (H x W x 3 uint8) referenced by the store.
+
+        `verify`: also check the file's sha256 against the one recorded at ingest (one read of the file), for
+        callers that key caches by it (the SAM embedding cache); a changed file is a ValueError naming it.
+        """
         rec = self.image_record(split, image_id)
         path = self.image_path(rec)
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if verify:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                data = b""
+            found = hashlib.sha256(data).hexdigest()
+            if data and found != rec.sha256:
+                raise ValueError(f"Image {path} (id {image_id!r}, split {split!r}) changed since ingest (sha256 "
+                                 f"{found[:12]}..., recorded {rec.sha256[:12]}...); re-ingest the store.")
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        else:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
             raise FileNotFoundError(f"Cannot read image {path} (id {image_id!r}, split {split!r}).")
         if bgr.shape[:2] != (rec.height, rec.width):

@@ -53,11 +53,12 @@ def _staged_dir(out_dir: str | os.PathLike[str], *, overwrite: bool) -> Iterator
     final = Path(out_dir)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{final} exists and is not a folder.")
-    if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise FileExistsError(f"{final} is not empty; pass overwrite=True (--overwrite) to replace it.")
-    if final.is_dir() and any(final.iterdir()) and not _is_export(final):
-        raise FileExistsError(f"{final} is not empty and holds no addclass export (no classes.json or "
-                              f"instances_*.json); overwrite=True (--overwrite) only replaces an export.")
+    if final.is_dir() and any(final.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{final} is not empty; pass overwrite=True (--overwrite) to replace it.")
+        if not _is_export(final):
+            raise FileExistsError(f"{final} is not empty and holds no addclass export (no classes.json or "
+                                  f"instances_*.json); overwrite=True (--overwrite) only replaces an export.")
     with staged_dir(final) as tmp:
         yield tmp
 
