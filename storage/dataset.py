@@ -57,7 +57,8 @@ def random_resize(
         rng: Source of the ratio.
 
     Returns:
-        The resized image (bilinear) and maps (nearest), all h' x w' with ``h' = round(H * r)``.
+        The resized image (bilinear) and maps (nearest, pixel-centre aligned with the image), all h' x w' with
+        ``h' = round(H * r)``.
     """
     lo, hi = ratio_range
     ratio = float(rng.uniform(lo, hi))
@@ -66,7 +67,9 @@ def random_resize(
     if (new_h, new_w) == (h, w):
         return image, list(maps)
     image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    resized = [cv2.resize(m, (new_w, new_h), interpolation=cv2.INTER_NEAREST) for m in maps]
+    # NEAREST_EXACT samples at pixel centres, as INTER_LINEAR does; plain INTER_NEAREST takes floor(x / r) and
+    # shifts the labels against the image by up to a pixel at non-integer ratios (boundaries learnt off by one).
+    resized = [cv2.resize(m, (new_w, new_h), interpolation=cv2.INTER_NEAREST_EXACT) for m in maps]
     return image, resized
 
 
