@@ -39,7 +39,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.image:
         if not a.png:
             raise ValueError("--image needs --png OUT (where to write the overlay).")
-        out = write_overlay_png(a.store, a.image, a.png, version=a.version)
+        out = write_overlay_png(a.store, a.image, a.png, version=a.version, overwrite=a.overwrite)
         print(f"wrote {out}")
         return 0
     summary = summarize_store(a.store, max_images=a.max_images)
@@ -130,14 +130,19 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- train / evaluate / model-info
 def cmd_train(a: argparse.Namespace) -> int:
+    import logging
+
     from tasks.train import TrainConfig, train
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(store=a.store, out_dir=a.out, version=a.version, variant=a.variant,
                       pixel_decoder=a.pixel_decoder, iters=a.iters, batch_size=a.batch_size,
                       crop_size=(a.crop_size, a.crop_size), reweight=a.reweight,
                       inverse_weight_near_pseudo=not a.no_inverse_near_pseudo, num_points=a.points,
                       checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, num_workers=a.workers,
-                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr, amp=a.amp)
+                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr, amp=a.amp,
+                      recipe=a.recipe, scale_range=tuple(a.scale_range), test_scale=a.test_scale,
+                      val_every=a.val_every)
     final = train(cfg, resume=a.resume, progress=not a.quiet)
     print(f"model: {final}")
     return 0
@@ -148,9 +153,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from tasks.evaluation_report import write_evaluation_report
 
     model = evaluate_model(a.store, a.checkpoint, splits=tuple(a.splits), device=a.device, progress=not a.quiet,
-                           pred_dir=a.pred_dir)
+                           pred_dir=a.pred_dir, overwrite=a.overwrite)
     paths = write_evaluation_report(a.out, model_results=model, pseudo_results=evaluate_pseudo(a.store),
-                                    pred_dir=a.pred_dir)
+                                    pred_dir=a.pred_dir, overwrite=a.overwrite)
     print(Path(paths["report.md"]).read_text())
     print(f"report: {paths['report.md']}")
     return 0
@@ -183,6 +188,7 @@ def add_class_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         max_boxes=a.max_boxes, dtype=a.dtype, policy=a.policy, variant=a.variant, iters=a.iters,
         batch_size=a.train_batch_size, crop_size=a.crop_size, num_points=a.points, num_workers=a.workers,
         reweight=a.reweight, device=a.device, init_model=init_model, runs_dir=_absolute(a.runs_dir),
+        recipe=a.recipe, scale_range=list(a.scale_range), test_scale=a.test_scale,
         dask_address=a.dask_address, scale_out=a.scale_out, wait_for_lock=a.wait, seed=a.seed,
     )
 
@@ -228,32 +234,31 @@ def cmd_add_class(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    import time
+    from tasks.demo import DemoConfig, run_demo
 
-    from flows.add_class import add_class
-    from tasks.ingest import ingest_synthetic
-
-    t0 = time.time()
-    out = Path(a.out)
-    store = out / "store.zarr"
-    ingest_synthetic(store, images=a.images, size=(a.size[0], a.size[1]), seed=a.seed, overwrite=True,
-                     progress=not a.quiet)
-    for stale in (Path(f"{store}.runs"),):
-        if stale.exists():
-            import shutil
-
-            shutil.rmtree(stale)
-    result = add_class(prompt="car", store=str(store), labeler="simulated", variant="tiny", iters=a.iters,
-                       batch_size=2, crop_size=a.crop, num_points=a.points, num_workers=0, seed=a.seed,
-                       eval_splits=["val", "test"])
-    print(f"\ndemo finished in {time.time() - t0:.0f} s")
-    print(f"label store: {store}  (addclass inspect {store})")
+    result = run_demo(DemoConfig(out=a.out, images=a.images, size=(a.size[0], a.size[1]), iters=a.iters,
+                                 crop=a.crop, points=a.points, seed=a.seed, progress=not a.quiet))
+    print(f"\ndemo finished in {result['seconds']:.0f} s")
+    print(f"label store: {result['store']}  (addclass inspect {result['store']})")
     print(f"model:       {result['checkpoint']}")
-    print(f"report:      {result['report']['report.md']}")
+    print(f"report:      {result['report']['report.md']}\n")
+    print("\n".join(result["comparison"]["lines"]))
     return 0
 
 
 # ---------------------------------------------------------------------------- parser
+RECIPE_CHOICES = ("auto", "paper", "scratch")  # models.optim.RECIPE_CHOICES (a test keeps them equal)
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=RECIPE_CHOICES, default="auto",
+                   help="auto: 'scratch' for a random start, 'paper' from ImageNet weights or --init-model")
+    p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+                   help="random resize ratio of the training images")
+    p.add_argument("--test-scale", type=float, default=1.0,
+                   help="the model's inference scale (e.g. 2 with --scale-range 0.75 1.5 on small images)")
+
+
 def add_labeler_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("labeler")
     g.add_argument("--labeler", choices=("grounded-sam", "simulated"), default="grounded-sam",
@@ -302,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--max-images", type=int, default=200, help="images read per split for pixel shares")
     ins.add_argument("--image", help="render this image id as an overlay (with --png)")
     ins.add_argument("--png", help="overlay output file")
+    ins.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
     ins.add_argument("--version", default="latest")
     ins.set_defaults(func=cmd_inspect)
 
@@ -369,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--iters", type=int, default=80000)
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--crop-size", type=int, default=1024)
-    tr.add_argument("--lr", type=float, default=3e-4)
+    add_recipe_args(tr)
+    tr.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
+    tr.add_argument("--val-every", type=int, default=None,
+                    help="steps between validations on val (default: 10 per run; 0: none)")
     tr.add_argument("--amp", action="store_true", help="bf16 autocast of the forward pass on a GPU (spec: fp32)")
     tr.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
     tr.add_argument("--no-inverse-near-pseudo", action="store_true")
@@ -392,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--splits", nargs="+", default=["val", "test"])
     ev.add_argument("--out", required=True, help="report folder")
     ev.add_argument("--pred-dir", help="also write predicted PNGs here (rescore with evaluate-masks)")
+    ev.add_argument("--overwrite", action="store_true", help="replace prediction PNGs an earlier evaluate wrote")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -413,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--train-batch-size", type=int, default=2)
     ac.add_argument("--crop-size", type=int, default=256)
     ac.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
+    add_recipe_args(ac)
     ac.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
     ac.add_argument("--workers", type=int, default=2, help="training data-loader processes")
     ac.add_argument("--init-model", help="fine-tune this model folder, or 'champion' (the store's champion)")
@@ -426,14 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--timeout", type=float, default=None, help="with --deployment: seconds to wait (default: until done)")
     ac.set_defaults(func=cmd_add_class)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~3 min on 2 cores)")
-    demo.add_argument("--out", default="demo-out")
-    demo.add_argument("--images", type=int, default=12)
-    demo.add_argument("--size", type=int, nargs=2, default=(256, 384), metavar=("H", "W"))
-    demo.add_argument("--iters", type=int, default=300)
-    demo.add_argument("--crop", type=int, default=256)
-    demo.add_argument("--points", type=int, default=2048, help="sampled points per mask (spec: 12544)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~4 min on 2 cores)")
+    from tasks.demo import DemoConfig
+
+    d = DemoConfig()
+    demo.add_argument("--out", default=d.out)
+    demo.add_argument("--images", type=int, default=d.images)
+    demo.add_argument("--size", type=int, nargs=2, default=d.size, metavar=("H", "W"))
+    demo.add_argument("--iters", type=int, default=d.iters)
+    demo.add_argument("--crop", type=int, default=d.crop)
+    demo.add_argument("--points", type=int, default=d.points, help="sampled points per mask (spec: 12544)")
+    demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
     return p
@@ -446,7 +460,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFou
 # Local, offline defaults for Prefect (a user's own settings win): no telemetry, and enough time for the
 # ephemeral API server to start on a 2-core machine (orchestration.md sections 2-3).
 PREFECT_DEFAULTS = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                    # the stages' own log lines (validation scores, warnings) in the flow run's logs
+                    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,15 +1,18 @@
 """Build a folder next to its destination and swap it into place only when complete.
 
 A failure (or kill -9) midway leaves the destination as it was; what remains is a hidden `.NAME.tmp-*` folder
-that the next attempt ignores. Used for new label stores (ingest) and for exports.
+that the next attempt ignores. Used for new label stores (ingest) and for exports. `check_overwrite` and
+`record_written` guard files written into a user's folder (predicted label PNGs): only what addclass wrote
+there, and listed, is ever replaced.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
@@ -38,3 +41,41 @@ def staged_dir(final: Path, *, guard: Callable[[], AbstractContextManager[object
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+WRITTEN_MANIFEST = ".addclass-written.json"
+
+
+def _listed(folder: Path) -> set[str]:
+    try:
+        return set(json.loads((folder / WRITTEN_MANIFEST).read_text())["paths"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def check_overwrite(folder: Path, relpaths: Iterable[str], *, overwrite: bool, what: str) -> None:
+    """Refuses, before anything is written, to replace a file in `folder`: always without `overwrite`, and
+    with it unless addclass wrote that file there (it is listed in the folder's `WRITTEN_MANIFEST`).
+
+    Raises:
+        FileExistsError: naming the first such file.
+    """
+    existing = [r for r in relpaths if (folder / r).exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{folder / existing[0]} exists ({len(existing)} of the {what} to write are there); "
+                              f"pass --overwrite to replace {what} addclass wrote, or pick another folder.")
+    listed = _listed(folder)
+    foreign = [r for r in existing if r not in listed]
+    if foreign:
+        raise FileExistsError(f"{folder / foreign[0]} was not written by addclass ({len(foreign)} such files); "
+                              f"--overwrite only replaces addclass's own {what}. Pick another folder.")
+
+
+def record_written(folder: Path, relpaths: Iterable[str]) -> None:
+    """Adds `relpaths` to `folder`'s `WRITTEN_MANIFEST` (atomic replace)."""
+    paths = sorted(_listed(folder) | set(relpaths))
+    tmp = folder / f"{WRITTEN_MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({"paths": paths}) + "\n")
+    os.replace(tmp, folder / WRITTEN_MANIFEST)

@@ -58,6 +58,7 @@ from models.metrics import (
 from storage.names import parse_split
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask
 from storage.registry import IGNORE_INDEX
+from storage.staging import check_overwrite, record_written
 from storage.store import LabelStore, open_label_store
 
 __all__ = [
@@ -290,6 +291,7 @@ def evaluate_model(
     progress: bool = True,
     max_images: int | None = None,
     pred_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score a model on store splits with rules 1-3 (module docstring).
 
@@ -308,6 +310,8 @@ def evaluate_model(
         max_images: Score at most this many images per split (the first ones, in split order).
         pred_dir: If given, write each prediction as ``pred_dir/<split>/<id>.png`` (uint8 class ids), to
             rescore with ``addclass evaluate-masks``; the report then draws its overlays from these files.
+            Never inside the store; existing files are refused unless ``overwrite`` and written by addclass.
+        overwrite: Replace prediction PNGs an earlier evaluation wrote into ``pred_dir``.
 
     Returns:
         JSON-serialisable: ``store``, ``checkpoint``, ``device``, ``label_version``, ``classes`` ([{id,
@@ -323,6 +327,8 @@ def evaluate_model(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     store = open_label_store(store_path)
+    if pred_dir is not None:  # before any work: a clash is found now, not after predicting
+        _check_pred_dir(store, Path(pred_dir), splits=splits, max_images=max_images, overwrite=overwrite)
     cfg: dict[str, Any] = {}
     if model is None:
         if checkpoint is None:
@@ -367,6 +373,7 @@ def evaluate_model(
             for image_id, pred in zip(batch, preds, strict=True):
                 if out_root is not None:
                     _write_png(out_root / split / f"{image_id}.png", pred)
+                    record_written(out_root, [f"{split}/{image_id}.png"])
                 masks = {cid: read_hand_or_none(store, kinds[name], name, image_id) for cid, name in new}
                 precise = store.read_labels(split, image_id, version="v1")
                 res = score_prediction(pred, precise, masks, num_precise=num_precise, num_classes=k)
@@ -407,6 +414,15 @@ def evaluate_model(
             "per_image": [per_image[i] for i in ids],
         }
     return results
+
+
+def _check_pred_dir(store: LabelStore, pred_dir: Path, *, splits: Sequence[str], max_images: int | None,
+                    overwrite: bool) -> None:
+    here, src = pred_dir.resolve(), store.path.resolve()
+    if here == src or src in here.parents or here in src.parents:
+        raise FileExistsError(f"pred_dir {pred_dir} is, holds or lies inside the label store {src}.")
+    targets = [f"{s}/{i}.png" for s in _present_splits(store, splits) for i in store.image_ids(s)[:max_images]]
+    check_overwrite(pred_dir, targets, overwrite=overwrite, what="prediction PNGs")
 
 
 def _write_png(path: Path, labels: np.ndarray) -> None:

@@ -17,9 +17,11 @@
   classes has a finished pseudo label for it (made with the class's recorded run settings), so a listed image
   without annotations of a class is a true negative for it. Splits without pseudo labels get no file.
 
-Both refuse a non-empty DIR unless `overwrite=True` (which replaces only an earlier export, never another
-folder), and build the export in a temporary folder next to DIR that replaces DIR only when complete (with
-`overwrite=True` the old DIR is deleted).
+Both refuse a non-empty DIR unless `overwrite=True`, and build the export in a temporary folder next to DIR
+that replaces DIR only when complete. Each export lists every path it wrote in `DIR/export_manifest.json`;
+`overwrite=True` replaces only a folder whose whole content that manifest lists (an earlier export, nothing
+added to it since), so it never deletes a label store, a data folder or a file someone put there. DIR may never
+be the store, lie inside it, or hold it.
 """
 
 from __future__ import annotations
@@ -42,25 +44,44 @@ from storage.registry import IGNORE_INDEX
 from storage.staging import staged_dir
 from storage.store import LabelStore, open_label_store
 
+MANIFEST = "export_manifest.json"
 
-def _is_export(folder: Path) -> bool:
-    return (folder / "classes.json").is_file() or any(folder.glob("instances_*.json"))
+
+def _written(folder: Path) -> list[str]:
+    """Every file, link and folder below `folder`, as sorted POSIX paths relative to it (links not followed)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def _foreign_paths(folder: Path) -> list[str]:
+    """What in `folder` its export manifest does not list (everything, without a readable manifest)."""
+    try:
+        listed = set(json.loads((folder / MANIFEST).read_text())["paths"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return _written(folder)
+    return [p for p in _written(folder) if p not in listed and p != MANIFEST]
 
 
 @contextmanager
-def _staged_dir(out_dir: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
+def _staged_dir(out_dir: str | os.PathLike[str], *, overwrite: bool, store: LabelStore) -> Iterator[Path]:
     """Yield a temporary folder that replaces `out_dir` on success; a failure leaves `out_dir` as it was."""
     final = Path(out_dir)
+    here, src = final.resolve(), store.path.resolve()
+    if here == src or src in here.parents or here in src.parents:
+        raise FileExistsError(f"Cannot export into {final}: it is, holds or lies inside the label store {src}.")
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{final} exists and is not a folder.")
     if final.is_dir() and any(final.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{final} is not empty; pass overwrite=True (--overwrite) to replace it.")
-        if not _is_export(final):
-            raise FileExistsError(f"{final} is not empty and holds no addclass export (no classes.json or "
-                                  f"instances_*.json); overwrite=True (--overwrite) only replaces an export.")
+        foreign = _foreign_paths(final)
+        if foreign:
+            raise FileExistsError(
+                f"{final} holds what no addclass export wrote there ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}; its {MANIFEST} does not list it); overwrite=True "
+                f"(--overwrite) only replaces an earlier export. Move those files or pick another folder.")
     with staged_dir(final) as tmp:
         yield tmp
+        _write_json(tmp / MANIFEST, {"store": str(src), "paths": _written(tmp)})
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -109,7 +130,7 @@ def export_mmseg(store_path: str | os.PathLike[str], *, version: str, out_dir: s
     if remapped:
         doc["label_map"] = {str(s): n for n, s in enumerate(ids)}
     counts: dict[str, int] = {}
-    with _staged_dir(out_dir, overwrite=overwrite) as tmp:
+    with _staged_dir(out_dir, overwrite=overwrite, store=store) as tmp:
         for split in store.splits():
             ann_dir, img_dir = tmp / "annotations" / split, tmp / "images" / split
             ann_dir.mkdir(parents=True)
@@ -190,7 +211,7 @@ def export_coco_rle(store_path: str | os.PathLike[str], *, classes: str | Sequen
             cat["store_id"] = registry[n].id
         categories.append(cat)
     summary: dict[str, Any] = {}
-    with _staged_dir(out_dir, overwrite=overwrite) as tmp:
+    with _staged_dir(out_dir, overwrite=overwrite, store=store) as tmp:
         for split in store.splits():
             n_ids = len(store.image_ids(split))
             gaps = {n: missing_pseudo(store, n, split, key=runs[n].get("settings_key")) for n in names}

@@ -142,9 +142,15 @@ def render_overlay(path: str | os.PathLike[str], image_id: str, *, version: str 
 
 
 def write_overlay_png(path: str | os.PathLike[str], image_id: str, out: str | os.PathLike[str], *,
-                      version: str = "latest") -> Path:
-    rgb = render_overlay(path, image_id, version=version)
+                      version: str = "latest", overwrite: bool = False) -> Path:
+    """Writes the overlay of `image_id` to the PNG file `out` (refused if it exists, unless `overwrite`)."""
     out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"Expected a .png file to write the overlay to. Got {out} instead.")
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it." if not out.is_dir()
+                              else f"{out} is a folder; name the .png file to write.")
+    rgb = render_overlay(path, image_id, version=version)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"Cannot write {out}.")

@@ -30,6 +30,11 @@ def test_cli_overlay_png(tmp_path: Path, synthetic_store: Path) -> None:
     import cv2
 
     assert cv2.imread(str(out)).shape == (96, 128 * 3, 3)
+    out.write_bytes(b"mine")
+    assert main(["inspect", str(synthetic_store), "--image", image_id, "--png", str(out)]) == 2  # never silently
+    assert out.read_bytes() == b"mine"
+    assert main(["inspect", str(synthetic_store), "--image", image_id, "--png", str(out), "--overwrite"]) == 0
+    assert cv2.imread(str(out)).shape == (96, 128 * 3, 3)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +43,8 @@ def test_cli_overlay_png(tmp_path: Path, synthetic_store: Path) -> None:
         (["inspect", "{tmp}/missing.zarr"], "No label store"),
         (["ingest", "camvid", "{tmp}/nothing", "{tmp}/x.zarr"], "Missing image folder"),
         (["inspect", "{store}", "--image", "nope", "--png", "{tmp}/o.png"], "Unknown image id 'nope'"),
+        (["inspect", "{store}", "--image", "x", "--png", "{tmp}"], "Expected a .png file"),
+        (["inspect", "{store}", "--image", "x", "--png", "{tmp}/o.txt"], "Expected a .png file"),
         (["discard-draft", "{store}", "v1"], "'v1' of"),
         (["discard-draft", "{store}", "v9"], "No draft version 'v9'"),
     ],

@@ -306,6 +306,24 @@ def test_pseudo_rows_equal_independent_metrics(store: Path) -> None:
     json.dumps(res, allow_nan=False)
 
 
+def test_pred_dir_never_overwrites_what_addclass_did_not_write(store: Path, tmp_path: Path) -> None:
+    model = FakeModel(all_perfect())
+    pred = tmp_path / "pred"
+    evaluate_model(store, model=model, progress=False, pred_dir=pred, splits=("val",))
+    with pytest.raises(FileExistsError, match=r"pred/val/.*\.png exists .*--overwrite"):  # refused before any work
+        evaluate_model(store, model=model, progress=False, pred_dir=pred, splits=("val",))
+    evaluate_model(store, model=model, progress=False, pred_dir=pred, splits=("val",), overwrite=True)  # its own
+    annotations = tmp_path / "annotations"  # e.g. a dataset's own label PNGs, named like the predictions
+    first = pred.glob("val/*.png").__next__()
+    (annotations / "val").mkdir(parents=True)
+    (annotations / "val" / first.name).write_bytes(b"hand-made")
+    with pytest.raises(FileExistsError, match="was not written by addclass"):
+        evaluate_model(store, model=model, progress=False, pred_dir=annotations, splits=("val",), overwrite=True)
+    assert (annotations / "val" / first.name).read_bytes() == b"hand-made"
+    with pytest.raises(FileExistsError, match="label store"):
+        evaluate_model(store, model=model, progress=False, pred_dir=store / "preds")
+
+
 # ---------------------------------------------------------------------------- report
 def test_report_rows_and_overlays_from_saved_predictions(store: Path, tmp_path: Path) -> None:
     preds = {**all_perfect(), "e0": e0_with_error()}

@@ -75,7 +75,7 @@ def test_non_empty_dir_is_refused_unless_overwrite(merged: Path, tmp_path: Path)
         export_mmseg(merged, version="v2", out_dir=out)
     with pytest.raises(FileExistsError, match="not empty"):
         export_coco_rle(merged, out_dir=out)
-    with pytest.raises(FileExistsError, match="holds no addclass export"):  # overwrite replaces exports only
+    with pytest.raises(FileExistsError, match="holds what no addclass export wrote"):  # only exports are replaced
         export_mmseg(merged, version="v1", out_dir=out, overwrite=True)
     assert (out / "keep.txt").read_text() == "x"
     done = tmp_path / "done"
@@ -90,6 +90,27 @@ def test_non_empty_dir_is_refused_unless_overwrite(merged: Path, tmp_path: Path)
     with pytest.raises(KeyError, match="v7"):
         export_mmseg(merged, version="v7", out_dir=tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_overwrite_never_removes_a_store_or_files_the_export_did_not_write(merged: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    export_mmseg(merged, version="v2", out_dir=work)
+    assert "classes.json" in json.loads((work / "export_manifest.json").read_text())["paths"]
+    store = make_tiny_store(work / "store.zarr")  # a label store put next to the earlier export
+    with pytest.raises(FileExistsError, match=r"holds what no addclass export wrote there \(store.zarr"):
+        export_mmseg(merged, version="v2", out_dir=work, overwrite=True)
+    assert open_label_store(store).versions()  # still there, intact
+    for bad in (merged, merged / "exports", merged.parent):  # the store itself, inside it, or holding it
+        with pytest.raises(FileExistsError, match="label store"):
+            export_mmseg(merged, version="v2", out_dir=bad, overwrite=True)
+    assert open_label_store(merged).versions()
+    clean = tmp_path / "clean"
+    export_coco_rle(merged, out_dir=clean)
+    (clean / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        export_coco_rle(merged, out_dir=clean, overwrite=True)
+    (clean / "notes.txt").unlink()
+    export_coco_rle(merged, out_dir=clean, overwrite=True)  # an untouched export is replaced
 
 
 def test_gap_in_class_ids_is_remapped_for_mmseg(tmp_path: Path) -> None:
@@ -117,7 +138,7 @@ def test_coco_rle_per_split(merged: Path, tmp_path: Path) -> None:
     assert res["classes"] == ["bicycle", "car"]
     assert res["splits"] == {"train": {"images": 1, "annotations": 2, "skipped": 1},
                              "val": {"images": 1, "annotations": 1, "skipped": 0}}
-    assert sorted(p.name for p in out.iterdir()) == ["instances_train.json", "instances_val.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["export_manifest.json", "instances_train.json", "instances_val.json"]
 
     car_only = export_coco_rle(merged, classes="car", out_dir=tmp_path / "car")
     assert car_only["splits"]["train"] == {"images": 2, "annotations": 2, "skipped": 0}
