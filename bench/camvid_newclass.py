@@ -681,10 +681,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rec = label_row(row, info)
         results["rows"].append(rec)
         write_results(out, results)  # partial results survive a crash
-    results["total_s"] = round(time.perf_counter() - t_start, 1)
-    results["machine"]["load_avg_end"] = list(os.getloadavg())
+    close_results(results, t_start=t_start)
     write_results(out, results)
     return results
+
+
+def close_results(results: dict[str, Any], *, t_start: float) -> None:
+    """Total wall time and the machine's load at the end (the start's is recorded with the settings)."""
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    results["machine"]["load_avg_end"] = list(os.getloadavg())
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:

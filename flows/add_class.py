@@ -11,6 +11,7 @@ finishes the job without redoing finished work.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,9 @@ def merge_image_task(store: str, version: str, split: str, image_id: str, spec: 
 
 @task(name="train")
 def train_task(config: TrainConfig) -> str:
+    # validation scores and warnings at INFO; they reach the run's logs where PREFECT_LOGGING_EXTRA_LOGGERS
+    # names "tasks" (the addclass CLI sets it)
+    logging.getLogger("tasks").setLevel(logging.INFO)
     return str(train(config, resume=True, progress=False))
 
 
@@ -140,6 +144,9 @@ def add_class(
     num_points: int = 12544,
     num_workers: int = 2,
     init_model: str | None = None,
+    recipe: Literal["auto", "paper", "scratch"] = "auto",
+    scale_range: list[float] = [0.5, 2.0],  # noqa: B006
+    test_scale: float = 1.0,
     eval_splits: list[str] = ["val", "test"],  # noqa: B006
     device: str = "cpu",
     runs_dir: str | None = None,
@@ -152,7 +159,9 @@ def add_class(
 
     ``init_model`` (a trained model folder, e.g. the ``final/`` of your 7-class model, or ``"champion"``: the
     store's registered champion) fine-tunes that model on the new label version instead of training from
-    scratch; the new class starts untrained.
+    scratch; the new class starts untrained. ``recipe`` ``"auto"`` trains a random start with the scratch
+    recipe and a trained start with the paper's (`models.optim.RECIPES`); ``scale_range`` is the training
+    resize range and ``test_scale`` the trained model's inference scale (`tasks.train.TrainConfig`).
     """
     # ---- validate everything before any work
     labeler_cfg = pl.LabelerConfig(kind=labeler, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
@@ -175,7 +184,8 @@ def add_class(
         return flow_train_config(store=store, version=version, runs=runs, variant=variant, iters=iters,
                                  batch_size=batch_size, crop_size=crop_size, num_points=num_points,
                                  num_workers=num_workers, reweight=reweight, seed=seed, device=device,
-                                 inverse_weight_near_pseudo=inverse_weight_near_pseudo, init_model=start_model)
+                                 inverse_weight_near_pseudo=inverse_weight_near_pseudo, init_model=start_model,
+                                 recipe=recipe, scale_range=scale_range, test_scale=test_scale)
 
     train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
     runner = scale_out_runner(dask_address, mode=scale_out)

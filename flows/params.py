@@ -23,11 +23,14 @@ def check_splits(parameter: str, splits: Sequence[str]) -> list[str]:
 def flow_train_config(*, store: str, version: str, runs: Path, variant: str, iters: int, batch_size: int,
                       crop_size: int, num_points: int, num_workers: int, reweight: str,
                       inverse_weight_near_pseudo: bool, seed: int, device: str,
-                      init_model: str | None) -> TrainConfig:
+                      init_model: str | None, recipe: str = "auto",
+                      scale_range: Sequence[float] = (0.5, 2.0), test_scale: float = 1.0) -> TrainConfig:
     """The training stage's `TrainConfig` (square crops), in a folder under `runs` named by `run_name`;
     building it checks the training parameters."""
     cfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
                       crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
                       reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo, seed=seed,
-                      device=device, init_model=init_model, out_dir=str(runs))
+                      device=device, init_model=init_model, out_dir=str(runs), recipe=recipe,
+                      scale_range=tuple(scale_range),  # type: ignore[arg-type]  (TrainConfig checks it)
+                      test_scale=test_scale)
     return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))

@@ -30,6 +30,9 @@ def retrain(
     num_points: int = 12544,
     num_workers: int = 2,
     init_model: str | None = None,
+    recipe: Literal["auto", "paper", "scratch"] = "auto",
+    scale_range: list[float] = [0.5, 2.0],  # noqa: B006
+    test_scale: float = 1.0,
     eval_splits: list[str] = ["val", "test"],  # noqa: B006 (Prefect parameters are JSON)
     promote: Literal["if-better", "always", "never"] = "if-better",
     device: str = "cpu",
@@ -56,7 +59,8 @@ def retrain(
         return flow_train_config(store=store, version=version, runs=runs, variant=variant, iters=iters,
                                  batch_size=batch_size, crop_size=crop_size, num_points=num_points,
                                  num_workers=num_workers, reweight=reweight, seed=seed, device=device,
-                                 inverse_weight_near_pseudo=inverse_weight_near_pseudo, init_model=start_model)
+                                 inverse_weight_near_pseudo=inverse_weight_near_pseudo, init_model=start_model,
+                                 recipe=recipe, scale_range=scale_range, test_scale=test_scale)
 
     train_config(version)  # the training parameters are checked before waiting for the lock
     logger = get_run_logger()

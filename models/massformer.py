@@ -3,6 +3,12 @@
 The model takes RGB images in 0..255 of any size, normalizes them (ImageNet mean/std), pads bottom/right with
 0 in normalized space to multiples of 256 (the CST windows tile the stride-16 grid in 16 x 16 windows) and
 crops every output back at its own stride (``ceil(H / s) x ceil(W / s)``); see docs/interfaces.md.
+
+Inference can run at another scale (``test_scale``, mmseg's test-time ``Resize``): the image is resized by that
+factor, scored, and the class scores are resized back to the input size. The final masks live at half the
+network's input resolution, so a model trained on images enlarged 2x (``scale_range`` around 2) and run with
+``test_scale=2`` predicts masks on the input's own pixel grid: on small images (the demo's 256 x 384) this is
+what makes pixel-exact boundaries possible at all.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class MaSSFormer(nn.Module):
         std = torch.tensor(pixel_std).view(1, -1, 1, 1)  # 1 x 3 x 1 x 1
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+        # Inference scale (not a weight): set from a trained model's config.json by tasks.train.load_trained_model.
+        self.test_scale = 1.0
 
     @property
     def num_classes(self) -> int:
@@ -124,8 +132,21 @@ class MaSSFormer(nn.Module):
             "pred_edge": None if edge is None else edge[..., :h2, :w2],
         }
 
+    def _at_scale(self, images: Tensor, scale: float | None) -> tuple[Tensor, float]:
+        """(images resized by ``scale``, default `test_scale`; the scale used)."""
+        scale = self.test_scale if scale is None else float(scale)
+        if scale <= 0:
+            raise ValueError(f"Expected a test scale > 0. Got {scale} instead.")
+        if scale == 1.0:
+            return images, scale
+        h, w = images.shape[-2:]
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False), scale
+
     @torch.no_grad()
-    def semantic_probs(self, images: Tensor, *, chunk_rows: int | None = None) -> Tensor:
+    def semantic_probs(
+        self, images: Tensor, *, chunk_rows: int | None = None, scale: float | None = None
+    ) -> Tensor:
         """Per-class scores ``sum_q softmax(cls)[q, k] * sigmoid(mask_q)`` at the input resolution.
 
         The last layer's stride-2 mask logits are bilinearly upsampled to the padded input size (as the
@@ -136,11 +157,17 @@ class MaSSFormer(nn.Module):
         Args:
             images: B x 3 x H x W float RGB in 0..255.
             chunk_rows: output rows per chunk; None sizes chunks to `CHUNK_BYTES`.
+            scale: run the network on the images resized by this factor and resize the scores back
+                (bilinear); None: `test_scale`.
 
         Returns:
             B x K x H x W float scores (not normalized over K).
         """
         h, w = images.shape[-2:]
+        scaled, scale = self._at_scale(images, scale)
+        if scale != 1.0:
+            probs = self.semantic_probs(scaled, chunk_rows=chunk_rows, scale=1.0)  # B x K x sH x sW
+            return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
         cls_probs, masks = self._final_predictions(images)
         out = masks.new_empty(masks.shape[0], cls_probs.shape[-1], h, w)
         for r0, r1 in _row_chunks(h, w, masks.shape[0] * masks.shape[1], chunk_rows):
@@ -155,6 +182,7 @@ class MaSSFormer(nn.Module):
         chunk_rows: int | None = None,
         window: int | None = None,
         stride: int | None = None,
+        scale: float | None = None,
     ) -> Tensor:
         """Semantic labels (argmax of `semantic_probs`), memory-bounded.
 
@@ -166,13 +194,17 @@ class MaSSFormer(nn.Module):
                 waste), averaging the scores where tiles overlap; this bounds the network's activation memory
                 by the tile size.
             stride: tile step for sliding windows; default ``3 * window // 4``.
+            scale: inference scale (`semantic_probs`); None: `test_scale`. Windows are cut from the input
+                image, each scored at this scale.
 
         Returns:
             B x H x W int64 class ids in [0, K).
         """
         b, _, h, w = images.shape
         if window is not None:
-            return self._predict_sliding(images, window=window, stride=stride or 3 * window // 4)
+            return self._predict_sliding(images, window=window, stride=stride or 3 * window // 4, scale=scale)
+        if (self.test_scale if scale is None else scale) != 1.0:
+            return self.semantic_probs(images, chunk_rows=chunk_rows, scale=scale).argmax(dim=1)
         cls_probs, masks = self._final_predictions(images)
         labels = torch.empty(b, h, w, dtype=torch.int64, device=images.device)
         for r0, r1 in _row_chunks(h, w, b * masks.shape[1], chunk_rows):
@@ -185,7 +217,7 @@ class MaSSFormer(nn.Module):
         logits, masks = predictions[-1]
         return logits.softmax(dim=-1)[..., :-1], masks
 
-    def _predict_sliding(self, images: Tensor, *, window: int, stride: int) -> Tensor:
+    def _predict_sliding(self, images: Tensor, *, window: int, stride: int, scale: float | None) -> Tensor:
         b, _, h, w = images.shape
         if not 0 < stride <= window:
             raise ValueError(f"stride must be in (0, window={window}]. Got {stride} instead.")
@@ -195,7 +227,7 @@ class MaSSFormer(nn.Module):
             for x0 in _tile_starts(w, window, stride):
                 tile = images[:, :, y0 : y0 + window, x0 : x0 + window]
                 th, tw = tile.shape[-2:]
-                scores[:, :, y0 : y0 + th, x0 : x0 + tw] += self.semantic_probs(tile)
+                scores[:, :, y0 : y0 + th, x0 : x0 + tw] += self.semantic_probs(tile, scale=scale)
                 counts[:, :, y0 : y0 + th, x0 : x0 + tw] += 1
         return (scores / counts).argmax(dim=1)
 

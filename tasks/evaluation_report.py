@@ -25,6 +25,7 @@ from tasks.evaluate import (
     read_hand_or_none,
 )
 from tasks.report import format_percent, per_class_table, select_images, summary_table, write_overlays
+from tasks.validation import CURVE_FILE, learning_curve_png
 
 __all__ = ["write_evaluation_report"]
 
@@ -99,6 +100,18 @@ def _pseudo_note(name: str, pseudo_splits: Iterable[str], model_splits: Iterable
            else "")
         + ".\n"
     )
+
+
+def _learning_curve(model_results: Mapping[str, Any] | None, out: Path) -> Path | None:
+    """The learning curve of the evaluated model's training run, drawn into ``out``; None without a run log."""
+    checkpoint = (model_results or {}).get("checkpoint")
+    if not checkpoint:
+        return None
+    here = Path(checkpoint)
+    for run_dir in (here, here.parent, here.parent.parent):  # RUN, RUN/final, RUN/checkpoints/step_N
+        if (run_dir / "train_log.jsonl").is_file():
+            return learning_curve_png(run_dir, out / CURVE_FILE)
+    return None
 
 
 def write_evaluation_report(
@@ -182,6 +195,12 @@ def write_evaluation_report(
         if full:
             md.append("\n## All classes (hand masks carved into v1)\n\n")
             md.append(summary_table(full) + "\n" + per_class_table(full))
+
+    curve = _learning_curve(model_results, out)
+    if curve is not None:
+        paths[curve.name] = curve
+        md.append(f"\n## Learning curve\n\nTraining loss and the validation scores during training.\n\n"
+                  f"![learning curve]({curve.name})\n")
 
     overlays: dict[str, dict[str, list[str]]] = {}
     if model_results and model_results["new_classes"]:

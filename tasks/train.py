@@ -1,7 +1,10 @@
 """Train a MaSSFormer on one label version of a store, with checkpoints and exact resume.
 
-The recipe is spec §1.3/§1.5: AdamW (lr 3e-4, wd 0.05, backbone lr x0.1, no decay on embeddings and norms),
-gradient clipping at L2 norm 0.01, per-iteration cosine decay without warm-up, random resize 0.5-2.0 /
+Two recipes (`models.optim.RECIPES`): ``paper`` for a model that starts from trained weights (an ImageNet
+backbone or ``init_model``): AdamW (lr 3e-4, wd 0.05, backbone lr x0.1, no decay on embeddings and norms),
+gradient clipping at L2 norm 0.01, per-iteration cosine decay without warm-up; and ``scratch`` for a random
+start (higher lr, the backbone at the full rate, warm-up, a looser clip). ``recipe="auto"`` picks by the
+start; fields set explicitly win over the recipe. Augmentation: random resize 0.5-2.0 /
 ``RandomCrop(cat_max_ratio=0.75)`` / flip / photometric distortion (`storage.dataset`). Classes whose registry
 ``source`` is ``"pseudo"`` get the inverse loss weights (spec §5.6, ``reweight``). Training is fp32, as the
 spec's recipe; ``amp=True`` opts in to bf16 autocast of the forward pass on a GPU (the losses stay fp32: the
@@ -18,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -34,7 +38,13 @@ from models.build import MODEL_BUILDERS, PIXEL_DECODERS
 from models.criterion import build_criterion
 from models.loss_weights import parse_reweight_mode
 from models.massformer import MaSSFormer
-from models.optim import GRAD_CLIP_MAX_NORM, GRAD_CLIP_NORM_TYPE, build_lr_scheduler, build_optimizer
+from models.optim import (
+    GRAD_CLIP_NORM_TYPE,
+    RECIPE_CHOICES,
+    build_lr_scheduler,
+    build_optimizer,
+    choose_recipe,
+)
 from models.targets import build_targets
 from models.weights import load_backbone_checkpoint, load_with_new_classes
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
@@ -59,6 +69,13 @@ from tasks.checkpoint import (
     set_rng_state,
     verify_dir,
 )
+from tasks.validation import (
+    format_scores,
+    learning_curve_png,
+    unpredicted_classes,
+    validate,
+    validation_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +88,11 @@ TRAIN_CONFIG_FILE = "train_config.json"
 FINAL_DIR = "final"
 # TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
 RESUME_FREE_FIELDS = frozenset(
-    {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints"}
+    {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "val_every",
+     "val_max_images"}
 )
+VALIDATIONS_PER_RUN = 10  # val_every=None: this many validations over a run
+WARN_UNLEARNED_AFTER = 0.3  # share of the run after which a class with IoU 0 on val is warned about
 
 
 @dataclass(frozen=True)
@@ -92,7 +112,12 @@ class TrainConfig:
             256 waste nothing.
         scale_range: Random resize ratio range (of the native size).
         cat_max_ratio: ``RandomCrop`` largest single-class fraction.
-        lr: Base learning rate (backbone x0.1).
+        recipe: ``"auto"`` (``paper`` when the run starts from ``backbone_checkpoint`` or ``init_model``,
+            else ``scratch``), ``"paper"`` or ``"scratch"``; resolved to the name by `resolve_train_config`.
+        lr: Base learning rate (None: the recipe's).
+        backbone_lr_mult: Backbone learning-rate multiplier (None: the recipe's; paper 0.1).
+        warmup_iters: Linear warm-up iterations (None: the recipe's share of ``iters``).
+        grad_clip: Global L2 gradient-norm clip, 0 for none (None: the recipe's; paper 0.01).
         weight_decay: AdamW weight decay.
         reweight: BCE point weights, ``"none"``, ``"edge"`` or ``"inverse"``.
         inverse_weight_near_pseudo: Precise pixels next to pseudo regions get the inverse weight.
@@ -109,6 +134,13 @@ class TrainConfig:
             ``checkpoints/``) to fine-tune from, e.g. a 7-class model taught a new class: same variant and
             pixel decoder; classes are matched by name and new classes start untrained (`init_from_model`).
         split: Store split to train on.
+        val_every: Steps between validations on the ``val`` split (`tasks.validation`; scores in
+            ``train_log.jsonl``, the curve in ``learning_curve.png``); None: 10 per run when the store has a
+            ``val`` split; 0: none.
+        val_max_images: Validate on at most this many ``val`` images (None: all).
+        test_scale: Inference scale of the trained model (`MaSSFormer.test_scale`, in its ``config.json``):
+            images are resized by it for prediction. Train with ``scale_range`` around it (e.g. 1.5-3.0 for 2:
+            full-resolution masks on small images; the demo).
     """
 
     store: str
@@ -122,7 +154,11 @@ class TrainConfig:
     crop_size: tuple[int, int] = (1024, 1024)
     scale_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
-    lr: float = 3e-4
+    recipe: str = "auto"
+    lr: float | None = None
+    backbone_lr_mult: float | None = None
+    warmup_iters: int | None = None
+    grad_clip: float | None = None
     weight_decay: float = 0.05
     reweight: str = "inverse"
     inverse_weight_near_pseudo: bool = True
@@ -136,6 +172,9 @@ class TrainConfig:
     backbone_checkpoint: str | None = None
     init_model: str | None = None
     split: str = "train"
+    val_every: int | None = None
+    val_max_images: int | None = 64
+    test_scale: float = 1.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise types (paths to str, lists from JSON to tuples)
@@ -165,6 +204,11 @@ class TrainConfig:
         for name in ("iters", "checkpoint_every", "num_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected {name} >= 1. Got {getattr(self, name)} instead.")
+        if (self.val_every is not None and self.val_every < 0) or (
+            self.val_max_images is not None and self.val_max_images < 1
+        ):
+            raise ValueError(f"Expected val_every >= 0 and val_max_images >= 1. "
+                             f"Got {self.val_every}, {self.val_max_images} instead.")
         if self.num_workers < 0 or self.keep_checkpoints < 0 or self.seed < 0:
             raise ValueError(
                 f"Expected num_workers, keep_checkpoints, seed >= 0. "
@@ -174,8 +218,20 @@ class TrainConfig:
             raise ValueError(f"Expected crop_size (height, width) >= 1. Got {self.crop_size!r} instead.")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"Expected scale_range (low, high), 0 < low <= high. Got {self.scale_range!r}.")
-        if self.lr <= 0 or self.weight_decay < 0:
+        if self.test_scale <= 0:
+            raise ValueError(f"Expected test_scale > 0. Got {self.test_scale} instead.")
+        if self.recipe not in RECIPE_CHOICES:
+            raise ValueError(f"Expected recipe in {RECIPE_CHOICES}. Got {self.recipe!r} instead.")
+        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0:
             raise ValueError(f"Expected lr > 0 and weight_decay >= 0. Got {self.lr}, {self.weight_decay}.")
+        if (self.backbone_lr_mult is not None and self.backbone_lr_mult < 0) or (
+            self.grad_clip is not None and self.grad_clip < 0
+        ):
+            raise ValueError(
+                f"Expected backbone_lr_mult >= 0 and grad_clip >= 0. Got {self.backbone_lr_mult}, {self.grad_clip}."
+            )
+        if self.warmup_iters is not None and not 0 <= self.warmup_iters < self.iters:
+            raise ValueError(f"Expected 0 <= warmup_iters < iters. Got {self.warmup_iters}, {self.iters} instead.")
         parse_reweight_mode(self.reweight)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +268,24 @@ def version_classes(store: LabelStore, version: str) -> tuple[list[str], set[int
     return [by_id[i].name for i in ids], {k for k, i in enumerate(ids) if by_id[i].source == "pseudo"}
 
 
+def resolve_recipe(config: TrainConfig) -> TrainConfig:
+    """Names the recipe (``"auto"`` -> ``paper`` / ``scratch`` by the start) and fills the optimisation fields
+    left None from it; fields set explicitly are kept."""
+    recipe = choose_recipe(config.recipe, pretrained=config.backbone_checkpoint is not None
+                           or config.init_model is not None)
+    return dataclasses.replace(
+        config,
+        recipe=recipe.name,
+        lr=recipe.lr if config.lr is None else config.lr,
+        backbone_lr_mult=recipe.backbone_lr_mult if config.backbone_lr_mult is None else config.backbone_lr_mult,
+        warmup_iters=recipe.warmup_iters(config.iters) if config.warmup_iters is None else config.warmup_iters,
+        grad_clip=recipe.grad_clip if config.grad_clip is None else config.grad_clip,
+    )
+
+
 def resolve_train_config(config: TrainConfig) -> TrainConfig:
-    """Resolves ``version="latest"`` and derives ``num_classes`` from the store.
+    """Resolves ``version="latest"``, derives ``num_classes`` from the store and the recipe's settings
+    (`resolve_recipe`).
 
     Raises:
         ValueError: ``config.num_classes`` is set and differs from the version's.
@@ -226,7 +298,10 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
             f"Expected num_classes {len(names)} (the classes of {version} in {config.store}: {names}). "
             f"Got {config.num_classes} instead."
         )
-    return dataclasses.replace(config, version=version, num_classes=len(names))
+    val_every = config.val_every
+    if val_every is None:
+        val_every = max(1, config.iters // VALIDATIONS_PER_RUN) if validation_split(config.store) else 0
+    return resolve_recipe(dataclasses.replace(config, version=version, num_classes=len(names), val_every=val_every))
 
 
 def model_config(config: TrainConfig) -> dict[str, Any]:
@@ -242,6 +317,7 @@ def model_config(config: TrainConfig) -> dict[str, Any]:
         "class_names": names,
         "store_class_ids": store.versions()[config.version].model_class_ids,
         "pseudo_classes": sorted(pseudo),
+        "test_scale": config.test_scale,
         "store": str(Path(config.store).resolve()),
         "store_name": store.info.get("name"),
         "label_version": config.version,
@@ -285,7 +361,9 @@ def build_model(model_cfg: dict[str, Any]) -> MaSSFormer:
     if variant not in MODEL_BUILDERS:
         raise ValueError(f"Unknown model variant {variant!r}; this addclass knows {sorted(MODEL_BUILDERS)}.")
     pixel_decoder = model_cfg.get("pixel_decoder", "hr")
-    return MODEL_BUILDERS[variant](int(model_cfg["num_classes"]), pixel_decoder=pixel_decoder)
+    model = MODEL_BUILDERS[variant](int(model_cfg["num_classes"]), pixel_decoder=pixel_decoder)
+    model.test_scale = float(model_cfg.get("test_scale", 1.0))  # folders from before test_scale: 1
+    return model
 
 
 def run_name(config: TrainConfig) -> str:
@@ -414,8 +492,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         reweight=config.reweight,  # type: ignore[arg-type]
         inverse_weight_near_pseudo=config.inverse_weight_near_pseudo,
     ).to(device)
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = build_lr_scheduler(optimizer, max_iters=config.iters)
+    assert config.lr is not None and config.backbone_lr_mult is not None and config.warmup_iters is not None
+    log.info("recipe %s: lr %g, backbone x%g, warm-up %d of %d iterations, gradient clip %s", config.recipe,
+             config.lr, config.backbone_lr_mult, config.warmup_iters, config.iters, config.grad_clip or "none")
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                backbone_lr_mult=config.backbone_lr_mult)
+    scheduler = build_lr_scheduler(optimizer, max_iters=config.iters, warmup_iters=config.warmup_iters)
     generator = torch.Generator()  # on the CPU: the loss points and their saved state do not depend on device
     generator.manual_seed(config.seed)
 
@@ -442,7 +524,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             generator=generator, expected=expected, device=device, start_step=start_step, progress=progress,
         )
     model_cfg = {**expected, "step": config.iters}
-    return save_model_dir(out / FINAL_DIR, model=model, config=model_cfg, step=config.iters)
+    final = save_model_dir(out / FINAL_DIR, model=model, config=model_cfg, step=config.iters)
+    learning_curve_png(out)
+    return final
 
 
 def _train_steps(
@@ -494,7 +578,8 @@ def _train_steps(
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_MAX_NORM, GRAD_CLIP_NORM_TYPE)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf,
+                                                       GRAD_CLIP_NORM_TYPE)
             if not torch.isfinite(grad_norm):  # clipping would spread it: no step, so no bad checkpoint
                 raise FloatingPointError(
                     f"Non-finite gradient norm at step {step + 1} of {out} (loss {float(total):.4g}); the weights "
@@ -513,6 +598,10 @@ def _train_steps(
             log_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{values[-1]:.3f}")
+            if config.val_every and (step % config.val_every == 0 or step == config.iters):
+                # before the checkpoint: a resume from this step keeps this step's scores in the log
+                _validate_step(config, model, step=step, device=device, log_file=log_file)
+                model.train()
             if step % config.checkpoint_every == 0 or step == config.iters:
                 save_checkpoint(
                     out, step=step, model=model, config={**expected, "step": step},
@@ -528,6 +617,21 @@ def _train_steps(
     bar.close()
     if step != config.iters:
         raise RuntimeError(f"The data loader stopped at step {step} of {config.iters}.")
+
+
+def _validate_step(config: TrainConfig, model: MaSSFormer, *, step: int, device: torch.device,
+                   log_file: Any) -> None:
+    """Scores the model on ``val``, logs and records the scores, and warns about classes not learned yet."""
+    scores = validate(model, store=config.store, version=config.version, max_images=config.val_max_images,
+                      device=str(device))
+    log_file.write(json.dumps({"step": step, "val": scores}) + "\n")
+    log_file.flush()
+    log.info("step %d/%d %s", step, config.iters, format_scores(scores))
+    missing = unpredicted_classes(scores)
+    if missing and step >= WARN_UNLEARNED_AFTER * config.iters:
+        log.warning("step %d/%d (%.0f %% of the run): classes %s are not predicted on val (IoU 0). The model is "
+                    "not learning them: check their labels (addclass inspect) or the recipe (lr, iters).",
+                    step, config.iters, 100 * step / config.iters, missing)
 
 
 def resolve_model_dir(path: str | os.PathLike[str]) -> Path:

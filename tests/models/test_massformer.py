@@ -156,6 +156,27 @@ def test_predict_sliding_window_averages_tiles() -> None:
     assert torch.equal(model.predict(x, window=512), model.predict(x))
 
 
+def test_test_scale_runs_the_network_on_the_resized_image() -> None:
+    """At scale s the scores are those of the image resized by s, resized back; predict follows test_scale."""
+    model = _build("tiny", "hr").eval()
+    h, w = 57, 83
+    x = _images(1, h, w, seed=5)
+    big = F.interpolate(x, size=(round(h * 2), round(w * 2)), mode="bilinear", align_corners=False)
+    expected = F.interpolate(model.semantic_probs(big), size=(h, w), mode="bilinear", align_corners=False)
+    probs = model.semantic_probs(x, scale=2.0)
+    assert probs.shape == (1, NUM_CLASSES, h, w)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+    assert torch.equal(model.predict(x, scale=2.0), probs.argmax(dim=1))
+    assert (probs - model.semantic_probs(x)).abs().max() > 1e-3  # scale 1 is another prediction
+    model.test_scale = 2.0  # what a trained model's config.json sets
+    torch.testing.assert_close(model.semantic_probs(x), probs, rtol=0, atol=0)
+    assert torch.equal(model.predict(x), probs.argmax(dim=1))
+    assert torch.equal(model.predict(x, scale=1.0), model.semantic_probs(x, scale=1.0).argmax(dim=1))
+    assert model.predict(x, window=32).shape == (1, h, w)  # each window at the model's scale
+    with pytest.raises(ValueError, match="test scale > 0"):
+        model.predict(x, scale=0.0)
+
+
 def test_hr_training_needs_two_images() -> None:
     """BatchNorm on globally pooled features (SEB, conv_avg) cannot train on one image; eval mode can."""
     model = build_massformer_tiny(NUM_CLASSES).train()

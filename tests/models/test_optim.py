@@ -206,3 +206,34 @@ def test_one_training_step_on_tiny_massformer() -> None:
     sched.step()
     after = model.transformer_decoder.query_feat.weight
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_warm_up_then_cosine() -> None:
+    model = _StandIn()
+    opt = build_optimizer(model, lr=1e-3, backbone_lr_mult=1.0)
+    sched = build_lr_scheduler(opt, max_iters=10, warmup_iters=4)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[-1]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear up to the full rate at step W
+    assert seen[4] == pytest.approx(1e-3)  # then cosine over the remaining T - W steps
+    assert seen[7] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert seen[10:] == [0.0, 0.0]
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match="warmup_iters"):
+            build_lr_scheduler(opt, max_iters=10, warmup_iters=bad)
+
+
+def test_recipes() -> None:
+    from models.optim import PAPER_RECIPE, RECIPES, SCRATCH_RECIPE, choose_recipe
+
+    assert set(RECIPES) == {"paper", "scratch"}
+    assert (PAPER_RECIPE.lr, PAPER_RECIPE.backbone_lr_mult, PAPER_RECIPE.grad_clip) == (3e-4, 0.1, 0.01)
+    assert PAPER_RECIPE.warmup_iters(80000) == 0 and SCRATCH_RECIPE.warmup_iters(80000) == 1500
+    assert choose_recipe("auto", pretrained=True) is PAPER_RECIPE
+    assert choose_recipe("auto", pretrained=False) is SCRATCH_RECIPE
+    assert choose_recipe("paper", pretrained=False) is PAPER_RECIPE
+    with pytest.raises(ValueError, match="recipe"):
+        choose_recipe("sgd", pretrained=False)

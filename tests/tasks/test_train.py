@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.metrics import MetricAccumulator
+from models.optim import SCRATCH_RECIPE
 from storage.dataset import LabelVersionDataset
 from storage.registry import ClassInfo
 from storage.store import open_label_store
@@ -82,7 +84,14 @@ def straight_run(train_store: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def read_log(run: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    """The training lines of the log (validation lines hold "val" instead of "total")."""
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "total" in r]
+
+
+def read_val_log(run: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val" in r]
 
 
 KILLER = """
@@ -140,8 +149,20 @@ def test_log_and_outputs(straight_run: Path) -> None:
         assert key in first and np.isfinite(first[key])
     terms = sum(v for k, v in first.items() if k.startswith("loss_"))
     assert first["total"] == pytest.approx(terms, rel=1e-5)
-    # per-iteration cosine without warm-up: 3e-4, then 3e-4 * 0.5 * (1 + cos(pi / 3))
-    assert first["lr"] == pytest.approx(3e-4) and log[1]["lr"] == pytest.approx(3e-4 * 0.75)
+    # a random start takes the scratch recipe: its lr, no warm-up in 3 steps (10 % rounds to 0), then
+    # per-iteration cosine: lr * 0.5 * (1 + cos(pi / 3))
+    saved = json.loads((straight_run / "train_config.json").read_text())
+    lr = SCRATCH_RECIPE.lr
+    assert saved["recipe"] == "scratch" and saved["lr"] == lr and saved["backbone_lr_mult"] == 1.0
+    assert saved["warmup_iters"] == 0 and saved["grad_clip"] == SCRATCH_RECIPE.grad_clip
+    assert first["lr"] == pytest.approx(lr) and log[1]["lr"] == pytest.approx(lr * 0.75)
+    # validation every step (10 per run, at least 1 step apart), drawn with the loss in learning_curve.png
+    val = read_val_log(straight_run)
+    assert saved["val_every"] == 1 and [r["step"] for r in val] == [1, 2, 3]
+    for r in val:
+        assert r["val"]["split"] == "val" and r["val"]["num_images"] == 1 and 0 <= r["val"]["miou7"] <= 1
+        assert set(r["val"]["new_classes"]) == {"car"}
+    assert (straight_run / "learning_curve.png").stat().st_size > 1000
 
     cfg = read_model_config(straight_run / "final")
     assert cfg["variant"] == "tiny" and cfg["num_classes"] == 8 and cfg["label_version"] == "v2"
@@ -325,3 +346,42 @@ def test_fine_tune_errors_name_the_folder(train_store: Path, straight_run: Path,
     (bad / "model.safetensors").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=rf"{bad / 'model.safetensors'}"):
         train(tiny_config(train_store, tmp_path / "d", init_model=str(bad)), progress=False)
+
+
+def test_the_recipe_follows_the_start_and_explicit_fields_win(train_store: Path, tmp_path: Path) -> None:
+    scratch = resolve_train_config(tiny_config(train_store, tmp_path, iters=1000))
+    assert (scratch.recipe, scratch.lr, scratch.backbone_lr_mult, scratch.warmup_iters, scratch.grad_clip) == (
+        "scratch", SCRATCH_RECIPE.lr, 1.0, 100, SCRATCH_RECIPE.grad_clip)
+    for start in ({"backbone_checkpoint": "resnet.pth"}, {"init_model": "run/final"}):
+        paper = resolve_train_config(tiny_config(train_store, tmp_path, iters=1000, **start))
+        assert (paper.recipe, paper.lr, paper.backbone_lr_mult, paper.warmup_iters, paper.grad_clip) == (
+            "paper", 3e-4, 0.1, 0, 0.01), start
+    chosen = resolve_train_config(tiny_config(train_store, tmp_path, recipe="paper", lr=2e-3, grad_clip=0.0))
+    assert (chosen.recipe, chosen.lr, chosen.backbone_lr_mult, chosen.grad_clip) == ("paper", 2e-3, 0.1, 0.0)
+    assert resolve_train_config(scratch) == scratch  # resolving twice changes nothing (resume compares them)
+    with pytest.raises(ValueError, match="recipe"):
+        tiny_config(train_store, tmp_path, recipe="fast")
+    with pytest.raises(ValueError, match="warmup_iters < iters"):
+        tiny_config(train_store, tmp_path, warmup_iters=3)
+    with pytest.raises(ValueError, match="val_every >= 0"):
+        tiny_config(train_store, tmp_path, val_every=-1)
+
+
+def test_a_class_with_iou_zero_on_val_is_warned_about_after_a_share_of_the_run(
+    train_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tasks.train as tt
+
+    scores = {"split": "val", "num_images": 1, "miou7": 0.5, "per_class_iou": {"sky": 0.9, "human": 0.0},
+              "new_classes": {"car": {"iou": 0.0, "biou": 0.0, "bf1": 0.0}}}
+    monkeypatch.setattr(tt, "validate", lambda *a, **k: scores)
+    config = resolve_train_config(tiny_config(train_store, tmp_path, iters=10))
+    model = build_model(model_config(config))
+    log_path = tmp_path / "log.jsonl"
+    with caplog.at_level("WARNING", logger="tasks.train"), open(log_path, "w") as f:
+        tt._validate_step(config, model, step=2, device=torch.device("cpu"), log_file=f)  # 20 %: too early
+        assert not caplog.records
+        tt._validate_step(config, model, step=3, device=torch.device("cpu"), log_file=f)
+    assert len(caplog.records) == 1
+    assert "step 3/10" in caplog.text and "['human', 'car'] are not predicted on val" in caplog.text
+    assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3]
