@@ -32,8 +32,9 @@ Rows (``--rows``, ids in brackets):
   what carving the pseudo masks into "others" already fixes before any training (and ``outline``: what the
   car outline borders on; next to a precise class it is a precise boundary).
 - Pseudo only [``pseudo_only``]; Mixed, no reweight [``mixed_none``]; Mixed + edge reweight [``mixed_edge``,
-  ``1 + 5W`` for every class]; Mixed + inverse reweight [``mixed_inverse``, spec §5.6: ``1 - W`` on car masks
-  and on the 2-px band of precise masks next to car]; Mixed + inverse w/o band [``mixed_inverse_noband``].
+  ``1 + 5W`` for every class]; Mixed + inverse reweight [``mixed_inverse``, docs/design.md §2.8: ``1 - W`` on
+  car masks and on the 2-px band of precise masks next to car]; Mixed + inverse w/o band
+  [``mixed_inverse_noband``].
 
 Outputs in ``--out`` (default ``runs/camvid_newclass``): ``results.md`` (the table), ``results.json`` (every
 number, the settings, the per-row wall times and the machine), ``store/`` (the label store) and

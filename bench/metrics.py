@@ -3,7 +3,7 @@
 Both run in the same process on the same synthetic pairs (default one 2160 x 3840 pair, 8 classes, with curved
 region boundaries, thin poles, small objects and a void region), alternating, and must give identical counts.
 
-The anchor is the upstream style (metrics.md section 8): per class, boolean masks; mIoU by sums; BIoU with
+The anchor is the upstream style (docs/design.md §4.6): per class, boolean masks; mIoU by sums; BIoU with
 MaSS13K's ``mask_to_boundary`` (zero pad + ``cv2.erode`` 3 x 3, d iterations); BF1 with DAVIS ``seg2bmap`` and
 ``cv2.dilate`` with ``disk(2)``.
 

@@ -3,9 +3,9 @@
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (no memory, no compute)
 at the paper's test size 4096 x 3072; MACs = FLOPs / 2. Counted ops: convolutions, linear/matmul/bmm (einsums
 and attention lower to these) and torchvision's deformable convolution (custom formula, C_out * C_in * k^2 per
-output pixel). The paper's 2036G "FLOPs" are fvcore MACs (spec section 8); fvcore skips custom autograd ops
-such as mmcv's modulated deformable conv, so the comparable figure is ``macs_excluding_deform_g``. fvcore's
-small elementwise extras (batch norm, upsampling: ~1-2 %) are not counted here.
+output pixel). The paper's 2036G "FLOPs" are fvcore MACs (docs/design.md §1.6); fvcore skips custom autograd
+ops such as mmcv's modulated deformable conv, so the comparable figure is ``macs_excluding_deform_g``.
+fvcore's small elementwise extras (batch norm, upsampling: ~1-2 %) are not counted here.
 
 Forward time is measured on CPU at ``--size`` (default 768 x 512, about a minute in all) in
 eval mode under ``torch.no_grad()``, alternating the two models so load changes hit both alike; the median is
@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.build import build_massformer_r50
 
-PAPER_MACS_G = 2036.0  # MaSSFormer R50 at 4096 x 3072 (spec section 8, fvcore MACs)
+PAPER_MACS_G = 2036.0  # MaSSFormer R50 at 4096 x 3072 (docs/design.md §1.6, fvcore MACs)
 NUM_CLASSES = 7
 
 

@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
     tr.add_argument("--val-every", type=int, default=None,
                     help="steps between validations on val (default: 10 per run; 0: none)")
-    tr.add_argument("--amp", action="store_true", help="bf16 autocast of the forward pass on a GPU (spec: fp32)")
+    tr.add_argument("--amp", action="store_true",
+                    help="bf16 autocast of the forward pass on a GPU (MaSSFormer's recipe: fp32)")
     tr.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
     tr.add_argument("--no-inverse-near-pseudo", action="store_true")
     tr.add_argument("--points", type=int, default=12544)
@@ -446,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, nargs=2, default=d.size, metavar=("H", "W"))
     demo.add_argument("--iters", type=int, default=d.iters)
     demo.add_argument("--crop", type=int, default=d.crop)
-    demo.add_argument("--points", type=int, default=d.points, help="sampled points per mask (spec: 12544)")
+    demo.add_argument("--points", type=int, default=d.points,
+                      help="sampled points per mask (MaSSFormer's default: 12544)")
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
@@ -458,7 +460,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFou
 
 
 # Local, offline defaults for Prefect (a user's own settings win): no telemetry, and enough time for the
-# ephemeral API server to start on a 2-core machine (orchestration.md sections 2-3).
+# ephemeral API server to start on a 2-core machine (docs/design.md §7.6).
 PREFECT_DEFAULTS = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
                     # the stages' own log lines (validation scores, warnings) in the flow run's logs

@@ -5,8 +5,8 @@
   them on demand), since its tasks wait until a worker joins.
 - A real Prefect API (PREFECT_API_URL set, e.g. a deployment run): a local Dask cluster (2 workers x 1 thread).
 - Prefect's ephemeral API (no server, the CLI's default): a thread pool. Never Dask there: every Dask worker
-  process would start its own temporary Prefect server (orchestration.md §6).
-Worker environment: BLAS threads pinned to 1 and no `MALLOC_TRIM_THRESHOLD_` (orchestration.md §9). A local
+  process would start its own temporary Prefect server (docs/design.md §7.3).
+Worker environment: BLAS threads pinned to 1 and no `MALLOC_TRIM_THRESHOLD_` (docs/design.md §7.3). A local
 cluster's nannies live in the flow process and write that environment into it for good (distributed does
 `os.environ.update` before spawning a worker): run the stages under `restored_environ`.
 """

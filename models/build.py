@@ -1,9 +1,9 @@
 """Builders for the MaSSFormer variants (segment-anything style) and a parameter-count summary.
 
-``r50`` is the released configuration (spec section 1.1). ``lite_r18`` is the spec's inferred Lite
-configuration (section 9: C = 64, D = 128, 6 layers, FFN 1024). ``tiny`` is a small configuration of the same
-code for CPU tests and the demo. Every builder takes ``pixel_decoder="fpn"`` for the mask-classification
-baseline (ablation row #1).
+``r50`` is the released configuration (docs/design.md §1.6). ``lite_r18`` is an inferred Lite configuration
+(docs/design.md §1.6: C = 64, D = 128, 6 layers, FFN 1024). ``tiny`` is a small configuration of the same code
+for CPU tests and the demo. Every builder takes ``pixel_decoder="fpn"`` for the mask-classification baseline
+(ablation row #1).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def build_massformer_r50(
 def build_massformer_lite_r18(
     num_classes: int, checkpoint: str | Path | None = None, *, pixel_decoder: str = "hr"
 ) -> MaSSFormer:
-    """MaSSFormer Lite: ResNet-18, C = 64, D = 128, 6 layers, 100 queries, FFN 1024 (spec section 9)."""
+    """MaSSFormer Lite: ResNet-18, C = 64, D = 128, 6 layers, 100 queries, FFN 1024 (docs/design.md §1.6)."""
     return _build_massformer(
         num_classes=num_classes,
         checkpoint=checkpoint,

@@ -1,14 +1,16 @@
 """MaSSFormer training losses: set criterion with deep supervision, reweighted point losses and the edge loss.
 
 After Mask2Former's ``SetCriterion`` (facebookresearch/Mask2Former ``mask2former/modeling/criterion.py``)
-and the MaSSFormer head (xiechenxi99/MaSS13K ``massformer_head.py``), with the project decisions of spec §5:
+and the MaSSFormer head (xiechenxi99/MaSS13K ``massformer_head.py``), with the project decisions of
+docs/design.md §2:
 
 - per decoder output (the last one plus every ``aux_outputs`` entry): softmax CE x2 (no-object weight 0.1),
   point-sampled weighted BCE x5 and dice x5 on the Hungarian-matched masks;
 - once, on ``pred_edge``: BCE x10 against the intended edge target ``edge == 1``, pixels with ``edge == 255``
-  excluded from the mean (the released code's target is the constant 1, spec §5.4);
+  excluded from the mean (the released code's target is the constant 1, docs/design.md §2.6);
 - BCE point weights from ``models.loss_weights`` (``reweight`` = ``"none"`` / ``"edge"`` / ``"inverse"``), and
-  importance sampling on ``-|logit| * (1 - W)`` (spec §5.3; plain ``-|logit|`` when ``reweight="none"``).
+  importance sampling on ``-|logit| * (1 - W)`` (docs/design.md §2.5; plain ``-|logit|`` when
+  ``reweight="none"``).
 
 Ground-truth masks stay at full target resolution; the predicted masks (1/2 or 1/4) and the targets are
 read at the same normalized points, as in the reference.
@@ -52,7 +54,7 @@ def classification_loss(pred_logits: Tensor, target_classes: Tensor, class_weigh
 def weighted_sigmoid_ce_loss(
     point_logits: Tensor, point_labels: Tensor, point_weights: Tensor | None, num_masks: float
 ) -> Tensor:
-    """``sum_p w_p * BCE(logit_p, label_p) / (num_masks * P)`` (spec §5.2).
+    """``sum_p w_p * BCE(logit_p, label_p) / (num_masks * P)`` (docs/design.md §2.4).
 
     The denominator is not the sum of the weights, so the weights also raise the overall scale (as released).
 
@@ -78,7 +80,7 @@ def dice_loss(point_logits: Tensor, point_labels: Tensor, num_masks: float, *, e
         point_logits: N x P mask logits at the sampled points.
         point_labels: N x P targets in [0, 1] at the same points.
         num_masks: Number of ground-truth masks in the batch (>= 1).
-        eps: Smoothing term (spec: 1).
+        eps: Smoothing term (MaSSFormer's default: 1).
 
     Returns:
         Scalar loss.
@@ -134,22 +136,22 @@ class SetCriterion(nn.Module):
     Args:
         num_classes: K, the number of real classes; logits have K+1 entries (the last is no-object).
         matcher: The Hungarian matcher.
-        class_weight: Weight of the classification loss (spec: 2).
-        mask_weight: Weight of the point BCE loss (spec: 5).
-        dice_weight: Weight of the dice loss (spec: 5).
-        edge_weight: Weight of the edge loss (spec: 10), applied once.
-        no_object_weight: CE class weight of the no-object class (spec: 0.1).
+        class_weight: Weight of the classification loss (MaSSFormer's default: 2).
+        mask_weight: Weight of the point BCE loss (MaSSFormer's default: 5).
+        dice_weight: Weight of the dice loss (MaSSFormer's default: 5).
+        edge_weight: Weight of the edge loss (MaSSFormer's default: 10), applied once.
+        no_object_weight: CE class weight of the no-object class (MaSSFormer's default: 0.1).
         losses: Subset of ``("labels", "masks", "edge")``. ``"edge"`` is skipped for outputs whose
             ``pred_edge`` is None (the fpn baseline).
-        num_points: Points per matched mask P (spec: 12544; tests and the CPU demo use fewer).
-        oversample_ratio: Candidates per point for importance sampling (spec: 3).
-        importance_sample_ratio: Fraction of points chosen by uncertainty (spec: 0.75).
+        num_points: Points per matched mask P (MaSSFormer's default: 12544; tests and the CPU demo use fewer).
+        oversample_ratio: Candidates per point for importance sampling (MaSSFormer's default: 3).
+        importance_sample_ratio: Fraction of points chosen by uncertainty (MaSSFormer's default: 0.75).
         reweight: ``"none"``, ``"edge"`` or ``"inverse"`` (``models.loss_weights``).
-        edge_lambda: lambda in ``1 + lambda * W`` (spec: 5).
+        edge_lambda: lambda in ``1 + lambda * W`` (MaSSFormer's default: 5).
         inverse_weight_near_pseudo: Precise-class pixels near pseudo pixels get ``1 - W`` (``"inverse"``
             only).
         near_pseudo_radius: Chessboard radius of that band (2 px).
-        weight_kernel_size: Average-pool window of W (spec: 5).
+        weight_kernel_size: Average-pool window of W (MaSSFormer's default: 5).
     """
 
     def __init__(
@@ -225,7 +227,7 @@ class SetCriterion(nn.Module):
         """
         self._check(outputs, targets)
         device_type = outputs["pred_logits"].device.type
-        with torch.autocast(device_type=device_type, enabled=False):  # losses in fp32 (spec §1.3)
+        with torch.autocast(device_type=device_type, enabled=False):  # losses in fp32 (docs/design.md §2.7)
             return self._losses(outputs, targets, generator)
 
     def _losses(
@@ -364,7 +366,7 @@ def build_criterion(
     inverse_weight_near_pseudo: bool = True,
     losses: Sequence[str] = LOSS_NAMES,
 ) -> SetCriterion:
-    """The MaSSFormer criterion with the spec's weights (§1.2) and a matcher on the same number of points.
+    """The MaSSFormer criterion (weights: docs/design.md §2.7) and a matcher on the same number of points.
 
     Args:
         num_classes: K (real classes, without no-object).

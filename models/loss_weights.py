@@ -1,4 +1,4 @@
-"""Per-pixel weight maps for the mask BCE loss (spec §5.1, §5.2, §5.6).
+"""Per-pixel weight maps for the mask BCE loss (docs/design.md §2.3, §2.4, §2.8).
 
 ``W = |avgpool_5x5(G) - G|`` (zero padding counted) is the edge map of one ground-truth mask G: 0 away from
 edges, 0.4 / 0.2 on the first / second pixel on each side of a straight edge, up to 0.96 on an isolated pixel,
@@ -45,11 +45,11 @@ def parse_reweight_mode(mode: str) -> ReweightMode:
 
 
 def edge_weight_map(masks: Tensor, *, kernel_size: int = 5) -> Tensor:
-    """``W = |avgpool_k(G) - G|`` per mask, zero padding counted in the average (spec §5.1).
+    """``W = |avgpool_k(G) - G|`` per mask, zero padding counted in the average (docs/design.md §2.3).
 
     Args:
         masks: N x H x W binary masks (any dtype).
-        kernel_size: Odd pooling window k (spec: 5).
+        kernel_size: Odd pooling window k (MaSSFormer's default: 5).
 
     Returns:
         N x H x W float32 edge weights in ``[0, 1]``.
@@ -92,7 +92,7 @@ def bce_weight_map(
     near_pseudo_radius: int = 2,
     kernel_size: int = 5,
 ) -> Tensor:
-    """Per-pixel BCE weights for the ground-truth masks of one image (spec §5.2, §5.6).
+    """Per-pixel BCE weights for the ground-truth masks of one image (docs/design.md §2.4, §2.8).
 
     Args:
         masks: G x H x W binary masks.
@@ -100,7 +100,7 @@ def bce_weight_map(
         pseudo_region: H x W bool, union of the pseudo-class pixels.
         mode: ``"none"``, ``"edge"`` or ``"inverse"`` (module docstring).
         edge_weights: Optional precomputed ``edge_weight_map(masks)`` (G x H x W).
-        edge_lambda: lambda in ``1 + lambda * W`` (spec: 5).
+        edge_lambda: lambda in ``1 + lambda * W`` (MaSSFormer's default: 5).
         inverse_weight_near_pseudo: In ``"inverse"`` mode, give precise masks ``1 - W`` near pseudo pixels.
         near_pseudo_radius: Chessboard radius of that band (2 px).
         kernel_size: Pooling window of W when ``edge_weights`` is not given.

@@ -1,8 +1,9 @@
 """Hungarian matching between predicted queries and ground-truth segments, on sampled points.
 
 After Mask2Former's ``HungarianMatcher`` (facebookresearch/Mask2Former ``mask2former/modeling/matcher.py``)
-with the MaSSFormer settings (spec §1.2): costs class 2, sigmoid BCE 5, dice 5 (eps 1), on ``num_points``
-(12544) uniform random points per image, shared by all queries and all ground-truth masks of that image.
+with the MaSSFormer settings (docs/design.md §2.1): costs class 2, sigmoid BCE 5, dice 5 (eps 1), on
+``num_points`` (12544) uniform random points per image, shared by all queries and all ground-truth masks of
+that image.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def batch_dice_cost(pred: Tensor, tgt: Tensor, *, eps: float = 1.0) -> Tensor:
     Args:
         pred: Q x P mask logits at the sampled points.
         tgt: G x P target values in [0, 1] at the same points.
-        eps: Smoothing term (spec: 1).
+        eps: Smoothing term (MaSSFormer's default: 1).
 
     Returns:
         Q x G cost.
@@ -109,10 +110,10 @@ class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to ground-truth segments, per image.
 
     Args:
-        cost_class: Weight of the class cost (spec: 2).
-        cost_mask: Weight of the sigmoid BCE cost (spec: 5).
-        cost_dice: Weight of the dice cost (spec: 5).
-        num_points: Uniform random points per image (spec: 12544).
+        cost_class: Weight of the class cost (MaSSFormer's default: 2).
+        cost_mask: Weight of the sigmoid BCE cost (MaSSFormer's default: 5).
+        cost_dice: Weight of the dice cost (MaSSFormer's default: 5).
+        num_points: Uniform random points per image (MaSSFormer's default: 12544).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Semantic-segmentation metrics: mIoU, Boundary IoU and Boundary F1 (``shared/spec/metrics.md``).
+"""Semantic-segmentation metrics: mIoU, Boundary IoU and Boundary F1 (docs/design.md §4).
 
 Every metric is computed the same way: per image, per-class int64 **counts** (``image_counts``); the
 counts are **summed over the dataset** (``MetricAccumulator``); then one ratio per class and a NaN-aware
@@ -242,7 +242,7 @@ def image_counts(
     ignore_index: int = 255,
     biou_d: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-class integer counts of one image for mIoU, BIoU and BF1 (metrics.md section 6).
+    """Per-class integer counts of one image for mIoU, BIoU and BF1 (docs/design.md §4.6).
 
     Args:
         pred: H x W integer predicted labels; values outside 0..C-1 (e.g. 255) belong to no class.

@@ -174,7 +174,7 @@ def build_optimizer(
     betas: tuple[float, float] = ADAMW_BETAS,
     eps: float = ADAMW_EPS,
 ) -> torch.optim.AdamW:
-    """AdamW over ``build_param_groups(model, ...)`` (spec §1.3 defaults).
+    """AdamW over ``build_param_groups(model, ...)`` (docs/design.md §3.1 defaults).
 
     Args:
         model: The model (backbone at ``model.backbone``).
@@ -219,7 +219,7 @@ def build_lr_scheduler(
 
     Args:
         optimizer: Optimizer whose groups' current ``lr`` are the base rates.
-        max_iters: Total iterations (spec: 80000).
+        max_iters: Total iterations (MaSSFormer's default: 80000).
         warmup_iters: Linear warm-up iterations (paper recipe: 0).
 
     Returns:

@@ -1,5 +1,5 @@
 # Behaviour ported from MaSS13K `mmseg/models/decode_heads/mass_decoder.py` (HR_Pixel_Decoder and its blocks)
-# @ a6f8923 (EGF upsamples y4, 4 output convs); see ../shared/spec/massformer.md section 2.
+# @ a6f8923 (EGF upsamples y4, 4 output convs); see docs/design.md §1.3.
 """MaSSFormer's high-resolution pixel decoder: SEB x4, CST, RFB, LSE and EGF.
 
 Data flow (s = stride w.r.t. the padded input; C = ``channels``, D = ``out_channels``)::
@@ -288,7 +288,10 @@ class ERM(nn.Module):
 
 
 class HRPixelDecoder(nn.Module):
-    """MaSSFormer's HR pixel decoder (spec section 2). Inputs must be multiples of 16 * ``window_size``."""
+    """MaSSFormer's HR pixel decoder (docs/design.md §1.3).
+
+    Inputs must be multiples of 16 * ``window_size``.
+    """
 
     def __init__(
         self,

@@ -72,8 +72,8 @@ def uncertain_point_coords_with_randomness(
     Draws ``int(num_points * oversample_ratio)`` uniform candidates, scores them with
     ``uncertainty = -|logit| * scale``, keeps the top ``int(importance_sample_ratio * num_points)`` and
     appends uniform random points up to ``num_points``. With ``uncertainty_scale = 1 - W`` this is the
-    MaSSFormer reweighted sampling (spec §5.3): the uncertainty is <= 0, so a small scale near edges pulls
-    it toward 0 and favours edge points. The uncertainty is computed from the sampled logit, not sampled
+    MaSSFormer reweighted sampling (docs/design.md §2.5): the uncertainty is <= 0, so a small scale near edges
+    pulls it toward 0 and favours edge points. The uncertainty is computed from the sampled logit, not sampled
     from a per-pixel uncertainty map (PointRend's remark: the two differ between pixels of opposite sign).
 
     Args:

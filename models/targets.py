@@ -1,12 +1,12 @@
 """Per-image training targets for the set criterion, built from a semantic label map.
 
 The target dict (``docs/interfaces.md``) holds one binary mask per class present, the per-class
-``is_pseudo`` flag that selects the loss weights (spec §5.6), the union of the pseudo-class pixels (for the
-near-pseudo band) and the 2-px semantic edge map for the edge loss (spec §5.4).
+``is_pseudo`` flag that selects the loss weights (docs/design.md §2.8), the union of the pseudo-class pixels
+(for the near-pseudo band) and the 2-px semantic edge map for the edge loss (docs/design.md §2.6).
 
 Ignore pixels (``ignore_index``, 255) are in no class mask, so every predicted mask is pushed to 0 there, as
 in the reference code (mmdet/Mask2Former semantic targets). In the edge target they are 255, i.e. excluded
-from the edge loss: the spec only has 255 in padding, but our label maps also carry 255 "ignore" pixels
+from the edge loss: the reference only has 255 in padding, but our label maps also carry 255 "ignore" pixels
 inside images, whose boundary status is unknown.
 """
 
@@ -22,7 +22,7 @@ EDGE_IGNORE = 255
 
 
 def generate_edge(label_map: Tensor, *, edge_width: int = 2, ignore_index: int = 255) -> Tensor:
-    """Semantic boundary map, the behaviour of mmseg ``GenerateEdge`` (spec §5.4).
+    """Semantic boundary map, the behaviour of mmseg ``GenerateEdge`` (docs/design.md §2.6).
 
     A pixel ``(i, j)`` is marked when its label differs from one of the neighbours the mmseg code compares it
     with (its variable names in brackets): ``(i-1, j)`` ["down"], ``(i, j+1)`` ["left"], ``(i+1, j+1)``
@@ -81,7 +81,7 @@ def build_targets(
         ignore_index: Label of ignore pixels.
         pad_mask: Optional H x W bool, True on padding. Padding is treated as ignore: in no class mask and
             255 in the edge target, whatever its label value.
-        edge_width: Width of the edge target (spec: 2).
+        edge_width: Width of the edge target (MaSSFormer's default: 2).
 
     Returns:
         A dict on ``label_map``'s device with

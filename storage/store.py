@@ -2,7 +2,7 @@
 
 The on-disk layout is documented in `storage/layout.md`. Everything about a store's metadata lives in the
 root group's attributes under the key "addclass" and is written by one process at a time (the lock holder);
-per-image arrays are written by any number of workers, one writer per array (see orchestration.md §10).
+per-image arrays are written by any number of workers, one writer per array (see docs/design.md §7.4).
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ class LabelStore:
         h, w = shape
         chunks = (min(h, CHUNK), min(w, CHUNK))
         shards = None
-        if h > CHUNK or w > CHUNK:  # one shard = one image: one file, one writer (orchestration.md §10)
+        if h > CHUNK or w > CHUNK:  # one shard = one image: one file, one writer (docs/design.md §7.4)
             shards = (math.ceil(h / chunks[0]) * chunks[0], math.ceil(w / chunks[1]) * chunks[1])
         return self._root.create_array(
             key, shape=(h, w), dtype="uint8", chunks=chunks, shards=shards,

@@ -3,7 +3,7 @@
 A store whose label version has the precise classes 0..6 (``source == "precise"``) and new pseudo classes 7,
 8, ... is scored with four ground-truth rules. All metrics are ``models.metrics`` (mIoU, BIoU, BF1:
 per-image int64 counts summed over the split) at the ground-truth resolution, the image's own size
-(metrics.md section 2): the model predicts at full resolution (it pads internally and crops back), so
+(docs/design.md §4.1): the model predicts at full resolution (it pads internally and crops back), so
 nothing is resized.
 
 1. **Precise-class score ("7 classes").** The prediction with every new class folded back to 0 ("others") is

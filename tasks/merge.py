@@ -5,7 +5,7 @@ labels of one or more new classes, and writes a new version `vN`: the parent's l
 written in, plus a per-pixel provenance map (0 precise, 1 pseudo, 255 ignore) that training uses to pick loss
 weights. Parent versions are never touched.
 
-Merge rule (massformer.md §7):
+Merge rule (docs/design.md §6.3):
 
 - `carve-others` (default): a pixel becomes the new class only where its pseudo mask is set **and** the parent
   label is 0 ("others"). Pseudo masks never overwrite a precise class (1..6), never overwrite a class that an
@@ -21,7 +21,7 @@ Merge rule (massformer.md §7):
   unless `allow_partial=True`: images without one keep the parent's labels and provenance, and the version's
   spec records `partial: true` with the count and the ids.
 
-Work is split the way the flow maps it (orchestration.md §7, §10): `plan_merge` validates and registers a
+Work is split the way the flow maps it (docs/design.md §7.2, §7.4): `plan_merge` validates and registers a
 draft version (metadata, lock holder), `merge_image` writes one image (labels + provenance; one writer per
 image array, any number of workers in parallel, e.g. one Prefect/Dask task per image), and `finish_merge`
 publishes the version and registers the new classes in one metadata write once every image is written. A

@@ -6,9 +6,9 @@ gradient clipping at L2 norm 0.01, per-iteration cosine decay without warm-up; a
 start (higher lr, the backbone at the full rate, warm-up, a looser clip). ``recipe="auto"`` picks by the
 start; fields set explicitly win over the recipe. Augmentation: random resize 0.5-2.0 /
 ``RandomCrop(cat_max_ratio=0.75)`` / flip / photometric distortion (`storage.dataset`). Classes whose registry
-``source`` is ``"pseudo"`` get the inverse loss weights (spec §5.6, ``reweight``). Training is fp32, as the
-spec's recipe; ``amp=True`` opts in to bf16 autocast of the forward pass on a GPU (the losses stay fp32: the
-criterion turns autocast off). On the CPU the loop is deterministic for a given seed.
+``source`` is ``"pseudo"`` get the inverse loss weights (docs/design.md §2.8, ``reweight``). Training is fp32,
+as the reference recipe; ``amp=True`` opts in to bf16 autocast of the forward pass on a GPU (the losses stay
+fp32: the criterion turns autocast off). On the CPU the loop is deterministic for a given seed.
 
 Outputs in ``out_dir``: ``train_config.json`` (the resolved `TrainConfig`), ``train_log.jsonl`` (one line
 per step: step, lr, every loss term, total, seconds), ``checkpoints/`` + ``latest.json`` (`tasks.checkpoint`)
@@ -106,7 +106,7 @@ class TrainConfig:
         variant: A ``models.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``).
         num_classes: K; derived from the version (None until resolved; a different value is an error).
         pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline).
-        iters: Training steps (spec: 80000).
+        iters: Training steps (MaSSFormer's default: 80000).
         batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling).
         crop_size: (height, width) of training crops; the model pads to multiples of 256, so multiples of
             256 waste nothing.
@@ -121,12 +121,12 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         reweight: BCE point weights, ``"none"``, ``"edge"`` or ``"inverse"``.
         inverse_weight_near_pseudo: Precise pixels next to pseudo regions get the inverse weight.
-        num_points: Sampled points per mask (matcher and losses; spec 12544).
+        num_points: Sampled points per mask (matcher and losses; MaSSFormer's default: 12544).
         checkpoint_every: Steps between checkpoints (the last step is always saved).
         keep_checkpoints: Newest checkpoints kept (0: all).
         seed: Seed of the initialisation, the data order, the augmentations and the loss points.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        amp: bf16 autocast of the forward pass on CUDA (ignored on the CPU); off by default, as the spec's
+        amp: bf16 autocast of the forward pass on CUDA (ignored on the CPU); off by default, as MaSSFormer's
             fp32 recipe. It changes GPU results, so a resume must keep it.
         num_workers: DataLoader worker processes (0: load in the training process).
         backbone_checkpoint: Optional torchvision ImageNet ResNet weights for a fresh run.

@@ -1,4 +1,4 @@
-"""Builders and parameter accounting against ../shared/spec/massformer.md section 9."""
+"""Builders and parameter accounting against docs/design.md §1.6."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from models.build import MODEL_BUILDERS, PIXEL_DECODERS, build_massformer_tiny, 
 from models.fpn_decoder import FPNPixelDecoder
 from models.pixel_decoder import HRPixelDecoder
 
-# Spec section 9 (MaSSFormer R50, K = 7): all parameters incl. BN affines, buffers excluded.
+# docs/design.md §1.6 (MaSSFormer R50, K = 7): all parameters incl. BN affines, buffers excluded.
 SPEC_R50 = {
     "backbone": 23_508_032,
     "pixel_decoder": 4_345_720,

@@ -1,4 +1,4 @@
-"""Tests for models/metrics.py: hand-computed small maps (metrics.md section 7) and a slow reference.
+"""Tests for models/metrics.py: hand-computed small maps (docs/design.md §4.5) and a slow reference.
 
 Conventions in the hand cases: d = 1 on every small map (diagonal < 1500). ``seg2bmap`` boundaries sit on the
 last pixel of a mask and on the background pixels just before it (towards the origin), so a single pixel at

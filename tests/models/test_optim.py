@@ -1,4 +1,4 @@
-"""Parameter groups, AdamW settings and the per-iteration cosine schedule (spec §1.3)."""
+"""Parameter groups, AdamW settings and the per-iteration cosine schedule (docs/design.md §3.1)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class _StandIn(nn.Module):
         self.decoder = _Decoder()
 
 
-# spec §1.3: backbone lr x0.1; query_embed, query_feat, level_embed and all norms decay x0
+# docs/design.md §3.1: backbone lr x0.1; query_embed, query_feat, level_embed and all norms decay x0
 EXPECTED = {
     "backbone": {"backbone.conv.weight", "backbone.proj.weight", "backbone.proj.bias"},
     "backbone_no_decay": {"backbone.ln.weight", "backbone.ln.bias"},
@@ -175,7 +175,7 @@ def test_param_groups_on_tiny_massformer() -> None:
             assert own <= no_decay, type(module).__name__
         elif isinstance(module, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
             assert not own & no_decay, type(module).__name__  # conv/linear weights and biases decay
-    # the backbone's BN affines are frozen (spec §1.1) and therefore in no group
+    # the backbone's BN affines are frozen (docs/design.md §1.2) and therefore in no group
     frozen_bn = [p for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
     assert frozen_bn and not {id(p) for p in frozen_bn} & trainable
 

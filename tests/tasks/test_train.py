@@ -2,9 +2,9 @@
 
 The store has 3 synthetic 256 x 256 scenes (1 train image) and a v2 where the exact car masks are a pseudo
 class 7, so the inverse loss weights are exercised. 256 x 256 crops waste nothing (the model pads to
-multiples of 256). The overfit test uses lr 5e-3 (~17x the recipe) and 512 points (spec: 12544) to converge in
-few steps on the CPU, and the precise labels v1 (in v2 the cars leave only ~160 "others" pixels in the
-training image, a class too small for a fair mIoU after a few dozen steps).
+multiples of 256). The overfit test uses lr 5e-3 (~17x the recipe) and 512 points (MaSSFormer's default:
+12544) to converge in few steps on the CPU, and the precise labels v1 (in v2 the cars leave only ~160 "others"
+pixels in the training image, a class too small for a fair mIoU after a few dozen steps).
 """
 
 from __future__ import annotations
