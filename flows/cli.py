@@ -155,14 +155,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     model = evaluate_model(a.store, a.checkpoint, splits=tuple(a.splits), device=a.device, progress=not a.quiet,
                            pred_dir=a.pred_dir, overwrite=a.overwrite)
     paths = write_evaluation_report(a.out, model_results=model, pseudo_results=evaluate_pseudo(a.store),
-                                    pred_dir=a.pred_dir, overwrite=a.overwrite)
+                                    pred_dir=a.pred_dir)
     print(Path(paths["report.md"]).read_text())
     print(f"report: {paths['report.md']}")
     return 0
 
 
 def cmd_model_info(a: argparse.Namespace) -> int:
-    from models.build import model_info
+    from models.massformer.build import model_info
 
     info = model_info(a.variant, num_classes=a.num_classes, pixel_decoder=a.pixel_decoder)
     if a.json:
@@ -247,7 +247,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-RECIPE_CHOICES = ("auto", "paper", "scratch")  # models.optim.RECIPE_CHOICES (a test keeps them equal)
+# models.training.optim.RECIPE_CHOICES (a test keeps them equal)
+RECIPE_CHOICES = ("auto", "paper", "scratch")
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:

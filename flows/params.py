@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from storage.names import parse_split
 from tasks.train import TrainConfig, run_name
@@ -31,6 +32,6 @@ def flow_train_config(*, store: str, version: str, runs: Path, variant: str, ite
                       crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
                       reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo, seed=seed,
                       device=device, init_model=init_model, out_dir=str(runs), recipe=recipe,
-                      scale_range=tuple(scale_range),  # type: ignore[arg-type]  (TrainConfig checks it)
+                      scale_range=cast(tuple[float, float], tuple(scale_range)),  # TrainConfig checks it
                       test_scale=test_scale)
     return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))

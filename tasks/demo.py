@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults without loading torch
     from tasks.pseudo_label import LabelerConfig
@@ -27,8 +27,8 @@ class DemoConfig:
 
     The tiny model trains from scratch (the scratch recipe) on crops of the scenes resized by
     ``scale_range`` and predicts at ``test_scale`` 2: its masks, at half the network's input resolution,
-    then fall on the scenes' own pixel grid (`models.massformer`). The defaults finish in about 4 minutes on 2
-    idle cores (README "Quick start"); tests use fewer iterations.
+    then fall on the scenes' own pixel grid (`models.massformer.model`). The defaults finish in about 4
+    minutes on 2 idle cores (README "Quick start"); tests use fewer iterations.
     """
 
     out: str = "demo-out"
@@ -61,7 +61,7 @@ def pseudo_label_scores(store_path: str | os.PathLike[str], *, class_name: str, 
     if labeler.kind != "simulated":
         raise ValueError(f"Expected the simulated labeler (it reads hand masks). Got {labeler.kind!r} instead.")
     store = open_label_store(store_path)
-    kind = "eval" if split == "test" else "reference"
+    kind: Literal["eval", "reference"] = "eval" if split == "test" else "reference"
     ids = store.hand_mask_ids(kind, class_name, split)
     if not ids:
         raise ValueError(f"{store.path} has no {kind}/{class_name} hand masks on split {split!r}.")

@@ -1,0 +1,1 @@
+"""Pseudo labelers: Grounded-SAM (ops, weights, offline BERT, embedding cache), simulated, label records."""

@@ -1,0 +1,1 @@
+"""MaSSFormer: model (backbone, pixel decoders, masked-attention transformer decoder), builders, weights."""

@@ -1,0 +1,1 @@
+"""Training pieces: set criterion, Hungarian matcher, loss weights, point sampling, targets, optimiser."""
