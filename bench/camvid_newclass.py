@@ -9,8 +9,8 @@ an exact car mask for every frame:
    classes; the car hand masks go to ``reference/car`` (train, val) and ``eval/car`` (test). val is the tail
    of the train sequence (``--val-fraction``), so nothing is tuned on test.
 2. **Pseudo-label** "car" on train and val (`tasks.pseudo_label`). The default ``simulated`` labeler
-   degrades the hand masks like Grounded-SAM (`models.simulated_labeler`); it needs the hand masks, so it
-   never runs on test. ``--labeler grounded-sam`` runs the real detector + SAM (weights from
+   degrades the hand masks like Grounded-SAM (`models.labelers.simulated_labeler`); it needs the hand masks,
+   so it never runs on test. ``--labeler grounded-sam`` runs the real detector + SAM (weights from
    ``--sam-checkpoint`` / ``--dino-checkpoint`` or their environment variables) on train, val **and** test.
 3. **Merge** (`tasks.merge`, ``carve-others``): car is written only where the precise label is "others", so
    the precise classes keep their own boundaries. This is the *mixed* label version.
@@ -106,11 +106,11 @@ DEFAULT_CAMVID = REPO.parent / "shared" / "data" / "camvid"
 DEFAULT_OUT = REPO / "runs" / "camvid_newclass"
 DEFAULT_ITERS = 400
 DEFAULT_BASE_ITERS = 1200
-# The simulated labeler's degradations (models.simulated_labeler). SAM predicts 256 x 256 logits for its
-# 1024 input: at MaSS13K's ~4000 px images a logit cell is ~16 px, about 3x the 5 px BIoU band. At CamVid's
-# 480 px the same relative coarseness is a grid of ~128 cells (3.75 px cells against a 1 px band). Instances
-# bleed 3 px with probability 0.5. On train/val this gives pseudo labels of car IoU ~86 % and BIoU ~20 %,
-# close to the paper's pseudo-label row (BIoU 20.44).
+# The simulated labeler's degradations (models.labelers.simulated_labeler). SAM predicts 256 x 256 logits for
+# its 1024 input: at MaSS13K's ~4000 px images a logit cell is ~16 px, about 3x the 5 px BIoU band. At
+# CamVid's 480 px the same relative coarseness is a grid of ~128 cells (3.75 px cells against a 1 px band).
+# Instances bleed 3 px with probability 0.5. On train/val this gives pseudo labels of car IoU ~86 % and BIoU
+# ~20 %, close to the paper's pseudo-label row (BIoU 20.44).
 SIMULATED_DEFAULTS: dict[str, Any] = {"low_res": 128, "bleed_prob": 0.5, "bleed_px": 3, "miss_prob": 0.05,
                                       "min_area_frac": 3e-4}
 GPU_EXAMPLE = ("bench/camvid_newclass.py --device cuda --variant lite_r18 --backbone-checkpoint "

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.label_record import LabelRecord
+from models.labelers.label_record import LabelRecord
 from storage.pseudo import read_pseudo_mask, record_pseudo_run, settings_key, write_pseudo_result
 from storage.registry import ImageRecord
 from storage.store import build_label_store, open_label_store

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.build import build_massformer_r50
+from models.massformer.build import build_massformer_r50
 
 PAPER_MACS_G = 2036.0  # MaSSFormer R50 at 4096 x 3072 (docs/design.md §1.6, fvcore MACs)
 NUM_CLASSES = 7

@@ -41,10 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.embedding_cache import InMemoryEmbeddingCache
-from models.grounded_sam import GroundedSamLabeler
-from models.grounded_sam_ops import select_boxes
-from models.grounded_sam_weights import build_dino, build_sam
+from models.labelers.embedding_cache import InMemoryEmbeddingCache
+from models.labelers.grounded_sam import GroundedSamLabeler
+from models.labelers.grounded_sam_ops import select_boxes
+from models.labelers.grounded_sam_weights import build_dino, build_sam
 
 
 def _vm_kb(field: str) -> int:
@@ -249,7 +249,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_all(paths: list[Path]) -> list[np.ndarray]:
-    from models.grounded_sam import load_image_rgb
+    from models.labelers.grounded_sam import load_image_rgb
 
     return [load_image_rgb(p) for p in paths]
 
@@ -278,7 +278,7 @@ def run_rss_4k(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     if args.naive_postprocess:
         # The mask stage, step by step: SAM's decoder for all boxes (resolution-independent) ...
-        from models.grounded_sam_ops import upsample_mask_logits
+        from models.labelers.grounded_sam_ops import upsample_mask_logits
 
         boxes_px = torch.from_numpy(record.boxes)
         del record

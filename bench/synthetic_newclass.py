@@ -8,20 +8,20 @@ scratch does reach them:
 
 - **precise classes** have exact, pixel-sharp labels (sky, building, vegetation, ground, water, human;
   cars, poles and signs are "others");
-- **pseudo labels** of car come from the simulated Grounded-SAM (`models.simulated_labeler`, the demo's
-  settings): low-resolution (SAM-grid) boundaries, 25 % of instances bleeding 3 px into their neighbours,
-  5 % missed, small objects dropped. They are made on train and val; on test they are made in memory for
-  the Pseudo Label row only (`tasks.demo.pseudo_label_scores`) and train nothing;
+- **pseudo labels** of car come from the simulated Grounded-SAM (`models.labelers.simulated_labeler`, the
+  demo's settings): low-resolution (SAM-grid) boundaries, 25 % of instances bleeding 3 px into their
+  neighbours, 5 % missed, small objects dropped. They are made on train and val; on test they are made in
+  memory for the Pseudo Label row only (`tasks.demo.pseudo_label_scores`) and train nothing;
 - the **oracle** trains on the exact car masks carved into "others": what the model and schedule reach with
   perfect labels.
 
 Rows: Pseudo Label; Pseudo only (car/others from the raw pseudo masks, no precise labels); Mixed, no
 reweight; Mixed + edge reweight (``1 + 5W`` on every class); Mixed + inverse reweight (``1 - W`` on car and
 the band of precise classes next to it); Oracle (exact car, no reweight). Every model row trains the tiny
-MaSSFormer from scratch with the ``scratch`` recipe (`models.optim.SCRATCH_RECIPE`), for each of ``--seeds``
-(the seed of the initialisation, data order and loss points; the data and pseudo labels stay fixed), and is
-scored on val and test: car IoU / BIoU / BF1 class vs rest against the exact masks and the 7-class mIoU
-against the precise labels. The table gives mean ± sample sd over the seeds.
+MaSSFormer from scratch with the ``scratch`` recipe (`models.training.optim.SCRATCH_RECIPE`), for each of
+``--seeds`` (the seed of the initialisation, data order and loss points; the data and pseudo labels stay
+fixed), and is scored on val and test: car IoU / BIoU / BF1 class vs rest against the exact masks and the
+7-class mIoU against the precise labels. The table gives mean ± sample sd over the seeds.
 
 Outputs in ``--out`` (default ``runs/synthetic_newclass``): ``results.md``, ``results.json`` (every run's
 numbers, the settings, wall times, the machine), ``store/`` and ``runs/<row>-s<seed>/``. Measured on the

@@ -160,8 +160,8 @@ def add_class(
     ``init_model`` (a trained model folder, e.g. the ``final/`` of your 7-class model, or ``"champion"``: the
     store's registered champion) fine-tunes that model on the new label version instead of training from
     scratch; the new class starts untrained. ``recipe`` ``"auto"`` trains a random start with the scratch
-    recipe and a trained start with the paper's (`models.optim.RECIPES`); ``scale_range`` is the training
-    resize range and ``test_scale`` the trained model's inference scale (`tasks.train.TrainConfig`).
+    recipe and a trained start with the paper's (`models.training.optim.RECIPES`); ``scale_range`` is the
+    training resize range and ``test_scale`` the trained model's inference scale (`tasks.train.TrainConfig`).
     """
     # ---- validate everything before any work
     labeler_cfg = pl.LabelerConfig(kind=labeler, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,

@@ -1,7 +1,12 @@
 """Models: MaSSFormer (backbone, HR pixel decoder, masked-attention transformer decoder) and friends.
 
-Kept import-light on purpose: import the submodule you need, e.g.
-``from models.build import build_massformer_tiny``.
+Kept import-light on purpose (no package re-exports anything): import the submodule you need, e.g.
+``from models.massformer.build import build_massformer_tiny``. Layout:
+
+- ``massformer/``: the network (``model.py``: `MaSSFormer`) and its parts, builders and weight loading
+- ``training/``: criterion, matcher, loss weights, point sampling, targets, optimiser recipes
+- ``labelers/``: Grounded-SAM and the simulated labeler, with their weights, caches and `LabelRecord`
+- ``metrics.py`` (mIoU, Boundary IoU, Boundary F1) and ``palette.py`` (label-map colours) stay at the top
 
 Glossary for shape comments in this package:
 

@@ -1,7 +1,7 @@
 """SAM image-embedding cache inside a label store (`cache/<key>`), keyed by image sha256 + SAM variant +
-checkpoint hash (see `models.embedding_cache.embedding_key`). A second prompt over the same images reads the
-embedding instead of running the SAM image encoder. Entries are written whole (one array per key) and marked
-done last, so concurrent workers and crashes never leave a half entry that is read back.
+checkpoint hash (see `models.labelers.embedding_cache.embedding_key`). A second prompt over the same images
+reads the embedding instead of running the SAM image encoder. Entries are written whole (one array per key)
+and marked done last, so concurrent workers and crashes never leave a half entry that is read back.
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def load_model_weights(model: nn.Module, folder: str | os.PathLike[str]) -> None
     Raises:
         CheckpointError: the file is corrupt or does not fit the model (the message names the file).
     """
-    from models.weights import load_checkpoint
+    from models.massformer.weights import load_checkpoint
 
     folder = Path(folder)
     verify_dir(folder, files=(MODEL_FILE,))

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from models.label_record import rle_decode
+from models.labelers.label_record import rle_decode
 from storage.names import parse_class_name
 from storage.pseudo import missing_pseudo, pseudo_done, pseudo_runs, read_pseudo_mask, read_pseudo_record
 from storage.registry import IGNORE_INDEX, PROV_PSEUDO, ClassInfo, VersionInfo

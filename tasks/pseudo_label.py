@@ -75,11 +75,11 @@ def build_labeler(config: LabelerConfig, *, store_path: str | os.PathLike[str] |
     if key in _LABELERS:
         return _LABELERS[key]
     if config.kind == "simulated":
-        from models.simulated_labeler import SimulatedLabeler
+        from models.labelers.simulated_labeler import SimulatedLabeler
 
         labeler: Any = SimulatedLabeler(seed=config.seed, **config.simulated)
     else:
-        from models.grounded_sam import GroundedSamLabeler
+        from models.labelers.grounded_sam import GroundedSamLabeler
         from storage.embedding_cache import StoreEmbeddingCache
 
         labeler = GroundedSamLabeler(
@@ -131,7 +131,7 @@ def validate_labeler(config: LabelerConfig) -> None:
     """Fail before any work if a Grounded-SAM checkpoint is missing (the error names the file and the URL)."""
     if config.kind != "grounded-sam":
         return
-    from models import grounded_sam as gs
+    from models.labelers import grounded_sam as gs
 
     if config.random_weights:
         return
@@ -262,7 +262,7 @@ def import_pseudo(store_path: str | os.PathLike[str], *, class_name: str, masks_
         per_split: dict[str, int] = {}
         for image_id, (split, m) in masks.items():
             n, comp = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
-            from models.label_record import LabelRecord  # tasks may use models
+            from models.labelers.label_record import LabelRecord  # tasks may use models
 
             inst = np.stack([comp == k for k in range(1, n)]) if n > 1 else np.zeros((0, *m.shape), bool)
             boxes = [[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]

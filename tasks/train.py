@@ -1,10 +1,10 @@
 """Train a MaSSFormer on one label version of a store, with checkpoints and exact resume.
 
-Two recipes (`models.optim.RECIPES`): ``paper`` for a model that starts from trained weights (an ImageNet
-backbone or ``init_model``): AdamW (lr 3e-4, wd 0.05, backbone lr x0.1, no decay on embeddings and norms),
-gradient clipping at L2 norm 0.01, per-iteration cosine decay without warm-up; and ``scratch`` for a random
-start (higher lr, the backbone at the full rate, warm-up, a looser clip). ``recipe="auto"`` picks by the
-start; fields set explicitly win over the recipe. Augmentation: random resize 0.5-2.0 /
+Two recipes (`models.training.optim.RECIPES`): ``paper`` for a model that starts from trained weights (an
+ImageNet backbone or ``init_model``): AdamW (lr 3e-4, wd 0.05, backbone lr x0.1, no decay on embeddings and
+norms), gradient clipping at L2 norm 0.01, per-iteration cosine decay without warm-up; and ``scratch`` for a
+random start (higher lr, the backbone at the full rate, warm-up, a looser clip). ``recipe="auto"`` picks by
+the start; fields set explicitly win over the recipe. Augmentation: random resize 0.5-2.0 /
 ``RandomCrop(cat_max_ratio=0.75)`` / flip / photometric distortion (`storage.dataset`). Classes whose registry
 ``source`` is ``"pseudo"`` get the inverse loss weights (docs/design.md §2.8, ``reweight``). Training is fp32,
 as the reference recipe; ``amp=True`` opts in to bf16 autocast of the forward pass on a GPU (the losses stay
@@ -34,19 +34,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.build import MODEL_BUILDERS, PIXEL_DECODERS
-from models.criterion import build_criterion
-from models.loss_weights import parse_reweight_mode
-from models.massformer import MaSSFormer
-from models.optim import (
+from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
+from models.massformer.model import MaSSFormer
+from models.massformer.weights import load_backbone_checkpoint, load_with_new_classes
+from models.training.criterion import build_criterion
+from models.training.loss_weights import parse_reweight_mode
+from models.training.optim import (
     GRAD_CLIP_NORM_TYPE,
     RECIPE_CHOICES,
     build_lr_scheduler,
     build_optimizer,
     choose_recipe,
 )
-from models.targets import build_targets
-from models.weights import load_backbone_checkpoint, load_with_new_classes
+from models.training.targets import build_targets
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
 from storage.store import LabelStore, open_label_store
 from tasks.checkpoint import (
@@ -103,7 +103,7 @@ class TrainConfig:
         store: Label store path.
         out_dir: Run folder (checkpoints, log, ``final/``).
         version: Label version to train on (``"latest"`` is resolved by `resolve_train_config`).
-        variant: A ``models.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``).
+        variant: A ``models.massformer.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``).
         num_classes: K; derived from the version (None until resolved; a different value is an error).
         pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline).
         iters: Training steps (MaSSFormer's default: 80000).

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bert_offline import file_sha256
-from models.embedding_cache import EmbeddingCache, embedding_key
-from models.embedding_cache import image_sha256 as compute_image_sha256
-from models.grounded_sam_ops import (
+from models.labelers.bert_offline import file_sha256
+from models.labelers.embedding_cache import EmbeddingCache, embedding_key
+from models.labelers.embedding_cache import image_sha256 as compute_image_sha256
+from models.labelers.grounded_sam_ops import (
     build_caption,
     cxcywh_to_xyxy,
     dino_input_size,
@@ -50,7 +50,7 @@ from models.grounded_sam_ops import (
     token_prompt_index,
     upsample_mask_logits,
 )
-from models.grounded_sam_weights import (
+from models.labelers.grounded_sam_weights import (
     DINO_ENV,
     DINO_URL,
     DINO_VARIANTS,
@@ -61,7 +61,7 @@ from models.grounded_sam_weights import (
     build_sam,
     resolve_checkpoint,
 )
-from models.label_record import LabelRecord
+from models.labelers.label_record import LabelRecord
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class GroundedSamLabeler:
         random_weights: Give every model without an explicit checkpoint argument seeded random weights (tests,
             smoke runs only; the environment variables and the default folder are then ignored).
         seed: Seed of the random weights.
-        embedding_cache: Optional SAM image-embedding cache (see ``models.embedding_cache``).
+        embedding_cache: Optional SAM image-embedding cache (see ``models.labelers.embedding_cache``).
         mask_chunk_bytes: Memory budget of the full-resolution float masks upsampled at once.
     """
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.bert_offline import OFFLINE_BERT_PREFIX, cache_root, install_offline_patches
+from models.labelers.bert_offline import OFFLINE_BERT_PREFIX, cache_root, install_offline_patches
 
 if TYPE_CHECKING:
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO

@@ -36,7 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.label_record import LabelRecord
+from models.labelers.label_record import LabelRecord
 
 
 def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:

@@ -3,7 +3,7 @@
 Behaviour of MaSS13K's ``ResNet_m`` (its output 0 is the input image): plain 7x7 stem, pytorch style, and BN
 layers with frozen affines (``requires_grad=False`` on weight and bias) whose running statistics still update
 in train mode (``norm_eval=False``). Plain ``BatchNorm2d``, not SyncBN. Parameter names match torchvision's,
-so an ImageNet ``resnet50-0676ba61.pth`` loads with `models.weights.load_backbone_checkpoint`.
+so an ImageNet ``resnet50-0676ba61.pth`` loads with `models.massformer.weights.load_backbone_checkpoint`.
 """
 
 from __future__ import annotations

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models.backbone import ResNetBackbone
-from models.fpn_decoder import FPNPixelDecoder
-from models.massformer import MaSSFormer
-from models.pixel_decoder import HRPixelDecoder
-from models.transformer_decoder import MaskedTransformerDecoder
-from models.weights import load_checkpoint
+from models.massformer.backbone import ResNetBackbone
+from models.massformer.fpn_decoder import FPNPixelDecoder
+from models.massformer.model import MaSSFormer
+from models.massformer.pixel_decoder import HRPixelDecoder
+from models.massformer.transformer_decoder import MaskedTransformerDecoder
+from models.massformer.weights import load_checkpoint
 
 PIXEL_DECODERS = ("hr", "fpn")
 

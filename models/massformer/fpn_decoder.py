@@ -16,7 +16,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.pixel_decoder import PixelDecoderOutput
+from models.massformer.pixel_decoder import PixelDecoderOutput
 
 
 def _conv_norm(

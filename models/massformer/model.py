@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbone import ResNetBackbone
-from models.fpn_decoder import FPNPixelDecoder
-from models.pixel_decoder import HRPixelDecoder, PixelDecoderOutput
-from models.transformer_decoder import MaskedTransformerDecoder
+from models.massformer.backbone import ResNetBackbone
+from models.massformer.fpn_decoder import FPNPixelDecoder
+from models.massformer.pixel_decoder import HRPixelDecoder, PixelDecoderOutput
+from models.massformer.transformer_decoder import MaskedTransformerDecoder
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.position_encoding import sine_position_encoding
+from models.massformer.position_encoding import sine_position_encoding
 
 
 class MaskedAttentionLayer(nn.Module):

@@ -117,7 +117,7 @@ def load_checkpoint(
     """Loads a MaSSFormer checkpoint into a built model (after `remap_keys`).
 
     Args:
-        model: the built model (e.g. from `models.build.MODEL_BUILDERS`).
+        model: the built model (e.g. from `models.massformer.build.MODEL_BUILDERS`).
         path: ``.safetensors`` or torch checkpoint (``.pt``/``.pth``, possibly nested under ``model``).
         strict: raise on missing or unexpected keys; when False they are logged as warnings.
 
@@ -155,7 +155,7 @@ def load_backbone_checkpoint(
     """Initialises the ResNet backbone from a torchvision ImageNet checkpoint (the ``fc`` head is dropped).
 
     Args:
-        model: a `models.massformer.MaSSFormer` (its ``backbone`` is loaded) or a `ResNetBackbone`.
+        model: a `models.massformer.model.MaSSFormer` (its ``backbone`` is loaded) or a `ResNetBackbone`.
         path: e.g. ``resnet50-0676ba61.pth`` or ``resnet18-f37072fd.pth``.
         strict: raise on missing/unexpected keys. Pass False for the ``tiny`` backbone (one block per stage),
             which then takes the first block of each stage of a ResNet-18.

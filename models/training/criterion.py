@@ -8,9 +8,9 @@ docs/design.md §2:
   point-sampled weighted BCE x5 and dice x5 on the Hungarian-matched masks;
 - once, on ``pred_edge``: BCE x10 against the intended edge target ``edge == 1``, pixels with ``edge == 255``
   excluded from the mean (the released code's target is the constant 1, docs/design.md §2.6);
-- BCE point weights from ``models.loss_weights`` (``reweight`` = ``"none"`` / ``"edge"`` / ``"inverse"``), and
-  importance sampling on ``-|logit| * (1 - W)`` (docs/design.md §2.5; plain ``-|logit|`` when
-  ``reweight="none"``).
+- BCE point weights from ``models.training.loss_weights`` (``reweight`` = ``"none"`` / ``"edge"`` /
+  ``"inverse"``), and importance sampling on ``-|logit| * (1 - W)`` (docs/design.md §2.5; plain ``-|logit|``
+  when ``reweight="none"``).
 
 Ground-truth masks stay at full target resolution; the predicted masks (1/2 or 1/4) and the targets are
 read at the same normalized points, as in the reference.
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.loss_weights import ReweightMode, bce_weight_map, edge_weight_map, parse_reweight_mode
-from models.matcher import HungarianMatcher
-from models.point_sample import point_sample, uncertain_point_coords_with_randomness
-from models.targets import EDGE_IGNORE
+from models.training.loss_weights import ReweightMode, bce_weight_map, edge_weight_map, parse_reweight_mode
+from models.training.matcher import HungarianMatcher
+from models.training.point_sample import point_sample, uncertain_point_coords_with_randomness
+from models.training.targets import EDGE_IGNORE
 
 LOSS_NAMES: tuple[str, ...] = ("labels", "masks", "edge")
 
@@ -146,7 +146,7 @@ class SetCriterion(nn.Module):
         num_points: Points per matched mask P (MaSSFormer's default: 12544; tests and the CPU demo use fewer).
         oversample_ratio: Candidates per point for importance sampling (MaSSFormer's default: 3).
         importance_sample_ratio: Fraction of points chosen by uncertainty (MaSSFormer's default: 0.75).
-        reweight: ``"none"``, ``"edge"`` or ``"inverse"`` (``models.loss_weights``).
+        reweight: ``"none"``, ``"edge"`` or ``"inverse"`` (``models.training.loss_weights``).
         edge_lambda: lambda in ``1 + lambda * W`` (MaSSFormer's default: 5).
         inverse_weight_near_pseudo: Precise-class pixels near pseudo pixels get ``1 - W`` (``"inverse"``
             only).
@@ -216,7 +216,7 @@ class SetCriterion(nn.Module):
             outputs: The model output dict of ``docs/interfaces.md``: ``pred_logits`` B x Q x (K+1),
                 ``pred_masks`` B x Q x h x w, optional ``aux_outputs`` (list of dicts with the same two keys,
                 any mask resolution) and ``pred_edge`` B x 1 x h x w or None.
-            targets: B dicts from ``models.targets.build_targets`` on the outputs' device.
+            targets: B dicts from ``models.training.targets.build_targets`` on the outputs' device.
             generator: Optional RNG for the matcher's and the losses' random points, for reproducibility
                 (on any device: the points move to the outputs').
 

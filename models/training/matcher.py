@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from models.point_sample import point_sample, uniform_points
+from models.training.point_sample import point_sample, uniform_points
 
 
 def batch_class_cost(pred_logits: Tensor, tgt_labels: Tensor) -> Tensor:

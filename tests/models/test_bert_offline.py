@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import BertConfig, BertModel
 
-from models.bert_offline import (
+from models.labelers.bert_offline import (
     OFFLINE_BERT_PREFIX,
     VOCAB_SHA256,
     OfflineBertWarper,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.build import MODEL_BUILDERS, PIXEL_DECODERS, build_massformer_tiny, model_info
-from models.fpn_decoder import FPNPixelDecoder
-from models.pixel_decoder import HRPixelDecoder
+from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS, build_massformer_tiny, model_info
+from models.massformer.fpn_decoder import FPNPixelDecoder
+from models.massformer.pixel_decoder import HRPixelDecoder
 
 # docs/design.md §1.6 (MaSSFormer R50, K = 7): all parameters incl. BN affines, buffers excluded.
 SPEC_R50 = {

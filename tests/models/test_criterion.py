@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import models.criterion as criterion_module
-from models.criterion import (
+import models.training.criterion as criterion_module
+from models.training.criterion import (
     HungarianMatcher,
     SetCriterion,
     build_criterion,
@@ -18,9 +18,9 @@ from models.criterion import (
     edge_loss,
     weighted_sigmoid_ce_loss,
 )
-from models.loss_weights import edge_weight_map
-from models.point_sample import select_uncertain_points, uncertain_point_coords_with_randomness
-from models.targets import build_targets
+from models.training.loss_weights import edge_weight_map
+from models.training.point_sample import select_uncertain_points, uncertain_point_coords_with_randomness
+from models.training.targets import build_targets
 
 
 def _softplus(v: float) -> float:

@@ -21,9 +21,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou, nms
 
-from models.embedding_cache import EmbeddingCache, InMemoryEmbeddingCache, embedding_key, image_sha256
-from models.grounded_sam import GroundedSamLabeler, parse_dtype
-from models.grounded_sam_ops import (
+from models.labelers.embedding_cache import (
+    EmbeddingCache,
+    InMemoryEmbeddingCache,
+    embedding_key,
+    image_sha256,
+)
+from models.labelers.grounded_sam import GroundedSamLabeler, parse_dtype
+from models.labelers.grounded_sam_ops import (
     build_caption,
     cxcywh_to_xyxy,
     dino_input_size,
@@ -31,7 +36,7 @@ from models.grounded_sam_ops import (
     token_prompt_index,
     upsample_mask_logits,
 )
-from models.grounded_sam_weights import (
+from models.labelers.grounded_sam_weights import (
     DINO_URL,
     SAM_URL,
     CheckpointMismatchError,
@@ -39,7 +44,7 @@ from models.grounded_sam_weights import (
     build_dino,
     check_state_dict,
 )
-from models.label_record import LabelRecord
+from models.labelers.label_record import LabelRecord
 
 MAX_BOXES = 3
 
@@ -275,7 +280,7 @@ def test_dino_checkpoint_round_trip_and_required_keys(
     # ... any other missing or unexpected key is logged.
     partial = {k: v for k, v in state.items() if k != "feat_map.bias"}
     partial["extra.key"] = torch.zeros(1)
-    with caplog.at_level(logging.WARNING, logger="models.grounded_sam_weights"):
+    with caplog.at_level(logging.WARNING, logger="models.labelers.grounded_sam_weights"):
         check_state_dict(
             labeler.dino, partial, path=path, strict=False, required_prefixes=("bert.", "backbone.")
         )

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.build import MODEL_BUILDERS, PIXEL_DECODERS, build_massformer_tiny
-from models.deform import DeformLayer, deform_conv2d
-from models.massformer import IMAGENET_MEAN, MaSSFormer
-from models.pixel_decoder import SEB, window_partition, window_reverse
-from models.position_encoding import sine_position_encoding
-from models.transformer_decoder import MaskedTransformerDecoder
+from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS, build_massformer_tiny
+from models.massformer.deform import DeformLayer, deform_conv2d
+from models.massformer.model import IMAGENET_MEAN, MaSSFormer
+from models.massformer.pixel_decoder import SEB, window_partition, window_reverse
+from models.massformer.position_encoding import sine_position_encoding
+from models.massformer.transformer_decoder import MaskedTransformerDecoder
 
 NUM_CLASSES = 7
 VARIANT_LAYERS = {"r50": 6, "lite_r18": 6, "tiny": 3}
@@ -237,7 +237,7 @@ def test_cpu_deform_conv_paths_match_torchvision(c_in: int, c_out: int, k: int, 
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
     # The one-tap-at-a-time grid-sample path (no gradient, "large" map) gives the same values.
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr("models.deform.LOW_MEMORY_BYTES", 0)
+        mp.setattr("models.massformer.deform.LOW_MEMORY_BYTES", 0)
         torch.testing.assert_close(deform_conv2d(x, offset, mask, weight, padding=k // 2), ref.detach())
 
 
@@ -249,9 +249,9 @@ def test_inference_paths_agree_in_full_model(monkeypatch: pytest.MonkeyPatch) ->
         for module in model.modules():  # non-zero, fractional offsets and masks != 0.5
             if isinstance(module, DeformLayer):
                 module.offset_conv.weight.normal_(0.0, 0.05)
-        monkeypatch.setattr("models.deform.EMBEDDING_BAG_MIN_PIXELS", 0)
+        monkeypatch.setattr("models.massformer.deform.EMBEDDING_BAG_MIN_PIXELS", 0)
         fast = model(x)
-        monkeypatch.setattr("models.deform.EMBEDDING_BAG_MIN_PIXELS", 2**62)
+        monkeypatch.setattr("models.massformer.deform.EMBEDDING_BAG_MIN_PIXELS", 2**62)
         ref = model(x)
     torch.testing.assert_close(fast["pred_masks"], ref["pred_masks"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast["pred_edge"], ref["pred_edge"], rtol=1e-4, atol=1e-4)

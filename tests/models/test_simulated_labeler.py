@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.simulated_labeler import (
+from models.labelers.simulated_labeler import (
     SimulatedLabeler,
     boundary_iou,
     low_res_roundtrip,

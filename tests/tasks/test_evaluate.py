@@ -357,7 +357,7 @@ def test_report_rows_and_overlays_from_saved_predictions(store: Path, tmp_path: 
 
 # ---------------------------------------------------------------------------- a real tiny checkpoint
 def test_real_tiny_checkpoint_end_to_end(tmp_path: Path) -> None:
-    from models.build import build_massformer_tiny
+    from models.massformer.build import build_massformer_tiny
     from tasks.checkpoint import FORMAT, FORMAT_VERSION, save_model_dir
     from tasks.ingest import ingest_synthetic
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.label_record import rle_decode
+from models.labelers.label_record import rle_decode
 from storage.store import open_label_store
 from tasks.export import export_coco_rle, export_mmseg
 from tasks.merge import merge

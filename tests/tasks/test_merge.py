@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.label_record import LabelRecord
+from models.labelers.label_record import LabelRecord
 from storage.lock import StoreLockedError
 from storage.pseudo import record_pseudo_run, settings_key, write_pseudo_result
 from storage.registry import ImageRecord

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.metrics import MetricAccumulator
-from models.optim import SCRATCH_RECIPE
+from models.training.optim import SCRATCH_RECIPE
 from storage.dataset import LabelVersionDataset
 from storage.registry import ClassInfo
 from storage.store import open_label_store
