@@ -179,18 +179,25 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
+# add-class flags whose names differ from the flow parameters they set; the flags that only steer the command
+ADD_CLASS_RENAMED = {"sam": "sam_variant", "dino": "dino_config", "train_batch_size": "batch_size",
+                     "points": "num_points", "workers": "num_workers", "wait": "wait_for_lock"}
+ADD_CLASS_CONTROL = frozenset({"command", "func", "deployment", "deployment_name", "timeout"})
+ADD_CLASS_PATHS = ("store", "sam_checkpoint", "dino_checkpoint", "runs_dir")
+
+
 def add_class_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    init_model = a.init_model if a.init_model in (None, "champion") else _absolute(a.init_model)
-    return dict(
-        prompt=a.prompt, store=_absolute(a.store), labeler=a.labeler, sam_variant=a.sam,
-        sam_checkpoint=_absolute(a.sam_checkpoint), dino_config=a.dino, dino_checkpoint=_absolute(a.dino_checkpoint),
-        random_weights=a.random_weights, box_threshold=a.box_threshold, text_threshold=a.text_threshold,
-        max_boxes=a.max_boxes, dtype=a.dtype, policy=a.policy, variant=a.variant, iters=a.iters,
-        batch_size=a.train_batch_size, crop_size=a.crop_size, num_points=a.points, num_workers=a.workers,
-        reweight=a.reweight, device=a.device, init_model=init_model, runs_dir=_absolute(a.runs_dir),
-        recipe=a.recipe, scale_range=list(a.scale_range), test_scale=a.test_scale,
-        dask_address=a.dask_address, scale_out=a.scale_out, wait_for_lock=a.wait, seed=a.seed,
-    )
+    """The add-class flow's parameters from the parsed flags: every flag sets exactly one parameter
+    (`ADD_CLASS_RENAMED` where the names differ; tests/flows/test_cli.py checks the two lists match)."""
+    params = {ADD_CLASS_RENAMED.get(k, k): v for k, v in vars(a).items() if k not in ADD_CLASS_CONTROL}
+    params["inverse_weight_near_pseudo"] = not params.pop("no_inverse_near_pseudo")
+    for key in ADD_CLASS_PATHS:
+        params[key] = _absolute(params[key])
+    if params["init_model"] not in (None, "champion"):
+        params["init_model"] = _absolute(params["init_model"])
+    for key in ("scale_range", "pseudo_splits", "eval_splits"):
+        params[key] = list(params[key])
+    return params
 
 
 def _run_deployment(name: str, params: dict[str, Any], timeout: float | None) -> int:
@@ -425,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--train-batch-size", type=int, default=2)
     ac.add_argument("--crop-size", type=int, default=256)
     ac.add_argument("--reweight", choices=("none", "edge", "inverse"), default="inverse")
+    ac.add_argument("--no-inverse-near-pseudo", action="store_true",
+                    help="precise pixels next to the new class keep the edge weight (inverse reweight only)")
+    ac.add_argument("--pseudo-splits", nargs="+", default=["train", "val"], help="splits to pseudo-label")
+    ac.add_argument("--pseudo-batch-size", type=int, default=8, help="images per labelling task")
+    ac.add_argument("--eval-splits", nargs="+", default=["val", "test"], help="splits to evaluate on")
     add_recipe_args(ac)
     ac.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
     ac.add_argument("--workers", type=int, default=2, help="training data-loader processes")

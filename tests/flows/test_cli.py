@@ -99,3 +99,34 @@ def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path
     assert kwargs["sam_checkpoint"] == str(Path("~/w/sam.pth").expanduser())
     champion = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--init-model", "champion"])
     assert add_class_kwargs(champion)["init_model"] == "champion"
+
+
+def test_every_add_class_parameter_has_one_flag_with_the_flow_default(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flow parameter the CLI cannot set, or a flag that reaches no parameter, fails here."""
+    import inspect
+
+    from flows.add_class import add_class
+    from flows.cli import ADD_CLASS_PATHS, add_class_kwargs, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    kwargs = add_class_kwargs(build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s.zarr"]))
+    flow = inspect.signature(add_class.fn).parameters
+    assert sorted(kwargs) == sorted(flow)
+    for name, param in flow.items():
+        if name not in ("prompt", "store", *ADD_CLASS_PATHS):
+            assert kwargs[name] == param.default, name  # `addclass add-class` and the deployment agree
+    flags = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--no-inverse-near-pseudo",
+                                       "--pseudo-splits", "train", "--eval-splits", "test", "--pseudo-batch-size",
+                                       "3", "--recipe", "paper", "--scale-range", "1", "2", "--test-scale", "2"])
+    got = add_class_kwargs(flags)
+    assert (got["inverse_weight_near_pseudo"], got["pseudo_splits"], got["eval_splits"], got["pseudo_batch_size"],
+            got["recipe"], got["scale_range"], got["test_scale"]) == (False, ["train"], ["test"], 3, "paper",
+                                                                      [1.0, 2.0], 2.0)
+
+
+def test_recipe_choices_are_the_recipes() -> None:
+    from flows.cli import RECIPE_CHOICES as CLI_CHOICES
+    from models.training.optim import RECIPE_CHOICES
+
+    assert CLI_CHOICES == RECIPE_CHOICES
