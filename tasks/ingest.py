@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from storage.names import parse_image_id
@@ -48,17 +49,24 @@ def read_rgb(path: Path, *, image_id: str) -> np.ndarray:
 
 
 def read_label_png(path: Path, *, image_id: str) -> np.ndarray:
+    """A label map as stored: a grey (``L``) PNG's values or a palette (``P``) PNG's indices, as mmseg reads
+    them (many datasets ship palette PNGs; OpenCV would expand those to colours)."""
     if not path.is_file():
         raise FileNotFoundError(f"Missing annotation {path} for image id {image_id!r}.")
-    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, bands = im.mode, len(im.getbands())
+            lab = np.asarray(im) if mode in ("L", "P") else None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"Cannot decode annotation {path} (image id {image_id!r}): unreadable or corrupt "
+                         f"({e}).") from None
     if lab is None:
-        raise ValueError(f"Cannot decode annotation {path} (image id {image_id!r}): unreadable or corrupt.")
-    if lab.ndim != 2:
-        raise ValueError(f"Annotation {path} (image id {image_id!r}) has {lab.shape[2]} channels; expected a "
-                         "single-channel label map.")
-    if lab.dtype != np.uint8:
-        raise ValueError(f"Annotation {path} (image id {image_id!r}) is {lab.dtype}; expected uint8 labels.")
-    return lab
+        if bands != 1:
+            raise ValueError(f"Annotation {path} (image id {image_id!r}) has {bands} channels ({mode}); expected "
+                             "a single-channel (grey or palette) label map.")
+        raise ValueError(f"Annotation {path} (image id {image_id!r}) is a {mode} image; expected 8-bit labels.")
+    return np.ascontiguousarray(lab, dtype=np.uint8)
 
 
 def check_labels(labels: np.ndarray, *, allowed: np.ndarray, image_hw: tuple[int, int], where: str) -> None:
@@ -116,14 +124,26 @@ def _ingest_split(store: LabelStore, split: str, samples: list[Sample], *, conve
     store.write_image_records(split, records)
 
 
+def mass13k_image_folder(src: Path, split: str) -> Path | None:
+    """The image folder of a split: `images/{split}`, or for train and val the released dataset's
+    `images_pad/{split}` (its config reads train and val from there and test from `images/test`)."""
+    candidates = [src / "images_pad" / split] if split in ("train", "val") else []
+    candidates.append(src / "images" / split)
+    if split in ("train", "val") and (src / "images" / split).is_dir():
+        candidates.reverse()  # a folder laid out by hand: images/ first
+    return next((c for c in candidates if c.is_dir()), None)
+
+
 def ingest_mass13k(src: str | os.PathLike[str], store: str | os.PathLike[str], *, overwrite: bool = False,
                    progress: bool = True) -> Path:
-    """MaSS13K layout: `images/{split}/*.jpg` and `annotations/{split}/*.png` (labels 0..6, 255)."""
+    """MaSS13K layout: `images/{split}/*.jpg` (train and val also as the released `images_pad/{split}`) and
+    `annotations/{split}/*.png` (labels 0..6, 255; grey or palette PNGs)."""
     src = Path(src)
-    splits = {sp: _pair_folder(src / "images" / sp, src / "annotations" / sp)
-              for sp in ("train", "val", "test") if (src / "images" / sp).exists()}
+    folders = {sp: mass13k_image_folder(src, sp) for sp in ("train", "val", "test")}
+    splits = {sp: _pair_folder(folder, src / "annotations" / sp) for sp, folder in folders.items() if folder}
     if not splits:
-        raise FileNotFoundError(f"No MaSS13K splits under {src} (expected images/train, images/val, images/test).")
+        raise FileNotFoundError(f"No MaSS13K splits under {src} (expected images/{{train,val,test}} or the "
+                                "released images_pad/{train,val} and images/test).")
     _check_unique_across_splits(splits)
 
     def convert(raw: np.ndarray, s: Sample) -> tuple[np.ndarray, dict[str, np.ndarray]]:

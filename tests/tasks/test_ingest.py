@@ -67,6 +67,27 @@ def test_mass13k_round_trip_and_inspect(tmp_path: Path) -> None:
     assert overlay.shape == (40, 48 * 3, 3)
 
 
+def test_mass13k_palette_labels_and_the_released_layout(tmp_path: Path) -> None:
+    """Palette PNGs give their indices (as mmseg reads them); train/val images come from images_pad/ as in the
+    released dataset (test from images/)."""
+    from PIL import Image
+
+    src = _mass13k(tmp_path / "m", n=2)
+    _mass13k(src, n=1, split="test", prefix="t")
+    (src / "images").rename(src / "images_pad")
+    (src / "images").mkdir()
+    (src / "images_pad" / "test").rename(src / "images" / "test")
+    grey = cv2.imread(str(src / "annotations/train/img1.png"), cv2.IMREAD_UNCHANGED)
+    palette = Image.fromarray(grey, mode="L").convert("P")
+    palette.putpalette([v for c in range(256) for v in ((c * 37) % 256, (c * 91) % 256, (c * 53) % 256)])
+    palette.save(src / "annotations/train/img1.png")
+    assert cv2.imread(str(src / "annotations/train/img1.png"), cv2.IMREAD_UNCHANGED).ndim == 3  # OpenCV: colours
+    st = open_label_store(ingest_mass13k(src, tmp_path / "m.zarr", progress=False))
+    assert np.array_equal(st.read_labels("train", "img1"), grey)
+    assert st.image_path(st.image_record("train", "img0")) == (src / "images_pad/train/img0.jpg").resolve()
+    assert st.image_ids("test") == ["t0"]
+
+
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
@@ -76,6 +97,8 @@ def test_mass13k_round_trip_and_inspect(tmp_path: Path) -> None:
         ("bad_values", r"img1.png.*values \[9\]"),
         ("duplicate_id", "Duplicate image id 'img1'"),
         ("rgb_label", "img1.png.*3 channels"),
+        ("sixteen_bit_label", "img1.png.*expected 8-bit labels"),
+        ("truncated_label", "Cannot decode annotation .*img1.png"),
         ("empty_split", "Empty split"),
     ],
 )
@@ -96,6 +119,10 @@ def test_bad_mass13k_input_is_a_clear_error_and_writes_nothing(tmp_path: Path, b
         cv2.imwrite(str(src / "images/train/img1.png"), np.zeros((40, 48, 3), np.uint8))
     elif breakage == "rgb_label":
         cv2.imwrite(str(ann1), np.zeros((40, 48, 3), np.uint8))
+    elif breakage == "sixteen_bit_label":
+        cv2.imwrite(str(ann1), np.zeros((40, 48), np.uint16))
+    elif breakage == "truncated_label":
+        ann1.write_bytes(ann1.read_bytes()[:40])
     elif breakage == "empty_split":
         (src / "images/val").mkdir()
         (src / "annotations/val").mkdir()
