@@ -74,13 +74,20 @@ class LabelStore:
     def __init__(self, path: Path, *, mode: Literal["r", "a", "w"]) -> None:
         self.path = path
         self.mode = mode
-        self._root = zarr.open_group(str(path), mode="r" if mode == "r" else "a", use_consolidated=False)
+        self._root = self._open_root()
         if mode == "w":
             self._doc: dict[str, Any] = {}
         else:
             self._doc = self._load_doc()
 
     # ------------------------------------------------------------------ metadata
+    def _open_root(self) -> zarr.Group:
+        """The store's zarr group; a damaged metadata file is an error naming it (zarr's own message does not)."""
+        try:
+            return zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "a", use_consolidated=False)
+        except (ValueError, TypeError, KeyError) as e:  # JSON syntax, "Invalid zarr_format", missing keys
+            raise StoreSchemaError(f"{self.path / 'zarr.json'} is not valid zarr group metadata: {e}") from e
+
     def _load_doc(self) -> dict[str, Any]:
         doc = self._root.attrs.get(ATTRS_KEY)
         if not isinstance(doc, dict):
@@ -95,7 +102,7 @@ class LabelStore:
 
     def refresh(self) -> None:
         """Re-read the metadata (another process may have published a version)."""
-        self._root = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "a", use_consolidated=False)
+        self._root = self._open_root()
         self._doc = self._load_doc()
 
     def _save(self) -> None:

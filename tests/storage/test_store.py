@@ -230,3 +230,22 @@ def test_version_names() -> None:
     for bad in ("v0", "2", "v1/..", "latest"):
         with pytest.raises(ValueError):
             parse_version(bad)
+
+
+@pytest.mark.parametrize("damage", ['"zarr_format": 7', "control", "cut"])
+def test_damaged_store_metadata_is_an_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    from storage.store import StoreSchemaError
+    from tasks.ingest import ingest_synthetic
+
+    path = ingest_synthetic(tmp_path / "s.zarr", images=3, size=(40, 40), progress=False)
+    meta = path / "zarr.json"
+    text = meta.read_text()
+    if damage == "control":
+        text = text[:9] + "\x01" + text[10:]
+    elif damage == "cut":
+        text = text[: len(text) // 2]
+    else:
+        text = text.replace('"zarr_format": 3', damage)
+    meta.write_text(text)
+    with pytest.raises(StoreSchemaError, match=rf"{meta} is not valid zarr group metadata"):
+        open_label_store(path)
