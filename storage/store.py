@@ -45,6 +45,10 @@ class StoreSchemaError(RuntimeError):
     """The store was written by a newer addclass (or is not an addclass store)."""
 
 
+class StoreCorruptError(RuntimeError):
+    """Stored data is missing or damaged (the message names the image and version)."""
+
+
 class ImmutableError(PermissionError):
     """An attempt to modify published labels (precise labels and published versions never change)."""
 
@@ -214,10 +218,28 @@ class LabelStore:
     def _label_key(self, version: str, split: str, image_id: str, *, kind: str = "labels") -> str:
         return f"{kind}/{parse_version(version)}/{parse_split(split)}/{parse_image_id(image_id)}"
 
-    def read_labels(self, split: str, image_id: str, *, version: str = "v1") -> np.ndarray:
-        """Label map (H x W uint8) of `image_id` in a published `version`."""
+    def read_labels(self, split: str, image_id: str, *, version: str = "v1", verify: bool = True) -> np.ndarray:
+        """Label map (H x W uint8) of `image_id` in a published `version`.
+
+        With `verify` (the default) the map is checked against the sha256 recorded when it was written, so a
+        deleted chunk (which zarr would read as its fill value, 0 = "others") or a damaged one is an error
+        naming the image and version instead of wrong labels; a 4K map costs a few ms more.
+
+        Raises:
+            StoreCorruptError: a chunk is missing, undecodable or changed.
+        """
         version = self.resolve_version(version)
-        return np.asarray(self.array(self._label_key(version, split, image_id))[...])
+        node = self.array(self._label_key(version, split, image_id))
+        where = f"labels of image {image_id!r} ({split}, version {version}) in {self.path}"
+        try:
+            labels = np.asarray(node[...])
+        except (RuntimeError, ValueError, OSError) as e:  # e.g. "Zstd decompression error"
+            raise StoreCorruptError(f"Cannot read the {where}: {e}") from e
+        expected = node.attrs.get("sha256")
+        if verify and isinstance(expected, str) and labels_sha256(labels) != expected:
+            raise StoreCorruptError(f"The {where} changed since they were written (sha256 mismatch): a chunk is "
+                                    "missing or damaged. Restore the store from a backup or re-ingest.")
+        return labels
 
     def read_provenance(self, split: str, image_id: str, *, version: str = "v1") -> np.ndarray:
         """Per-pixel provenance (0 precise, 1 pseudo, 255 ignore) of a published version."""
@@ -245,7 +267,11 @@ class LabelStore:
         bad = []
         for split in self.splits():
             for image_id in self.image_ids(split):
-                arr = self.read_labels(split, image_id, version=version)
+                try:
+                    arr = self.read_labels(split, image_id, version=version, verify=False)
+                except StoreCorruptError:
+                    bad.append(f"{split}/{image_id}")
+                    continue
                 if labels_sha256(arr) != self.stored_sha256(split, image_id, version=version):
                     bad.append(f"{split}/{image_id}")
         return bad

@@ -249,3 +249,25 @@ def test_damaged_store_metadata_is_an_error_naming_the_file(tmp_path: Path, dama
     meta.write_text(text)
     with pytest.raises(StoreSchemaError, match=rf"{meta} is not valid zarr group metadata"):
         open_label_store(path)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbled"])
+def test_a_missing_or_damaged_label_chunk_is_an_error_naming_image_and_version(tmp_path: Path, damage: str) -> None:
+    """zarr reads a deleted chunk as its fill value (0, "others"): a read must not hand that out as labels."""
+    from storage.store import StoreCorruptError
+    from tasks.ingest import ingest_synthetic
+
+    path = ingest_synthetic(tmp_path / "s.zarr", images=3, size=(40, 40), progress=False)
+    st = open_label_store(path)
+    image_id = st.image_ids("train")[0]
+    good = st.read_labels("train", image_id)
+    chunk = path / "labels" / "v1" / "train" / image_id / "c" / "0" / "0"
+    if damage == "deleted":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(b"\x00" * 7 + chunk.read_bytes()[7:])
+    with pytest.raises(StoreCorruptError, match=rf"image '{image_id}' \(train, version v1\)"):
+        st.read_labels("train", image_id)
+    assert st.verify_version("v1") == [f"train/{image_id}"]
+    other = st.image_ids("val")[0]
+    assert st.read_labels("val", other).shape == good.shape  # the other images still read
