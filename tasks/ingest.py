@@ -6,6 +6,7 @@ written (`storage.store.build_label_store`), so a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from storage.names import parse_image_id
 from storage.registry import IGNORE_INDEX, PRECISE_CLASSES, ImageRecord
 from storage.store import LabelStore, build_label_store, file_sha256
 from tasks.synthetic_scenes import make_scene
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 VALID_PRECISE = np.array(list(range(len(PRECISE_CLASSES))) + [IGNORE_INDEX])
@@ -39,9 +42,22 @@ class Sample:
     annotation: Path
 
 
+def _jpeg_is_complete(path: Path) -> bool:
+    """A JPEG ends with its end-of-image marker (FF D9), possibly followed by a little padding; a cut file does
+    not (libjpeg only warns "Premature end of JPEG file" and fills the rest with grey)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return True  # not a JPEG stream at all: the decoder names it
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 256))
+        return b"\xff\xd9" in f.read()
+
+
 def read_rgb(path: Path, *, image_id: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"Missing image file {path} (image id {image_id!r}).")
+    if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_is_complete(path):
+        raise ValueError(f"Image {path} (image id {image_id!r}) is cut short: no JPEG end marker. Copy it again.")
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError(f"Cannot decode image {path} (image id {image_id!r}): unreadable or corrupt.")
@@ -79,6 +95,9 @@ def check_labels(labels: np.ndarray, *, allowed: np.ndarray, image_hw: tuple[int
 
 
 def _pair_folder(images: Path, annotations: Path, *, label_ext: str = ".png") -> list[Sample]:
+    for folder in (images, annotations):
+        if folder.is_symlink() and not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is a broken or looping symbolic link ({os.readlink(folder)}).")
     if not images.is_dir():
         raise FileNotFoundError(f"Missing image folder {images}.")
     if not annotations.is_dir():
@@ -94,6 +113,11 @@ def _pair_folder(images: Path, annotations: Path, *, label_ext: str = ".png") ->
             raise ValueError(f"Duplicate image id {image_id!r}: {seen[image_id]} and {f}.")
         seen[image_id] = f
         samples.append(Sample(id=image_id, image=f, annotation=annotations / f"{f.stem}{label_ext}"))
+    stems = {f.stem for f in files}
+    orphans = sorted(p.name for p in annotations.iterdir() if p.suffix == label_ext and p.stem not in stems)
+    if orphans:
+        log.warning("%d annotations in %s have no image in %s and are not ingested: %s%s", len(orphans),
+                    annotations, images, ", ".join(orphans[:5]), ", ..." if len(orphans) > 5 else "")
     return samples
 
 
@@ -139,6 +163,10 @@ def ingest_mass13k(src: str | os.PathLike[str], store: str | os.PathLike[str], *
     """MaSS13K layout: `images/{split}/*.jpg` (train and val also as the released `images_pad/{split}`) and
     `annotations/{split}/*.png` (labels 0..6, 255; grey or palette PNGs)."""
     src = Path(src)
+    for sp in ("train", "val", "test"):
+        for link in (src / "images" / sp, src / "images_pad" / sp):
+            if link.is_symlink() and not link.is_dir():  # is_dir() is False for a loop: the split would vanish
+                raise FileNotFoundError(f"{link} is a broken or looping symbolic link ({os.readlink(link)}).")
     folders = {sp: mass13k_image_folder(src, sp) for sp in ("train", "val", "test")}
     splits = {sp: _pair_folder(folder, src / "annotations" / sp) for sp, folder in folders.items() if folder}
     if not splits:

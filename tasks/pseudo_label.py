@@ -20,7 +20,14 @@ import numpy as np
 from tqdm import tqdm
 
 from storage.names import class_name_from_prompt, parse_split
-from storage.pseudo import missing_pseudo, pseudo_done, record_pseudo_run, settings_key, write_pseudo_result
+from storage.pseudo import (
+    missing_pseudo,
+    pseudo_done,
+    pseudo_runs,
+    record_pseudo_run,
+    settings_key,
+    write_pseudo_result,
+)
 from storage.store import LabelStore, open_label_store
 
 LabelerKind = Literal["grounded-sam", "simulated"]
@@ -150,6 +157,11 @@ def plan_pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split:
     store = open_label_store(store_path)
     split = parse_split(split)
     name = check_prompt(store, prompt)
+    earlier = pseudo_runs(store).get(name, {}).get("prompt")
+    if earlier is not None and earlier != prompt:
+        raise ValueError(f"Prompt {prompt!r} names class {name!r}, whose pseudo labels in {store.path} come from "
+                         f"prompt {earlier!r}; rerun with {earlier!r} (it resumes) or choose a prompt that names "
+                         "another class. Nothing was relabelled.")
     ids = store.image_ids(split)
     if not ids:
         raise ValueError(f"Split {split!r} of {store.path} has no images.")

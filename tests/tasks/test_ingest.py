@@ -67,6 +67,15 @@ def test_mass13k_round_trip_and_inspect(tmp_path: Path) -> None:
     assert overlay.shape == (40, 48 * 3, 3)
 
 
+def test_an_annotation_without_an_image_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = _mass13k(tmp_path / "m", n=2)
+    cv2.imwrite(str(src / "annotations/train/lost.png"), np.zeros((40, 48), np.uint8))
+    with caplog.at_level("WARNING", logger="tasks.ingest"):
+        st = open_label_store(ingest_mass13k(src, tmp_path / "m.zarr", progress=False))
+    assert st.image_ids("train") == ["img0", "img1"]
+    assert "1 annotations in" in caplog.text and "lost.png" in caplog.text
+
+
 def test_mass13k_palette_labels_and_the_released_layout(tmp_path: Path) -> None:
     """Palette PNGs give their indices (as mmseg reads them); train/val images come from images_pad/ as in the
     released dataset (test from images/)."""
@@ -99,6 +108,8 @@ def test_mass13k_palette_labels_and_the_released_layout(tmp_path: Path) -> None:
         ("rgb_label", "img1.png.*3 channels"),
         ("sixteen_bit_label", "img1.png.*expected 8-bit labels"),
         ("truncated_label", "Cannot decode annotation .*img1.png"),
+        ("truncated_jpeg", "img1.jpg.*cut short"),
+        ("looping_val", "images/val is a broken or looping symbolic link"),
         ("empty_split", "Empty split"),
     ],
 )
@@ -123,6 +134,10 @@ def test_bad_mass13k_input_is_a_clear_error_and_writes_nothing(tmp_path: Path, b
         cv2.imwrite(str(ann1), np.zeros((40, 48), np.uint16))
     elif breakage == "truncated_label":
         ann1.write_bytes(ann1.read_bytes()[:40])
+    elif breakage == "truncated_jpeg":
+        img1.write_bytes(img1.read_bytes()[: img1.stat().st_size // 2])
+    elif breakage == "looping_val":
+        (src / "images" / "val").symlink_to("val")
     elif breakage == "empty_split":
         (src / "images/val").mkdir()
         (src / "annotations/val").mkdir()

@@ -37,6 +37,10 @@ def test_simulated_run_writes_every_image_and_resumes(fresh_store: Path) -> None
     assert again["already_done"] == len(ids) and again["detections_new"] == 0
     other = plan_pseudo_label(fresh_store, prompt="car", labeler=LabelerConfig(kind="simulated", seed=1))
     assert sum(len(b) for b in other.batches) == len(ids)  # other settings relabel everything
+    first = read_pseudo_mask(st, "car", "train", ids[0])
+    with pytest.raises(ValueError, match="names class 'car', whose pseudo labels .* come from prompt 'car'"):
+        pseudo_label(fresh_store, prompt="CAR!!", split="train", labeler=SIM, progress=False)
+    assert np.array_equal(read_pseudo_mask(open_label_store(fresh_store), "car", "train", ids[0]), first)
 
 
 def test_simulated_is_deterministic(tmp_path: Path) -> None:
