@@ -185,11 +185,12 @@ class LabelStore:
         p = Path(record.path)
         return p if p.is_absolute() else self.path / p
 
-    def read_image(self, split: str, image_id: str, *, verify: bool = False) -> np.ndarray:
+    def read_image(self, split: str, image_id: str, *, verify: bool = True) -> np.ndarray:
         """The RGB image (H x W x 3 uint8) referenced by the store.
 
-        `verify`: also check the file's sha256 against the one recorded at ingest (one read of the file), for
-        callers that key caches by it (the SAM embedding cache); a changed file is a ValueError naming it.
+        `verify` (default): check the file's sha256 against the one recorded at ingest, from the same single
+        read of the file (about 2 ms for a 4K JPEG, against ~80 ms to decode it): labels, pseudo labels and the
+        SAM embedding cache all belong to the ingested file, so a changed file is a ValueError naming it.
         """
         rec = self.image_record(split, image_id)
         path = self.image_path(rec)

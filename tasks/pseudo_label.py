@@ -187,8 +187,8 @@ def label_batch(plan: PseudoPlan, image_ids: list[str]) -> dict[str, int]:
             out["skipped"] += 1
             continue
         rec = store.image_record(plan.split, image_id)
-        # Grounded-SAM: the recorded sha256 keys the SAM embedding cache, so the file must be the one ingested
-        image = store.read_image(plan.split, image_id, verify=plan.labeler.kind != "simulated")
+        # the recorded sha256 also keys the SAM embedding cache: the file must be the one ingested
+        image = store.read_image(plan.split, image_id)
         if plan.labeler.kind == "simulated":
             ref = store.read_hand_mask("reference", plan.class_name, image_id) == 1
             result = labeler.label(image, plan.prompt, reference_mask=ref, image_sha256=rec.sha256)

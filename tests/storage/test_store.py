@@ -271,3 +271,21 @@ def test_a_missing_or_damaged_label_chunk_is_an_error_naming_image_and_version(t
     assert st.verify_version("v1") == [f"train/{image_id}"]
     other = st.image_ids("val")[0]
     assert st.read_labels("val", other).shape == good.shape  # the other images still read
+
+
+def test_an_image_changed_after_ingest_is_refused_on_every_read(tmp_path: Path) -> None:
+    """Labels, pseudo labels and cached embeddings belong to the ingested file: training, evaluation and every
+    labeler read images through read_image, which checks the recorded sha256."""
+    import cv2
+
+    from tasks.ingest import ingest_synthetic
+
+    path = ingest_synthetic(tmp_path / "s.zarr", images=3, size=(40, 40), progress=False)
+    st = open_label_store(path)
+    image_id = st.image_ids("train")[0]
+    before = st.read_image("train", image_id)
+    file = st.image_path(st.image_record("train", image_id))
+    assert cv2.imwrite(str(file), 255 - cv2.imread(str(file)))  # same size, other pixels
+    with pytest.raises(ValueError, match=rf"id '{image_id}'.*changed since ingest"):
+        st.read_image("train", image_id)
+    assert not np.array_equal(st.read_image("train", image_id, verify=False), before)  # an explicit opt-out
