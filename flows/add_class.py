@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,7 @@ from flows.runners import restored_environ, scale_out_runner
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model, resolve_init_model
+from storage.store import LabelStore, open_label_store
 from tasks.train import TrainConfig, train
 
 ReweightMode = Literal["none", "edge", "inverse"]
@@ -118,6 +121,52 @@ def publish_artifacts(prompt: str, class_name: str, results: dict[str, Any]) -> 
 
 
 # ---------------------------------------------------------------------------- the flow
+@dataclass(frozen=True)
+class AddClassPlan:
+    """What the checked parameters resolve to (`plan_add_class`)."""
+
+    labeler: pl.LabelerConfig
+    store: LabelStore
+    class_name: str
+    train_config: Callable[[str], TrainConfig]  # the training stage's config for a label version
+
+
+def plan_add_class(params: Mapping[str, Any]) -> AddClassPlan:
+    """Checks every parameter of `add_class` (given by name) without starting anything: the flow calls it
+    first, and `addclass add-class` calls it before Prefect starts, so a bad parameter is one line at once.
+
+    Raises:
+        ValueError, FileNotFoundError: naming the parameter, file or class.
+    """
+    p = dict(params)
+    labeler = pl.LabelerConfig(kind=p["labeler"], sam_variant=p["sam_variant"], sam_checkpoint=p["sam_checkpoint"],
+                               dino_config=p["dino_config"], dino_checkpoint=p["dino_checkpoint"],
+                               device=p["device"], box_threshold=p["box_threshold"],
+                               text_threshold=p["text_threshold"], max_boxes=p["max_boxes"], dtype=p["dtype"],
+                               random_weights=p["random_weights"], seed=p["seed"])
+    pl.validate_labeler(labeler)
+    if p["iters"] < 1 or p["batch_size"] < 2 or p["crop_size"] < 64:
+        raise ValueError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. "
+                         f"Got {p['iters']}, {p['batch_size']}, {p['crop_size']}.")
+    check_splits("pseudo_splits", p["pseudo_splits"])
+    check_splits("eval_splits", p["eval_splits"])
+    st = open_label_store(p["store"])
+    start_model = resolve_init_model(p["store"], p["init_model"])  # "champion" or a model folder, checked now
+    class_name = pl.class_name_for(st, p["prompt"])  # resumes if this prompt's class is being added
+    runs = Path(p["runs_dir"]) if p["runs_dir"] else Path(f"{p['store'].rstrip('/')}.runs")
+
+    def train_config(version: str) -> TrainConfig:
+        return flow_train_config(
+            store=p["store"], version=version, runs=runs, variant=p["variant"], iters=p["iters"],
+            batch_size=p["batch_size"], crop_size=p["crop_size"], num_points=p["num_points"],
+            num_workers=p["num_workers"], reweight=p["reweight"], seed=p["seed"], device=p["device"],
+            inverse_weight_near_pseudo=p["inverse_weight_near_pseudo"], init_model=start_model,
+            recipe=p["recipe"], scale_range=p["scale_range"], test_scale=p["test_scale"])
+
+    train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
+    return AddClassPlan(labeler=labeler, store=st, class_name=class_name, train_config=train_config)
+
+
 @flow(name="add-class", log_prints=True)
 def add_class(
     prompt: str,
@@ -163,31 +212,8 @@ def add_class(
     recipe and a trained start with the paper's (`models.training.optim.RECIPES`); ``scale_range`` is the
     training resize range and ``test_scale`` the trained model's inference scale (`tasks.train.TrainConfig`).
     """
-    # ---- validate everything before any work
-    labeler_cfg = pl.LabelerConfig(kind=labeler, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
-                                   dino_config=dino_config, dino_checkpoint=dino_checkpoint, device=device,
-                                   box_threshold=box_threshold, text_threshold=text_threshold,
-                                   max_boxes=max_boxes, dtype=dtype, random_weights=random_weights, seed=seed)
-    pl.validate_labeler(labeler_cfg)
-    if iters < 1 or batch_size < 2 or crop_size < 64:
-        raise ValueError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. Got {iters}, {batch_size}, {crop_size}.")
-    check_splits("pseudo_splits", pseudo_splits)
-    check_splits("eval_splits", eval_splits)
-    from storage.store import open_label_store
-
-    st = open_label_store(store)
-    start_model = resolve_init_model(store, init_model)  # "champion" or a model folder, checked now
-    class_name = pl.class_name_for(st, prompt)  # resumes if this prompt's class is being added
-    runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
-
-    def train_config(version: str) -> TrainConfig:
-        return flow_train_config(store=store, version=version, runs=runs, variant=variant, iters=iters,
-                                 batch_size=batch_size, crop_size=crop_size, num_points=num_points,
-                                 num_workers=num_workers, reweight=reweight, seed=seed, device=device,
-                                 inverse_weight_near_pseudo=inverse_weight_near_pseudo, init_model=start_model,
-                                 recipe=recipe, scale_range=scale_range, test_scale=test_scale)
-
-    train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
+    plan = plan_add_class(locals())  # every parameter checked before any work
+    st, class_name, train_config = plan.store, plan.class_name, plan.train_config
     runner = scale_out_runner(dask_address, mode=scale_out)
     logger = get_run_logger()
     pseudo: list[dict[str, Any]] = []
@@ -197,7 +223,7 @@ def add_class(
         if class_name not in {c.name for c in st.classes()}:
             with restored_environ():  # a local Dask cluster's nannies would leave their workers' environment
                 pseudo = pseudo_label_stage.with_options(task_runner=runner)(
-                    store, prompt, pseudo_splits, labeler_cfg, pseudo_batch_size)
+                    store, prompt, pseudo_splits, plan.labeler, pseudo_batch_size)
                 # ---- 2. merge into a new label version (scale-out)
                 version = merge_stage.with_options(task_runner=scale_out_runner(dask_address, mode=scale_out))(
                     store, [class_name], policy)

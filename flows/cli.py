@@ -229,9 +229,10 @@ def cmd_add_class(a: argparse.Namespace) -> int:
     params = add_class_kwargs(a)
     if a.deployment:
         return _run_deployment(a.deployment_name, {k: v for k, v in params.items() if v is not None}, a.timeout)
-    from flows.add_class import add_class
+    from flows.add_class import add_class, plan_add_class
     from flows.runners import has_real_api
 
+    plan_add_class(params)  # a bad parameter is one line now, before Prefect starts its API (~30 s)
     if a.dask_address is None and not has_real_api():
         print("running in-process (Prefect ephemeral API, thread pool); --deployment submits to a server")
     out = add_class(**params)

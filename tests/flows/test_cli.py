@@ -125,6 +125,25 @@ def test_every_add_class_parameter_has_one_flag_with_the_flow_default(tmp_path: 
                                                                       [1.0, 2.0], 2.0)
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--prompt", "Sky"], "names class 'sky', which already exists"),
+    (["--prompt", "car", "--iters", "0"], "iters >= 1"),
+    (["--prompt", "car", "--eval-splits", "valid"], "eval_splits"),
+    (["--prompt", "car", "--recipe", "paper", "--test-scale", "0"], "test_scale > 0"),
+])
+def test_add_class_parameter_errors_come_before_prefect_starts(synthetic_store: Path, extra: list[str],
+                                                               message: str, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import flows.add_class
+
+    started: list[object] = []
+    monkeypatch.setattr(flows.add_class, "add_class", lambda **kw: started.append(kw))  # the flow (and Prefect)
+    assert main(["add-class", "--store", str(synthetic_store), "--labeler", "simulated", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("addclass: error:") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and started == []  # refused before the flow, so before Prefect's API starts
+
+
 def test_recipe_choices_are_the_recipes() -> None:
     from flows.cli import RECIPE_CHOICES as CLI_CHOICES
     from models.training.optim import RECIPE_CHOICES
