@@ -23,10 +23,10 @@ from prefect.futures import wait
 
 from flows.params import check_splits, flow_train_config
 from flows.runners import restored_environ, scale_out_runner
+from storage.store import LabelStore, open_label_store
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model, resolve_init_model
-from storage.store import LabelStore, open_label_store
 from tasks.train import TrainConfig, train
 
 ReweightMode = Literal["none", "edge", "inverse"]
