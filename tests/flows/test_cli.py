@@ -46,6 +46,7 @@ def test_cli_overlay_png(tmp_path: Path, synthetic_store: Path) -> None:
         (["inspect", "{store}", "--image", "x", "--png", "{tmp}"], "Expected a .png file"),
         (["inspect", "{store}", "--image", "x", "--png", "{tmp}/o.txt"], "Expected a .png file"),
         (["discard-draft", "{store}", "v1"], "'v1' of"),
+        (["train", "{store}", "--variant", "tiny", "--out", "{store}/zarr.json/run"], "Not a directory"),
         (["discard-draft", "{store}", "v9"], "No draft version 'v9'"),
     ],
 )
