@@ -13,7 +13,7 @@ import torch
 from models.metrics import MetricAccumulator, binary_counts, class_vs_rest, metrics_from_counts
 from storage.pseudo import record_pseudo_run, settings_key, write_pseudo_result
 from storage.registry import ImageRecord
-from storage.store import build_label_store, open_label_store
+from storage.store import build_label_store, file_sha256, open_label_store
 from tasks.evaluate import (
     all_classes_ground_truth,
     evaluate_model,
@@ -94,7 +94,7 @@ def make_store(path: Path, *, id_gap: bool = False) -> Path:
                 if image_id in HAND:
                     st.write_hand_mask("eval" if split == "test" else "reference", "car", split, image_id,
                                        HAND[image_id])
-                recs.append(ImageRecord(id=image_id, path=str(f), sha256="0", height=6, width=8))
+                recs.append(ImageRecord(id=image_id, path=str(f), sha256=file_sha256(f), height=6, width=8))
             st.write_image_records(split, recs)
     st = open_label_store(path, mode="a")
     for name in ("bus", "car") if id_gap else ("car",):
@@ -358,8 +358,8 @@ def test_report_rows_and_overlays_from_saved_predictions(store: Path, tmp_path: 
 # ---------------------------------------------------------------------------- a real tiny checkpoint
 def test_real_tiny_checkpoint_end_to_end(tmp_path: Path) -> None:
     from models.massformer.build import build_massformer_tiny
-    from tasks.checkpoint import FORMAT, FORMAT_VERSION, save_model_dir
     from tasks.ingest import ingest_synthetic
+    from tasks.model_folder import FORMAT, FORMAT_VERSION, save_model_dir
 
     path = ingest_synthetic(tmp_path / "syn.zarr", images=5, size=(64, 80), seed=1, progress=False)
     st = open_label_store(path, mode="a")
@@ -380,7 +380,7 @@ def test_real_tiny_checkpoint_end_to_end(tmp_path: Path) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "tiny", "pixel_decoder": "hr",
         "num_classes": 8, "class_names": names, "label_version": "v2",
     })
-    # a run folder resolves to its final/ (tasks.train.resolve_model_dir); no pred_dir, as in the flow
+    # a run folder resolves to its final/ (tasks.model_folder.resolve_model_dir); no pred_dir, as in the flow
     res = evaluate_model(path, tmp_path / "run", splits=("val", "test"), progress=False)
     assert res["label_version"] == "v2" and res["splits"]["test"]["precise"]["num_images"] == 1
     test = res["splits"]["test"]  # one image: its own scores are the split's

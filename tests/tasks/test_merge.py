@@ -20,7 +20,7 @@ from models.labelers.label_record import LabelRecord
 from storage.lock import StoreLockedError
 from storage.pseudo import record_pseudo_run, settings_key, write_pseudo_result
 from storage.registry import ImageRecord
-from storage.store import ImmutableError, build_label_store, open_label_store
+from storage.store import ImmutableError, build_label_store, file_sha256, open_label_store
 from tasks.inspect import summarize_store
 from tasks.merge import (
     DELAY_ENV,
@@ -75,7 +75,7 @@ def make_tiny_store(path: Path) -> Path:
                 rgb = np.full((4, 6, 3), 10 * len(recs), np.uint8)
                 assert cv2.imwrite(str(f), rgb)
                 st.write_precise_labels(split, image_id, labels)
-                recs.append(ImageRecord(id=image_id, path=str(f), sha256="0", height=4, width=6))
+                recs.append(ImageRecord(id=image_id, path=str(f), sha256=file_sha256(f), height=4, width=6))
             st.write_image_records(split, recs)
     return path
 
