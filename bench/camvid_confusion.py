@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from storage.registry import IGNORE_INDEX  # noqa: E402
 from storage.store import LabelStore, open_label_store  # noqa: E402
 from tasks.evaluate import hand_mask_kinds, predict_labels  # noqa: E402
-from tasks.train import load_trained_model  # noqa: E402
+from tasks.model_folder import load_trained_model  # noqa: E402
 
 CLASS = "car"
 

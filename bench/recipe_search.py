@@ -34,8 +34,9 @@ sys.path.insert(0, str(REPO))
 from tasks.evaluate import evaluate_model  # noqa: E402
 from tasks.ingest import ingest_synthetic  # noqa: E402
 from tasks.merge import merge  # noqa: E402
+from tasks.model_folder import load_trained_model  # noqa: E402
 from tasks.pseudo_label import LabelerConfig, pseudo_label  # noqa: E402
-from tasks.train import TrainConfig, load_trained_model, train  # noqa: E402
+from tasks.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_OUT = REPO / "runs" / "recipe_search"
 BASE: dict[str, Any] = dict(variant="tiny", batch_size=2, crop_size=(256, 256), num_points=2048, reweight="inverse",

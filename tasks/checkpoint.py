@@ -1,4 +1,4 @@
-"""Atomic training checkpoints: model weights (safetensors), model config (JSON) and the training state.
+"""Training checkpoints: a model folder plus the training state, the run's ``latest.json``, and atomic writes.
 
 Layout of a run folder::
 
@@ -10,15 +10,15 @@ Layout of a run folder::
         manifest.json                     step, size and sha256 of every file above
     RUN/final/                            model.safetensors + config.json + manifest.json of the last step
 
-A checkpoint folder is written under a temporary name, fsynced and renamed into place; ``latest.json`` is
-replaced (temp file + ``os.replace``) only after that, so a kill at any moment leaves the previous checkpoint
-intact and pointed to. Every load checks the manifest first, so a truncated or altered file is an error that
-names the file rather than a deserializer message.
+A checkpoint folder is a model folder (`tasks.model_folder`, which writes it atomically, verifies, finds
+and loads it) with ``training_state.pt`` added; ``latest.json`` is replaced (temp file + ``os.replace``) only
+after the folder is in place, so a kill at any moment leaves the previous checkpoint intact and pointed to.
+The training state is checked against the folder's manifest before it is read, as the weights are.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import random
@@ -32,26 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from tasks.model_folder import (
+    CHECKPOINTS_DIR,
+    LATEST_FILE,
+    CheckpointError,
+    fsync_dir,
+    save_model_dir,
+    verify_dir,
+)
+
 STATE_FILE = "training_state.pt"
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "latest.json"
-CHECKPOINTS_DIR = "checkpoints"
-FORMAT = "addclass-massformer"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match the run that tries to use it."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -66,81 +56,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """`atomic_write_bytes` of indented JSON."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _state_dict_bytes(model: nn.Module) -> bytes:
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    return save(tensors, metadata={"format": "pt"})
-
-
-def _write_dir(final: Path, files: Mapping[str, bytes], *, step: int) -> Path:
-    """Writes ``files`` and a manifest into a temp folder and renames it to ``final`` (replacing it)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        manifest: dict[str, Any] = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "files": {}
-        }
-        for name, data in files.items():
-            _write_file(tmp / name, data)
-            manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        _write_file(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        _fsync_dir(tmp)
-        if final.exists():  # e.g. a step re-run after a kill that came before latest.json moved on
-            trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
-
-
-def save_model_dir(
-    path: str | os.PathLike[str], *, model: nn.Module, config: Mapping[str, Any], step: int
-) -> Path:
-    """Atomically writes a model folder (weights + config.json + manifest), e.g. ``RUN/final``.
-
-    Args:
-        path: The folder to (re)place.
-        model: The model; its full ``state_dict`` (parameters and buffers) is saved.
-        config: JSON-serialisable model config (`tasks.train` writes variant, num_classes, class names, ...).
-        step: Training step of the weights.
-
-    Returns:
-        The folder.
-    """
-    files = {
-        MODEL_FILE: _state_dict_bytes(model),
-        CONFIG_FILE: (json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode(),
-    }
-    return _write_dir(Path(path), files, step=step)
 
 
 def save_checkpoint(
@@ -158,7 +79,7 @@ def save_checkpoint(
         run_dir: The run folder.
         step: Completed training steps.
         model: The model.
-        config: JSON-serialisable model config (as for `save_model_dir`).
+        config: JSON-serialisable model config (as for `tasks.model_folder.save_model_dir`).
         training_state: ``torch.save``-able dict of tensors and plain containers (optimizer, scheduler, RNG),
             loadable with ``weights_only=True``.
         keep: Number of checkpoints up to this step to keep (older ones are deleted after ``latest.json``
@@ -169,17 +90,11 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    import io
-
     run_dir = Path(run_dir)
     buffer = io.BytesIO()
     torch.save(dict(training_state), buffer)
-    files = {
-        MODEL_FILE: _state_dict_bytes(model),
-        CONFIG_FILE: (json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode(),
-        STATE_FILE: buffer.getvalue(),
-    }
-    folder = _write_dir(run_dir / CHECKPOINTS_DIR / f"step_{step:08d}", files, step=step)
+    folder = save_model_dir(run_dir / CHECKPOINTS_DIR / f"step_{step:08d}", model=model, config=config,
+                            step=step, extra_files={STATE_FILE: buffer.getvalue()})
     atomic_write_json(run_dir / LATEST_FILE, {"step": step, "path": str(folder.relative_to(run_dir))})
     steps = sorted((int(p.name[len("step_"):]), p) for p in (run_dir / CHECKPOINTS_DIR).glob("step_*")
                    if p.name[len("step_"):].isdigit())
@@ -201,102 +116,6 @@ def remove_partial_writes(run_dir: str | os.PathLike[str]) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint folder ``RUN/latest.json`` points to, or None when the run has no checkpoint yet.
-
-    Raises:
-        CheckpointError: ``latest.json`` is unreadable or points to a missing folder.
-    """
-    pointer = Path(run_dir) / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    try:
-        info = json.loads(pointer.read_text())
-        folder = Path(run_dir) / str(info["path"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"Corrupt checkpoint pointer {pointer}: {e}.") from e
-    if not folder.is_dir():
-        raise CheckpointError(f"Checkpoint pointer {pointer} names {folder}, which does not exist.")
-    return folder
-
-
-def verify_dir(
-    folder: str | os.PathLike[str], *, files: tuple[str, ...] = (MODEL_FILE, CONFIG_FILE)
-) -> dict[str, Any]:
-    """Checks the size and sha256 of ``files`` against the folder's manifest.
-
-    Returns:
-        The manifest.
-
-    Raises:
-        CheckpointError: naming the first missing, truncated or altered file.
-    """
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = manifest["files"]
-    except FileNotFoundError as e:
-        raise CheckpointError(
-            f"Checkpoint manifest {manifest_path} is missing: not an addclass model folder."
-        ) from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"Corrupt checkpoint manifest {manifest_path}: {e}.") from e
-    for name in files:
-        path = folder / name
-        if name not in entries:
-            raise CheckpointError(f"Checkpoint file {path} is not listed in {manifest_path}.")
-        if not path.is_file():
-            raise CheckpointError(f"Checkpoint file {path} is missing.")
-        size = path.stat().st_size
-        if size != entries[name]["bytes"]:
-            raise CheckpointError(
-                f"Checkpoint file {path} is corrupt (truncated?): {size} bytes, "
-                f"expected {entries[name]['bytes']}."
-            )
-        if _sha256(path) != entries[name]["sha256"]:
-            raise CheckpointError(
-                f"Checkpoint file {path} is corrupt: its sha256 differs from {manifest_path}."
-            )
-    return dict(manifest)
-
-
-def read_model_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of a model or checkpoint folder (checked against the manifest)."""
-    folder = Path(folder)
-    verify_dir(folder, files=(CONFIG_FILE,))
-    path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"Corrupt checkpoint config {path}: {e}.") from e
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an {FORMAT} config (format {config.get('format')!r}).")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format version {config['format_version']}, newer than this addclass reads "
-            f"({FORMAT_VERSION}). Upgrade addclass."
-        )
-    return dict(config)
-
-
-def load_model_weights(model: nn.Module, folder: str | os.PathLike[str]) -> None:
-    """Loads ``model.safetensors`` of a verified folder into ``model`` (strict; shapes checked).
-
-    Raises:
-        CheckpointError: the file is corrupt or does not fit the model (the message names the file).
-    """
-    from models.massformer.weights import load_checkpoint
-
-    folder = Path(folder)
-    verify_dir(folder, files=(MODEL_FILE,))
-    path = folder / MODEL_FILE
-    try:
-        load_checkpoint(model, path, strict=True)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"Cannot load model weights {path}: {e}") from e
 
 
 def load_training_state(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -25,8 +25,8 @@ nothing is resized.
    reported on the splits that have both (typically val), and the report says so. Table rows therefore name
    their split: ``Pseudo Label (<split>)``, ``Model (<split>)``.
 
-``evaluate_model`` loads the model once (``tasks.train.load_trained_model``; or takes an injected object
-with a ``predict(images) -> B x H x W`` method), predicts images of one size in batches under
+``evaluate_model`` loads the model once (`tasks.model_folder.load_trained_model`; or takes an injected
+object with a ``predict(images) -> B x H x W`` method), predicts images of one size in batches under
 ``torch.inference_mode`` (the model chunks its upsampling, so memory stays bounded; only one batch is held
 at a time) and keeps per-image scores. With ``pred_dir`` it also writes the predicted label PNGs
 (``pred_dir/<split>/<id>.png``, K-class ids) so they can be rescored with ``addclass evaluate-masks``.
@@ -60,6 +60,7 @@ from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask
 from storage.registry import IGNORE_INDEX
 from storage.staging import check_overwrite, record_written
 from storage.store import LabelStore, open_label_store
+from tasks.model_folder import load_trained_model, read_model_config, resolve_model_dir
 
 __all__ = [
     "SPLIT_ORDER",
@@ -68,7 +69,6 @@ __all__ = [
     "evaluate_pseudo",
     "fold_new_classes",
     "hand_mask_kinds",
-    "load_eval_model",
     "predict_labels",
     "read_hand_or_none",
     "score_prediction",
@@ -208,14 +208,6 @@ def _add(total: Counts, counts: Mapping[str, np.ndarray]) -> None:
         total[k] += counts[k]
 
 
-def load_eval_model(checkpoint: str | os.PathLike[str], device: str) -> tuple[Any, dict[str, Any]]:
-    """(model in eval mode on ``device``, its ``config.json``) from a model, checkpoint or run folder."""
-    from tasks.checkpoint import read_model_config
-    from tasks.train import load_trained_model, resolve_model_dir
-
-    return load_trained_model(checkpoint, device=device), read_model_config(resolve_model_dir(checkpoint))
-
-
 def _resolve_classes(
     store: LabelStore, version: str, *, model_classes: int | None, names_expected: Sequence[str] | None
 ) -> tuple[str, list[dict[str, Any]], int]:
@@ -298,8 +290,8 @@ def evaluate_model(
     Args:
         store_path: The label store.
         checkpoint: A model, checkpoint or run folder (``model.safetensors`` + ``config.json``), loaded once
-            with ``tasks.train.load_trained_model``; its config's label version and class names are checked
-            against the store. May be None when ``model`` is given.
+            with `tasks.model_folder.load_trained_model`; its config's label version and class names are
+            checked against the store. May be None when ``model`` is given.
         model: An already built model (anything with ``predict(B x 3 x H x W float RGB 0..255) -> B x H x W``
             labels); when None it is loaded from ``checkpoint``.
         splits: Splits to score (those missing from the store are skipped).
@@ -333,7 +325,8 @@ def evaluate_model(
     if model is None:
         if checkpoint is None:
             raise ValueError("Pass a checkpoint (a training output folder) or a model.")
-        model, cfg = load_eval_model(checkpoint, device)
+        folder = resolve_model_dir(checkpoint)
+        model, cfg = load_trained_model(folder, device=device), read_model_config(folder)
     elif hasattr(model, "eval"):
         model.eval()
     model_k = getattr(model, "num_classes", None)

@@ -20,10 +20,10 @@ from tasks.evaluate import (
     SPLIT_ORDER,
     all_classes_ground_truth,
     hand_mask_kinds,
-    load_eval_model,
     predict_labels,
     read_hand_or_none,
 )
+from tasks.model_folder import load_trained_model
 from tasks.report import format_percent, per_class_table, select_images, summary_table, write_overlays
 from tasks.validation import CURVE_FILE, learning_curve_png
 
@@ -55,7 +55,7 @@ def _predictions(
         return read
     device = str(model_results.get("device", "cpu"))
     if model is None and model_results.get("checkpoint"):
-        model, _ = load_eval_model(model_results["checkpoint"], device)
+        model = load_trained_model(model_results["checkpoint"], device=device)
     if model is None:
         return None
 

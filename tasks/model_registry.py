@@ -93,7 +93,7 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
 
 def resolve_init_model(store_path: str | os.PathLike[str], init_model: str | None) -> str | None:
     """The model folder a run starts from, checked before any work: ``"champion"`` is the store's current
-    champion, a path must hold a trained model (`tasks.train.resolve_init_dir`), None is a fresh start.
+    champion, a path must hold a trained model (`tasks.model_folder.resolve_init_dir`), None is a fresh start.
 
     Raises:
         KeyError: ``"champion"`` and the store has no champion yet (the message names the store).
@@ -110,6 +110,6 @@ def resolve_init_model(store_path: str | os.PathLike[str], init_model: str | Non
                 "once without init_model, or pass a model folder."
             )
         init_model = str(reg["models"][champion]["path"])
-    from tasks.train import resolve_init_dir  # torch-heavy; only when a run starts from a model
+    from tasks.model_folder import resolve_init_dir  # torch-heavy; only when a run starts from a model
 
     return str(resolve_init_dir(init_model))

@@ -12,7 +12,7 @@ fp32: the criterion turns autocast off). On the CPU the loop is deterministic fo
 
 Outputs in ``out_dir``: ``train_config.json`` (the resolved `TrainConfig`), ``train_log.jsonl`` (one line
 per step: step, lr, every loss term, total, seconds), ``checkpoints/`` + ``latest.json`` (`tasks.checkpoint`)
-and ``final/`` (``model.safetensors`` + ``config.json``, what `load_trained_model` rebuilds the model from).
+and ``final/`` (a model folder: `tasks.model_folder.load_trained_model` rebuilds the model from it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
 from models.massformer.model import MaSSFormer
-from models.massformer.weights import load_backbone_checkpoint, load_with_new_classes
+from models.massformer.weights import load_backbone_checkpoint
 from models.training.criterion import build_criterion
 from models.training.loss_weights import parse_reweight_mode
 from models.training.optim import (
@@ -50,24 +49,27 @@ from models.training.targets import build_targets
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
 from storage.store import LabelStore, open_label_store
 from tasks.checkpoint import (
-    CONFIG_FILE,
-    FORMAT,
-    FORMAT_VERSION,
-    LATEST_FILE,
-    MODEL_FILE,
-    CheckpointError,
     atomic_write_bytes,
     atomic_write_json,
     get_rng_state,
-    latest_checkpoint,
-    load_model_weights,
     load_training_state,
-    read_model_config,
     remove_partial_writes,
     save_checkpoint,
-    save_model_dir,
     set_rng_state,
-    verify_dir,
+)
+from tasks.model_folder import (
+    CONFIG_FILE,
+    FINAL_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    CheckpointError,
+    build_model,
+    init_from_model,
+    latest_checkpoint,
+    load_model_weights,
+    read_model_config,
+    save_model_dir,
 )
 from tasks.validation import (
     format_scores,
@@ -85,7 +87,6 @@ LOG_FILE = "train_log.jsonl"
 DIVERGED_ADVICE = "Start a new run (another out_dir) with a lower lr, or from the last checkpoint's weights " \
                   "with init_model."
 TRAIN_CONFIG_FILE = "train_config.json"
-FINAL_DIR = "final"
 # TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
 RESUME_FREE_FIELDS = frozenset(
     {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "val_every",
@@ -132,7 +133,8 @@ class TrainConfig:
         backbone_checkpoint: Optional torchvision ImageNet ResNet weights for a fresh run.
         init_model: Optional trained model folder (``final/`` of an earlier run, or one of its
             ``checkpoints/``) to fine-tune from, e.g. a 7-class model taught a new class: same variant and
-            pixel decoder; classes are matched by name and new classes start untrained (`init_from_model`).
+            pixel decoder; classes are matched by name and new classes start untrained
+            (`tasks.model_folder.init_from_model`).
         split: Store split to train on.
         val_every: Steps between validations on the ``val`` split (`tasks.validation`; scores in
             ``train_log.jsonl``, the curve in ``learning_curve.png``); None: 10 per run when the store has a
@@ -355,17 +357,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_model(model_cfg: dict[str, Any]) -> MaSSFormer:
-    """Builds an untrained model from a checkpoint's ``config.json`` contents."""
-    variant = model_cfg["variant"]
-    if variant not in MODEL_BUILDERS:
-        raise ValueError(f"Unknown model variant {variant!r}; this addclass knows {sorted(MODEL_BUILDERS)}.")
-    pixel_decoder = model_cfg.get("pixel_decoder", "hr")
-    model = MODEL_BUILDERS[variant](int(model_cfg["num_classes"]), pixel_decoder=pixel_decoder)
-    model.test_scale = float(model_cfg.get("test_scale", 1.0))  # folders from before test_scale: 1
-    return model
-
-
 def run_name(config: TrainConfig) -> str:
     """The run-folder name the flows give a training run: version, variant, reweight, seed and iterations for
     people to read, then 8 hex digits of every field that makes the run what it is (all but
@@ -376,56 +367,6 @@ def run_name(config: TrainConfig) -> str:
         identity["init_model"] = str(Path(config.init_model).resolve())
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{config.version}-{config.variant}-{config.reweight}-s{config.seed}-i{config.iters}-{digest}"
-
-
-def resolve_init_dir(init_model: str | os.PathLike[str]) -> Path:
-    """The model folder of ``init_model``: a model or checkpoint folder, or a run folder (its ``final/``,
-    else its latest checkpoint), as `resolve_model_dir`.
-
-    Raises:
-        FileNotFoundError: nothing trained there (the message names the path).
-    """
-    try:
-        return resolve_model_dir(init_model)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"init_model {init_model} is not a trained model folder: {e}") from e
-
-
-def init_from_model(model: MaSSFormer, folder: str | os.PathLike[str], *, expected: dict[str, Any]) -> list[str]:
-    """Starts a run from a trained model folder: its weights, with the class head matched by class name.
-
-    Args:
-        model: the freshly built model of this run.
-        folder: ``final/`` of an earlier run, one of its ``checkpoints/``, or the run folder itself.
-        expected: this run's `model_config` (variant, pixel decoder, class names).
-
-    Returns:
-        The names of this run's classes that the trained model did not know (they start untrained).
-
-    Raises:
-        FileNotFoundError: ``folder`` is not a model folder.
-        ValueError: the folder holds another variant or pixel decoder.
-        CheckpointError: the folder is corrupt (the message names the file).
-    """
-    folder = resolve_init_dir(folder)
-    found = read_model_config(folder)
-    for key in ("variant", "pixel_decoder"):
-        if found.get(key, "hr") != expected[key]:
-            raise ValueError(
-                f"init_model {folder} is a {key} {found.get(key)!r} model; this run builds "
-                f"{expected[key]!r}. Train with {key}={found.get(key)!r} or start from another model."
-            )
-    old, new = list(found["class_names"]), list(expected["class_names"])
-    rows = {i: old.index(name) for i, name in enumerate(new) if name in old}
-    verify_dir(folder, files=(MODEL_FILE,))
-    path = folder / MODEL_FILE
-    try:
-        fresh = load_with_new_classes(model, path, class_rows=rows)
-    except ValueError as e:
-        raise CheckpointError(f"Cannot fine-tune from {path}: {e}") from e
-    dropped = [name for name in old if name not in new]
-    log.info("fine-tuning from %s: new classes %s, dropped classes %s", folder, [new[i] for i in fresh], dropped)
-    return [new[i] for i in fresh]
 
 
 def _truncate_log(path: Path, *, step: int) -> None:
@@ -632,43 +573,3 @@ def _validate_step(config: TrainConfig, model: MaSSFormer, *, step: int, device:
         log.warning("step %d/%d (%.0f %% of the run): classes %s are not predicted on val (IoU 0). The model is "
                     "not learning them: check their labels (addclass inspect) or the recipe (lr, iters).",
                     step, config.iters, 100 * step / config.iters, missing)
-
-
-def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
-    """A model folder: ``path`` itself, or for a run folder its ``final/``, else its latest checkpoint.
-
-    Raises:
-        FileNotFoundError: nothing trained at ``path``.
-    """
-    path = Path(path)
-    if (path / MODEL_FILE).is_file() or (path / CONFIG_FILE).is_file():
-        return path
-    if (path / FINAL_DIR / MODEL_FILE).is_file():
-        return path / FINAL_DIR
-    checkpoint = latest_checkpoint(path) if path.is_dir() else None
-    if checkpoint is None:
-        raise FileNotFoundError(
-            f"No trained model at {path}: expected {MODEL_FILE} + {CONFIG_FILE}, a final/ folder or "
-            f"{LATEST_FILE}. Train one with `addclass train`."
-        )
-    return checkpoint
-
-
-def load_trained_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> MaSSFormer:
-    """Rebuilds a trained model from ``config.json`` + ``model.safetensors`` (in eval mode).
-
-    Args:
-        path: A model folder (``RUN/final``), a checkpoint folder, or a run folder.
-        device: Where to put the model.
-
-    Returns:
-        The model; its class names and label version are in `tasks.checkpoint.read_model_config` of the same
-        folder.
-
-    Raises:
-        CheckpointError: a file is corrupt or does not fit the config (the message names it).
-    """
-    folder = resolve_model_dir(path)
-    model = build_model(read_model_config(folder))
-    load_model_weights(model, folder)
-    return model.to(device).eval()

@@ -3,13 +3,12 @@
 ``r50`` is the released configuration (docs/design.md §1.6). ``lite_r18`` is an inferred Lite configuration
 (docs/design.md §1.6: C = 64, D = 128, 6 layers, FFN 1024). ``tiny`` is a small configuration of the same code
 for CPU tests and the demo. Every builder takes ``pixel_decoder="fpn"`` for the mask-classification baseline
-(ablation row #1).
+(ablation row #1). Builders return untrained models; `models.massformer.weights` loads weights into them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,18 +20,14 @@ from models.massformer.fpn_decoder import FPNPixelDecoder
 from models.massformer.model import MaSSFormer
 from models.massformer.pixel_decoder import HRPixelDecoder
 from models.massformer.transformer_decoder import MaskedTransformerDecoder
-from models.massformer.weights import load_checkpoint
 
 PIXEL_DECODERS = ("hr", "fpn")
 
 
-def build_massformer_r50(
-    num_classes: int, checkpoint: str | Path | None = None, *, pixel_decoder: str = "hr"
-) -> MaSSFormer:
+def build_massformer_r50(num_classes: int, *, pixel_decoder: str = "hr") -> MaSSFormer:
     """MaSSFormer R50: ResNet-50, C = 128, D = 256, 6 layers, 100 queries, FFN 2048 (37.58M at K = 7)."""
     return _build_massformer(
         num_classes=num_classes,
-        checkpoint=checkpoint,
         pixel_decoder=pixel_decoder,
         backbone_block=Bottleneck,
         backbone_layers=(3, 4, 6, 3),
@@ -46,13 +41,10 @@ def build_massformer_r50(
     )
 
 
-def build_massformer_lite_r18(
-    num_classes: int, checkpoint: str | Path | None = None, *, pixel_decoder: str = "hr"
-) -> MaSSFormer:
+def build_massformer_lite_r18(num_classes: int, *, pixel_decoder: str = "hr") -> MaSSFormer:
     """MaSSFormer Lite: ResNet-18, C = 64, D = 128, 6 layers, 100 queries, FFN 1024 (docs/design.md §1.6)."""
     return _build_massformer(
         num_classes=num_classes,
-        checkpoint=checkpoint,
         pixel_decoder=pixel_decoder,
         backbone_block=BasicBlock,
         backbone_layers=(2, 2, 2, 2),
@@ -66,16 +58,13 @@ def build_massformer_lite_r18(
     )
 
 
-def build_massformer_tiny(
-    num_classes: int, checkpoint: str | Path | None = None, *, pixel_decoder: str = "hr"
-) -> MaSSFormer:
+def build_massformer_tiny(num_classes: int, *, pixel_decoder: str = "hr") -> MaSSFormer:
     """Tiny MaSSFormer for CPU tests and the demo.
 
     ResNet (BasicBlock, one block per stage), C = 16, D = 64, 3 layers, 16 queries, 4 heads, FFN 128.
     """
     return _build_massformer(
         num_classes=num_classes,
-        checkpoint=checkpoint,
         pixel_decoder=pixel_decoder,
         backbone_block=BasicBlock,
         backbone_layers=(1, 1, 1, 1),
@@ -100,7 +89,6 @@ MODEL_BUILDERS: dict[str, Callable[..., MaSSFormer]] = {
 def _build_massformer(
     *,
     num_classes: int,
-    checkpoint: str | Path | None,
     pixel_decoder: str,
     backbone_block: type[BasicBlock] | type[Bottleneck],
     backbone_layers: Sequence[int],
@@ -142,8 +130,6 @@ def _build_massformer(
             num_layers=num_layers,
         ),
     )
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=True)
     return model
 
 

@@ -72,7 +72,7 @@ class MaSSFormer(nn.Module):
         std = torch.tensor(pixel_std).view(1, -1, 1, 1)  # 1 x 3 x 1 x 1
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
-        # Inference scale (not a weight): set from a trained model's config.json by tasks.train.load_trained_model.
+        # Inference scale (not a weight): tasks.model_folder.build_model sets it from a model's config.json.
         self.test_scale = 1.0
 
     @property

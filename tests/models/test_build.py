@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -95,18 +94,3 @@ def test_pixel_decoder_selection() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         build_massformer_tiny(0)
 
-
-def test_builder_loads_checkpoint(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    trained = build_massformer_tiny(5)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(0.01)
-    path = tmp_path / "tiny.pt"
-    torch.save({"model": trained.state_dict(), "step": 3}, path)
-    torch.manual_seed(1)
-    loaded = build_massformer_tiny(5, checkpoint=path)
-    for (name, a), b in zip(trained.state_dict().items(), loaded.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        build_massformer_tiny(5, checkpoint=tmp_path / "missing.pt")

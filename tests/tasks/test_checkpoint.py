@@ -6,14 +6,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.checkpoint import (
-    CHECKPOINTS_DIR,
-    LATEST_FILE,
-    atomic_write_json,
-    latest_checkpoint,
-    remove_partial_writes,
-    save_checkpoint,
-)
+from tasks.checkpoint import atomic_write_json, remove_partial_writes, save_checkpoint
+from tasks.model_folder import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
 
 
 def _save(run: Path, step: int, keep: int) -> Path:

@@ -29,19 +29,16 @@ from models.training.optim import SCRATCH_RECIPE
 from storage.dataset import LabelVersionDataset
 from storage.registry import ClassInfo
 from storage.store import open_label_store
-from tasks.checkpoint import CheckpointError, read_model_config
 from tasks.ingest import ingest_synthetic
-from tasks.train import (
-    TrainConfig,
+from tasks.model_folder import (
+    CheckpointError,
     build_model,
     init_from_model,
     load_trained_model,
-    model_config,
+    read_model_config,
     resolve_init_dir,
-    resolve_train_config,
-    run_name,
-    train,
 )
+from tasks.train import TrainConfig, model_config, resolve_train_config, run_name, train
 
 REPO = Path(__file__).resolve().parents[2]
 CAR = 7
