@@ -242,7 +242,8 @@ def cmd_add_class(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from tasks.demo import DemoConfig, run_demo
+    from flows.demo import run_demo
+    from tasks.demo import DemoConfig
 
     result = run_demo(DemoConfig(out=a.out, images=a.images, size=(a.size[0], a.size[1]), iters=a.iters,
                                  crop=a.crop, points=a.points, seed=a.seed, progress=not a.quiet))

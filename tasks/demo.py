@@ -1,6 +1,6 @@
-"""The embedded demo: a synthetic store, the add-class flow on it, and the comparison it ends with.
+"""The embedded demo's settings and the comparison it ends with (`flows.demo.run_demo` runs it).
 
-`run_demo` ingests procedural scenes (`tasks.synthetic_scenes`: exact car masks), runs the add-class flow with
+The demo ingests procedural scenes (`tasks.synthetic_scenes`: exact car masks), runs the add-class flow with
 the simulated labeler and the tiny model, and then compares, on the **test** images, the model's car masks
 with the pseudo labels the same labeler makes there. Those test pseudo labels are made in memory for scoring
 only (`pseudo_label_scores`): they are never stored and never train anything, since the flow only labels
@@ -9,12 +9,8 @@ train and val. Both are scored class vs rest against the exact masks (`models.me
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults without loading torch
@@ -92,31 +88,3 @@ def comparison_lines(*, model: dict[str, Any], pseudo: dict[str, Any], split: st
         f"{'sharper than' if better else 'not sharper than'} its labels'",
         f"  * made on {split} for this comparison only; they trained nothing",
     ]
-
-
-def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Ingest, add "car", compare; returns the add-class result plus ``comparison`` and ``seconds``."""
-    from flows.add_class import add_class
-    from tasks.ingest import ingest_synthetic
-    from tasks.pseudo_label import LabelerConfig
-
-    t0 = time.time()
-    out = Path(config.out)
-    store = out / "store.zarr"
-    runs = Path(f"{store}.runs")
-    if runs.exists() and not (store / "zarr.json").is_file():
-        raise FileExistsError(f"{runs} exists without the demo's store next to it; remove it or pick another --out.")
-    ingest_synthetic(store, images=config.images, size=config.size, seed=config.seed, overwrite=True,
-                     progress=config.progress)
-    shutil.rmtree(runs, ignore_errors=True)  # the runs of the store just replaced
-    result = add_class(prompt="car", store=str(store), labeler="simulated", variant="tiny", iters=config.iters,
-                       batch_size=2, crop_size=config.crop, num_points=config.points, num_workers=0,
-                       seed=config.seed, eval_splits=["val", "test"], scale_range=list(config.scale_range),
-                       test_scale=config.test_scale)
-    metrics = json.loads(Path(result["report"]["metrics.json"]).read_text())
-    model_test = metrics["model"]["splits"]["test"]["new_classes"]["car"]
-    labeler = LabelerConfig(kind="simulated", seed=config.seed)
-    pseudo_test = pseudo_label_scores(store, class_name="car", split="test", labeler=labeler)
-    lines = comparison_lines(model=model_test, pseudo=pseudo_test, split="test", class_name="car")
-    return {**result, "store": str(store), "comparison": {"model": model_test, "pseudo": pseudo_test,
-                                                          "lines": lines}, "seconds": time.time() - t0}
