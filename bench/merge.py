@@ -25,10 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.labelers.label_record import LabelRecord
-from storage.pseudo import read_pseudo_mask, record_pseudo_run, settings_key, write_pseudo_result
+from storage.pseudo import read_pseudo_mask, record_pseudo_run, write_pseudo_result
 from storage.registry import ImageRecord
 from storage.store import build_label_store, open_label_store
 from tasks.merge import merge
+from tasks.pseudo_label import settings_key
 from tasks.synthetic_scenes import make_scene
 
 

@@ -6,7 +6,8 @@ Kept import-light on purpose (no package re-exports anything): import the submod
 - ``massformer/``: the network (``model.py``: `MaSSFormer`) and its parts, builders and weight loading
 - ``training/``: criterion, matcher, loss weights, point sampling, targets, optimiser recipes
 - ``labelers/``: Grounded-SAM and the simulated labeler, with their weights, caches and `LabelRecord`
-- ``metrics.py`` (mIoU, Boundary IoU, Boundary F1) and ``palette.py`` (label-map colours) stay at the top
+- ``metrics.py`` (mIoU, Boundary IoU, Boundary F1), ``palette.py`` (label-map colours) and ``hashing.py``
+  (the file sha256s and JSON identity hashes that get persisted) stay at the top
 
 Glossary for shape comments in this package:
 

@@ -4,13 +4,12 @@ Each image's union mask is a uint8 0/1 array; its attributes hold the labeler's 
 RLE, boxes, scores, phrases), the `settings_key` of the labeler settings that produced it, and `done` (written
 last). A rerun skips images whose `done` record has the same settings key, so an interrupted run resumes, and
 a run with other settings relabels. Workers write only their own images; the run summary in the store
-document (`sections["pseudo"][class]`) is written by the lock holder.
+document (`sections["pseudo"][class]`) is written by the lock holder. The keys are made by the caller
+(`tasks.pseudo_label.settings_key`); this module stores and compares them as given.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, cast
 
 import numpy as np
@@ -19,12 +18,6 @@ from storage.names import parse_class_name, parse_image_id, parse_split
 from storage.store import LabelStore
 
 SECTION = "pseudo"
-
-
-def settings_key(settings: dict[str, Any]) -> str:
-    """A stable short hash of labeler settings (JSON with sorted keys)."""
-    blob = json.dumps(settings, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _key(class_name: str, split: str, image_id: str) -> str:

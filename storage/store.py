@@ -64,14 +64,6 @@ def labels_sha256(labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class LabelStore:
     """A handle on one label store. Use `open_label_store` or `build_label_store`, not the constructor."""
 
@@ -199,7 +191,7 @@ class LabelStore:
                 data = path.read_bytes()
             except OSError:
                 data = b""
-            found = hashlib.sha256(data).hexdigest()
+            found = hashlib.sha256(data).hexdigest()  # as ingest's models.hashing.file_sha256, from one read
             if data and found != rec.sha256:
                 raise ValueError(f"Image {path} (id {image_id!r}, split {split!r}) changed since ingest (sha256 "
                                  f"{found[:12]}..., recorded {rec.sha256[:12]}...); re-ingest the store.")

@@ -17,9 +17,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from models.hashing import file_sha256
 from storage.names import parse_image_id
 from storage.registry import IGNORE_INDEX, PRECISE_CLASSES, ImageRecord
-from storage.store import LabelStore, build_label_store, file_sha256
+from storage.store import LabelStore, build_label_store
 from tasks.synthetic_scenes import make_scene
 
 log = logging.getLogger(__name__)

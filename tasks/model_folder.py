@@ -22,7 +22,6 @@ weights that do not fit it, a model that does not fit the run that uses it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.hashing import bytes_sha256, file_sha256
 from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
 from models.massformer.model import MaSSFormer
 from models.massformer.weights import load_checkpoint, load_with_new_classes
@@ -69,14 +69,6 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -106,7 +98,7 @@ def _write_dir(final: Path, files: Mapping[str, bytes], *, step: int) -> Path:
         }
         for name, data in files.items():
             _write_file(tmp / name, data)
-            manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            manifest["files"][name] = {"bytes": len(data), "sha256": bytes_sha256(data)}
         _write_file(tmp / MANIFEST_FILE, _json_bytes(manifest))
         fsync_dir(tmp)
         if final.exists():  # e.g. a step re-run after a kill that came before latest.json moved on
@@ -186,7 +178,7 @@ def verify_dir(
                 f"Checkpoint file {path} is corrupt (truncated?): {size} bytes, "
                 f"expected {entries[name]['bytes']}."
             )
-        if _sha256(path) != entries[name]["sha256"]:
+        if file_sha256(path) != entries[name]["sha256"]:
             raise CheckpointError(
                 f"Checkpoint file {path} is corrupt: its sha256 differs from {manifest_path}."
             )

@@ -9,19 +9,20 @@ process only.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from typing import Any
 
+from models.hashing import json_hash
 from storage.store import now_iso, open_label_store
 
 SECTION = "models"
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """16 hex digits of the sha256 of a training config as JSON with sorted keys (``config_hash`` of a
+    registry entry; pinned in tests/models/test_hashing.py, as stored registries hold it)."""
+    return json_hash(config, length=16)
 
 
 def score_terms(results: dict[str, Any], *, split: str = "val") -> dict[str, float]:

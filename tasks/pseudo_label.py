@@ -19,18 +19,27 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from models.hashing import json_hash
 from storage.names import class_name_from_prompt, parse_split
 from storage.pseudo import (
     missing_pseudo,
     pseudo_done,
     pseudo_runs,
     record_pseudo_run,
-    settings_key,
     write_pseudo_result,
 )
 from storage.store import LabelStore, open_label_store
 
 LabelerKind = Literal["grounded-sam", "simulated"]
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """The resume key of pseudo labels: 16 hex digits of the sha256 of the settings as JSON with sorted keys.
+
+    Stored with every result (`storage.pseudo`): a rerun skips the images done under the same key. The value
+    must never change (it would relabel every store), so it is pinned in tests/models/test_hashing.py.
+    """
+    return json_hash(settings, length=16)
 
 
 @dataclass(frozen=True)

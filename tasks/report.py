@@ -1,7 +1,8 @@
-"""Evaluation reports: ``metrics.json``, a markdown table and overlay PNGs of the best and worst images.
+"""Report building blocks: markdown tables of scores and overlay PNGs of the best and worst images.
 
 Store-independent: inputs are summary dicts (``MetricAccumulator.summary`` / ``evaluate_mask_folders``),
-arrays and paths. The flow publishes the written files as Prefect artifacts.
+arrays and paths. `tasks.evaluation_report` builds the evaluation report (``metrics.json``, ``report.md`` and
+the overlays) from them.
 
 Number formats follow the paper: IoU and BIoU in percent with 2 decimals (MaSS13K prints ``round(100 x, 2)``),
 BF1 as a fraction with 4 decimals. Missing values (class absent) print as ``n/a``.
@@ -9,7 +10,6 @@ BF1 as a fraction with 4 decimals. Missing values (class absent) print as ``n/a`
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,13 +26,11 @@ __all__ = [
     "MISSED_BOUNDARY_COLOR",
     "format_fraction",
     "format_percent",
-    "markdown_tables",
     "overlay_image",
     "per_class_table",
     "select_images",
     "summary_table",
     "write_overlays",
-    "write_report",
 ]
 
 FALSE_BOUNDARY_COLOR: RGB = (255, 0, 0)  # predicted boundary with no gt boundary of its class within 2 px
@@ -131,23 +129,6 @@ def per_class_table(
                 ]
             )
     return _table(["Class", "Method", "IoU (%)", "BIoU (%)", "BF1"], body)
-
-
-def markdown_tables(
-    rows: Mapping[str, Mapping[str, Any]], *, classes: Sequence[int | str] | None = None
-) -> str:
-    """The summary table and the per-class table, with headings.
-
-    Args:
-        rows: Name -> summary dict.
-        classes: As for ``per_class_table``.
-
-    Returns:
-        Markdown text.
-    """
-    return (
-        "## Summary\n\n" + summary_table(rows) + "\n## Per class\n\n" + per_class_table(rows, classes=classes)
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,80 +318,3 @@ def write_overlays(
                 raise OSError(f"Cannot write overlay {str(path)!r}.")
             written[side].append(path)
     return written
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _jsonable(x: Any) -> Any:
-    """NaN -> None, numpy -> Python, paths -> str; recursively."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_report(
-    out_dir: str | Path,
-    *,
-    results: Mapping[str, Any],
-    title: str,
-    rows: Mapping[str, Mapping[str, Any]] | None = None,
-    classes: Sequence[int | str] | None = None,
-    overlays: Mapping[str, Sequence[str | Path]] | None = None,
-) -> dict[str, Path]:
-    """Write ``metrics.json`` and ``report.md``.
-
-    Args:
-        out_dir: Report folder (created).
-        results: The main summary dict (``MetricAccumulator.summary`` / ``evaluate_mask_folders``).
-        title: Report heading.
-        rows: Named results for the tables, e.g. ``{"Pseudo Label": ..., "Model": ...}``; default
-            ``{title: results}``.
-        classes: Classes for the per-class table (see ``per_class_table``).
-        overlays: ``{"worst": [paths], "best": [paths]}`` from ``write_overlays``, linked from the markdown
-            (relative to ``out_dir`` when inside it).
-
-    Returns:
-        ``{"json": path, "markdown": path}``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table_rows = dict(rows) if rows is not None else {title: results}
-
-    doc = {"title": title, "results": results, "rows": table_rows}
-    if overlays is not None:
-        doc["overlays"] = {side: [str(p) for p in paths] for side, paths in overlays.items()}
-    json_path = out / "metrics.json"
-    json_path.write_text(json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
-
-    md = [f"# {title}\n", markdown_tables(table_rows, classes=classes)]
-    md.append("\nIoU and BIoU in %, BF1 as a fraction (2 px tolerance); `n/a`: class absent.\n")
-    if overlays:
-        md.append(
-            "\n## Overlays\n\nRed: predicted boundary not within 2 px of the ground truth; yellow: missed "
-            "ground-truth boundary.\n"
-        )
-        for side, paths in overlays.items():
-            md.append(f"\n### {side.capitalize()}\n\n")
-            for p in paths:
-                p = Path(p)
-                try:
-                    rel = p.resolve().relative_to(out.resolve())
-                except ValueError:
-                    rel = p
-                md.append(f"![{p.stem}]({rel.as_posix()})\n")
-    md_path = out / "report.md"
-    md_path.write_text("".join(md))
-    return {"json": json_path, "markdown": md_path}

@@ -18,7 +18,6 @@ and ``final/`` (a model folder: `tasks.model_folder.load_trained_model` rebuilds
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.hashing import json_hash
 from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
 from models.massformer.model import MaSSFormer
 from models.massformer.weights import load_backbone_checkpoint
@@ -359,13 +359,15 @@ def resolve_device(device: str) -> torch.device:
 
 def run_name(config: TrainConfig) -> str:
     """The run-folder name the flows give a training run: version, variant, reweight, seed and iterations for
-    people to read, then 8 hex digits of every field that makes the run what it is (all but
-    `RESUME_FREE_FIELDS`; ``init_model`` as an absolute path). Two different runs never share a folder (one
-    would refuse to resume the other's checkpoint), and a rerun of the same one resumes it."""
+    people to read, then 8 hex digits (sha1 of the JSON, `models.hashing.json_hash`) of every field that makes
+    the run what it is (all but `RESUME_FREE_FIELDS`; ``init_model`` as an absolute path). Two different runs
+    never share a folder (one would refuse to resume the other's checkpoint), and a rerun of the same one
+    resumes it; the digest must never change, or existing runs would not resume (tests/models/test_hashing.py
+    pins it)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
     if config.init_model is not None:
         identity["init_model"] = str(Path(config.init_model).resolve())
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = json_hash(identity, algorithm="sha1", length=8)
     return f"{config.version}-{config.variant}-{config.reweight}-s{config.seed}-i{config.iters}-{digest}"
 
 

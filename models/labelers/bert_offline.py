@@ -23,7 +23,6 @@ All patches are applied by ``install_offline_patches()``, once and idempotently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +43,8 @@ from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]  # v5: alias
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
+from models.hashing import file_sha256
+
 logger = logging.getLogger(__name__)
 
 VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
@@ -61,15 +62,6 @@ def cache_root() -> Path:
     """The project's cache folder: ``$ADDCLASS_CACHE_DIR`` or ``~/.cache/addclass``."""
     env = os.environ.get("ADDCLASS_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "addclass"
-
-
-def file_sha256(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_vocab_path() -> Path:

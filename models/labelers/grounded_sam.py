@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.labelers.bert_offline import file_sha256
+from models.hashing import file_sha256
 from models.labelers.embedding_cache import EmbeddingCache, embedding_key
 from models.labelers.embedding_cache import image_sha256 as compute_image_sha256
 from models.labelers.grounded_sam_ops import (

@@ -20,11 +20,10 @@ applied per instance in this order, mimic Grounded-SAM's failure modes:
    in [0.4, 0.9]); ``extra["is_false_positive"]`` flags them.
 
 Deterministic: every image gets its own generator seeded from ``seed`` and a key (``image_sha256`` or a hash
-    of the
-reference mask) plus the prompt, so results do not depend on call order.
+of the reference mask) plus the prompt, so results do not depend on call order.
 
-``mask_iou`` and ``boundary_iou`` (Cheng et al., CVPR 2021: the band within ``dilation_ratio`` of the image
-diagonal inside each mask's contour) measure how far a pseudo-mask is from its reference.
+How far a pseudo-mask is from its reference is measured with ``models.metrics`` (class-vs-rest IoU and BIoU,
+as the pseudo-label rows of the evaluation; tests/models/test_simulated_labeler.py passes a wider band).
 """
 
 from __future__ import annotations
@@ -37,31 +36,6 @@ import cv2
 import numpy as np
 
 from models.labelers.label_record import LabelRecord
-
-
-def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Region IoU of two H x W boolean masks (1.0 when both are empty)."""
-    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
-    union = np.logical_or(pred, ref).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, ref).sum() / union)
-
-
-def mask_boundary(mask: np.ndarray, *, dilation_ratio: float = 0.02) -> np.ndarray:
-    """Inner boundary band of an H x W mask: pixels within ``d = round(ratio * diagonal)`` px of the edge."""
-    # After the reference implementation of Boundary IoU (bowenc0221/boundary-iou-api, mask_to_boundary).
-    m = np.asarray(mask, np.uint8)
-    height, width = m.shape
-    d = max(1, round(dilation_ratio * np.hypot(height, width)))
-    padded = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1 : height + 1, 1 : width + 1]
-    return (m - eroded).astype(bool)
-
-
-def boundary_iou(pred: np.ndarray, ref: np.ndarray, *, dilation_ratio: float = 0.02) -> float:
-    """Boundary IoU of two H x W boolean masks (1.0 when both are empty)."""
-    return mask_iou(
-        mask_boundary(pred, dilation_ratio=dilation_ratio), mask_boundary(ref, dilation_ratio=dilation_ratio)
-    )
 
 
 @lru_cache(maxsize=16)

@@ -10,13 +10,13 @@ import torch
 import transformers
 from transformers import BertConfig, BertModel
 
+from models.hashing import file_sha256
 from models.labelers.bert_offline import (
     OFFLINE_BERT_PREFIX,
     VOCAB_SHA256,
     OfflineBertWarper,
     bert_config_for,
     extended_attention_mask,
-    file_sha256,
     install_offline_patches,
     load_tokenizer,
     packaged_vocab_path,

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.hashing import file_sha256
 from models.metrics import MetricAccumulator, binary_counts, class_vs_rest, metrics_from_counts
-from storage.pseudo import record_pseudo_run, settings_key, write_pseudo_result
+from storage.pseudo import record_pseudo_run, write_pseudo_result
 from storage.registry import ImageRecord
-from storage.store import build_label_store, file_sha256, open_label_store
+from storage.store import build_label_store, open_label_store
 from tasks.evaluate import (
     all_classes_ground_truth,
     evaluate_model,
@@ -23,6 +24,7 @@ from tasks.evaluate import (
 )
 from tasks.evaluation_report import write_evaluation_report
 from tasks.merge import merge, plan_merge
+from tasks.pseudo_label import settings_key
 
 I = 255  # ignore
 CAR = 7

@@ -16,11 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
+from models.hashing import file_sha256
 from models.labelers.label_record import LabelRecord
 from storage.lock import StoreLockedError
-from storage.pseudo import record_pseudo_run, settings_key, write_pseudo_result
+from storage.pseudo import record_pseudo_run, write_pseudo_result
 from storage.registry import ImageRecord
-from storage.store import ImmutableError, build_label_store, file_sha256, open_label_store
+from storage.store import ImmutableError, build_label_store, open_label_store
 from tasks.inspect import summarize_store
 from tasks.merge import (
     DELAY_ENV,
@@ -34,6 +35,7 @@ from tasks.merge import (
     pending_images,
     plan_merge,
 )
+from tasks.pseudo_label import settings_key
 
 REPO = Path(__file__).resolve().parents[2]
 I = 255  # ignore

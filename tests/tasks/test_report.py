@@ -1,14 +1,12 @@
-"""Tests for tasks/report.py: number formats, tables, overlays and the written report."""
+"""Tests for tasks/report.py: number formats, tables and overlays."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 from tasks.report import (
     FALSE_BOUNDARY_COLOR,
@@ -20,7 +18,6 @@ from tasks.report import (
     select_images,
     summary_table,
     write_overlays,
-    write_report,
 )
 
 
@@ -135,7 +132,7 @@ def test_select_images() -> None:
     assert [e["name"] for e in sel["best"]] == ["c"]
 
 
-def test_write_overlays_and_report(tmp_path: Path) -> None:
+def test_write_overlays(tmp_path: Path) -> None:
     pred, gt = _shifted_pixel()
 
     def load(name: str) -> tuple[None, np.ndarray, np.ndarray, None]:
@@ -147,27 +144,3 @@ def test_write_overlays_and_report(tmp_path: Path) -> None:
     assert [p.name for p in written["best"]] == ["best_01_good.png"]
     bgr = cv2.imread(str(written["worst"][0]), cv2.IMREAD_UNCHANGED)
     assert bgr.shape == (9, 18, 3)
-
-    paths = write_report(
-        tmp_path,
-        results=MODEL,
-        title="Car eval",
-        rows={"Pseudo Label": PSEUDO, "Model": MODEL},
-        overlays=written,
-    )
-    doc = json.loads(paths["json"].read_text())  # strict JSON: NaN became null
-    assert doc["title"] == "Car eval"
-    assert doc["results"]["per_class"][1]["biou"] is None
-    assert doc["rows"]["Pseudo Label"]["means"]["miou"] == pytest.approx(0.80123)
-    md = paths["markdown"].read_text()
-    assert md.startswith("# Car eval\n")
-    assert "| Model | 88.21 | 48.39 | 0.5593 | 90.00 | 3 |" in md
-    assert "| car | Pseudo Label | 70.25 | 30.01 | 0.4245 |" in md
-    assert "](overlays/worst_01_bad.png)" in md
-
-
-def test_report_defaults_to_one_row(tmp_path: Path) -> None:
-    paths = write_report(tmp_path / "r", results=PSEUDO, title="Pseudo labels")
-    md = paths["markdown"].read_text()
-    assert "| Pseudo labels | 80.12 | 40.00 | 0.5123 | 90.00 | 3 |" in md
-    assert "Overlays" not in md
