@@ -3,9 +3,9 @@
 A fixed synthetic store (`tasks.synthetic_scenes`, small scenes) gets simulated Grounded-SAM pseudo labels of
 car on train and val, merged with carve-others, exactly as the demo does. The tiny MaSSFormer trains from
 scratch with the default (scratch) recipe for `ITERS` steps and must reach `CAR_IOU_FLOOR` car IoU on val
-against the exact masks. The floor and step count are set from measurements (README "Training recipes"): the
-scratch recipe clears the floor with margin on this machine, while the paper recipe (for pretrained backbones)
-stays far below it in the same number of steps, so a recipe or model change that stops learning fails here.
+against the exact masks. Measured on the 2-core machine (README "Training recipes"): the scratch recipe reaches
+52.5 % in these 200 steps, the paper recipe (meant for pretrained backbones) 0.05 %; the floor sits between
+them with room for another CPU's rounding, so a recipe or model change that stops learning fails here.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from tasks.merge import merge
 from tasks.pseudo_label import LabelerConfig, pseudo_label
 from tasks.train import TrainConfig, train
 
-ITERS = 240
-CAR_IOU_FLOOR = 0.55
-SECONDS_BUDGET = 120  # the test's own training (~50 s on 2 idle cores); generous for loaded CI machines
+ITERS = 200
+CAR_IOU_FLOOR = 0.30
+SECONDS_BUDGET = 240  # the test's own training and evaluation; generous for a loaded CI machine
 
 
 @pytest.fixture(scope="module")
 def car_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("learning") / "scenes.zarr"
-    ingest_synthetic(path, images=30, size=(128, 192), seed=11, progress=False)
+    ingest_synthetic(path, images=30, size=(256, 384), seed=11, progress=False)
     labeler = LabelerConfig(kind="simulated", seed=0)
     for split in ("train", "val"):
         pseudo_label(path, prompt="car", split=split, labeler=labeler, progress=False)
@@ -39,8 +39,8 @@ def car_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(store: Path, out: Path, **overrides: object) -> TrainConfig:
     fields: dict[str, object] = dict(
-        store=str(store), out_dir=str(out), version="v2", variant="tiny", iters=ITERS, batch_size=4,
-        crop_size=(128, 128), scale_range=(1.5, 3.0), test_scale=2.0, num_points=1024,
+        store=str(store), out_dir=str(out), version="v2", variant="tiny", iters=ITERS, batch_size=2,
+        crop_size=(256, 256), scale_range=(0.75, 1.5), num_points=2048,
         checkpoint_every=ITERS, keep_checkpoints=1, seed=0, device="cpu", num_workers=0, val_every=0,
     )
     fields.update(overrides)
