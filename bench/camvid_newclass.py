@@ -100,6 +100,7 @@ from tasks.merge import merge  # noqa: E402
 from tasks.pseudo_label import LabelerConfig, pseudo_label, validate_labeler  # noqa: E402
 from tasks.report import format_fraction, format_percent  # noqa: E402
 from tasks.train import TrainConfig, train  # noqa: E402
+from tasks.validation import read_log  # noqa: E402
 
 CLASS = "car"
 DEFAULT_CAMVID = REPO.parent / "shared" / "data" / "camvid"
@@ -460,7 +461,7 @@ def _train_and_evaluate(
     t1 = time.perf_counter()
     result = evaluate_model(store, final, splits=args.splits, device=args.device, progress=args.progress)
     t2 = time.perf_counter()
-    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line]
+    log, _ = read_log(run_dir)  # the training lines (validation lines hold "val" instead of "total")
     tail = log[-max(1, len(log) // 10):]
     rec: dict[str, Any] = {
         "id": row.id, "name": row.name, "kind": row.kind, "label_version": config.version,
