@@ -486,10 +486,7 @@ PREFECT_DEFAULTS = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "fa
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    # Before torch starts its thread pool (commands import it lazily): OpenMP threads that spin-wait for each
-    # other while other processes hold the cores made training 5-20x slower on a shared machine (README
-    # "Benchmarks"); passive waiting degrades with the fair share instead. A user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
     args = build_parser().parse_args(argv)
     func: Handler = args.func
     try:
