@@ -46,6 +46,17 @@ def staged_dir(final: Path, *, guard: Callable[[], AbstractContextManager[object
 WRITTEN_MANIFEST = ".addclass-written.json"
 
 
+def refuse_store_overlap(folder: Path, store_path: Path, *, what: str) -> None:
+    """Refuses an output `folder` that is the label store, lies inside it or holds it.
+
+    Raises:
+        FileExistsError: naming `what` (the parameter), the folder and the store.
+    """
+    here, src = folder.resolve(), store_path.resolve()
+    if here == src or src in here.parents or here in src.parents:
+        raise FileExistsError(f"{what} {folder} is, holds or lies inside the label store {src}.")
+
+
 def _listed(folder: Path) -> set[str]:
     try:
         return set(json.loads((folder / WRITTEN_MANIFEST).read_text())["paths"])

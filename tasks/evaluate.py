@@ -58,7 +58,7 @@ from models.metrics import (
 from storage.names import parse_split
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask
 from storage.registry import IGNORE_INDEX
-from storage.staging import check_overwrite, record_written
+from storage.staging import check_overwrite, record_written, refuse_store_overlap
 from storage.store import LabelStore, open_label_store
 from tasks.model_folder import load_trained_model, read_model_config, resolve_model_dir
 
@@ -360,13 +360,14 @@ def evaluate_model(
         per_image: dict[str, dict[str, Any]] = {}
         if out_root is not None:
             (out_root / split).mkdir(parents=True, exist_ok=True)
+            # listed once, before any is written: a kill midway leaves no PNG of ours unlisted
+            record_written(out_root, [f"{split}/{i}.png" for i in ids])
         bar = tqdm(total=len(ids), desc=f"evaluate {split}", unit="img", disable=not progress)
         for batch in _size_batches(store, split, ids, batch_size):
             preds = predict_labels(model, [store.read_image(split, i) for i in batch], device)  # B x H x W
             for image_id, pred in zip(batch, preds, strict=True):
                 if out_root is not None:
                     _write_png(out_root / split / f"{image_id}.png", pred)
-                    record_written(out_root, [f"{split}/{image_id}.png"])
                 masks = {cid: read_hand_or_none(store, kinds[name], name, image_id) for cid, name in new}
                 precise = store.read_labels(split, image_id, version="v1")
                 res = score_prediction(pred, precise, masks, num_precise=num_precise, num_classes=k)
@@ -411,9 +412,7 @@ def evaluate_model(
 
 def _check_pred_dir(store: LabelStore, pred_dir: Path, *, splits: Sequence[str], max_images: int | None,
                     overwrite: bool) -> None:
-    here, src = pred_dir.resolve(), store.path.resolve()
-    if here == src or src in here.parents or here in src.parents:
-        raise FileExistsError(f"pred_dir {pred_dir} is, holds or lies inside the label store {src}.")
+    refuse_store_overlap(pred_dir, store.path, what="pred_dir")
     targets = [f"{s}/{i}.png" for s in _present_splits(store, splits) for i in store.image_ids(s)[:max_images]]
     check_overwrite(pred_dir, targets, overwrite=overwrite, what="prediction PNGs")
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from models.palette import class_color
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_record
 from storage.registry import IGNORE_INDEX
-from storage.staging import staged_dir
+from storage.staging import refuse_store_overlap, staged_dir
 from storage.store import LabelStore, open_label_store
 
 MANIFEST = "export_manifest.json"
@@ -65,9 +65,7 @@ def _foreign_paths(folder: Path) -> list[str]:
 def _staged_dir(out_dir: str | os.PathLike[str], *, overwrite: bool, store: LabelStore) -> Iterator[Path]:
     """Yield a temporary folder that replaces `out_dir` on success; a failure leaves `out_dir` as it was."""
     final = Path(out_dir)
-    here, src = final.resolve(), store.path.resolve()
-    if here == src or src in here.parents or here in src.parents:
-        raise FileExistsError(f"Cannot export into {final}: it is, holds or lies inside the label store {src}.")
+    refuse_store_overlap(final, store.path, what="Export folder")
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{final} exists and is not a folder.")
     if final.is_dir() and any(final.iterdir()):
@@ -81,7 +79,7 @@ def _staged_dir(out_dir: str | os.PathLike[str], *, overwrite: bool, store: Labe
                 f"(--overwrite) only replaces an earlier export. Move those files or pick another folder.")
     with staged_dir(final) as tmp:
         yield tmp
-        _write_json(tmp / MANIFEST, {"store": str(src), "paths": _written(tmp)})
+        _write_json(tmp / MANIFEST, {"store": str(store.path.resolve()), "paths": _written(tmp)})
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -76,7 +76,6 @@ from tasks.validation import (
     learning_curve_png,
     unpredicted_classes,
     validate,
-    validation_split,
 )
 
 log = logging.getLogger(__name__)
@@ -141,8 +140,8 @@ class TrainConfig:
             ``val`` split; 0: none.
         val_max_images: Validate on at most this many ``val`` images (None: all).
         test_scale: Inference scale of the trained model (`MaSSFormer.test_scale`, in its ``config.json``):
-            images are resized by it for prediction. Train with ``scale_range`` around it (e.g. 1.5-3.0 for 2:
-            full-resolution masks on small images; the demo).
+            images are resized by it for prediction. 2 puts the half-resolution masks on the image's own pixel
+            grid (small images; the demo trains with ``scale_range`` 0.75-1.5 and predicts at 2).
     """
 
     store: str
@@ -302,7 +301,8 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         )
     val_every = config.val_every
     if val_every is None:
-        val_every = max(1, config.iters // VALIDATIONS_PER_RUN) if validation_split(config.store) else 0
+        has_val = "val" in store.splits() and bool(store.image_ids("val"))
+        val_every = max(1, config.iters // VALIDATIONS_PER_RUN) if has_val else 0
     return resolve_recipe(dataclasses.replace(config, version=version, num_classes=len(names), val_every=val_every))
 
 

@@ -14,22 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from storage.store import open_label_store
 from tasks.evaluate import evaluate_model
 
 CURVE_FILE = "learning_curve.png"
-
-
-def validation_split(store_path: str | os.PathLike[str], split: str = "val") -> str | None:
-    """``split`` when the store has images in it, else None (nothing to validate on)."""
-    store = open_label_store(store_path)
-    return split if split in store.splits() and store.image_ids(split) else None
 
 
 def _finite(x: Any) -> float | None:
@@ -137,6 +130,3 @@ def format_scores(scores: Mapping[str, Any]) -> str:
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
-
-__all__: Sequence[str] = ("CURVE_FILE", "format_scores", "learning_curve_png", "read_log", "unpredicted_classes",
-                          "validate", "validation_split")
