@@ -210,7 +210,7 @@ def add_class(
     store's registered champion) fine-tunes that model on the new label version instead of training from
     scratch; the new class starts untrained. ``recipe`` ``"auto"`` trains a random start with the scratch
     recipe and a trained start with the paper's (`models.training.optim.RECIPES`); ``scale_range`` is the
-    training resize range and ``test_scale`` the trained model's inference scale (`tasks.train.TrainConfig`).
+    training resize range and ``test_scale`` the trained model's inference scale (`tasks.train_config.TrainConfig`).
     """
     plan = plan_add_class(locals())  # every parameter checked before any work
     st, class_name, train_config = plan.store, plan.class_name, plan.train_config

@@ -126,7 +126,7 @@ def save_model_dir(
     Args:
         path: The folder to (re)place.
         model: The model; its full ``state_dict`` (parameters and buffers) is saved.
-        config: JSON-serialisable model config (`tasks.train.model_config`: variant, num_classes, class
+        config: JSON-serialisable model config (`tasks.train_config.model_config`: variant, num_classes, class
             names, ...).
         step: Training step of the weights.
         extra_files: Further files of the folder by name, listed in the manifest too (a checkpoint's
@@ -241,7 +241,7 @@ def build_model(config: Mapping[str, Any]) -> MaSSFormer:
     """Builds the untrained model a model config describes, with its ``test_scale``.
 
     Args:
-        config: A model folder's config (`read_model_config`) or a run's (`tasks.train.model_config`).
+        config: A model folder's config (`read_model_config`) or a run's (`tasks.train_config.model_config`).
 
     Returns:
         The model, randomly initialised.
@@ -379,7 +379,7 @@ def init_from_model(
     Args:
         model: the freshly built model of this run.
         folder: ``final/`` of an earlier run, one of its ``checkpoints/``, or the run folder itself.
-        expected: this run's `tasks.train.model_config` (variant, pixel decoder, class names).
+        expected: this run's `tasks.train_config.model_config` (variant, pixel decoder, class names).
 
     Returns:
         The names of this run's classes that the trained model did not know (they start untrained).

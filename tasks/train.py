@@ -17,7 +17,6 @@ and ``final/`` (a model folder: `tasks.model_folder.load_trained_model` rebuilds
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -25,29 +24,19 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.hashing import json_hash
-from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
 from models.massformer.model import MaSSFormer
 from models.massformer.weights import load_backbone_checkpoint
 from models.training.criterion import build_criterion
-from models.training.loss_weights import parse_reweight_mode
-from models.training.optim import (
-    GRAD_CLIP_NORM_TYPE,
-    RECIPE_CHOICES,
-    build_lr_scheduler,
-    build_optimizer,
-    choose_recipe,
-)
+from models.training.optim import GRAD_CLIP_NORM_TYPE, build_lr_scheduler, build_optimizer
 from models.training.targets import build_targets
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
-from storage.store import LabelStore, open_label_store
 from tasks.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -58,18 +47,24 @@ from tasks.checkpoint import (
     set_rng_state,
 )
 from tasks.model_folder import (
-    CONFIG_FILE,
     FINAL_DIR,
-    FORMAT,
-    FORMAT_VERSION,
     LATEST_FILE,
     CheckpointError,
     build_model,
     init_from_model,
     latest_checkpoint,
     load_model_weights,
-    read_model_config,
     save_model_dir,
+)
+from tasks.train_config import (  # re-exported: the config and its helpers are part of the training API
+    RESUME_FREE_FIELDS,
+    TrainConfig,
+    check_resumable,
+    model_config,
+    resolve_recipe,
+    resolve_train_config,
+    run_name,
+    version_classes,
 )
 from tasks.validation import (
     format_scores,
@@ -77,6 +72,11 @@ from tasks.validation import (
     unpredicted_classes,
     validate,
 )
+
+__all__ = [
+    "RESUME_FREE_FIELDS", "TrainConfig", "check_resumable", "model_config", "resolve_device", "resolve_recipe",
+    "resolve_train_config", "run_name", "train", "version_classes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,268 +86,7 @@ LOG_FILE = "train_log.jsonl"
 DIVERGED_ADVICE = "Start a new run (another out_dir) with a lower lr, or from the last checkpoint's weights " \
                   "with init_model."
 TRAIN_CONFIG_FILE = "train_config.json"
-# TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
-RESUME_FREE_FIELDS = frozenset(
-    {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "val_every",
-     "val_max_images"}
-)
-VALIDATIONS_PER_RUN = 10  # val_every=None: this many validations over a run
 WARN_UNLEARNED_AFTER = 0.3  # share of the run after which a class with IoU 0 on val is warned about
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on; written to ``out_dir/train_config.json``.
-
-    Attributes:
-        store: Label store path.
-        out_dir: Run folder (checkpoints, log, ``final/``).
-        version: Label version to train on (``"latest"`` is resolved by `resolve_train_config`).
-        variant: A ``models.massformer.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``).
-        num_classes: K; derived from the version (None until resolved; a different value is an error).
-        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline).
-        iters: Training steps (MaSSFormer's default: 80000).
-        batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling).
-        crop_size: (height, width) of training crops; the model pads to multiples of 256, so multiples of
-            256 waste nothing.
-        scale_range: Random resize ratio range (of the native size).
-        cat_max_ratio: ``RandomCrop`` largest single-class fraction.
-        recipe: ``"auto"`` (``paper`` when the run starts from ``backbone_checkpoint`` or ``init_model``,
-            else ``scratch``), ``"paper"`` or ``"scratch"``; resolved to the name by `resolve_train_config`.
-        lr: Base learning rate (None: the recipe's).
-        backbone_lr_mult: Backbone learning-rate multiplier (None: the recipe's; paper 0.1).
-        warmup_iters: Linear warm-up iterations (None: the recipe's share of ``iters``).
-        grad_clip: Global L2 gradient-norm clip, 0 for none (None: the recipe's; paper 0.01).
-        weight_decay: AdamW weight decay.
-        reweight: BCE point weights, ``"none"``, ``"edge"`` or ``"inverse"``.
-        inverse_weight_near_pseudo: Precise pixels next to pseudo regions get the inverse weight.
-        num_points: Sampled points per mask (matcher and losses; MaSSFormer's default: 12544).
-        checkpoint_every: Steps between checkpoints (the last step is always saved).
-        keep_checkpoints: Newest checkpoints kept (0: all).
-        seed: Seed of the initialisation, the data order, the augmentations and the loss points.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        amp: bf16 autocast of the forward pass on CUDA (ignored on the CPU); off by default, as MaSSFormer's
-            fp32 recipe. It changes GPU results, so a resume must keep it.
-        num_workers: DataLoader worker processes (0: load in the training process).
-        backbone_checkpoint: Optional torchvision ImageNet ResNet weights for a fresh run.
-        init_model: Optional trained model folder (``final/`` of an earlier run, or one of its
-            ``checkpoints/``) to fine-tune from, e.g. a 7-class model taught a new class: same variant and
-            pixel decoder; classes are matched by name and new classes start untrained
-            (`tasks.model_folder.init_from_model`).
-        split: Store split to train on.
-        val_every: Steps between validations on the ``val`` split (`tasks.validation`; scores in
-            ``train_log.jsonl``, the curve in ``learning_curve.png``); None: 10 per run when the store has a
-            ``val`` split; 0: none.
-        val_max_images: Validate on at most this many ``val`` images (None: all).
-        test_scale: Inference scale of the trained model (`MaSSFormer.test_scale`, in its ``config.json``):
-            images are resized by it for prediction. 2 puts the half-resolution masks on the image's own pixel
-            grid (small images; the demo trains with ``scale_range`` 0.75-1.5 and predicts at 2).
-    """
-
-    store: str
-    out_dir: str
-    version: str = "latest"
-    variant: str = "r50"
-    num_classes: int | None = None
-    pixel_decoder: str = "hr"
-    iters: int = 80000
-    batch_size: int = 16
-    crop_size: tuple[int, int] = (1024, 1024)
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    recipe: str = "auto"
-    lr: float | None = None
-    backbone_lr_mult: float | None = None
-    warmup_iters: int | None = None
-    grad_clip: float | None = None
-    weight_decay: float = 0.05
-    reweight: str = "inverse"
-    inverse_weight_near_pseudo: bool = True
-    num_points: int = 12544
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    num_workers: int = 2
-    backbone_checkpoint: str | None = None
-    init_model: str | None = None
-    split: str = "train"
-    val_every: int | None = None
-    val_max_images: int | None = 64
-    test_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # normalise types (paths to str, lists from JSON to tuples)
-        set_(self, "store", str(self.store))
-        set_(self, "out_dir", str(self.out_dir))
-        for name in ("backbone_checkpoint", "init_model"):
-            if getattr(self, name) is not None:
-                set_(self, name, str(getattr(self, name)))
-        if self.backbone_checkpoint is not None and self.init_model is not None:
-            raise ValueError(
-                f"Expected backbone_checkpoint or init_model, not both: init_model {self.init_model} already "
-                f"holds a trained backbone. Got backbone_checkpoint {self.backbone_checkpoint} too."
-            )
-        set_(self, "crop_size", tuple(int(v) for v in self.crop_size))
-        set_(self, "scale_range", tuple(float(v) for v in self.scale_range))
-        if self.variant not in MODEL_BUILDERS:
-            raise ValueError(f"Expected variant in {sorted(MODEL_BUILDERS)}. Got {self.variant!r} instead.")
-        if self.pixel_decoder not in PIXEL_DECODERS:
-            raise ValueError(
-                f"Expected pixel_decoder in {PIXEL_DECODERS}. Got {self.pixel_decoder!r} instead."
-            )
-        if self.batch_size < 2:
-            raise ValueError(
-                f"Expected batch_size >= 2 (the pixel decoder's BatchNorm after global pooling needs more "
-                f"than one value per channel in training). Got {self.batch_size} instead."
-            )
-        for name in ("iters", "checkpoint_every", "num_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Expected {name} >= 1. Got {getattr(self, name)} instead.")
-        if (self.val_every is not None and self.val_every < 0) or (
-            self.val_max_images is not None and self.val_max_images < 1
-        ):
-            raise ValueError(f"Expected val_every >= 0 and val_max_images >= 1. "
-                             f"Got {self.val_every}, {self.val_max_images} instead.")
-        if self.num_workers < 0 or self.keep_checkpoints < 0 or self.seed < 0:
-            raise ValueError(
-                f"Expected num_workers, keep_checkpoints, seed >= 0. "
-                f"Got {self.num_workers}, {self.keep_checkpoints}, {self.seed} instead."
-            )
-        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
-            raise ValueError(f"Expected crop_size (height, width) >= 1. Got {self.crop_size!r} instead.")
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"Expected scale_range (low, high), 0 < low <= high. Got {self.scale_range!r}.")
-        if self.test_scale <= 0:
-            raise ValueError(f"Expected test_scale > 0. Got {self.test_scale} instead.")
-        if self.recipe not in RECIPE_CHOICES:
-            raise ValueError(f"Expected recipe in {RECIPE_CHOICES}. Got {self.recipe!r} instead.")
-        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0:
-            raise ValueError(f"Expected lr > 0 and weight_decay >= 0. Got {self.lr}, {self.weight_decay}.")
-        if (self.backbone_lr_mult is not None and self.backbone_lr_mult < 0) or (
-            self.grad_clip is not None and self.grad_clip < 0
-        ):
-            raise ValueError(
-                f"Expected backbone_lr_mult >= 0 and grad_clip >= 0. Got {self.backbone_lr_mult}, {self.grad_clip}."
-            )
-        if self.warmup_iters is not None and not 0 <= self.warmup_iters < self.iters:
-            raise ValueError(f"Expected 0 <= warmup_iters < iters. Got {self.warmup_iters}, {self.iters} instead.")
-        parse_reweight_mode(self.reweight)  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields."""
-        d = dataclasses.asdict(self)
-        d["crop_size"], d["scale_range"] = list(self.crop_size), list(self.scale_range)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of `to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Unknown TrainConfig fields {unknown}.")
-        return cls(**d)
-
-
-def version_classes(store: LabelStore, version: str) -> tuple[list[str], set[int]]:
-    """Class names and pseudo classes of a published version, both by model class index
-    (`VersionInfo.model_class_ids`: store ids with gaps, e.g. 0..6 and 8, become 0..7).
-
-    Raises:
-        ValueError: the version uses ids missing from the class registry.
-    """
-    info = store.versions()[store.resolve_version(version)]
-    ids = info.model_class_ids
-    by_id = {c.id: c for c in store.classes()}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise ValueError(
-            f"Version {info.name} of {store.path} uses class ids {missing} missing from the registry."
-        )
-    return [by_id[i].name for i in ids], {k for k, i in enumerate(ids) if by_id[i].source == "pseudo"}
-
-
-def resolve_recipe(config: TrainConfig) -> TrainConfig:
-    """Names the recipe (``"auto"`` -> ``paper`` / ``scratch`` by the start) and fills the optimisation fields
-    left None from it; fields set explicitly are kept."""
-    recipe = choose_recipe(config.recipe, pretrained=config.backbone_checkpoint is not None
-                           or config.init_model is not None)
-    return dataclasses.replace(
-        config,
-        recipe=recipe.name,
-        lr=recipe.lr if config.lr is None else config.lr,
-        backbone_lr_mult=recipe.backbone_lr_mult if config.backbone_lr_mult is None else config.backbone_lr_mult,
-        warmup_iters=recipe.warmup_iters(config.iters) if config.warmup_iters is None else config.warmup_iters,
-        grad_clip=recipe.grad_clip if config.grad_clip is None else config.grad_clip,
-    )
-
-
-def resolve_train_config(config: TrainConfig) -> TrainConfig:
-    """Resolves ``version="latest"``, derives ``num_classes`` from the store and the recipe's settings
-    (`resolve_recipe`).
-
-    Raises:
-        ValueError: ``config.num_classes`` is set and differs from the version's.
-    """
-    store = open_label_store(config.store)
-    version = store.resolve_version(config.version)
-    names, _ = version_classes(store, version)
-    if config.num_classes is not None and config.num_classes != len(names):
-        raise ValueError(
-            f"Expected num_classes {len(names)} (the classes of {version} in {config.store}: {names}). "
-            f"Got {config.num_classes} instead."
-        )
-    val_every = config.val_every
-    if val_every is None:
-        has_val = "val" in store.splits() and bool(store.image_ids("val"))
-        val_every = max(1, config.iters // VALIDATIONS_PER_RUN) if has_val else 0
-    return resolve_recipe(dataclasses.replace(config, version=version, num_classes=len(names), val_every=val_every))
-
-
-def model_config(config: TrainConfig) -> dict[str, Any]:
-    """The ``config.json`` of checkpoints: what rebuilds the model and identifies its training data."""
-    store = open_label_store(config.store)
-    names, pseudo = version_classes(store, config.version)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "variant": config.variant,
-        "pixel_decoder": config.pixel_decoder,
-        "num_classes": len(names),
-        "class_names": names,
-        "store_class_ids": store.versions()[config.version].model_class_ids,
-        "pseudo_classes": sorted(pseudo),
-        "test_scale": config.test_scale,
-        "store": str(Path(config.store).resolve()),
-        "store_name": store.info.get("name"),
-        "label_version": config.version,
-        "label_version_created": store.versions()[config.version].created,
-        "train_config": config.to_dict(),
-    }
-
-
-def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
-    """Raises `CheckpointError` (naming the checkpoint's config.json) when it belongs to another run."""
-    found = read_model_config(checkpoint)
-    path = checkpoint / CONFIG_FILE
-    problems = [
-        f"{key}: checkpoint {found.get(key)!r}, this run {expected[key]!r}"
-        for key in ("variant", "pixel_decoder", "num_classes", "class_names", "label_version",
-                    "label_version_created")
-        if found.get(key) != expected[key]
-    ]
-    old, new = found.get("train_config", {}), expected["train_config"]
-    problems += [
-        f"train_config.{key}: checkpoint {old.get(key)!r}, this run {new[key]!r}"
-        for key in sorted(new)
-        if key not in RESUME_FREE_FIELDS and old.get(key) != new[key]
-    ]
-    if problems:
-        raise CheckpointError(
-            f"Cannot resume from {path}: it belongs to another run:\n  " + "\n  ".join(problems)
-        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -355,20 +94,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def run_name(config: TrainConfig) -> str:
-    """The run-folder name the flows give a training run: version, variant, reweight, seed and iterations for
-    people to read, then 8 hex digits (sha1 of the JSON, `models.hashing.json_hash`) of every field that makes
-    the run what it is (all but `RESUME_FREE_FIELDS`; ``init_model`` as an absolute path). Two different runs
-    never share a folder (one would refuse to resume the other's checkpoint), and a rerun of the same one
-    resumes it; the digest must never change, or existing runs would not resume (tests/models/test_hashing.py
-    pins it)."""
-    identity = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
-    if config.init_model is not None:
-        identity["init_model"] = str(Path(config.init_model).resolve())
-    digest = json_hash(identity, algorithm="sha1", length=8)
-    return f"{config.version}-{config.variant}-{config.reweight}-s{config.seed}-i{config.iters}-{digest}"
 
 
 def _truncate_log(path: Path, *, step: int) -> None:
@@ -406,21 +131,62 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     expected = model_config(config)
-    device = resolve_device(config.device)
-    if not resume and ((out / LATEST_FILE).exists() or (out / FINAL_DIR).exists()):
-        raise FileExistsError(
-            f"{out} already holds a training run; resume it (resume=True) or pick another out_dir."
-        )
-    if resume:
-        for partial in remove_partial_writes(out):  # a kill during a checkpoint write left these
-            log.info("removed the partial write %s", partial)
-    checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        check_resumable(checkpoint, expected)
-
+    checkpoint = _checkpoint_to_resume(out, expected, resume=resume)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
+    run = _build_run(config, expected, checkpoint=checkpoint)
+    start_step = 0
+    if checkpoint is not None:
+        start_step = _restore_training_state(run, checkpoint)
+        _truncate_log(out / LOG_FILE, step=start_step)
+        log.info("resuming %s at step %d", out, start_step)
+    else:
+        atomic_write_json(out / TRAIN_CONFIG_FILE, config.to_dict())
+        atomic_write_bytes(out / LOG_FILE, b"")
+    if start_step < config.iters:
+        _train_steps(config, run, expected=expected, start_step=start_step, progress=progress)
+    model_cfg = {**expected, "step": config.iters}
+    final = save_model_dir(out / FINAL_DIR, model=run.model, config=model_cfg, step=config.iters)
+    learning_curve_png(out)
+    return final
+
+
+@dataclass
+class _Run:
+    """What the loop updates: the model, its loss, the optimizer and schedule, and the loss points' RNG."""
+
+    model: MaSSFormer
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    device: torch.device
+
+
+def _checkpoint_to_resume(out: Path, expected: dict[str, Any], *, resume: bool) -> Path | None:
+    """The checkpoint a resume continues from (checked to belong to this run), None for a fresh start.
+
+    Raises:
+        FileExistsError: ``out`` holds a run and ``resume`` is False.
+    """
+    if not resume:
+        if (out / LATEST_FILE).exists() or (out / FINAL_DIR).exists():
+            raise FileExistsError(
+                f"{out} already holds a training run; resume it (resume=True) or pick another out_dir."
+            )
+        return None
+    for partial in remove_partial_writes(out):  # a kill during a checkpoint write left these
+        log.info("removed the partial write %s", partial)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        check_resumable(checkpoint, expected)
+    return checkpoint
+
+
+def _build_run(config: TrainConfig, expected: dict[str, Any], *, checkpoint: Path | None) -> _Run:
+    """The model (from the checkpoint, ``init_model``, a backbone checkpoint or random), loss and optimizer."""
+    device = resolve_device(config.device)
     model = build_model(expected)
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
@@ -443,50 +209,28 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     scheduler = build_lr_scheduler(optimizer, max_iters=config.iters, warmup_iters=config.warmup_iters)
     generator = torch.Generator()  # on the CPU: the loss points and their saved state do not depend on device
     generator.manual_seed(config.seed)
-
-    start_step = 0
-    if checkpoint is not None:
-        state = load_training_state(checkpoint)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"], generators={"criterion": generator})
-            start_step = int(state["step"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            path = checkpoint / "training_state.pt"
-            raise CheckpointError(f"Cannot restore the training state {path}: {e}") from e
-        _truncate_log(out / LOG_FILE, step=start_step)
-        log.info("resuming %s at step %d", out, start_step)
-    else:
-        atomic_write_json(out / TRAIN_CONFIG_FILE, config.to_dict())
-        atomic_write_bytes(out / LOG_FILE, b"")
-
-    if start_step < config.iters:
-        _train_steps(
-            config, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
-            generator=generator, expected=expected, device=device, start_step=start_step, progress=progress,
-        )
-    model_cfg = {**expected, "step": config.iters}
-    final = save_model_dir(out / FINAL_DIR, model=model, config=model_cfg, step=config.iters)
-    learning_curve_png(out)
-    return final
+    return _Run(model, criterion, optimizer, scheduler, generator, device)
 
 
-def _train_steps(
-    config: TrainConfig,
-    *,
-    model: MaSSFormer,
-    criterion: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-    expected: dict[str, Any],
-    device: torch.device,
-    start_step: int,
-    progress: bool,
-) -> None:
-    out = Path(config.out_dir)
-    pseudo = set(expected["pseudo_classes"])
+def _restore_training_state(run: _Run, checkpoint: Path) -> int:
+    """Loads the optimizer, scheduler and RNG states of ``checkpoint``; returns its step.
+
+    Raises:
+        CheckpointError: the state does not fit this run (the message names the file).
+    """
+    state = load_training_state(checkpoint)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], generators={"criterion": run.generator})
+        return int(state["step"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        path = checkpoint / "training_state.pt"
+        raise CheckpointError(f"Cannot restore the training state {path}: {e}") from e
+
+
+def _data_loader(config: TrainConfig, *, start_step: int, device: torch.device) -> DataLoader:
+    """Augmented batches of the training split, in the seed's order from ``start_step`` on."""
     dataset = LabelVersionDataset(
         config.store, version=config.version, split=config.split, augment=True, crop_size=config.crop_size,
         scale_range=config.scale_range, cat_max_ratio=config.cat_max_ratio, seed=config.seed,
@@ -495,44 +239,30 @@ def _train_steps(
         len(dataset), batch_size=config.batch_size, total_steps=config.iters, start_step=start_step,
         seed=config.seed,
     )
-    loader = DataLoader(
+    return DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
         pin_memory=device.type == "cuda", worker_init_fn=worker_init if config.num_workers else None,
         multiprocessing_context=WORKER_START_METHOD if config.num_workers else None,
     )
-    use_amp = config.amp and device.type == "cuda"
-    head_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "head"), 0)
+
+
+def _train_steps(
+    config: TrainConfig, run: _Run, *, expected: dict[str, Any], start_step: int, progress: bool
+) -> None:
+    """Steps ``start_step + 1 .. iters``: one log line each, validation and checkpoints on their schedule."""
+    out = Path(config.out_dir)
+    pseudo = set(expected["pseudo_classes"])
+    loader = _data_loader(config, start_step=start_step, device=run.device)
+    head_group = next((i for i, g in enumerate(run.optimizer.param_groups) if g.get("name") == "head"), 0)
     bar = tqdm(total=config.iters, initial=start_step, desc="train", unit="it", disable=not progress)
     step = start_step
     t0 = time.perf_counter()
     with open(out / LOG_FILE, "a") as log_file:
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)  # B x 3 x H x W
-            labels = batch["labels"].to(device, non_blocking=True)  # B x H x W
-            targets = [build_targets(lab, pseudo_classes=pseudo) for lab in labels]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = model(images)
-            losses = criterion(outputs, targets, generator=generator)
-            total = torch.stack(list(losses.values())).sum()
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"Non-finite loss at step {step + 1} of {out}: "
-                    f"{ {k: float(v) for k, v in losses.items()} }. {DIVERGED_ADVICE}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf,
-                                                       GRAD_CLIP_NORM_TYPE)
-            if not torch.isfinite(grad_norm):  # clipping would spread it: no step, so no bad checkpoint
-                raise FloatingPointError(
-                    f"Non-finite gradient norm at step {step + 1} of {out} (loss {float(total):.4g}); the weights "
-                    f"were not updated. {DIVERGED_ADVICE}"
-                )
-            optimizer.step()
-            lr = float(optimizer.param_groups[head_group]["lr"])  # the rate this step used
-            scheduler.step()
+            losses, total = _step(config, run, batch, pseudo=pseudo, step=step + 1)
+            lr = float(run.optimizer.param_groups[head_group]["lr"])  # the rate this step used
+            run.scheduler.step()
             step += 1
-
             values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach()]).tolist()
             seconds = time.perf_counter() - t0  # data wait + forward + backward + update (not checkpointing)
             record = {"step": step, "lr": lr, **dict(zip(losses, values[:-1], strict=True)), "total": values[-1],
@@ -543,27 +273,66 @@ def _train_steps(
             bar.set_postfix(loss=f"{values[-1]:.3f}")
             if config.val_every and (step % config.val_every == 0 or step == config.iters):
                 # before the checkpoint: a resume from this step keeps this step's scores in the log
-                _validate_step(config, model, step=step, device=device, log_file=log_file)
-                model.train()
+                _validate_step(config, run.model, step=step, device=run.device, log_file=log_file)
+                run.model.train()
             if step % config.checkpoint_every == 0 or step == config.iters:
-                save_checkpoint(
-                    out, step=step, model=model, config={**expected, "step": step},
-                    training_state={
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": get_rng_state(generators={"criterion": generator}),
-                    },
-                    keep=config.keep_checkpoints,
-                )
+                _save_checkpoint(config, run, expected=expected, step=step)
             t0 = time.perf_counter()
     bar.close()
     if step != config.iters:
         raise RuntimeError(f"The data loader stopped at step {step} of {config.iters}.")
 
 
+def _step(
+    config: TrainConfig, run: _Run, batch: dict[str, torch.Tensor], *, pseudo: set[int], step: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimisation step (step number ``step``); returns the loss terms and their sum.
+
+    Raises:
+        FloatingPointError: the loss or the gradient norm is not finite (the weights are then not updated).
+    """
+    out = config.out_dir
+    images = batch["image"].to(run.device, non_blocking=True)  # B x 3 x H x W
+    labels = batch["labels"].to(run.device, non_blocking=True)  # B x H x W
+    targets = [build_targets(lab, pseudo_classes=pseudo) for lab in labels]
+    use_amp = config.amp and run.device.type == "cuda"
+    with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        outputs = run.model(images)
+    losses = run.criterion(outputs, targets, generator=run.generator)
+    total = torch.stack(list(losses.values())).sum()
+    if not torch.isfinite(total):
+        raise FloatingPointError(
+            f"Non-finite loss at step {step} of {out}: "
+            f"{ {k: float(v) for k, v in losses.items()} }. {DIVERGED_ADVICE}"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or math.inf,
+                                               GRAD_CLIP_NORM_TYPE)
+    if not torch.isfinite(grad_norm):  # clipping would spread it: no step, so no bad checkpoint
+        raise FloatingPointError(
+            f"Non-finite gradient norm at step {step} of {out} (loss {float(total.detach()):.4g}); the weights "
+            f"were not updated. {DIVERGED_ADVICE}"
+        )
+    run.optimizer.step()
+    return losses, total
+
+
+def _save_checkpoint(config: TrainConfig, run: _Run, *, expected: dict[str, Any], step: int) -> None:
+    save_checkpoint(
+        Path(config.out_dir), step=step, model=run.model, config={**expected, "step": step},
+        training_state={
+            "step": step,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": get_rng_state(generators={"criterion": run.generator}),
+        },
+        keep=config.keep_checkpoints,
+    )
+
+
 def _validate_step(config: TrainConfig, model: MaSSFormer, *, step: int, device: torch.device,
-                   log_file: Any) -> None:
+                   log_file: IO[str]) -> None:
     """Scores the model on ``val``, logs and records the scores, and warns about classes not learned yet."""
     scores = validate(model, store=config.store, version=config.version, max_images=config.val_max_images,
                       device=str(device))
