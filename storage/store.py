@@ -1,6 +1,7 @@
 """The zarr v3 label store: open/create, schema version, lock, immutable precise labels, atomic publish.
 
-The on-disk layout is documented in `storage/layout.md`. Everything about a store's metadata lives in the
+The on-disk layout is documented in `storage/layout.md`; the document key, schema version and error types are
+in `storage/schema.py`. Everything about a store's metadata lives in the
 root group's attributes under the key "addclass" and is written by one process at a time (the lock holder);
 per-image arrays are written by any number of workers, one writer per array (see docs/design.md §7.4).
 """
@@ -8,12 +9,10 @@ per-image arrays are written by any number of workers, one writer per array (see
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -33,35 +32,28 @@ from storage.registry import (
     ImageRecord,
     VersionInfo,
 )
+from storage.schema import (
+    ATTRS_KEY,
+    SCHEMA_VERSION,
+    ImmutableError,
+    StoreCorruptError,
+    StoreSchemaError,
+    is_label_store,
+    labels_sha256,
+    load_store_doc,
+    now_iso,
+    open_store_root,
+)
 from storage.staging import staged_dir
 
-SCHEMA_VERSION = 1
-ATTRS_KEY = "addclass"
+# ATTRS_KEY ... now_iso live in storage.schema; they are re-exported so that callers import them from here
+__all__ = [
+    "ATTRS_KEY", "CHUNK", "SCHEMA_VERSION", "HandMaskKind", "ImmutableError", "LabelStore", "StoreCorruptError",
+    "StoreSchemaError", "build_label_store", "is_label_store", "labels_sha256", "now_iso", "open_label_store",
+]
+
 CHUNK = 1024
 HandMaskKind = Literal["eval", "reference"]
-
-
-class StoreSchemaError(RuntimeError):
-    """The store was written by a newer addclass (or is not an addclass store)."""
-
-
-class StoreCorruptError(RuntimeError):
-    """Stored data is missing or damaged (the message names the image and version)."""
-
-
-class ImmutableError(PermissionError):
-    """An attempt to modify published labels (precise labels and published versions never change)."""
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def labels_sha256(labels: np.ndarray) -> str:
-    """Content hash of a label map (shape + bytes), stored next to each published array."""
-    h = hashlib.sha256(f"{labels.shape}|{labels.dtype}".encode())
-    h.update(np.ascontiguousarray(labels).tobytes())
-    return h.hexdigest()
 
 
 class LabelStore:
@@ -78,23 +70,10 @@ class LabelStore:
 
     # ------------------------------------------------------------------ metadata
     def _open_root(self) -> zarr.Group:
-        """The store's zarr group; a damaged metadata file is an error naming it (zarr's own message does not)."""
-        try:
-            return zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "a", use_consolidated=False)
-        except (ValueError, TypeError, KeyError) as e:  # JSON syntax, "Invalid zarr_format", missing keys
-            raise StoreSchemaError(f"{self.path / 'zarr.json'} is not valid zarr group metadata: {e}") from e
+        return open_store_root(self.path, mode=self.mode)
 
     def _load_doc(self) -> dict[str, Any]:
-        doc = self._root.attrs.get(ATTRS_KEY)
-        if not isinstance(doc, dict):
-            raise StoreSchemaError(f"{self.path} is a zarr group but not an addclass label store (no '{ATTRS_KEY}').")
-        schema = int(doc.get("schema_version", 0))
-        if schema > SCHEMA_VERSION:
-            raise StoreSchemaError(
-                f"{self.path} has store schema version {schema}, newer than this addclass supports "
-                f"({SCHEMA_VERSION}). Upgrade addclass to read it."
-            )
-        return doc
+        return load_store_doc(self._root, self.path)
 
     def refresh(self) -> None:
         """Re-read the metadata (another process may have published a version)."""
@@ -477,15 +456,6 @@ def open_label_store(path: str | os.PathLike[str], *, mode: Literal["r", "a"] = 
     if mode not in ("r", "a"):
         raise ValueError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
     return LabelStore(p, mode=mode)
-
-
-def is_label_store(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` holds an addclass label store (a zarr group whose attributes carry the store document)."""
-    meta = Path(path) / "zarr.json"
-    try:
-        return ATTRS_KEY in json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 @contextmanager

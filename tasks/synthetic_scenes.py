@@ -37,6 +37,31 @@ def _fill(labels: np.ndarray, paint: np.ndarray, mask: np.ndarray, cls: int, col
     paint[mask] = colour
 
 
+def _draw_cars(rng: np.random.Generator, labels: np.ndarray, paint: np.ndarray, car: np.ndarray, *,
+               horizon: int, s: float) -> None:
+    """Draw 1-4 cars on the ground (body + cabin + wheels, all class 0) and add them to the exact `car` mask.
+
+    Edits `labels`, `paint` and `car` in place; draws from `rng` in the order `make_scene` always has.
+    """
+    h, w = labels.shape
+    for _ in range(rng.integers(1, 5)):  # cars on the ground: body + cabin + wheels, all class 0
+        cw = rng.uniform(40, 80) * s
+        ch = cw * rng.uniform(0.35, 0.45)
+        cx = rng.uniform(0, w - cw)
+        cy = rng.uniform(horizon + 0.05 * (h - horizon), h - ch * 0.2)
+        m = np.zeros((h, w), np.uint8)
+        body = np.array([[cx, cy - ch * 0.55], [cx + cw, cy - ch * 0.55], [cx + cw, cy], [cx, cy]])
+        cabin = np.array([[cx + cw * 0.2, cy - ch * 0.55], [cx + cw * 0.3, cy - ch], [cx + cw * 0.7, cy - ch],
+                          [cx + cw * 0.8, cy - ch * 0.55]])
+        cv2.fillPoly(m, [body.astype(np.int32), cabin.astype(np.int32)], 1)
+        for wheel_x in (cx + cw * 0.22, cx + cw * 0.78):
+            cv2.circle(m, (int(wheel_x), int(cy)), max(2, int(ch * 0.22)), 1, -1)
+        mb = m.astype(bool) & (labels != WATER)
+        _fill(labels, paint, mb, OTHERS, _CAR_PAINTS[rng.integers(len(_CAR_PAINTS))])
+        car |= mb
+        car[labels != OTHERS] = False  # a later, nearer object may occlude
+
+
 def make_scene(*, height: int, width: int, seed: int) -> Scene:
     """Draw one scene of `height` x `width` pixels from `seed`."""
     if height < 32 or width < 32:
@@ -90,22 +115,7 @@ def make_scene(*, height: int, width: int, seed: int) -> Scene:
             cv2.circle(m, (px, top), max(2, int(6 * s)), 1, -1)
         _fill(labels, paint, m.astype(bool), OTHERS, _COLOURS[OTHERS])
 
-    for _ in range(rng.integers(1, 5)):  # cars on the ground: body + cabin + wheels, all class 0
-        cw = rng.uniform(40, 80) * s
-        ch = cw * rng.uniform(0.35, 0.45)
-        cx = rng.uniform(0, w - cw)
-        cy = rng.uniform(horizon + 0.05 * (h - horizon), h - ch * 0.2)
-        m = np.zeros((h, w), np.uint8)
-        body = np.array([[cx, cy - ch * 0.55], [cx + cw, cy - ch * 0.55], [cx + cw, cy], [cx, cy]])
-        cabin = np.array([[cx + cw * 0.2, cy - ch * 0.55], [cx + cw * 0.3, cy - ch], [cx + cw * 0.7, cy - ch],
-                          [cx + cw * 0.8, cy - ch * 0.55]])
-        cv2.fillPoly(m, [body.astype(np.int32), cabin.astype(np.int32)], 1)
-        for wheel_x in (cx + cw * 0.22, cx + cw * 0.78):
-            cv2.circle(m, (int(wheel_x), int(cy)), max(2, int(ch * 0.22)), 1, -1)
-        mb = m.astype(bool) & (labels != WATER)
-        _fill(labels, paint, mb, OTHERS, _CAR_PAINTS[rng.integers(len(_CAR_PAINTS))])
-        car |= mb
-        car[labels != OTHERS] = False  # a later, nearer object may occlude
+    _draw_cars(rng, labels, paint, car, horizon=horizon, s=s)
 
     for _ in range(rng.integers(0, 4)):  # humans: body ellipse + head
         hx, hy = rng.uniform(0, w), rng.uniform(horizon, h)

@@ -289,3 +289,14 @@ def test_an_image_changed_after_ingest_is_refused_on_every_read(tmp_path: Path) 
     with pytest.raises(ValueError, match=rf"id '{image_id}'.*changed since ingest"):
         st.read_image("train", image_id)
     assert not np.array_equal(st.read_image("train", image_id, verify=False), before)  # an explicit opt-out
+
+
+def test_schema_names_stay_importable_from_storage_store() -> None:
+    """The schema module holds these; callers keep importing them from storage.store."""
+    import storage.schema
+    import storage.store
+
+    for name in ("ATTRS_KEY", "SCHEMA_VERSION", "StoreSchemaError", "StoreCorruptError", "ImmutableError",
+                 "is_label_store", "labels_sha256", "now_iso"):
+        assert getattr(storage.store, name) is getattr(storage.schema, name)
+    assert set(storage.store.__all__) <= set(dir(storage.store))

@@ -462,3 +462,13 @@ def test_process_pool_matches_single_process(fresh_store: Path, tmp_path: Path) 
     assert merge(twin, classes="car", workers=1, progress=False) == "v2"
     for kind in ("labels", "provenance"):
         assert tree_sha256(fresh_store / kind / "v2") == tree_sha256(twin / kind / "v2")
+
+
+def test_planning_names_stay_importable_from_tasks_merge() -> None:
+    """Planning moved to tasks.merge_plan; callers keep importing it from tasks.merge."""
+    from tasks import merge as merge_module
+    from tasks import merge_plan
+
+    for name in ("MergeError", "MergePlan", "plan_merge", "parse_classes", "parse_policy", "POLICIES", "SECTION"):
+        assert getattr(merge_module, name) is getattr(merge_plan, name)
+    assert set(merge_module.__all__) <= set(dir(merge_module))
