@@ -11,15 +11,17 @@ finishes the job without redoing or duplicating work.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from models.hashing import json_hash
+from models.labelers.base import Labeler
+from models.labelers.build import LabelerConfig  # flows and benches import it from here
 from storage.names import class_name_from_prompt, parse_split
 from storage.pseudo import (
     missing_pseudo,
@@ -29,8 +31,6 @@ from storage.pseudo import (
     write_pseudo_result,
 )
 from storage.store import LabelStore, open_label_store
-
-LabelerKind = Literal["grounded-sam", "simulated"]
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -42,71 +42,21 @@ def settings_key(settings: dict[str, Any]) -> str:
     return json_hash(settings, length=16)
 
 
-@dataclass(frozen=True)
-class LabelerConfig:
-    """Which labeler and how (the flow parameter; everything in it but `device` is part of the resume key, so a
-    run interrupted on the GPU can finish on the CPU without relabelling)."""
-
-    kind: LabelerKind = "grounded-sam"
-    sam_variant: str = "vit_b"
-    sam_checkpoint: str | None = None
-    dino_config: str = "swint_ogc"
-    dino_checkpoint: str | None = None
-    device: str = "cpu"
-    dtype: str | None = None
-    box_threshold: float = 0.35
-    text_threshold: float = 0.25
-    nms_iou: float | None = 0.8
-    max_boxes: int | None = 20
-    dino_image_size: int = 800
-    random_weights: bool = False
-    seed: int = 0
-    simulated: dict[str, Any] = field(default_factory=dict)  # SimulatedLabeler keyword overrides
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("grounded-sam", "simulated"):
-            raise ValueError(f"Expected labeler 'grounded-sam' or 'simulated'. Got {self.kind!r} instead.")
-        for name in ("box_threshold", "text_threshold"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"Expected {name} in [0, 1]. Got {v} instead.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if self.kind == "simulated":  # detector settings do not apply
-            d = {"kind": "simulated", "seed": self.seed, "simulated": dict(self.simulated)}
-        return d
-
-    def resume_settings(self) -> dict[str, Any]:
-        """The settings that decide the labels (the resume key's): all but the device."""
-        return {k: v for k, v in self.to_dict().items() if k != "device"}
+_BUILT: dict[str, Labeler] = {}  # one labeler per process and settings (Dask workers reuse it across batches)
 
 
-_LABELERS: dict[str, Any] = {}  # one labeler per process and settings (Dask workers reuse it across batches)
-
-
-def build_labeler(config: LabelerConfig, *, store_path: str | os.PathLike[str] | None = None) -> Any:
-    """Build (or reuse) the labeler of `config` in this process."""
+def build_labeler(config: LabelerConfig, *, store_path: str | os.PathLike[str] | None = None) -> Labeler:
+    """Build (or reuse) the labeler of `config` in this process; SAM embeddings are cached in the store."""
     key = settings_key({**config.to_dict(), "store": str(store_path)})
-    if key in _LABELERS:
-        return _LABELERS[key]
-    if config.kind == "simulated":
-        from models.labelers.simulated_labeler import SimulatedLabeler
-
-        labeler: Any = SimulatedLabeler(seed=config.seed, **config.simulated)
-    else:
-        from models.labelers.grounded_sam import GroundedSamLabeler
+    if key in _BUILT:
+        return _BUILT[key]
+    cache = None
+    if store_path is not None and config.entry.embedding_cache:
         from storage.embedding_cache import StoreEmbeddingCache
 
-        labeler = GroundedSamLabeler(
-            sam_variant=config.sam_variant, sam_checkpoint=config.sam_checkpoint, dino_config=config.dino_config,
-            dino_checkpoint=config.dino_checkpoint, device=config.device, dtype=config.dtype,
-            box_threshold=config.box_threshold, text_threshold=config.text_threshold, nms_iou=config.nms_iou,
-            max_boxes=config.max_boxes, dino_image_size=config.dino_image_size,
-            random_weights=config.random_weights, seed=config.seed,
-            embedding_cache=StoreEmbeddingCache(store_path) if store_path is not None else None,
-        )
-    _LABELERS[key] = labeler
+        cache = StoreEmbeddingCache(store_path)
+    labeler = config.entry.build(config, embedding_cache=cache)
+    _BUILT[key] = labeler
     return labeler
 
 
@@ -144,18 +94,9 @@ def class_name_for(store: LabelStore, prompt: str) -> str:
 
 
 def validate_labeler(config: LabelerConfig) -> None:
-    """Fail before any work if a Grounded-SAM checkpoint is missing (the error names the file and the URL)."""
-    if config.kind != "grounded-sam":
-        return
-    from models.labelers import grounded_sam as gs
-
-    if config.random_weights:
-        return
-    gs.resolve_checkpoint(explicit=config.sam_checkpoint, env_var=gs.SAM_ENV, url=gs.SAM_URL,
-                          file_name=gs.SAM_CHECKPOINT_FILES[config.sam_variant], what=f"SAM {config.sam_variant}")
-    gs.resolve_checkpoint(explicit=config.dino_checkpoint, env_var=gs.DINO_ENV, url=gs.DINO_URL,
-                          file_name=gs.DINO_VARIANTS[config.dino_config].checkpoint_file,
-                          what=f"GroundingDINO {config.dino_config}")
+    """Fail before any work if the labeler could not be built, e.g. a Grounded-SAM checkpoint is missing (the
+    error names the file and the URL). Loads no model."""
+    config.entry.check(config)
 
 
 def plan_pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split: str = "train",
@@ -174,11 +115,11 @@ def plan_pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split:
     ids = store.image_ids(split)
     if not ids:
         raise ValueError(f"Split {split!r} of {store.path} has no images.")
-    if labeler.kind == "simulated":
+    if labeler.entry.reads_reference:
         have = set(store.hand_mask_ids("reference", name, split))
         if split == "test" or not have:
-            raise ValueError(f"The simulated labeler needs reference/{name} hand masks for split {split!r} "
-                             f"(evaluation masks never feed a labeler); {store.path} has none.")
+            raise ValueError(f"The {labeler.kind} labeler needs reference/{name} hand masks for split "
+                             f"{split!r} (evaluation masks never feed a labeler); {store.path} has none.")
     key = settings_key({"prompt": prompt, **labeler.resume_settings()})
     todo = missing_pseudo(store, name, split, key=key)
     batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -198,11 +139,10 @@ def label_batch(plan: PseudoPlan, image_ids: list[str]) -> dict[str, int]:
         rec = store.image_record(plan.split, image_id)
         # the recorded sha256 also keys the SAM embedding cache: the file must be the one ingested
         image = store.read_image(plan.split, image_id)
-        if plan.labeler.kind == "simulated":
+        ref = None
+        if plan.labeler.entry.reads_reference:
             ref = store.read_hand_mask("reference", plan.class_name, image_id) == 1
-            result = labeler.label(image, plan.prompt, reference_mask=ref, image_sha256=rec.sha256)
-        else:
-            result = labeler.label(image, plan.prompt, image_sha256=rec.sha256)
+        result = labeler.label(image, plan.prompt, image_sha256=rec.sha256, reference_mask=ref)
         write_pseudo_result(store, plan.class_name, plan.split, image_id, mask=result.mask,
                             record=result.to_dict(), key=plan.key)
         out["labelled"] += 1
@@ -213,8 +153,8 @@ def label_batch(plan: PseudoPlan, image_ids: list[str]) -> dict[str, int]:
 def labeler_settings(plan: PseudoPlan) -> dict[str, Any]:
     """The labeler's own settings (weights hashes, flags such as `simulated` / `random_weights`)."""
     settings = dict(build_labeler(plan.labeler, store_path=plan.store).settings())
-    if plan.labeler.kind == "grounded-sam":  # smoke-test weights are flagged in the registry, explicitly
-        settings["random_weights"] = plan.labeler.random_weights
+    for name in plan.labeler.entry.recorded_flags:  # e.g. smoke-test weights, flagged in the registry
+        settings[name] = getattr(plan.labeler, name)
     return settings
 
 

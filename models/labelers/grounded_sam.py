@@ -19,6 +19,10 @@ A checkpoint path is taken from the ``sam_checkpoint`` / ``dino_checkpoint`` arg
 environment variables ``ADDCLASS_SAM_CHECKPOINT`` / ``ADDCLASS_DINO_CHECKPOINT``, else from the default folder
 ``~/.cache/addclass/weights/`` (``$ADDCLASS_CACHE_DIR/weights`` when that is set) with the file names above.
 
+Stages: the image input (``models.labelers.image_input``), GroundingDINO's boxes
+(``models.labelers.grounded_sam_detect``), SAM's masks (``GroundedSamLabeler.set_image`` / ``segment_boxes``),
+pure ops (``models.labelers.grounded_sam_ops``) and weights (``models.labelers.grounded_sam_weights``).
+
 Test-only variants (random weights or a checkpoint saved from them): ``sam_variant="tiny"`` (a 2-block,
 64-wide, window-attention ViT encoder with SAM's real prompt encoder and mask decoder, still a 64 x 64
 embedding) and ``dino_config="test"`` (Swin-T, 2-layer BERT, 1 encoder / 1 decoder layer, 100 queries, FFN
@@ -31,9 +35,7 @@ import contextlib
 import copy
 import logging
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,12 +44,11 @@ import torch
 from models.hashing import file_sha256
 from models.labelers.embedding_cache import EmbeddingCache, embedding_key
 from models.labelers.embedding_cache import image_sha256 as compute_image_sha256
+from models.labelers.grounded_sam_detect import detect_boxes, dino_preprocess
 from models.labelers.grounded_sam_ops import (
+    autocast_context,
     build_caption,
-    cxcywh_to_xyxy,
-    dino_input_size,
-    select_boxes,
-    token_prompt_index,
+    parse_dtype,
     upsample_mask_logits,
 )
 from models.labelers.grounded_sam_weights import (
@@ -61,51 +62,10 @@ from models.labelers.grounded_sam_weights import (
     build_sam,
     resolve_checkpoint,
 )
+from models.labelers.image_input import ImageInput, load_image_rgb, prefetch_images
 from models.labelers.label_record import LabelRecord
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The labeler
-# ----------------------------------------------------------------------------------------------------------
-
-ImageInput = np.ndarray | str | os.PathLike[str] | Callable[[], np.ndarray]
-
-
-def load_image_rgb(source: ImageInput) -> np.ndarray:
-    """An H x W x 3 uint8 RGB array from an array, an image path (OpenCV) or a zero-argument callable."""
-    if isinstance(source, np.ndarray):
-        image = source
-    elif callable(source):
-        image = source()
-    else:
-        import cv2
-
-        bgr = cv2.imread(os.fspath(source), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise FileNotFoundError(f"Cannot read image {os.fspath(source)}")
-        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"Expected an H x W x 3 uint8 RGB image. Got {image.shape} {image.dtype} instead.")
-    return image
-
-
-def parse_dtype(dtype: str | None, device: torch.device) -> str | None:
-    """Canonical autocast dtype name (None = float32, no autocast)."""
-    if dtype is None:
-        return None
-    name = _DTYPE_ALIASES.get(dtype, dtype)
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None. Got {dtype!r} instead.")
-    if name == "float16" and device.type != "cuda":
-        raise ValueError(f"dtype float16 needs a CUDA device. Got device {device} instead.")
-    return None if name == "float32" else name
 
 
 class GroundedSamLabeler:
@@ -278,74 +238,26 @@ class GroundedSamLabeler:
     # -- stages --------------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
+        return autocast_context(self.device, self.dtype)
 
     def dino_preprocess(self, image_rgb: np.ndarray) -> torch.Tensor:
         """H x W x 3 uint8 -> 3 x h x w normalized float, resized as the reference (PIL bilinear)."""
-        import torchvision.transforms.functional as TF
-        from PIL import Image
-
-        height, width = image_rgb.shape[:2]
-        size = dino_input_size(height, width, size=self.dino_image_size, max_size=self.dino_max_size)
-        resized = TF.resize(Image.fromarray(image_rgb), list(size))
-        return TF.normalize(TF.to_tensor(resized), list(IMAGENET_MEAN), list(IMAGENET_STD))  # 3 x h x w
+        return dino_preprocess(image_rgb, size=self.dino_image_size, max_size=self.dino_max_size)
 
     @torch.no_grad()
     def detect(self, image_rgb: np.ndarray, prompts: Sequence[str]) -> list[dict[str, Any]]:
-        """Run GroundingDINO once with the joint caption; per prompt, the selected detections.
-
-        A kept query goes to the prompt whose tokens score highest for it. Its score is the max over all
-        caption tokens (the reference's ``logits.max(dim=1)``), so a single prompt behaves exactly as the
-        reference.
+        """Run GroundingDINO once with the joint caption; per prompt, the selected detections
+        (``grounded_sam_detect.detect_boxes``).
 
         Returns:
             Per prompt: ``boxes`` K x 4 pixel xyxy, ``scores`` K, ``phrases`` list of K str, best first.
         """
-        from groundingdino.util.utils import get_phrases_from_posmap
-
         height, width = image_rgb.shape[:2]
-        caption, spans = build_caption(prompts)
-        tokenized = self.tokenizer(caption, return_offsets_mapping=True)
-        num_tokens = len(tokenized["input_ids"])
-        if num_tokens > self.dino.max_text_len:
-            raise ValueError(
-                f"Caption has {num_tokens} tokens, GroundingDINO reads {self.dino.max_text_len}."
-            )
-        token_prompt = token_prompt_index(tokenized["offset_mapping"], spans)  # T
-        image = self.dino_preprocess(image_rgb).to(self.device)
-        with self._autocast():
-            out = self.dino(image[None], captions=[caption])
-        probs = out["pred_logits"][0].float().sigmoid().cpu()  # Q x 256 (-inf -> 0 beyond the caption)
-        boxes = cxcywh_to_xyxy(out["pred_boxes"][0].float().cpu(), height=height, width=width)  # Q x 4
-        scores = probs.max(dim=1).values  # Q
-        per_prompt = torch.stack(
-            [probs[:, :num_tokens][:, token_prompt == p].max(dim=1).values for p in range(len(prompts))],
-            dim=1,
-        )  # Q x P
-        owner = per_prompt.argmax(dim=1)  # Q
-        results = []
-        for p in range(len(prompts)):
-            candidates = torch.nonzero(owner == p).flatten()
-            keep = candidates[
-                select_boxes(
-                    scores[candidates], boxes[candidates], box_threshold=self.box_threshold,
-                    nms_iou=self.nms_iou, max_boxes=self.max_boxes,
-                )
-            ]  # fmt: skip
-            # Reference: tokens scoring > text_threshold, decoded, '.' removed. Only prompt tokens are decoded
-            # (no [CLS]/[SEP]/'.'), as upstream GroundingDINO's later left_idx/right_idx exclusion intends.
-            phrases = [
-                get_phrases_from_posmap(
-                    (probs[q, :num_tokens] > self.text_threshold) & (token_prompt >= 0),
-                    tokenized,
-                    self.tokenizer,
-                ).strip()
-                for q in keep.tolist()
-            ]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "phrases": phrases})
-        return results
+        return detect_boxes(
+            self.dino, self.tokenizer, self.dino_preprocess(image_rgb).to(self.device), prompts,
+            original_size=(height, width), box_threshold=self.box_threshold, text_threshold=self.text_threshold,
+            nms_iou=self.nms_iou, max_boxes=self.max_boxes, dtype=self.dtype,
+        )  # fmt: skip
 
     def embedding_cache_key(self, image_sha: str) -> str:
         """Cache key of an image's SAM embedding for this labeler's SAM weights (and autocast dtype)."""
@@ -405,8 +317,26 @@ class GroundedSamLabeler:
 
     # -- public API --------------------------------------------------------------------------------
 
-    def label(self, image_rgb: np.ndarray, prompt: str, *, image_sha256: str | None = None) -> LabelRecord:
-        """Pseudo-label one prompt on one H x W x 3 uint8 RGB image."""
+    def label(
+        self,
+        image_rgb: np.ndarray | None,
+        prompt: str,
+        *,
+        image_sha256: str | None = None,
+        reference_mask: np.ndarray | None = None,
+    ) -> LabelRecord:
+        """Pseudo-label one prompt on one H x W x 3 uint8 RGB image (the ``Labeler`` interface).
+
+        Args:
+            image_rgb: The image (required).
+            prompt: The text prompt.
+            image_sha256: The image file's sha256 (the embedding cache key; else a hash of the pixels).
+            reference_mask: Must be None: Grounded-SAM reads no hand mask.
+        """
+        if image_rgb is None:
+            raise ValueError("GroundedSamLabeler labels an image. Got image_rgb=None instead.")
+        if reference_mask is not None:
+            raise ValueError("GroundedSamLabeler reads no reference mask. Got one instead.")
         return self.label_prompts(image_rgb, [prompt], image_sha256=image_sha256)[prompt]
 
     def label_prompts(
@@ -470,48 +400,6 @@ class GroundedSamLabeler:
         Yields:
             prompt -> ``LabelRecord``, one dict per image, in input order.
         """
-        for image, sha in _prefetch_images(images, depth=max(1, prefetch)):
+        for image, sha in prefetch_images(images, depth=max(1, prefetch)):
             yield self.label_prompts(image, prompts, image_sha256=sha)
 
-
-_DONE = object()
-
-
-def _prefetch_images(images: Iterable[ImageInput], *, depth: int) -> Iterator[tuple[np.ndarray, str]]:
-    """Decode images (and hash their pixels) on a daemon thread, ``depth`` ahead of the consumer."""
-    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def _put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _worker() -> None:
-        try:
-            for source in images:
-                image = load_image_rgb(source)
-                if not _put((image, compute_image_sha256(image))):
-                    return
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
-            _put(exc)
-            return
-        _put(_DONE)
-
-    thread = threading.Thread(target=_worker, name="addclass-image-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)

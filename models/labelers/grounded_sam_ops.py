@@ -1,12 +1,36 @@
 """Pure Grounded-SAM helpers: GroundingDINO input size, box conversion and selection, SAM mask-logit
-upsampling, and the caption/token bookkeeping of several prompts. No model, no I/O."""
+upsampling, the caption/token bookkeeping of several prompts, and the autocast dtype. No model, no I/O."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(dtype: str | None, device: torch.device) -> str | None:
+    """Canonical autocast dtype name (None = float32, no autocast)."""
+    if dtype is None:
+        return None
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None. Got {dtype!r} instead.")
+    if name == "float16" and device.type != "cuda":
+        raise ValueError(f"dtype float16 needs a CUDA device. Got device {device} instead.")
+    return None if name == "float32" else name
+
+
+def autocast_context(device: torch.device, dtype: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``dtype`` (a ``parse_dtype`` name) on ``device``'s type; a no-op for None (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
 def dino_input_size(

@@ -188,21 +188,23 @@ class SimulatedLabeler:
         image_rgb: np.ndarray | None,
         prompt: str,
         *,
-        reference_mask: np.ndarray,
         image_sha256: str | None = None,
+        reference_mask: np.ndarray | None = None,
     ) -> LabelRecord:
         """Pseudo-label derived from ``reference_mask`` (H x W bool, the hand mask of the prompt's class).
 
         Args:
             image_rgb: The image (only its size is checked; may be None).
             prompt: The class prompt (recorded as every instance's phrase; part of the seed).
-            reference_mask: H x W bool hand mask.
             image_sha256: Key for the per-image seed (default: a hash of the reference mask).
+            reference_mask: H x W bool hand mask (required).
 
         Returns:
             ``LabelRecord`` with one instance per surviving component (+ false positives), best score first;
             ``extra`` counts what each degradation did.
         """
+        if reference_mask is None:
+            raise ValueError("The simulated labeler needs reference_mask (the hand mask). Got None instead.")
         reference = np.asarray(reference_mask, bool)
         if reference.ndim != 2:
             raise ValueError(f"reference_mask must be H x W. Got shape {reference.shape} instead.")
@@ -211,6 +213,22 @@ class SimulatedLabeler:
                 f"Image {image_rgb.shape[:2]} and reference mask {reference.shape} differ in size."
             )
         rng = self._rng(reference, prompt, image_sha256)
+        masks, scores, counts = self._true_instances(reference, rng)
+        fp_masks, fp_scores = self._false_positives(reference.shape, rng)
+        counts["false_pos"] = len(fp_masks)
+        is_fp = [False] * len(masks) + [True] * len(fp_masks)
+        return _record(masks + fp_masks, scores + fp_scores, is_fp, prompt=prompt, shape=reference.shape,
+                       counts=counts)
+
+    def _true_instances(
+        self, reference: np.ndarray, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[float], dict[str, int]]:
+        """Degrade each connected component of ``reference`` (steps 1-4 of the module docstring).
+
+        Returns:
+            (H x W bool masks, their scores, what each degradation did: ``components``, ``small_dropped``,
+            ``missed``, ``vanished``, ``bled``, ``false_pos`` (0 here)).
+        """
         height, width = reference.shape
         num, labels, stats, _ = cv2.connectedComponentsWithStats(
             reference.astype(np.uint8), connectivity=self.connectivity
@@ -248,6 +266,15 @@ class SimulatedLabeler:
                 continue
             masks.append(inst)
             scores.append(score)
+        return masks, scores, counts
+
+    def _false_positives(
+        self, shape: tuple[int, ...], rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[float]]:
+        """Poisson(``false_positives``) elliptic blobs (step 5), scoring below every true instance."""
+        height, width = shape
+        masks: list[np.ndarray] = []
+        scores: list[float] = []
         for _ in range(rng.poisson(self.false_positives) if self.false_positives > 0 else 0):
             blob = np.zeros((height, width), np.uint8)
             area = self.fp_area_frac * height * width
@@ -258,19 +285,31 @@ class SimulatedLabeler:
             cv2.ellipse(blob, center, axes, float(rng.uniform(0, 180)), 0, 360, 1, thickness=-1)
             masks.append(blob.astype(bool))
             scores.append(float(rng.uniform(0.35, 0.4)))  # below every true instance
-            counts["false_pos"] += 1
-        is_fp = [False] * (len(masks) - counts["false_pos"]) + [True] * counts["false_pos"]
-        order = np.argsort(-np.asarray(scores, np.float32), kind="stable")
-        instance_masks = np.stack([masks[k] for k in order]) if masks else np.zeros((0, height, width), bool)
-        return LabelRecord.from_instances(
-            instance_masks=instance_masks,
-            boxes=np.asarray([_bbox_xyxy(masks[k]) for k in order], np.float32).reshape(-1, 4),
-            scores=np.asarray([scores[k] for k in order], np.float32),
-            phrases=[prompt] * len(masks),
-            extra={
-                "prompt": prompt,
-                "simulated": True,
-                **counts,
-                "is_false_positive": [is_fp[k] for k in order],
-            },
-        )
+        return masks, scores
+
+
+def _record(
+    masks: list[np.ndarray],
+    scores: list[float],
+    is_fp: list[bool],
+    *,
+    prompt: str,
+    shape: tuple[int, ...],
+    counts: dict[str, int],
+) -> LabelRecord:
+    """The ``LabelRecord`` of the instances, best score first (ties keep their order)."""
+    height, width = shape
+    order = np.argsort(-np.asarray(scores, np.float32), kind="stable")
+    instance_masks = np.stack([masks[k] for k in order]) if masks else np.zeros((0, height, width), bool)
+    return LabelRecord.from_instances(
+        instance_masks=instance_masks,
+        boxes=np.asarray([_bbox_xyxy(masks[k]) for k in order], np.float32).reshape(-1, 4),
+        scores=np.asarray([scores[k] for k in order], np.float32),
+        phrases=[prompt] * len(masks),
+        extra={
+            "prompt": prompt,
+            "simulated": True,
+            **counts,
+            "is_false_positive": [is_fp[k] for k in order],
+        },
+    )

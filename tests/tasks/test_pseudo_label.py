@@ -124,7 +124,7 @@ def test_grounded_sam_random_weights_through_the_task(tmp_path: Path) -> None:
     """Tiny SAM + the small GroundingDINO test config with random weights, over 3 images, twice."""
     from storage.embedding_cache import StoreEmbeddingCache
     from tasks.ingest import ingest_synthetic
-    from tasks.pseudo_label import _LABELERS, build_labeler
+    from tasks.pseudo_label import _BUILT, build_labeler
 
     store = ingest_synthetic(tmp_path / "g.zarr", images=5, size=(72, 96), seed=6, progress=False)
     cfg = LabelerConfig(kind="grounded-sam", sam_variant="tiny", dino_config="test", random_weights=True,
@@ -141,9 +141,9 @@ def test_grounded_sam_random_weights_through_the_task(tmp_path: Path) -> None:
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 72).all()
         assert read_pseudo_mask(st, "car", "train", image_id).shape == (72, 96)
     # a second prompt over the same images reads the SAM embeddings from the store cache
-    built = len(_LABELERS)
+    built = len(_BUILT)
     labeler = build_labeler(cfg, store_path=store)  # the process's labeler of this store and config
-    assert len(_LABELERS) == built  # reused, not built anew (other tests may have left other labelers)
+    assert len(_BUILT) == built  # reused, not built anew (other tests may have left other labelers)
     cache = labeler.embedding_cache
     assert isinstance(cache, StoreEmbeddingCache) and cache.misses == len(ids) and cache.hits == 0
     calls = []

@@ -1,0 +1,167 @@
+"""Labeler kinds: ``LabelerConfig`` (which labeler and how) and ``LABELERS``, the one table from a kind's name
+to how it is built, checked and keyed.
+
+A new labeler (SAM 2, HQ-SAM, ...) is a class that satisfies ``models.labelers.base.Labeler``, a
+``build_<kind>_labeler(config, *, embedding_cache=None)`` function and one entry below; `tasks.pseudo_label`
+then runs it without a change. The labeler classes are imported inside the builders, so reading
+``LABELER_KINDS`` (the CLI's choices) loads neither torch nor the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from models.labelers.base import Labeler
+    from models.labelers.embedding_cache import EmbeddingCache
+    from models.labelers.grounded_sam import GroundedSamLabeler
+    from models.labelers.simulated_labeler import SimulatedLabeler
+
+LabelerKind = Literal["grounded-sam", "simulated"]  # the keys of LABELERS (a test checks they agree)
+
+
+@dataclass(frozen=True)
+class LabelerConfig:
+    """Which labeler and how (the flow parameter; every field that applies to the kind but ``device`` is part
+    of the resume key, so a run interrupted on the GPU can finish on the CPU without relabelling)."""
+
+    kind: LabelerKind = "grounded-sam"
+    sam_variant: str = "vit_b"
+    sam_checkpoint: str | None = None
+    dino_config: str = "swint_ogc"
+    dino_checkpoint: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    nms_iou: float | None = 0.8
+    max_boxes: int | None = 20
+    dino_image_size: int = 800
+    random_weights: bool = False
+    seed: int = 0
+    simulated: dict[str, Any] = field(default_factory=dict)  # SimulatedLabeler keyword overrides
+
+    def __post_init__(self) -> None:
+        if self.kind not in LABELERS:
+            raise ValueError(f"Expected labeler {' or '.join(map(repr, LABELER_KINDS))}. "
+                             f"Got {self.kind!r} instead.")
+        for name in ("box_threshold", "text_threshold"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"Expected {name} in [0, 1]. Got {v} instead.")
+
+    @property
+    def entry(self) -> LabelerEntry:
+        """This kind's entry of ``LABELERS``."""
+        return LABELERS[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that apply to this kind (``LabelerEntry.config_fields``), JSON-serialisable."""
+        d = asdict(self)
+        fields = self.entry.config_fields
+        return d if fields is None else {name: d[name] for name in fields}
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings that decide the labels (the resume key's): all but the device."""
+        return {k: v for k, v in self.to_dict().items() if k != "device"}
+
+
+class LabelerBuilder(Protocol):
+    """Builds one labeler (its models loaded once, then reused for every image)."""
+
+    def __call__(
+        self, config: LabelerConfig, *, embedding_cache: EmbeddingCache | None = None
+    ) -> Labeler: ...
+
+
+def _no_check(config: LabelerConfig) -> None:
+    """A labeler that loads no weights has nothing to check before the work starts."""
+
+
+@dataclass(frozen=True)
+class LabelerEntry:
+    """How the tasks build, check and key one kind of labeler (one row of ``LABELERS``).
+
+    Attributes:
+        build: Builds the labeler from a ``LabelerConfig``.
+        check: Fails before any work when ``build`` would (e.g. a missing checkpoint: the error names the file
+            and the URL), without loading a model.
+        config_fields: The ``LabelerConfig`` fields that apply to the kind (the rest never enter its resume
+            key); None = all.
+        recorded_flags: ``LabelerConfig`` fields recorded with the run next to ``Labeler.settings()``.
+        reads_reference: ``Labeler.label`` needs the class's reference hand mask (a simulated labeler: it can
+            never label unlabelled data).
+        embedding_cache: The labeler runs SAM's image encoder: ``build`` gets the store's embedding cache, so a
+            second prompt over the same images reuses the embeddings.
+    """
+
+    build: LabelerBuilder
+    check: Callable[[LabelerConfig], None] = _no_check
+    config_fields: tuple[str, ...] | None = None
+    recorded_flags: tuple[str, ...] = ()
+    reads_reference: bool = False
+    embedding_cache: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- Grounded-SAM
+
+
+def build_grounded_sam_labeler(
+    config: LabelerConfig, *, embedding_cache: EmbeddingCache | None = None
+) -> GroundedSamLabeler:
+    """GroundingDINO + SAM with the config's variants, checkpoints, thresholds and device."""
+    from models.labelers.grounded_sam import GroundedSamLabeler
+
+    return GroundedSamLabeler(
+        sam_variant=config.sam_variant, sam_checkpoint=config.sam_checkpoint, dino_config=config.dino_config,
+        dino_checkpoint=config.dino_checkpoint, device=config.device, dtype=config.dtype,
+        box_threshold=config.box_threshold, text_threshold=config.text_threshold, nms_iou=config.nms_iou,
+        max_boxes=config.max_boxes, dino_image_size=config.dino_image_size,
+        random_weights=config.random_weights, seed=config.seed, embedding_cache=embedding_cache,
+    )  # fmt: skip
+
+
+def check_grounded_sam_weights(config: LabelerConfig) -> None:
+    """Fail if a SAM or GroundingDINO checkpoint is missing (nothing to check with ``random_weights``)."""
+    if config.random_weights:
+        return
+    from models.labelers import grounded_sam_weights as w
+
+    w.resolve_checkpoint(explicit=config.sam_checkpoint, env_var=w.SAM_ENV, url=w.SAM_URL,
+                         file_name=w.SAM_CHECKPOINT_FILES[config.sam_variant],
+                         what=f"SAM {config.sam_variant}")
+    w.resolve_checkpoint(explicit=config.dino_checkpoint, env_var=w.DINO_ENV, url=w.DINO_URL,
+                         file_name=w.DINO_VARIANTS[config.dino_config].checkpoint_file,
+                         what=f"GroundingDINO {config.dino_config}")
+
+
+# ------------------------------------------------------------------------------------------------- simulated
+
+
+def build_simulated_labeler(
+    config: LabelerConfig, *, embedding_cache: EmbeddingCache | None = None
+) -> SimulatedLabeler:
+    """The simulated labeler with the config's seed and ``simulated`` overrides (no embedding cache)."""
+    from models.labelers.simulated_labeler import SimulatedLabeler
+
+    return SimulatedLabeler(seed=config.seed, **config.simulated)
+
+
+# ----------------------------------------------------------------------------------------------------- table
+
+LABELERS: dict[str, LabelerEntry] = {
+    "grounded-sam": LabelerEntry(
+        build=build_grounded_sam_labeler,
+        check=check_grounded_sam_weights,
+        recorded_flags=("random_weights",),  # smoke-test weights are flagged in the registry, explicitly
+        embedding_cache=True,
+    ),
+    "simulated": LabelerEntry(
+        build=build_simulated_labeler,
+        config_fields=("kind", "seed", "simulated"),  # detector settings do not apply
+        reads_reference=True,
+    ),
+}
+LABELER_KINDS: tuple[str, ...] = tuple(LABELERS)  # the CLI's and the flows' choices
