@@ -27,6 +27,7 @@ from storage.store import LabelStore, open_label_store
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model, resolve_init_model
+from tasks.pseudo_label import LabelerKind
 from tasks.train import TrainConfig, train
 
 ReweightMode = Literal["none", "edge", "inverse"]
@@ -171,7 +172,7 @@ def plan_add_class(params: Mapping[str, Any]) -> AddClassPlan:
 def add_class(
     prompt: str,
     store: str = "data/store.zarr",
-    labeler: Literal["grounded-sam", "simulated"] = "grounded-sam",
+    labeler: LabelerKind = "grounded-sam",
     sam_variant: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b",
     sam_checkpoint: str | None = None,
     dino_config: Literal["swint_ogc", "swinb", "test"] = "swint_ogc",

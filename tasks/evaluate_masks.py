@@ -80,6 +80,19 @@ def _check_names(pred_names: list[str], gt_names: list[str], pred_dir: Path, gt_
         raise ValueError("Prediction and ground-truth file names differ: " + "; ".join(parts) + ".")
 
 
+def _check_values(labels: np.ndarray, path: Path, *, num_classes: int, ignore_index: int | None) -> None:
+    """Raises ValueError naming ``path`` when it holds a value that is neither a class id (< ``num_classes``)
+    nor ``ignore_index`` (None: predictions, which must hold class ids only)."""
+    values = np.unique(labels)
+    bad = values[(values >= num_classes) & (values != (-1 if ignore_index is None else ignore_index))]
+    if bad.size:
+        allowed = f"0..{num_classes - 1}" + ("" if ignore_index is None else f" or {ignore_index} (ignore)")
+        raise ValueError(
+            f"{str(path)!r} holds values {bad[:10].tolist()} outside the classes: expected {allowed} "
+            f"(--num-classes {num_classes})."
+        )
+
+
 def _json_float(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
@@ -136,6 +149,8 @@ def evaluate_mask_folders(
                 f"{name!r}: prediction {str(pred_dir / name)!r} is {pred.shape[0]}x{pred.shape[1]} but "
                 f"ground truth {str(gt_dir / name)!r} is {gt.shape[0]}x{gt.shape[1]} (H x W)."
             )
+        _check_values(pred, pred_dir / name, num_classes=num_classes, ignore_index=None)
+        _check_values(gt, gt_dir / name, num_classes=num_classes, ignore_index=ignore_index)
         counts = acc.update(pred, gt)
         scores = metrics_from_counts(counts)
         per_image.append(

@@ -294,13 +294,19 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
 
     Raises:
         FileNotFoundError: nothing trained at ``path``.
-        CheckpointError: the run's ``latest.json`` is unreadable or points to a missing folder.
+        CheckpointError: the run's ``final/`` lacks its weights, or its ``latest.json`` is unreadable or points
+            to a missing folder.
     """
     path = Path(path)
     if (path / MODEL_FILE).is_file() or (path / CONFIG_FILE).is_file():
         return path
     if (path / FINAL_DIR / MODEL_FILE).is_file():
         return path / FINAL_DIR
+    if (path / FINAL_DIR).is_dir():  # a damaged final model: never fall back to an older checkpoint silently
+        raise CheckpointError(
+            f"{path / FINAL_DIR / MODEL_FILE} is missing: the run's final model is incomplete or damaged. "
+            f"Pass one of its checkpoints ({path / 'checkpoints'}) explicitly, or retrain."
+        )
     checkpoint = latest_checkpoint(path) if path.is_dir() else None
     if checkpoint is None:
         raise FileNotFoundError(

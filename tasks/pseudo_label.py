@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from models.hashing import json_hash
 from models.labelers.base import Labeler
-from models.labelers.build import LabelerConfig  # flows and benches import it from here
+from models.labelers.build import LabelerConfig  # flows and benches import them from here
+from models.labelers.build import LabelerKind as LabelerKind
 from storage.names import class_name_from_prompt, parse_split
 from storage.pseudo import (
     missing_pseudo,

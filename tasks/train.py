@@ -66,6 +66,7 @@ from tasks.train_config import (  # re-exported: the config and its helpers are 
     run_name,
     version_classes,
 )
+from tasks.train_memory import check_train_memory
 from tasks.validation import (
     format_scores,
     learning_curve_png,
@@ -124,6 +125,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     Raises:
         FileExistsError: ``out_dir`` already holds a run and ``resume`` is False.
+        MemoryError: the run would not fit in the device's free memory (`tasks.train_memory`).
         CheckpointError: the checkpoint to resume is corrupt or belongs to another run (other variant,
             classes, label version or recipe); the message names the file.
     """
@@ -132,6 +134,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     expected = model_config(config)
     checkpoint = _checkpoint_to_resume(out, expected, resume=resume)
+    check_train_memory(variant=config.variant, batch_size=config.batch_size, crop_size=config.crop_size,
+                       device=resolve_device(config.device))
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)

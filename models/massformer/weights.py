@@ -65,11 +65,22 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path), device="cpu")
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage, a truncated file, a pickle of other objects: name the file, one line
+        if "Weights only load failed" in str(e):
+            raise ValueError(
+                f"Refused checkpoint {path}: it pickles Python objects besides tensors, which could run code "
+                "when loaded; save the state dict alone (torch.save(model.state_dict(), ...))."
+            ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"Cannot read checkpoint {path}: not a safetensors or torch weights file ({first[:200]})."
+        ) from e
     return _extract_state_dict(obj, path)
 
 
@@ -162,6 +173,11 @@ def load_backbone_checkpoint(
 
     Returns:
         (missing keys, unexpected keys).
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message says where to get the weights).
+        ValueError: the file is not a weights file, or (``strict=False``) none of its tensors fits.
+        RuntimeError: ``strict`` and keys are missing or unexpected.
     """
     path = Path(path)
     if not path.is_file():
@@ -179,6 +195,12 @@ def load_backbone_checkpoint(
         expected = backbone.state_dict()
         dropped = [k for k, v in state_dict.items() if k not in expected or v.shape != expected[k].shape]
         state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+        if not state_dict:  # nothing would load: the run would silently start from random weights
+            raise ValueError(
+                f"No tensor of {path} fits the backbone ({len(dropped)} tensors, none with a matching name and "
+                f"shape, e.g. {dropped[:3]}): expected torchvision ResNet weights "
+                f"({TORCHVISION_RESNET_FILES['resnet18']} or {TORCHVISION_RESNET_FILES['resnet50']})."
+            )
     result = backbone.load_state_dict(state_dict, strict=False)
     return _report_keys(f"loading backbone {path}", list(result.missing_keys),
                         list(result.unexpected_keys) + dropped, strict=strict)

@@ -145,8 +145,45 @@ def test_add_class_parameter_errors_come_before_prefect_starts(synthetic_store: 
     assert err.count("\n") == 1 and started == []  # refused before the flow, so before Prefect's API starts
 
 
-def test_recipe_choices_are_the_recipes() -> None:
-    from flows.cli import RECIPE_CHOICES as CLI_CHOICES
+def _owner_choices() -> dict[str, tuple[str, ...]]:
+    from models.labelers.grounded_sam_weights import DINO_VARIANTS, SAM_CHECKPOINT_FILES
+    from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
+    from models.training.loss_weights import REWEIGHT_MODES
     from models.training.optim import RECIPE_CHOICES
+    from tasks.merge_plan import POLICIES
 
-    assert CLI_CHOICES == RECIPE_CHOICES
+    return {"RECIPE_CHOICES": RECIPE_CHOICES, "VARIANTS": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
+            "REWEIGHT_MODES": REWEIGHT_MODES, "MERGE_POLICIES": POLICIES, "SAM_VARIANTS": tuple(SAM_CHECKPOINT_FILES),
+            "DINO_CONFIGS": tuple(DINO_VARIANTS)}
+
+
+@pytest.mark.parametrize("name", ["RECIPE_CHOICES", "VARIANTS", "PIXEL_DECODERS", "REWEIGHT_MODES", "MERGE_POLICIES",
+                                  "SAM_VARIANTS", "DINO_CONFIGS"])
+def test_cli_choices_are_their_owners_lists(name: str) -> None:
+    import flows.cli_args as cli_args
+
+    assert set(getattr(cli_args, name)) == set(_owner_choices()[name])
+
+
+def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.cli as cli
+
+    seen = {}
+
+    def fake_train(config, *, resume, progress):  # type: ignore[no-untyped-def]
+        seen["config"] = config
+        return tmp_path / "final"
+
+    monkeypatch.setattr("tasks.train.train", fake_train)
+    assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--out",
+                     str(tmp_path / "run"), "--quiet"]) == 0
+    c = seen["config"]
+    cpu = cli.TRAIN_SIZES["cpu"]
+    assert (c.iters, c.batch_size, c.crop_size, c.num_points) == (cpu.iters, cpu.batch_size, (cpu.crop_size,) * 2,
+                                                                   cpu.points)
+    assert "cpu defaults: iters 2000, batch_size 2, crop_size 256, points 2048" in capsys.readouterr().out
+    assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--iters", "5",
+                     "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (seen["config"].iters, seen["config"].batch_size) == (5, 4)  # given flags win
+

@@ -1,0 +1,241 @@
+"""The `addclass` argument parser: one sub-command per stage, each setting ``command`` (`flows.cli.HANDLERS`
+runs it). Imports nothing heavy, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from models.labelers.build import LABELER_KINDS  # the table itself: it imports nothing heavy
+
+
+@dataclass(frozen=True)
+class TrainSizes:
+    """`addclass train`'s defaults for what decides a run's time and memory, by device."""
+
+    iters: int
+    batch_size: int
+    crop_size: int
+    points: int
+
+
+# On a GPU: the released recipe per device (its config is 8 GPUs x 2 images: 1024 crops, 12544 points, 80k
+# steps). On the CPU: a run that fits a laptop and learns (the demo's measured setting, a few times longer).
+TRAIN_SIZES = {"cuda": TrainSizes(iters=80000, batch_size=2, crop_size=1024, points=12544),
+               "cpu": TrainSizes(iters=2000, batch_size=2, crop_size=256, points=2048)}
+
+
+def _sized_help(field: str) -> str:
+    gpu, cpu = getattr(TRAIN_SIZES["cuda"], field), getattr(TRAIN_SIZES["cpu"], field)
+    return f"default: {gpu} on a GPU, {cpu} on the CPU"
+
+
+# The choices of the flags, spelled here so that `addclass --help` does not import torch; each is equal to the
+# list of the module that owns it (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
+RECIPE_CHOICES = ("auto", "paper", "scratch")  # models.training.optim.RECIPE_CHOICES
+VARIANTS = ("tiny", "lite_r18", "r50")  # models.massformer.build.MODEL_BUILDERS
+PIXEL_DECODERS = ("hr", "fpn")  # models.massformer.build.PIXEL_DECODERS
+REWEIGHT_MODES = ("none", "edge", "inverse")  # models.training.loss_weights.REWEIGHT_MODES
+MERGE_POLICIES = ("carve-others", "overwrite")  # tasks.merge_plan.POLICIES
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny")  # models.labelers.grounded_sam_weights.SAM_CHECKPOINT_FILES
+DINO_CONFIGS = ("swint_ogc", "swinb", "test")  # models.labelers.grounded_sam_weights.DINO_VARIANTS
+
+
+DESCRIPTION = "Teach a segmentation model a new class from a text prompt: pseudo-label, merge, train, evaluate."
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=RECIPE_CHOICES, default="auto",
+                   help="auto: 'scratch' for a random start, 'paper' from ImageNet weights or --init-model")
+    p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+                   help="random resize ratio of the training images")
+    p.add_argument("--test-scale", type=float, default=1.0,
+                   help="the model's inference scale (e.g. 2 with --scale-range 0.75 1.5 on small images)")
+
+
+def add_labeler_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("labeler")
+    g.add_argument("--labeler", choices=LABELER_KINDS, default="grounded-sam",
+                   help="simulated: degraded reference masks, for experiments and the demo only")
+    g.add_argument("--sam", default="vit_b", choices=SAM_VARIANTS)
+    g.add_argument("--sam-checkpoint", help="SAM checkpoint (else $ADDCLASS_SAM_CHECKPOINT, else "
+                   "~/.cache/addclass/weights/)")
+    g.add_argument("--dino", default="swint_ogc", choices=DINO_CONFIGS)
+    g.add_argument("--dino-checkpoint", help="GroundingDINO checkpoint (else $ADDCLASS_DINO_CHECKPOINT)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=("bfloat16", "float16"), help="autocast on GPU")
+    g.add_argument("--box-threshold", type=float, default=0.35)
+    g.add_argument("--text-threshold", type=float, default=0.25)
+    g.add_argument("--max-boxes", type=int, default=20)
+    g.add_argument("--random-weights", action="store_true", help="smoke tests only: random model weights")
+    g.add_argument("--seed", type=int, default=0)
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="addclass", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ing = sub.add_parser("ingest", help="create a label store from a dataset")
+    ing_sub = ing.add_subparsers(dest="layout", required=True)
+    for layout, helptext in (("mass13k", "MaSS13K layout: images/{split}/*.jpg, annotations/{split}/*.png"),
+                             ("camvid", "CamVid layout: train/ trainannot/ test/ testannot/ (car hidden in others)")):
+        sp = ing_sub.add_parser(layout, help=helptext)
+        sp.add_argument("src")
+        sp.add_argument("store")
+        if layout == "camvid":
+            sp.add_argument("--val-fraction", type=float, default=0.2, help="last part of train held out as val")
+    syn = ing_sub.add_parser("synthetic", help="procedural demo scenes with exact car masks")
+    syn.add_argument("store")
+    syn.add_argument("--images", type=int, default=12)
+    syn.add_argument("--size", type=int, nargs=2, default=(256, 384), metavar=("H", "W"))
+    syn.add_argument("--seed", type=int, default=0)
+    for sp in ing_sub.choices.values():
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing store")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ins = sub.add_parser("inspect", help="summarize a label store")
+    ins.add_argument("store")
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--max-images", type=int, default=200, help="images read per split for pixel shares")
+    ins.add_argument("--image", help="render this image id as an overlay (with --png)")
+    ins.add_argument("--png", help="overlay output file")
+    ins.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
+    ins.add_argument("--version", default="latest")
+
+    pl = sub.add_parser("pseudo-label", help="pseudo-label a prompt over a split (Grounded-SAM or simulated)")
+    pl.add_argument("store")
+    pl.add_argument("--prompt", required=True)
+    pl.add_argument("--split", default="train")
+    add_labeler_args(pl)
+    pl.add_argument("--batch-size", type=int, default=8, help="images per batch (one task per batch)")
+    pl.add_argument("--wait", action="store_true", help="wait for another writer instead of failing")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--quiet", action="store_true")
+
+    ip = sub.add_parser("import-pseudo", help="import binary PNG masks (one per image id) as pseudo labels")
+    ip.add_argument("store")
+    ip.add_argument("--class", dest="class_name", required=True)
+    ip.add_argument("--masks", required=True, help="folder of <image id>.png masks (0/1 or 0/255)")
+    ip.add_argument("--prompt", help="the prompt the masks came from (default: the class name)")
+
+    em = sub.add_parser("evaluate-masks", help="mIoU / BIoU / BF1 of two folders of PNG label maps")
+    em.add_argument("--pred", required=True)
+    em.add_argument("--gt", required=True)
+    em.add_argument("--num-classes", type=int, required=True)
+    em.add_argument("--ignore", type=int, default=255)
+    em.add_argument("--class-names", help="comma-separated names, in id order")
+    em.add_argument("--json", action="store_true")
+    em.add_argument("--quiet", action="store_true")
+
+    mg = sub.add_parser("merge", help="merge pseudo classes into a new, immutable label version")
+    mg.add_argument("store")
+    mg.add_argument("--classes", required=True, help="car or car,bicycle (order breaks score ties)")
+    mg.add_argument("--from", dest="parent", default="latest", help="parent version (default: latest)")
+    mg.add_argument("--policy", choices=MERGE_POLICIES, default="carve-others")
+    mg.add_argument("--allow-partial", action="store_true", help="images without pseudo labels keep the parent's")
+    mg.add_argument("--workers", type=int, default=1)
+    mg.add_argument("--quiet", action="store_true")
+
+    dd = sub.add_parser("discard-draft",
+                        help="delete an abandoned, unpublished label version (never a published one)")
+    dd.add_argument("store")
+    dd.add_argument("version", help="the draft's name, as `addclass inspect` lists it")
+    dd.add_argument("--wait", action="store_true", help="wait for the store lock instead of failing")
+
+    ex = sub.add_parser("export", help="export a label version (mmseg PNGs) or pseudo instances (COCO RLE)")
+    ex.add_argument("store")
+    ex.add_argument("dir")
+    ex.add_argument("--format", choices=("mmseg", "coco-rle"), default="mmseg")
+    ex.add_argument("--version", default="latest")
+    ex.add_argument("--classes", help="coco-rle: pseudo classes to export (default: all)")
+    ex.add_argument("--copy-images", action="store_true", help="mmseg: copy images instead of symlinking")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--quiet", action="store_true")
+
+    tr = sub.add_parser("train", help="train MaSSFormer on a label version (resumable)")
+    tr.add_argument("store")
+    tr.add_argument("--version", default="latest")
+    tr.add_argument("--variant", choices=VARIANTS, default="r50")
+    tr.add_argument("--pixel-decoder", choices=PIXEL_DECODERS, default="hr")
+    tr.add_argument("--iters", type=int, default=None, help=_sized_help("iters"))
+    tr.add_argument("--batch-size", type=int, default=None, help=_sized_help("batch_size"))
+    tr.add_argument("--crop-size", type=int, default=None, help=_sized_help("crop_size"))
+    add_recipe_args(tr)
+    tr.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
+    tr.add_argument("--val-every", type=int, default=None,
+                    help="steps between validations on val (default: 10 per run; 0: none)")
+    tr.add_argument("--amp", action="store_true",
+                    help="bf16 autocast of the forward pass on a GPU (MaSSFormer's recipe: fp32)")
+    tr.add_argument("--reweight", choices=REWEIGHT_MODES, default="inverse")
+    tr.add_argument("--no-inverse-near-pseudo", action="store_true")
+    tr.add_argument("--points", type=int, default=None, help=_sized_help("points"))
+    tr.add_argument("--checkpoint-every", type=int, default=1000)
+    tr.add_argument("--backbone-checkpoint", help="torchvision ImageNet ResNet weights (resnet50-0676ba61.pth)")
+    tr.add_argument("--init-model", help="fine-tune a trained model folder (final/ of an earlier run); "
+                    "classes matched by name, new classes start untrained")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--workers", type=int, default=2, help="data loader processes")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    tr.add_argument("--quiet", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="evaluate a trained model (and the pseudo labels) against hand masks")
+    ev.add_argument("store")
+    ev.add_argument("--checkpoint", required=True, help="a run folder or its final/ folder")
+    ev.add_argument("--splits", nargs="+", default=["val", "test"])
+    ev.add_argument("--out", required=True, help="report folder")
+    ev.add_argument("--pred-dir", help="also write predicted PNGs here (rescore with evaluate-masks)")
+    ev.add_argument("--overwrite", action="store_true", help="replace prediction PNGs an earlier evaluate wrote")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--quiet", action="store_true")
+
+    mi = sub.add_parser("model-info", help="parameter counts per component")
+    mi.add_argument("variant", choices=VARIANTS)
+    mi.add_argument("--num-classes", type=int, default=7)
+    mi.add_argument("--pixel-decoder", choices=PIXEL_DECODERS, default="hr")
+    mi.add_argument("--json", action="store_true")
+
+    ac = sub.add_parser("add-class", help="run the add-class flow (in-process, or on a deployment)")
+    ac.add_argument("--prompt", required=True)
+    ac.add_argument("--store", required=True)
+    add_labeler_args(ac)
+    ac.add_argument("--policy", choices=MERGE_POLICIES, default="carve-others")
+    ac.add_argument("--variant", choices=VARIANTS, default="tiny")
+    ac.add_argument("--iters", type=int, default=300)
+    ac.add_argument("--train-batch-size", type=int, default=2)
+    ac.add_argument("--crop-size", type=int, default=256)
+    ac.add_argument("--reweight", choices=REWEIGHT_MODES, default="inverse")
+    ac.add_argument("--no-inverse-near-pseudo", action="store_true",
+                    help="precise pixels next to the new class keep the edge weight (inverse reweight only)")
+    ac.add_argument("--pseudo-splits", nargs="+", default=["train", "val"], help="splits to pseudo-label")
+    ac.add_argument("--pseudo-batch-size", type=int, default=8, help="images per labelling task")
+    ac.add_argument("--eval-splits", nargs="+", default=["val", "test"], help="splits to evaluate on")
+    add_recipe_args(ac)
+    ac.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
+    ac.add_argument("--workers", type=int, default=2, help="training data-loader processes")
+    ac.add_argument("--init-model", help="fine-tune this model folder, or 'champion' (the store's champion)")
+    ac.add_argument("--runs-dir", help="where models and reports go (default: STORE.runs/)")
+    ac.add_argument("--dask-address", help="tcp://host:port of a running dask scheduler")
+    ac.add_argument("--scale-out", choices=("auto", "threads", "dask"), default="auto",
+                    help="runner of the mapped stages (auto: Dask with a server, threads without)")
+    ac.add_argument("--wait", action="store_true", help="wait for another writer of the store")
+    ac.add_argument("--deployment", action="store_true", help="submit to the add-class deployment and follow it")
+    ac.add_argument("--deployment-name", default="add-class/add-class")
+    ac.add_argument("--timeout", type=float, default=None, help="with --deployment: seconds to wait (default: until done)")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~4 min on 2 cores)")
+    from tasks.demo import DemoConfig
+
+    d = DemoConfig()
+    demo.add_argument("--out", default=d.out)
+    demo.add_argument("--images", type=int, default=d.images)
+    demo.add_argument("--size", type=int, nargs=2, default=d.size, metavar=("H", "W"))
+    demo.add_argument("--iters", type=int, default=d.iters)
+    demo.add_argument("--crop", type=int, default=d.crop)
+    demo.add_argument("--points", type=int, default=d.points,
+                      help="sampled points per mask (MaSSFormer's default: 12544)")
+    demo.add_argument("--seed", type=int, default=d.seed)
+    demo.add_argument("--quiet", action="store_true")
+    return p
