@@ -1,7 +1,7 @@
 """Build a folder next to its destination and swap it into place only when complete.
 
-A failure (or kill -9) midway leaves the destination as it was; what remains is a hidden `.NAME.tmp-*` folder
-that the next attempt ignores. Used for new label stores (ingest) and for exports. `check_overwrite` and
+A failure (or kill -9) midway leaves the destination as it was; what remains is a hidden `.NAME.tmp-*` folder,
+marked with the process that built it, which the next attempt removes once that process is gone. Used for new label stores (ingest) and for exports. `check_overwrite` and
 `record_written` guard files written into a user's folder (predicted label PNGs): only what addclass wrote
 there, and listed, is ever replaced.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -26,8 +27,10 @@ def staged_dir(final: Path, *, guard: Callable[[], AbstractContextManager[object
         guard: a context manager held while the old `final` is moved away (e.g. the old store's lock).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_stagings(final)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    (tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     try:
         yield tmp
         if final.exists():
@@ -38,9 +41,49 @@ def staged_dir(final: Path, *, guard: Callable[[], AbstractContextManager[object
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, final)
+        (final / OWNER_FILE).unlink(missing_ok=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+OWNER_FILE = ".addclass-staging.json"  # in a staging folder while it is built: the process building it
+
+
+def remove_dead_stagings(final: Path) -> list[Path]:
+    """Removes the staging folders of `final` that a killed process left beside it: those whose owner
+    (`OWNER_FILE`) is a process of this host that no longer runs. Folders of live or other hosts' processes, and
+    anything without an owner file (e.g. a ``.trash-*`` folder, which holds the replaced destination), are left
+    alone. Returns what was removed."""
+    removed = []
+    for folder in final.parent.glob(f".{final.name}.tmp-*"):
+        owner = _owner(folder)
+        pid = owner.get("pid") if owner is not None else None
+        if not isinstance(pid, int) or owner is None or owner.get("host") != socket.gethostname() or _alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _owner(folder: Path) -> dict[str, object] | None:
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 WRITTEN_MANIFEST = ".addclass-written.json"

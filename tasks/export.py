@@ -41,7 +41,7 @@ from tqdm import tqdm
 from models.palette import class_color
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_record
 from storage.registry import IGNORE_INDEX
-from storage.staging import refuse_store_overlap, staged_dir
+from storage.staging import OWNER_FILE, refuse_store_overlap, staged_dir
 from storage.store import LabelStore, open_label_store
 
 MANIFEST = "export_manifest.json"
@@ -49,7 +49,7 @@ MANIFEST = "export_manifest.json"
 
 def _written(folder: Path) -> list[str]:
     """Every file, link and folder below `folder`, as sorted POSIX paths relative to it (links not followed)."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name != OWNER_FILE)
 
 
 def _foreign_paths(folder: Path) -> list[str]:
