@@ -31,12 +31,12 @@ object with a ``predict(images) -> B x H x W`` method), predicts images of one s
 at a time) and keeps per-image scores. With ``pred_dir`` it also writes the predicted label PNGs
 (``pred_dir/<split>/<id>.png``, K-class ids) so they can be rescored with ``addclass evaluate-masks``.
 `tasks.evaluation_report.write_evaluation_report` writes the results as ``metrics.json``, ``report.md`` and
-overlay PNGs.
+overlay PNGs. The rules on arrays and the sums over a split are `tasks.evaluate_scoring`; this module adds the
+store and the model.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,19 +47,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.metrics import (
-    COUNT_KEYS,
-    binary_counts,
-    class_vs_rest,
-    image_counts,
-    metrics_from_counts,
-    metrics_summary,
-)
+from models.metrics import binary_counts
 from storage.names import parse_split
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask
-from storage.registry import IGNORE_INDEX
 from storage.staging import check_overwrite, record_written, refuse_store_overlap
 from storage.store import LabelStore, open_label_store
+from tasks.evaluate_scoring import (
+    SplitScores,
+    add_counts,
+    all_classes_ground_truth,
+    binary_summary,
+    class_scores,
+    fold_new_classes,
+    new_class_indices,
+    score_prediction,
+    zero_counts,
+)
 from tasks.model_folder import load_trained_model, read_model_config, resolve_model_dir
 
 __all__ = [
@@ -75,105 +78,6 @@ __all__ = [
 ]
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")
-Counts = dict[str, np.ndarray]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The ground-truth rules on arrays (pure)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def fold_new_classes(pred: np.ndarray, num_precise: int) -> np.ndarray:
-    """Rule 1: every class id >= ``num_precise`` (a new class) becomes 0 ("others"); other values are kept.
-
-    Args:
-        pred: H x W integer predicted labels.
-        num_precise: Number of precise classes (7).
-
-    Returns:
-        H x W uint8 labels.
-    """
-    pred = np.asarray(pred)
-    out = pred.astype(np.uint8)
-    out[(pred >= num_precise) & (pred != IGNORE_INDEX)] = 0
-    return out
-
-
-def all_classes_ground_truth(precise: np.ndarray, hand_masks: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
-    """Rule 3: v1 labels with the hand masks carved in where the label is still 0.
-
-    Args:
-        precise: H x W uint8 v1 labels (0..6, 255).
-        hand_masks: ``(class id, H x W mask)`` pairs in id order; masks are 0 rest, 1 the class, 255 ignore.
-
-    Returns:
-        H x W uint8 K-class ground truth.
-    """
-    gt = np.asarray(precise).astype(np.uint8, copy=True)
-    for class_id, mask in hand_masks:
-        mask = np.asarray(mask)
-        if mask.shape != gt.shape:
-            raise ValueError(f"Hand mask is {mask.shape}, labels are {gt.shape}.")
-        free = gt == 0  # still "others": not a precise class, not an earlier new class, not ignore
-        gt[free & (mask == 1)] = class_id
-        gt[free & (mask == IGNORE_INDEX)] = IGNORE_INDEX
-    return gt
-
-
-def _json_float(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
-
-
-def _means(counts: Mapping[str, np.ndarray]) -> dict[str, float | None]:
-    m = metrics_from_counts(counts)
-    return {k: _json_float(m[k]) for k in ("miou", "mbiou", "mbf1", "aAcc")}
-
-
-def _class_scores(counts: Mapping[str, np.ndarray]) -> dict[str, float | None]:
-    return {k: _json_float(v) for k, v in class_vs_rest(metrics_from_counts(counts)).items()}
-
-
-def score_prediction(
-    pred: np.ndarray,
-    precise: np.ndarray,
-    hand_masks: Mapping[int, np.ndarray | None],
-    *,
-    num_precise: int,
-    num_classes: int,
-) -> dict[str, Any]:
-    """Rules 1-3 for one image: counts and the image's own scores.
-
-    Args:
-        pred: H x W K-class predicted labels.
-        precise: H x W v1 labels.
-        hand_masks: New class id -> hand mask (0/1/255), or None where the image has none.
-        num_precise: Number of precise classes (7).
-        num_classes: K, all classes of the label version.
-
-    Returns:
-        ``{"counts": {"precise": counts, "new_classes": {id: counts}, "all": counts | None},
-        "scores": {"precise": means, "new_classes": {id: class scores}, "all": means | None}}``; classes
-        without a hand mask are left out of ``new_classes``.
-    """
-    pred = np.asarray(pred)
-    if pred.shape != precise.shape:
-        raise ValueError(f"Prediction is {pred.shape}, ground truth is {precise.shape}.")
-    counts: dict[str, Any] = {"new_classes": {}, "all": None}
-    scores: dict[str, Any] = {"new_classes": {}, "all": None}
-    counts["precise"] = image_counts(fold_new_classes(pred, num_precise), precise, num_classes=num_precise)
-    scores["precise"] = _means(counts["precise"])
-    for cid, mask in hand_masks.items():
-        if mask is None:
-            continue
-        c = binary_counts(pred == cid, mask)
-        counts["new_classes"][cid] = c
-        scores["new_classes"][cid] = _class_scores(c)
-    if hand_masks and all(m is not None for m in hand_masks.values()):
-        present = [(cid, m) for cid, m in sorted(hand_masks.items()) if m is not None]
-        gt = all_classes_ground_truth(precise, present)
-        counts["all"] = image_counts(pred, gt, num_classes=num_classes)
-        scores["all"] = _means(counts["all"])
-    return {"counts": counts, "scores": scores}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,24 +92,6 @@ def hand_mask_kinds(store: LabelStore, class_name: str, split: str) -> dict[str,
         for image_id in store.hand_mask_ids(kind, class_name, split):  # type: ignore[arg-type]
             out.setdefault(image_id, kind)
     return out
-
-
-def _binary_summary(
-    counts: Mapping[str, np.ndarray], *, num_images: int, name: str, **extra: Any
-) -> dict[str, Any]:
-    """A class-vs-rest summary: ``metrics_summary`` over {rest, name} with the class's own ``iou``, ``biou``,
-    ``bf1`` and the ``binary_m*`` means over {rest, class} (``class_vs_rest``) on top."""
-    summary = metrics_summary(counts, num_images=num_images, class_names=["rest", name])
-    return {**_class_scores(counts), **summary, "class": name, **extra}
-
-
-def _zeros(c: int) -> Counts:
-    return {k: np.zeros(c, dtype=np.int64) for k in COUNT_KEYS}
-
-
-def _add(total: Counts, counts: Mapping[str, np.ndarray]) -> None:
-    for k in COUNT_KEYS:
-        total[k] += counts[k]
 
 
 def _resolve_classes(
@@ -321,14 +207,7 @@ def evaluate_model(
     store = open_label_store(store_path)
     if pred_dir is not None:  # before any work: a clash is found now, not after predicting
         _check_pred_dir(store, Path(pred_dir), splits=splits, max_images=max_images, overwrite=overwrite)
-    cfg: dict[str, Any] = {}
-    if model is None:
-        if checkpoint is None:
-            raise ValueError("Pass a checkpoint (a training output folder) or a model.")
-        folder = resolve_model_dir(checkpoint)
-        model, cfg = load_trained_model(folder, device=device), read_model_config(folder)
-    elif hasattr(model, "eval"):
-        model.eval()
+    model, cfg = _prepare_model(model, checkpoint, device=device)
     model_k = getattr(model, "num_classes", None)
     version, classes, num_precise = _resolve_classes(
         store,
@@ -336,8 +215,6 @@ def evaluate_model(
         model_classes=int(model_k) if isinstance(model_k, int) else None,
         names_expected=cfg.get("class_names"),
     )
-    k = len(classes)
-    new = [(num_precise + j, c["name"]) for j, c in enumerate(classes[num_precise:])]  # (model index, name)
     out_root = Path(pred_dir) if pred_dir is not None else None
     results: dict[str, Any] = {
         "store": str(store.path),
@@ -346,68 +223,69 @@ def evaluate_model(
         "label_version": version,
         "classes": classes,
         "num_precise": num_precise,
-        "new_classes": [n for _, n in new],
+        "new_classes": [n for _, n in new_class_indices(classes, num_precise)],
         "pred_dir": None if out_root is None else str(out_root),
         "splits": {},
     }
     for split in _present_splits(store, splits):
-        ids = store.image_ids(split)[:max_images]
-        kinds = {name: hand_mask_kinds(store, name, split) for _, name in new}
-        precise_total, all_total = _zeros(num_precise), _zeros(k)
-        new_total = {cid: _zeros(2) for cid, _ in new}
-        n_new = dict.fromkeys(new_total, 0)
-        n_all = 0
-        per_image: dict[str, dict[str, Any]] = {}
-        if out_root is not None:
-            (out_root / split).mkdir(parents=True, exist_ok=True)
-            # listed once, before any is written: a kill midway leaves no PNG of ours unlisted
-            record_written(out_root, [f"{split}/{i}.png" for i in ids])
-        bar = tqdm(total=len(ids), desc=f"evaluate {split}", unit="img", disable=not progress)
-        for batch in _size_batches(store, split, ids, batch_size):
-            preds = predict_labels(model, [store.read_image(split, i) for i in batch], device)  # B x H x W
-            for image_id, pred in zip(batch, preds, strict=True):
-                if out_root is not None:
-                    _write_png(out_root / split / f"{image_id}.png", pred)
-                masks = {cid: read_hand_or_none(store, kinds[name], name, image_id) for cid, name in new}
-                precise = store.read_labels(split, image_id, version="v1")
-                res = score_prediction(pred, precise, masks, num_precise=num_precise, num_classes=k)
-                _add(precise_total, res["counts"]["precise"])
-                for cid, c in res["counts"]["new_classes"].items():
-                    _add(new_total[cid], c)
-                    n_new[cid] += 1
-                if res["counts"]["all"] is not None:
-                    _add(all_total, res["counts"]["all"])
-                    n_all += 1
-                per_image[image_id] = {
-                    "id": image_id,
-                    "split": split,
-                    "height": int(pred.shape[0]),
-                    "width": int(pred.shape[1]),
-                    "precise": res["scores"]["precise"],
-                    "new_classes": {dict(new)[cid]: v for cid, v in res["scores"]["new_classes"].items()},
-                    "all": res["scores"]["all"],
-                }
-            bar.update(len(batch))
-        bar.close()
-        results["splits"][split] = {
-            "num_images": len(ids),
-            "precise": metrics_summary(
-                precise_total, num_images=len(ids), class_names=[c["name"] for c in classes[:num_precise]]
-            ),
-            "new_classes": {
-                name: _binary_summary(
-                    new_total[cid], num_images=n_new[cid], name=name, class_id=cid,
-                    hand_mask_kind=sorted(set(kinds[name].values())),
-                )
-                for cid, name in new
-                if n_new[cid]
-            },
-            "all": metrics_summary(all_total, num_images=n_all, class_names=[c["name"] for c in classes])
-            if n_all
-            else None,
-            "per_image": [per_image[i] for i in ids],
-        }
+        results["splits"][split] = _evaluate_split(
+            store, model, split, classes=classes, num_precise=num_precise, device=device,
+            batch_size=batch_size, max_images=max_images, progress=progress, out_root=out_root,
+        )
     return results
+
+
+def _prepare_model(
+    model: Any, checkpoint: str | os.PathLike[str] | None, *, device: str
+) -> tuple[Any, dict[str, Any]]:
+    """(model, training config): the injected model put in eval mode with an empty config, else the model and
+    config loaded from ``checkpoint``."""
+    cfg: dict[str, Any] = {}
+    if model is None:
+        if checkpoint is None:
+            raise ValueError("Pass a checkpoint (a training output folder) or a model.")
+        folder = resolve_model_dir(checkpoint)
+        model, cfg = load_trained_model(folder, device=device), read_model_config(folder)
+    elif hasattr(model, "eval"):
+        model.eval()
+    return model, cfg
+
+
+def _evaluate_split(
+    store: LabelStore,
+    model: Any,
+    split: str,
+    *,
+    classes: list[dict[str, Any]],
+    num_precise: int,
+    device: str,
+    batch_size: int,
+    max_images: int | None,
+    progress: bool,
+    out_root: Path | None,
+) -> dict[str, Any]:
+    """Rules 1-3 on one split: predict in same-size batches, score each image, sum (``evaluate_model``)."""
+    ids = store.image_ids(split)[:max_images]
+    new = new_class_indices(classes, num_precise)
+    kinds = {name: hand_mask_kinds(store, name, split) for _, name in new}
+    scores = SplitScores(split, classes=classes, num_precise=num_precise)
+    if out_root is not None:
+        (out_root / split).mkdir(parents=True, exist_ok=True)
+        # listed once, before any is written: a kill midway leaves no PNG of ours unlisted
+        record_written(out_root, [f"{split}/{i}.png" for i in ids])
+    bar = tqdm(total=len(ids), desc=f"evaluate {split}", unit="img", disable=not progress)
+    for batch in _size_batches(store, split, ids, batch_size):
+        preds = predict_labels(model, [store.read_image(split, i) for i in batch], device)  # B x H x W
+        for image_id, pred in zip(batch, preds, strict=True):
+            if out_root is not None:
+                _write_png(out_root / split / f"{image_id}.png", pred)
+            masks = {cid: read_hand_or_none(store, kinds[name], name, image_id) for cid, name in new}
+            precise = store.read_labels(split, image_id, version="v1")
+            res = score_prediction(pred, precise, masks, num_precise=num_precise, num_classes=len(classes))
+            scores.add(image_id, pred, res)
+        bar.update(len(batch))
+    bar.close()
+    return scores.summary(ids, hand_mask_kinds=kinds)
 
 
 def _check_pred_dir(store: LabelStore, pred_dir: Path, *, splits: Sequence[str], max_images: int | None,
@@ -483,18 +361,18 @@ def evaluate_pseudo(
                     else "no image has both a pseudo label and a hand mask"
                 )
                 continue
-            total = _zeros(2)
+            total = zero_counts(2)
             per_image = []
             for image_id in both:
                 pseudo = read_pseudo_mask(store, name, split, image_id)
                 hand = read_hand_or_none(store, kinds, name, image_id)
                 assert hand is not None  # `both` holds only images with a hand mask
                 c = binary_counts(pseudo, hand)
-                _add(total, c)
-                s = _class_scores(c)
+                add_counts(total, c)
+                s = class_scores(c)
                 per_image.append({"id": image_id, "iou": s["iou"], "biou": s["biou"], "bf1": s["bf1"]})
             scored[split] = {
-                **_binary_summary(total, num_images=len(both), name=name,
+                **binary_summary(total, num_images=len(both), name=name,
                                   hand_mask_kind=sorted({kinds[i] for i in both})),
                 "num_hand_masks": len(kinds),
                 "num_pseudo": len(with_pseudo),

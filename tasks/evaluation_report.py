@@ -16,13 +16,8 @@ import numpy as np
 
 from storage.pseudo import read_pseudo_mask
 from storage.store import LabelStore, open_label_store
-from tasks.evaluate import (
-    SPLIT_ORDER,
-    all_classes_ground_truth,
-    hand_mask_kinds,
-    predict_labels,
-    read_hand_or_none,
-)
+from tasks.evaluate import SPLIT_ORDER, hand_mask_kinds, predict_labels, read_hand_or_none
+from tasks.evaluate_scoring import all_classes_ground_truth, new_class_indices
 from tasks.model_folder import load_trained_model
 from tasks.report import format_percent, per_class_table, select_images, summary_table, write_overlays
 from tasks.validation import CURVE_FILE, learning_curve_png
@@ -158,7 +153,35 @@ def write_evaluation_report(
     new_classes += [c for c in pseudo_classes if c not in new_classes]
     paths: dict[str, Path] = {}
 
-    md = [f"# {title}\n\n"]
+    md = [f"# {title}\n\n", *_intro(model_results)]
+    for name in new_classes:
+        md += _new_class_section(name, model_splits, pseudo_classes.get(name, {}), pseudo_results)
+    if model_splits:
+        md += _model_tables(model_splits)
+
+    curve = _learning_curve(model_results, out)
+    if curve is not None:
+        paths[curve.name] = curve
+        md.append(f"\n## Learning curve\n\nTraining loss and the validation scores during training.\n\n"
+                  f"![learning curve]({curve.name})\n")
+
+    overlays: dict[str, dict[str, list[str]]] = {}
+    if model_results and model_results["new_classes"]:
+        sections, overlays, overlay_paths = _overlay_sections(
+            out, model_results, pred_dir=pred_dir, model=model, k=k, max_width=max_width
+        )
+        md += sections
+        paths.update(overlay_paths)
+
+    doc = {"title": title, "model": model_results, "pseudo": pseudo_results, "overlays": overlays}
+    (out / "metrics.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    (out / "report.md").write_text("".join(md))
+    return {"metrics.json": out / "metrics.json", "report.md": out / "report.md", **paths}
+
+
+def _intro(model_results: Mapping[str, Any] | None) -> list[str]:
+    """The lines under the title: what was evaluated (with model results) and how the ground truth is made."""
+    md: list[str] = []
     if model_results:
         md.append(
             f"Store `{model_results['store']}`, checkpoint `{model_results.get('checkpoint')}`, "
@@ -172,73 +195,92 @@ def write_evaluation_report(
         "IoU and BIoU in %, "
         "BF1 as a fraction (2 px tolerance); `n/a`: class absent.\n"
     )
-    for name in new_classes:
-        pseudo_splits = pseudo_classes.get(name, {})
-        rows: dict[str, Mapping[str, Any]] = {
-            f"Pseudo Label ({s})": pseudo_splits[s] for s in _ordered(pseudo_splits)
-        }
-        for s in _ordered(model_splits):
-            if name in model_splits[s]["new_classes"]:
-                rows[f"Model ({s})"] = model_splits[s]["new_classes"][name]
-        md.append(f"\n## {name} (class vs rest, against hand masks)\n\n")
-        md.append(per_class_table(rows, classes=[name]) if rows else "No split has hand masks for it.\n")
-        if pseudo_results is not None:
-            skipped = pseudo_results.get("skipped", {}).get(name, {})
-            md.append(_pseudo_note(name, pseudo_splits, model_splits, skipped))
-    if model_splits:
-        precise = {f"Model ({s})": model_splits[s]["precise"] for s in _ordered(model_splits)}
-        md.append("\n## Precise classes (new classes folded into others, against v1)\n\n")
-        md.append(summary_table(precise) + "\n" + per_class_table(precise))
-        full = {
-            f"Model ({s})": model_splits[s]["all"] for s in _ordered(model_splits) if model_splits[s]["all"]
-        }
-        if full:
-            md.append("\n## All classes (hand masks carved into v1)\n\n")
-            md.append(summary_table(full) + "\n" + per_class_table(full))
+    return md
 
-    curve = _learning_curve(model_results, out)
-    if curve is not None:
-        paths[curve.name] = curve
-        md.append(f"\n## Learning curve\n\nTraining loss and the validation scores during training.\n\n"
-                  f"![learning curve]({curve.name})\n")
 
+def _new_class_section(
+    name: str,
+    model_splits: Mapping[str, Any],
+    pseudo_splits: Mapping[str, Any],
+    pseudo_results: Mapping[str, Any] | None,
+) -> list[str]:
+    """A new class's table: rows ``Pseudo Label (<split>)`` then ``Model (<split>)``, and the pseudo note."""
+    rows: dict[str, Mapping[str, Any]] = {
+        f"Pseudo Label ({s})": pseudo_splits[s] for s in _ordered(pseudo_splits)
+    }
+    for s in _ordered(model_splits):
+        if name in model_splits[s]["new_classes"]:
+            rows[f"Model ({s})"] = model_splits[s]["new_classes"][name]
+    md = [f"\n## {name} (class vs rest, against hand masks)\n\n"]
+    md.append(per_class_table(rows, classes=[name]) if rows else "No split has hand masks for it.\n")
+    if pseudo_results is not None:
+        skipped = pseudo_results.get("skipped", {}).get(name, {})
+        md.append(_pseudo_note(name, pseudo_splits, model_splits, skipped))
+    return md
+
+
+def _model_tables(model_splits: Mapping[str, Any]) -> list[str]:
+    """The 7-class tables and, where some split has it, the all-classes tables (one row per split)."""
+    precise = {f"Model ({s})": model_splits[s]["precise"] for s in _ordered(model_splits)}
+    md = ["\n## Precise classes (new classes folded into others, against v1)\n\n"]
+    md.append(summary_table(precise) + "\n" + per_class_table(precise))
+    full = {
+        f"Model ({s})": model_splits[s]["all"] for s in _ordered(model_splits) if model_splits[s]["all"]
+    }
+    if full:
+        md.append("\n## All classes (hand masks carved into v1)\n\n")
+        md.append(summary_table(full) + "\n" + per_class_table(full))
+    return md
+
+
+def _overlay_sections(
+    out: Path,
+    model_results: Mapping[str, Any],
+    *,
+    pred_dir: str | os.PathLike[str] | None,
+    model: Any,
+    k: int,
+    max_width: int | None,
+) -> tuple[list[str], dict[str, dict[str, list[str]]], dict[str, Path]]:
+    """Write the overlays of every new class.
+
+    Without saved predictions or a model to rerun, nothing is drawn and the section says so.
+
+    Returns:
+        ``(report.md sections, {class: {side: [path relative to out]}}, {path relative to out: path})``.
+    """
+    store = open_label_store(model_results["store"])
+    predict = _predictions(model_results, store, pred_dir=pred_dir, model=model)
+    if predict is None:
+        return ["\nNo overlays: no saved predictions (`pred_dir`) and no checkpoint to rerun.\n"], {}, {}
+    model_splits: Mapping[str, Any] = model_results.get("splits", {})
+    new = new_class_indices(model_results["classes"], model_results["num_precise"])
+    md: list[str] = []
     overlays: dict[str, dict[str, list[str]]] = {}
-    if model_results and model_results["new_classes"]:
-        store = open_label_store(model_results["store"])
-        predict = _predictions(model_results, store, pred_dir=pred_dir, model=model)
-        num_precise = model_results["num_precise"]
-        new = [(num_precise + j, c["name"]) for j, c in enumerate(model_results["classes"][num_precise:])]
-        for cid, name in new:
-            if predict is None:
-                break
-            entries = [
-                {"name": f"{s}/{e['id']}", "iou": e["new_classes"].get(name, {}).get("iou")}
-                for s in _ordered(model_splits)
-                for e in model_splits[s]["per_image"]
-            ]
-            chosen = select_images(entries, k=k, key="iou")
-            written = write_overlays(
-                out / "overlays" / name, entries, load=_overlay_loader(store, predict, cid, name, new),
-                k=k, key="iou", num_classes=len(model_results["classes"]), max_width=max_width,
-            )
-            overlays[name] = {s: [p.relative_to(out).as_posix() for p in ps] for s, ps in written.items()}
-            if not any(written.values()):
-                continue
-            md.append(
-                f"\n## Overlays: {name}, the {k} worst and best images by IoU\n\nPanels: image | prediction "
-                "| ground truth | pseudo label (where the image has one). Red: predicted boundary not within "
-                "2 px of the ground truth; yellow: missed ground-truth boundary.\n"
-            )
-            for side, ps in written.items():
-                for p, entry in zip(ps, chosen[side], strict=True):
-                    rel = p.relative_to(out).as_posix()
-                    paths[rel] = p
-                    score = format_percent(entry["iou"])
-                    md.append(f"\n{side} `{entry['name']}`, IoU {score} %\n\n![{p.stem}]({rel})\n")
-        if predict is None:
-            md.append("\nNo overlays: no saved predictions (`pred_dir`) and no checkpoint to rerun.\n")
-
-    doc = {"title": title, "model": model_results, "pseudo": pseudo_results, "overlays": overlays}
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    (out / "report.md").write_text("".join(md))
-    return {"metrics.json": out / "metrics.json", "report.md": out / "report.md", **paths}
+    paths: dict[str, Path] = {}
+    for cid, name in new:
+        entries = [
+            {"name": f"{s}/{e['id']}", "iou": e["new_classes"].get(name, {}).get("iou")}
+            for s in _ordered(model_splits)
+            for e in model_splits[s]["per_image"]
+        ]
+        chosen = select_images(entries, k=k, key="iou")
+        written = write_overlays(
+            out / "overlays" / name, entries, load=_overlay_loader(store, predict, cid, name, new),
+            k=k, key="iou", num_classes=len(model_results["classes"]), max_width=max_width,
+        )
+        overlays[name] = {s: [p.relative_to(out).as_posix() for p in ps] for s, ps in written.items()}
+        if not any(written.values()):
+            continue
+        md.append(
+            f"\n## Overlays: {name}, the {k} worst and best images by IoU\n\nPanels: image | prediction "
+            "| ground truth | pseudo label (where the image has one). Red: predicted boundary not within "
+            "2 px of the ground truth; yellow: missed ground-truth boundary.\n"
+        )
+        for side, ps in written.items():
+            for p, entry in zip(ps, chosen[side], strict=True):
+                rel = p.relative_to(out).as_posix()
+                paths[rel] = p
+                score = format_percent(entry["iou"])
+                md.append(f"\n{side} `{entry['name']}`, IoU {score} %\n\n![{p.stem}]({rel})\n")
+    return md, overlays, paths
