@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from common.errors import InputError, UnknownNameError
 from storage.registry import IGNORE_INDEX, PROV_IGNORE
 from storage.store import LabelStore, open_label_store
 
@@ -212,14 +213,14 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
             image_ids: A subset of the split's ids (in this order); default all of them.
         """
         if len(crop_size) != 2 or min(crop_size) < 1:
-            raise ValueError(f"Expected crop_size (height, width) >= 1. Got {crop_size!r} instead.")
+            raise InputError(f"Expected crop_size (height, width) >= 1. Got {crop_size!r} instead.")
         lo, hi = scale_range
         if not 0 < lo <= hi:
-            raise ValueError(
+            raise InputError(
                 f"Expected scale_range (low, high) with 0 < low <= high. Got {scale_range!r} instead."
             )
         if not 0 <= flip_prob <= 1:
-            raise ValueError(f"Expected flip_prob in [0, 1]. Got {flip_prob!r} instead.")
+            raise InputError(f"Expected flip_prob in [0, 1]. Got {flip_prob!r} instead.")
         self.store_path = Path(store)
         opened = open_label_store(self.store_path)
         self.version = opened.resolve_version(version)
@@ -232,10 +233,10 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
         else:
             unknown = sorted(set(image_ids) - set(all_ids))
             if unknown:
-                raise KeyError(f"Unknown image ids {unknown[:5]} in split {split!r} of {self.store_path}.")
+                raise UnknownNameError(f"Unknown image ids {unknown[:5]} in split {split!r} of {self.store_path}.")
             self.image_ids = list(image_ids)
         if not self.image_ids:
-            raise ValueError(f"Split {split!r} of {self.store_path} has no images.")
+            raise InputError(f"Split {split!r} of {self.store_path} has no images.")
         self.augment = augment
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = (float(lo), float(hi))
@@ -269,7 +270,7 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
         if self.label_lut is not None:
             labels = self.label_lut[labels]
         if not image.shape[:2] == labels.shape == provenance.shape:
-            raise ValueError(
+            raise InputError(
                 f"Image {image_id!r} is {image.shape[:2]} but its {self.version} labels are {labels.shape} "
                 f"and provenance {provenance.shape} in {self.store_path}."
             )
@@ -351,9 +352,9 @@ class StepSampler(Sampler[SampleKey]):
         seed: Seed of the permutations.
         """
         if num_images < 1 or batch_size < 1:
-            raise ValueError(f"Expected num_images, batch_size >= 1. Got {num_images}, {batch_size} instead.")
+            raise InputError(f"Expected num_images, batch_size >= 1. Got {num_images}, {batch_size} instead.")
         if not 0 <= start_step <= total_steps:
-            raise ValueError(
+            raise InputError(
                 f"Expected 0 <= start_step <= total_steps. Got {start_step}, {total_steps} instead."
             )
         self.num_images = num_images

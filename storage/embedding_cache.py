@@ -13,6 +13,7 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
+from common.errors import InputError
 from storage.store import open_label_store
 
 PREFIX = "cache"
@@ -28,7 +29,7 @@ class StoreEmbeddingCache:
 
     def _name(self, key: str) -> str:
         if ".." in key or key.startswith("/"):
-            raise ValueError(f"Bad embedding cache key {key!r}.")
+            raise InputError(f"Bad embedding cache key {key!r}.")
         return f"{PREFIX}/{key}"
 
     def get(self, key: str) -> torch.Tensor | None:

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.errors import StateError
+
 LOCK_NAME = ".addclass.lock"
 
 
-class StoreLockedError(RuntimeError):
+class StoreLockedError(StateError):
     """Another process is writing the store."""
 
 

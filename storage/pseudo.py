@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from common.errors import InputError, UnknownNameError
 from storage.names import parse_class_name, parse_image_id, parse_split
 from storage.store import LabelStore
 
@@ -30,7 +31,7 @@ def write_pseudo_result(store: LabelStore, class_name: str, split: str, image_id
     store._require_writable()
     rec = store.image_record(split, image_id)
     if mask.shape != (rec.height, rec.width):
-        raise ValueError(f"Pseudo mask for {image_id!r} is {mask.shape}, but the image is {(rec.height, rec.width)}.")
+        raise InputError(f"Pseudo mask for {image_id!r} is {mask.shape}, but the image is {(rec.height, rec.width)}.")
     store._write_array(_key(class_name, split, image_id), mask.astype(np.uint8),
                        attrs={"record": record, "settings_key": key}, overwrite=True)
 
@@ -49,10 +50,10 @@ def read_pseudo_mask(store: LabelStore, class_name: str, split: str, image_id: s
     try:
         arr = store.array(_key(class_name, split, image_id))
     except KeyError:
-        raise KeyError(f"No pseudo label for class {class_name!r}, image {image_id!r} ({split}) in {store.path}; "
+        raise UnknownNameError(f"No pseudo label for class {class_name!r}, image {image_id!r} ({split}) in {store.path}; "
                        f"run `addclass pseudo-label` first.") from None
     if not arr.attrs.get("done"):
-        raise KeyError(f"Pseudo label of {image_id!r} for {class_name!r} is unfinished; rerun pseudo-label.")
+        raise UnknownNameError(f"Pseudo label of {image_id!r} for {class_name!r} is unfinished; rerun pseudo-label.")
     return np.asarray(arr[...]).astype(bool)
 
 

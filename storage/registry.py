@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from common.errors import InputError
+
 ClassSource = Literal["precise", "pseudo"]
 
 PRECISE_CLASSES: tuple[str, ...] = ("others", "human", "building", "vegetation", "ground", "sky", "water")
@@ -41,7 +43,7 @@ class ClassInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClassInfo:
         if d.get("source") not in ("precise", "pseudo"):
-            raise ValueError(f"Expected class source 'precise' or 'pseudo'. Got {d.get('source')!r} instead.")
+            raise InputError(f"Expected class source 'precise' or 'pseudo'. Got {d.get('source')!r} instead.")
         return cls(
             id=int(d["id"]),
             name=str(d["name"]),

@@ -17,19 +17,21 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
+from common.errors import StateError, UserError
+
 SCHEMA_VERSION = 1
 ATTRS_KEY = "addclass"
 
 
-class StoreSchemaError(RuntimeError):
+class StoreSchemaError(StateError):
     """The store was written by a newer addclass (or is not an addclass store)."""
 
 
-class StoreCorruptError(RuntimeError):
+class StoreCorruptError(StateError):
     """Stored data is missing or damaged (the message names the image and version)."""
 
 
-class ImmutableError(PermissionError):
+class ImmutableError(UserError, PermissionError):
     """An attempt to modify published labels (precise labels and published versions never change)."""
 
 

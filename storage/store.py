@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from common.errors import InputError, StateError, UnknownNameError
 from storage.lock import store_lock
 from storage.names import parse_class_name, parse_image_id, parse_split, parse_version, version_number
 from storage.registry import (
@@ -100,15 +101,15 @@ class LabelStore:
             if c.name == name:
                 return c
         known = ", ".join(c.name for c in self.classes())
-        raise KeyError(f"Unknown class {name!r} in {self.path}; known classes: {known}.")
+        raise UnknownNameError(f"Unknown class {name!r} in {self.path}; known classes: {known}.")
 
     def add_class(self, info: ClassInfo) -> None:
         """Register a new class (id must be the next free id, name unique)."""
         existing = self.classes()
         if any(c.name == info.name for c in existing):
-            raise ValueError(f"Class {info.name!r} already exists in {self.path}.")
+            raise InputError(f"Class {info.name!r} already exists in {self.path}.")
         if info.id != len(existing):
-            raise ValueError(f"Expected the next class id {len(existing)} for {info.name!r}. Got {info.id}.")
+            raise InputError(f"Expected the next class id {len(existing)} for {info.name!r}. Got {info.id}.")
         self._doc["classes"] = [c.to_dict() for c in existing] + [info.to_dict()]
         self._save()
 
@@ -124,7 +125,7 @@ class LabelStore:
             return next(reversed(vs))
         parse_version(version)
         if version not in vs:
-            raise KeyError(f"Unknown label version {version!r} in {self.path}; published: {', '.join(vs)}.")
+            raise UnknownNameError(f"Unknown label version {version!r} in {self.path}; published: {', '.join(vs)}.")
         return version
 
     def next_version_name(self) -> str:
@@ -145,7 +146,7 @@ class LabelStore:
     def image_record(self, split: str, image_id: str) -> ImageRecord:
         recs = self._image_records(split)
         if image_id not in recs:
-            raise KeyError(f"Unknown image id {image_id!r} in split {split!r} of {self.path}.")
+            raise UnknownNameError(f"Unknown image id {image_id!r} in split {split!r} of {self.path}.")
         return ImageRecord.from_dict(recs[image_id])
 
     def image_records(self, split: str) -> list[ImageRecord]:
@@ -172,7 +173,7 @@ class LabelStore:
                 data = b""
             found = hashlib.sha256(data).hexdigest()  # as ingest's models.hashing.file_sha256, from one read
             if data and found != rec.sha256:
-                raise ValueError(f"Image {path} (id {image_id!r}, split {split!r}) changed since ingest (sha256 "
+                raise InputError(f"Image {path} (id {image_id!r}, split {split!r}) changed since ingest (sha256 "
                                  f"{found[:12]}..., recorded {rec.sha256[:12]}...); re-ingest the store.")
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         else:
@@ -180,7 +181,7 @@ class LabelStore:
         if bgr is None:
             raise FileNotFoundError(f"Cannot read image {path} (id {image_id!r}, split {split!r}).")
         if bgr.shape[:2] != (rec.height, rec.width):
-            raise ValueError(
+            raise InputError(
                 f"Image {path} (id {image_id!r}) is {bgr.shape[1]}x{bgr.shape[0]}, "
                 f"but the store recorded {rec.width}x{rec.height}: the file changed after ingest."
             )
@@ -292,7 +293,7 @@ class LabelStore:
         drafts = self._doc.setdefault("drafts", {})
         entry = {"parent": parent, "class_ids": list(class_ids), "policy": policy, "spec": spec}
         if version in drafts and drafts[version] != entry:
-            raise ValueError(f"Draft {version!r} of {self.path} was started with other settings: {drafts[version]}.")
+            raise InputError(f"Draft {version!r} of {self.path} was started with other settings: {drafts[version]}.")
         drafts[version] = entry
         for split in self.splits():
             for kind in ("labels", "provenance"):
@@ -303,7 +304,7 @@ class LabelStore:
         if version in self.versions() or version == "v1":
             raise ImmutableError(f"Label version {version!r} of {self.path} is published and immutable.")
         if version not in self._doc.get("drafts", {}):
-            raise KeyError(f"No draft version {version!r} in {self.path}; call begin_version first.")
+            raise UnknownNameError(f"No draft version {version!r} in {self.path}; call begin_version first.")
 
     def discard_draft(self, version: str) -> None:
         """Delete an unpublished draft version and its arrays. Published versions are refused (immutable).
@@ -330,7 +331,7 @@ class LabelStore:
         """Write one image of a draft version (labels + provenance). Rewrites an unfinished image."""
         self._require_draft(version)
         if labels.shape != provenance.shape:
-            raise ValueError(f"labels {labels.shape} and provenance {provenance.shape} differ for {image_id!r}.")
+            raise InputError(f"labels {labels.shape} and provenance {provenance.shape} differ for {image_id!r}.")
         self._write_array(self._label_key(version, split, image_id, kind="provenance"), provenance,
                           attrs={}, overwrite=True)
         self._write_array(self._label_key(version, split, image_id), labels,
@@ -342,7 +343,7 @@ class LabelStore:
         missing = [f"{s}/{i}" for s in self.splits() for i in self.image_ids(s)
                    if not self.version_image_done(version, s, i)]
         if missing:
-            raise RuntimeError(f"Cannot publish {version!r}: {len(missing)} images unwritten, e.g. {missing[:5]}.")
+            raise StateError(f"Cannot publish {version!r}: {len(missing)} images unwritten, e.g. {missing[:5]}.")
         draft = self._doc["drafts"].pop(version)
         info = VersionInfo(
             name=version, parent=draft["parent"], class_ids=tuple(draft["class_ids"]), created=now_iso(),
@@ -366,12 +367,12 @@ class LabelStore:
                         mask: np.ndarray) -> None:
         """Write a hand-annotated binary mask (0/1, 255 ignore) kept apart from the training labels."""
         if kind not in ("eval", "reference"):
-            raise ValueError(f"Expected hand mask kind 'eval' or 'reference'. Got {kind!r} instead.")
+            raise InputError(f"Expected hand mask kind 'eval' or 'reference'. Got {kind!r} instead.")
         self._require_writable()
         class_name, split = parse_class_name(class_name), parse_split(split)
         bad = np.setdiff1d(np.unique(mask), [0, 1, IGNORE_INDEX])
         if bad.size:
-            raise ValueError(f"Hand mask {kind}/{class_name}/{image_id} has values {bad.tolist()} (expected 0/1/255).")
+            raise InputError(f"Hand mask {kind}/{class_name}/{image_id} has values {bad.tolist()} (expected 0/1/255).")
         self._write_array(f"{kind}/{class_name}/{parse_image_id(image_id)}", mask.astype(np.uint8),
                           attrs={"split": split}, overwrite=False)
         sets = self._doc.setdefault("hand_masks", {}).setdefault(kind, {})
@@ -384,7 +385,7 @@ class LabelStore:
         try:
             return np.asarray(self.array(key)[...])
         except KeyError:
-            raise KeyError(f"No {kind} mask for class {class_name!r}, image {image_id!r} in {self.path}.") from None
+            raise UnknownNameError(f"No {kind} mask for class {class_name!r}, image {image_id!r} in {self.path}.") from None
 
     # ------------------------------------------------------------------ generic attrs and arrays for tasks
     def section(self, name: str) -> dict[str, Any]:
@@ -404,7 +405,7 @@ class LabelStore:
         """The zarr array at `key` (KeyError if there is none, or a group is there)."""
         node = self._root[key]
         if not isinstance(node, zarr.Array):
-            raise KeyError(f"{key!r} in {self.path} is a group, not an array.")
+            raise UnknownNameError(f"{key!r} in {self.path} is a group, not an array.")
         return node
 
     @contextmanager
@@ -433,7 +434,7 @@ class LabelStore:
         ids = [parse_image_id(r.id) for r in records]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise ValueError(f"Duplicate image ids in split {split!r}: {dup[:10]}.")
+            raise InputError(f"Duplicate image ids in split {split!r}: {dup[:10]}.")
         group = self._root.require_group(f"images/{split}")
         group.attrs["records"] = {r.id: r.to_dict() for r in records}
         self._doc["splits"][split] = ids
@@ -454,7 +455,7 @@ def open_label_store(path: str | os.PathLike[str], *, mode: Literal["r", "a"] = 
     if not (p / "zarr.json").is_file():
         raise FileNotFoundError(f"No label store at {p} (missing {p / 'zarr.json'}). Create one with `addclass ingest`.")
     if mode not in ("r", "a"):
-        raise ValueError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
+        raise InputError(f"Expected mode 'r' or 'a'. Got {mode!r} instead.")
     return LabelStore(p, mode=mode)
 
 
@@ -476,7 +477,7 @@ def build_label_store(path: str | os.PathLike[str], *, name: str, source: str, o
                                   f"(--overwrite) only replaces a label store. Choose another path.")
         for src in map(Path, sources):
             if src.resolve() == final.resolve() or final.resolve() in src.resolve().parents:
-                raise ValueError(f"The source {src} is inside {final}, which overwrite=True (--overwrite) would "
+                raise InputError(f"The source {src} is inside {final}, which overwrite=True (--overwrite) would "
                                  f"delete. Write the store to another path.")
     with staged_dir(final, guard=lambda: store_lock(final, purpose="overwrite by ingest")) as tmp:
         zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -484,5 +485,5 @@ def build_label_store(path: str | os.PathLike[str], *, name: str, source: str, o
         store._init_doc(name=name, source=source)
         yield store
         if not store.splits():
-            raise ValueError(f"Refusing to create an empty store at {final}: no images were ingested.")
+            raise InputError(f"Refusing to create an empty store at {final}: no images were ingested.")
         store._finish_build()

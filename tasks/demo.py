@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from common.errors import InputError
+
 if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults without loading torch
     from tasks.pseudo_label import LabelerConfig
 
@@ -55,12 +57,12 @@ def pseudo_label_scores(store_path: str | os.PathLike[str], *, class_name: str, 
     from tasks.pseudo_label import build_labeler
 
     if labeler.kind != "simulated":
-        raise ValueError(f"Expected the simulated labeler (it reads hand masks). Got {labeler.kind!r} instead.")
+        raise InputError(f"Expected the simulated labeler (it reads hand masks). Got {labeler.kind!r} instead.")
     store = open_label_store(store_path)
     kind: Literal["eval", "reference"] = "eval" if split == "test" else "reference"
     ids = store.hand_mask_ids(kind, class_name, split)
     if not ids:
-        raise ValueError(f"{store.path} has no {kind}/{class_name} hand masks on split {split!r}.")
+        raise InputError(f"{store.path} has no {kind}/{class_name} hand masks on split {split!r}.")
     model = build_labeler(labeler, store_path=store_path)
     total: dict[str, Any] | None = None
     for image_id in ids:

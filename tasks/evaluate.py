@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.errors import InputError
 from models.metrics import binary_counts
 from storage.names import parse_split
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask
@@ -105,14 +106,14 @@ def _resolve_classes(
     classes = [{"id": i, "name": registry[i].name, "source": registry[i].source} for i in ids]
     num_precise = sum(c["source"] == "precise" for c in classes)
     if [c["source"] for c in classes] != ["precise"] * num_precise + ["pseudo"] * (len(ids) - num_precise):
-        raise ValueError(f"Expected precise classes 0..{num_precise - 1} before the new classes: {classes}.")
+        raise InputError(f"Expected precise classes 0..{num_precise - 1} before the new classes: {classes}.")
     if model_classes is not None and model_classes != len(ids):
-        raise ValueError(
+        raise InputError(
             f"The model predicts {model_classes} classes but label version {version!r} of {store.path} has "
             f"{len(ids)} ({[c['name'] for c in classes]}). Evaluate against the version it was trained on."
         )
     if names_expected is not None and list(names_expected) != [c["name"] for c in classes]:
-        raise ValueError(
+        raise InputError(
             f"The checkpoint's classes {list(names_expected)} differ from those of label version "
             f"{version!r}: {[c['name'] for c in classes]}."
         )
@@ -129,7 +130,7 @@ def _present_splits(store: LabelStore, splits: Sequence[str]) -> list[str]:
     wanted = [parse_split(s) for s in splits]
     present = [s for s in wanted if s in store.splits()]
     if not present:
-        raise ValueError(f"None of the splits {wanted} to evaluate is in {store.path} (it has {store.splits()}).")
+        raise InputError(f"None of the splits {wanted} to evaluate is in {store.path} (it has {store.splits()}).")
     return present
 
 
@@ -149,11 +150,11 @@ def predict_labels(model: Any, images: list[np.ndarray], device: str) -> np.ndar
         labels = model.predict(batch)  # B x H x W
     out = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if out.shape != (len(images), *images[0].shape[:2]):
-        raise ValueError(
+        raise InputError(
             f"model.predict returned shape {out.shape} for {len(images)} images of {images[0].shape}."
         )
     if out.size and (out.min() < 0 or out.max() > 255):
-        raise ValueError(f"model.predict returned labels outside 0..255 ({out.min()}..{out.max()}).")
+        raise InputError(f"model.predict returned labels outside 0..255 ({out.min()}..{out.max()}).")
     return out.astype(np.uint8)  # B x H x W
 
 
@@ -201,7 +202,7 @@ def evaluate_model(
         class scores}, all: means | None}], split order)}}.
     """
     if batch_size < 1:
-        raise ValueError(f"Expected batch_size >= 1. Got {batch_size} instead.")
+        raise InputError(f"Expected batch_size >= 1. Got {batch_size} instead.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     store = open_label_store(store_path)
@@ -243,7 +244,7 @@ def _prepare_model(
     cfg: dict[str, Any] = {}
     if model is None:
         if checkpoint is None:
-            raise ValueError("Pass a checkpoint (a training output folder) or a model.")
+            raise InputError("Pass a checkpoint (a training output folder) or a model.")
         folder = resolve_model_dir(checkpoint)
         model, cfg = load_trained_model(folder, device=device), read_model_config(folder)
     elif hasattr(model, "eval"):

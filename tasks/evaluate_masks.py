@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.errors import InputError
 from models.metrics import MetricAccumulator, metrics_from_counts, metrics_summary
 
 __all__ = ["evaluate_mask_folders", "folder_loader", "list_label_pngs", "read_label_png"]
@@ -39,7 +40,7 @@ def list_label_pngs(folder: str | Path) -> list[str]:
         raise FileNotFoundError(f"Label folder {str(folder)!r} does not exist or is not a directory.")
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
     if not names:
-        raise ValueError(f"Label folder {str(folder)!r} contains no .png files.")
+        raise InputError(f"Label folder {str(folder)!r} contains no .png files.")
     return names
 
 
@@ -57,14 +58,14 @@ def read_label_png(path: str | Path) -> np.ndarray:
     """
     labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if labels is None:
-        raise ValueError(f"Cannot read {str(path)!r} as an image.")
+        raise InputError(f"Cannot read {str(path)!r} as an image.")
     if labels.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} is not a single-channel label map: shape {labels.shape}. Save label maps as "
             "8-bit grayscale PNGs of class ids (palette/colour PNGs are decoded to colour by OpenCV)."
         )
     if labels.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"{str(path)!r} has dtype {labels.dtype}; expected an 8- or 16-bit label PNG.")
+        raise InputError(f"{str(path)!r} has dtype {labels.dtype}; expected an 8- or 16-bit label PNG.")
     return labels
 
 
@@ -77,7 +78,7 @@ def _check_names(pred_names: list[str], gt_names: list[str], pred_dir: Path, gt_
             parts.append(f"{len(only_pred)} only in {str(pred_dir)!r} (first: {only_pred[:5]})")
         if only_gt:
             parts.append(f"{len(only_gt)} only in {str(gt_dir)!r} (first: {only_gt[:5]})")
-        raise ValueError("Prediction and ground-truth file names differ: " + "; ".join(parts) + ".")
+        raise InputError("Prediction and ground-truth file names differ: " + "; ".join(parts) + ".")
 
 
 def _check_values(labels: np.ndarray, path: Path, *, num_classes: int, ignore_index: int | None) -> None:
@@ -87,7 +88,7 @@ def _check_values(labels: np.ndarray, path: Path, *, num_classes: int, ignore_in
     bad = values[(values >= num_classes) & (values != (-1 if ignore_index is None else ignore_index))]
     if bad.size:
         allowed = f"0..{num_classes - 1}" + ("" if ignore_index is None else f" or {ignore_index} (ignore)")
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} holds values {bad[:10].tolist()} outside the classes: expected {allowed} "
             f"(--num-classes {num_classes})."
         )
@@ -145,7 +146,7 @@ def evaluate_mask_folders(
         gt = read_label_png(gt_dir / name)
         pred = read_label_png(pred_dir / name)
         if pred.shape != gt.shape:
-            raise ValueError(
+            raise InputError(
                 f"{name!r}: prediction {str(pred_dir / name)!r} is {pred.shape[0]}x{pred.shape[1]} but "
                 f"ground truth {str(gt_dir / name)!r} is {gt.shape[0]}x{gt.shape[1]} (H x W)."
             )

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import InputError
 from models.metrics import (
     COUNT_KEYS,
     binary_counts,
@@ -71,7 +72,7 @@ def all_classes_ground_truth(precise: np.ndarray, hand_masks: Sequence[tuple[int
     for class_id, mask in hand_masks:
         mask = np.asarray(mask)
         if mask.shape != gt.shape:
-            raise ValueError(f"Hand mask is {mask.shape}, labels are {gt.shape}.")
+            raise InputError(f"Hand mask is {mask.shape}, labels are {gt.shape}.")
         free = gt == 0  # still "others": not a precise class, not an earlier new class, not ignore
         gt[free & (mask == 1)] = class_id
         gt[free & (mask == IGNORE_INDEX)] = IGNORE_INDEX
@@ -116,7 +117,7 @@ def score_prediction(
     """
     pred = np.asarray(pred)
     if pred.shape != precise.shape:
-        raise ValueError(f"Prediction is {pred.shape}, ground truth is {precise.shape}.")
+        raise InputError(f"Prediction is {pred.shape}, ground truth is {precise.shape}.")
     counts: dict[str, Any] = {"new_classes": {}, "all": None}
     scores: dict[str, Any] = {"new_classes": {}, "all": None}
     counts["precise"] = image_counts(fold_new_classes(pred, num_precise), precise, num_classes=num_precise)

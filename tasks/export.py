@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import InputError
 from models.palette import class_color
 from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_record
 from storage.registry import IGNORE_INDEX
@@ -139,7 +140,7 @@ def export_mmseg(store_path: str | os.PathLike[str], *, version: str, out_dir: s
                 present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
                 bad = np.setdiff1d(present, [*ids, IGNORE_INDEX])
                 if bad.size:
-                    raise ValueError(f"Labels of {rec.id!r} ({split}, {version}) hold ids {bad.tolist()} "
+                    raise InputError(f"Labels of {rec.id!r} ({split}, {version}) hold ids {bad.tolist()} "
                                      f"outside the version's classes {ids}.")
                 png = ann_dir / f"{rec.id}.png"
                 if not cv2.imwrite(str(png), lut[labels] if remapped else labels):
@@ -192,12 +193,12 @@ def export_coco_rle(store_path: str | os.PathLike[str], *, classes: str | Sequen
     if classes is None:
         names = sorted(runs)
         if not names:
-            raise ValueError(f"No pseudo-labelled class in {store.path}; run `addclass pseudo-label` first.")
+            raise InputError(f"No pseudo-labelled class in {store.path}; run `addclass pseudo-label` first.")
     else:
         names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
         unknown = [n for n in names if n not in runs]
         if unknown or not names:
-            raise ValueError(f"Not pseudo-labelled in {store.path}: {unknown or names}; "
+            raise InputError(f"Not pseudo-labelled in {store.path}: {unknown or names}; "
                              f"pseudo-labelled classes: "
                              f"{', '.join(sorted(runs)) or 'none'}.")
     registry = {c.name: c for c in store.classes()}
@@ -243,11 +244,11 @@ def _annotations(store: LabelStore, cat: dict[str, Any], split: str, image_id: s
     instances, boxes, scores = record.get("instances", []), record.get("boxes", []), record.get("scores", [])
     phrases = record.get("phrases", [""] * len(instances))
     if not (len(instances) == len(boxes) == len(scores)):
-        raise ValueError(f"Pseudo record of {image_id!r} ({cat['name']}) has {len(instances)} masks, "
+        raise InputError(f"Pseudo record of {image_id!r} ({cat['name']}) has {len(instances)} masks, "
                          f"{len(boxes)} boxes and {len(scores)} scores.")
     for k, (rle, box, score) in enumerate(zip(instances, boxes, scores, strict=True)):
         if [int(v) for v in rle["size"]] != list(shape) or isinstance(rle["counts"], (str, bytes)):
-            raise ValueError(f"Pseudo instance {k} of {image_id!r} ({cat['name']}) is not uncompressed RLE "
+            raise InputError(f"Pseudo instance {k} of {image_id!r} ({cat['name']}) is not uncompressed RLE "
                              f"of size {list(shape)}.")
         out.append({"id": start + k, "image_id": image_num, "category_id": cat["id"],
                     "segmentation": {"size": list(shape), "counts": [int(c) for c in rle["counts"]]},

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from common.errors import InputError
 from models.hashing import file_sha256
 from storage.names import parse_image_id
 from storage.registry import IGNORE_INDEX, PRECISE_CLASSES, ImageRecord
@@ -58,10 +59,10 @@ def read_rgb(path: Path, *, image_id: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"Missing image file {path} (image id {image_id!r}).")
     if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_is_complete(path):
-        raise ValueError(f"Image {path} (image id {image_id!r}) is cut short: no JPEG end marker. Copy it again.")
+        raise InputError(f"Image {path} (image id {image_id!r}) is cut short: no JPEG end marker. Copy it again.")
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise ValueError(f"Cannot decode image {path} (image id {image_id!r}): unreadable or corrupt.")
+        raise InputError(f"Cannot decode image {path} (image id {image_id!r}): unreadable or corrupt.")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -76,23 +77,23 @@ def read_label_png(path: Path, *, image_id: str) -> np.ndarray:
             mode, bands = im.mode, len(im.getbands())
             lab = np.asarray(im) if mode in ("L", "P") else None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"Cannot decode annotation {path} (image id {image_id!r}): unreadable or corrupt "
+        raise InputError(f"Cannot decode annotation {path} (image id {image_id!r}): unreadable or corrupt "
                          f"({e}).") from None
     if lab is None:
         if bands != 1:
-            raise ValueError(f"Annotation {path} (image id {image_id!r}) has {bands} channels ({mode}); expected "
+            raise InputError(f"Annotation {path} (image id {image_id!r}) has {bands} channels ({mode}); expected "
                              "a single-channel (grey or palette) label map.")
-        raise ValueError(f"Annotation {path} (image id {image_id!r}) is a {mode} image; expected 8-bit labels.")
+        raise InputError(f"Annotation {path} (image id {image_id!r}) is a {mode} image; expected 8-bit labels.")
     return np.ascontiguousarray(lab, dtype=np.uint8)
 
 
 def check_labels(labels: np.ndarray, *, allowed: np.ndarray, image_hw: tuple[int, int], where: str) -> None:
     if labels.shape != image_hw:
-        raise ValueError(f"{where}: label size {labels.shape[1]}x{labels.shape[0]} differs from the image "
+        raise InputError(f"{where}: label size {labels.shape[1]}x{labels.shape[0]} differs from the image "
                          f"size {image_hw[1]}x{image_hw[0]}.")
     bad = np.setdiff1d(np.unique(labels), allowed)
     if bad.size:
-        raise ValueError(f"{where}: label values {bad.tolist()} are outside the class set {allowed.tolist()}.")
+        raise InputError(f"{where}: label values {bad.tolist()} are outside the class set {allowed.tolist()}.")
 
 
 def _pair_folder(images: Path, annotations: Path, *, label_ext: str = ".png") -> list[Sample]:
@@ -105,13 +106,13 @@ def _pair_folder(images: Path, annotations: Path, *, label_ext: str = ".png") ->
         raise FileNotFoundError(f"Missing annotation folder {annotations}.")
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise ValueError(f"Empty split: no {'/'.join(IMAGE_EXTS)} images in {images}.")
+        raise InputError(f"Empty split: no {'/'.join(IMAGE_EXTS)} images in {images}.")
     seen: dict[str, Path] = {}
     samples = []
     for f in files:
         image_id = parse_image_id(f.stem)
         if image_id in seen:
-            raise ValueError(f"Duplicate image id {image_id!r}: {seen[image_id]} and {f}.")
+            raise InputError(f"Duplicate image id {image_id!r}: {seen[image_id]} and {f}.")
         seen[image_id] = f
         samples.append(Sample(id=image_id, image=f, annotation=annotations / f"{f.stem}{label_ext}"))
     stems = {f.stem for f in files}
@@ -127,7 +128,7 @@ def _check_unique_across_splits(splits: dict[str, list[Sample]]) -> None:
     for split, samples in splits.items():
         for s in samples:
             if s.id in owner:
-                raise ValueError(f"Duplicate image id {s.id!r} in splits {owner[s.id]!r} and {split!r}.")
+                raise InputError(f"Duplicate image id {s.id!r} in splits {owner[s.id]!r} and {split!r}.")
             owner[s.id] = split
 
 
@@ -138,7 +139,7 @@ def _ingest_split(store: LabelStore, split: str, samples: list[Sample], *, conve
         image = read_rgb(s.image, image_id=s.id)
         raw = read_label_png(s.annotation, image_id=s.id)
         if raw.shape != image.shape[:2]:
-            raise ValueError(f"{s.annotation}: label size {raw.shape[1]}x{raw.shape[0]} differs from image "
+            raise InputError(f"{s.annotation}: label size {raw.shape[1]}x{raw.shape[0]} differs from image "
                              f"{s.image} size {image.shape[1]}x{image.shape[0]} (image id {s.id!r}).")
         precise, hand = convert(raw, s)
         store.write_precise_labels(split, s.id, precise)
@@ -200,7 +201,7 @@ def ingest_camvid(src: str | os.PathLike[str], store: str | os.PathLike[str], *,
     never looks at test. Car hand masks go to `reference/car` (train, val) and `eval/car` (test).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"Expected val_fraction in [0, 1). Got {val_fraction} instead.")
+        raise InputError(f"Expected val_fraction in [0, 1). Got {val_fraction} instead.")
     src = Path(src)
     train = _pair_folder(src / "train", src / "trainannot")
     test = _pair_folder(src / "test", src / "testannot")
@@ -223,7 +224,7 @@ def ingest_camvid(src: str | os.PathLike[str], store: str | os.PathLike[str], *,
 def synthetic_split_sizes(n: int) -> dict[str, int]:
     """60 / 20 / 20 % train / val / test, at least one image in each split."""
     if n < 3:
-        raise ValueError(f"Expected at least 3 synthetic images (one per split). Got {n} instead.")
+        raise InputError(f"Expected at least 3 synthetic images (one per split). Got {n} instead.")
     n_val = n_test = max(1, round(n * 0.2))
     return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
 

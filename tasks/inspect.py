@@ -9,6 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.errors import InputError, UnknownNameError
 from models.palette import colorize
 from storage.registry import IGNORE_INDEX, PROV_PSEUDO
 from storage.store import LabelStore, open_label_store
@@ -124,7 +125,7 @@ def find_split(store: LabelStore, image_id: str) -> str:
     for split in store.splits():
         if image_id in store.image_ids(split):
             return split
-    raise KeyError(f"Unknown image id {image_id!r} in {store.path}.")
+    raise UnknownNameError(f"Unknown image id {image_id!r} in {store.path}.")
 
 
 def render_overlay(path: str | os.PathLike[str], image_id: str, *, version: str = "latest") -> np.ndarray:
@@ -146,7 +147,7 @@ def write_overlay_png(path: str | os.PathLike[str], image_id: str, out: str | os
     """Writes the overlay of `image_id` to the PNG file `out` (refused if it exists, unless `overwrite`)."""
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"Expected a .png file to write the overlay to. Got {out} instead.")
+        raise InputError(f"Expected a .png file to write the overlay to. Got {out} instead.")
     if out.is_dir() or (out.exists() and not overwrite):
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it." if not out.is_dir()
                               else f"{out} is a folder; name the .png file to write.")

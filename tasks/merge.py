@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import InputError, StateError, UnknownNameError
 from models.labelers.label_record import rle_decode
 from storage.pseudo import pseudo_done, read_pseudo_mask, read_pseudo_record
 from storage.registry import IGNORE_INDEX, PROV_PSEUDO, VersionInfo
@@ -87,7 +88,7 @@ def merge_spec(store: str | os.PathLike[str] | LabelStore, version: str) -> dict
     st = store if isinstance(store, LabelStore) else open_label_store(store)
     specs = st.section(SECTION)
     if version not in specs:
-        raise KeyError(f"No merge spec for version {version!r} in {st.path} (v1 is the precise labels).")
+        raise UnknownNameError(f"No merge spec for version {version!r} in {st.path} (v1 is the precise labels).")
     return dict(specs[version])
 
 
@@ -106,7 +107,7 @@ def _score_map(record: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
     for rle, s in zip(record.get("instances", []), record.get("scores", []), strict=False):
         m = rle_decode(rle)
         if m.shape != shape:
-            raise ValueError(f"Pseudo instance mask is {m.shape}, expected {shape}.")
+            raise InputError(f"Pseudo instance mask is {m.shape}, expected {shape}.")
         np.maximum(score, np.float32(s), out=score, where=m)
     return score
 
@@ -140,7 +141,7 @@ def merge_labels(parent_labels: np.ndarray, parent_provenance: np.ndarray, masks
         return labels, prov
     overlap = np.add.reduce([m.astype(np.uint8) for m in masks]) > 1
     if scores is None and overlap.any():
-        raise ValueError("Overlapping pseudo masks need per-class score maps.")
+        raise InputError("Overlapping pseudo masks need per-class score maps.")
     best = np.full(parent_labels.shape, -np.inf, np.float32)
     winner = np.full(parent_labels.shape, -1, np.int16)
     for k, m in enumerate(masks):
@@ -187,7 +188,7 @@ def merge_image(store_path: str | os.PathLike[str], version: str, split: str, im
             continue
         key = info["settings_key"]
         if not _pseudo_ready(store, name, split, image_id, key=key):
-            raise RuntimeError(f"The pseudo label of {image_id!r} ({split}) for {name!r} changed or "
+            raise StateError(f"The pseudo label of {image_id!r} ({split}) for {name!r} changed or "
                                f"disappeared after merge {version!r} was planned; rerun `addclass merge`.")
         masks.append(read_pseudo_mask(store, name, split, image_id))
         ids.append(int(spec["class_ids"][name]))
@@ -236,16 +237,16 @@ def _finish_locked(store: LabelStore, plan: MergePlan) -> VersionInfo:
     store.refresh()
     if plan.version in store.versions():
         if store.section(SECTION).get(plan.version) != plan.spec:
-            raise RuntimeError(f"Version {plan.version!r} of {store.path} was published by another merge.")
+            raise StateError(f"Version {plan.version!r} of {store.path} was published by another merge.")
         return store.versions()[plan.version]
     draft = store.drafts().get(plan.version)
     if draft is None or draft.get("spec") != plan.spec:
-        raise RuntimeError(f"Draft {plan.version!r} of {store.path} is gone or differs from the plan; "
+        raise StateError(f"Draft {plan.version!r} of {store.path} is gone or differs from the plan; "
                            "rerun `addclass merge`.")
     registry = {c.name: c.id for c in store.classes()}
     for c in plan.new_classes:
         if registry.get(c.name, c.id) != c.id:
-            raise RuntimeError(f"Class {c.name!r} was registered with id {registry[c.name]} by another "
+            raise StateError(f"Class {c.name!r} was registered with id {registry[c.name]} by another "
                                f"merge while this one planned id {c.id}; rerun `addclass merge`.")
     new_classes = [c for c in plan.new_classes if c.name not in registry]  # another merge may have added it
     specs = store.section(SECTION)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import InputError
 from storage.names import parse_class_name
 from storage.pseudo import missing_pseudo, pseudo_runs
 from storage.registry import IGNORE_INDEX, ClassInfo
@@ -24,7 +25,7 @@ SPEC_FORMAT = 1
 OVERLAP_RULE = "highest-score, ties to the earlier class"
 
 
-class MergeError(ValueError):
+class MergeError(InputError):
     """Bad merge input: unknown class or parent, class not pseudo-labelled, partially labelled split, ..."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import InputError, UserError
 from models.hashing import bytes_sha256, file_sha256
 from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
 from models.massformer.model import MaSSFormer
@@ -51,7 +52,7 @@ FORMAT = "addclass-massformer"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError, ValueError):
+class CheckpointError(UserError, RuntimeError, ValueError):
     """A model or checkpoint folder is corrupt, is not an addclass model, or does not fit the run or model
     that tries to use it; the message names the file.
 
@@ -251,7 +252,7 @@ def build_model(config: Mapping[str, Any]) -> MaSSFormer:
     """
     variant = config["variant"]
     if variant not in MODEL_BUILDERS:
-        raise ValueError(f"Unknown model variant {variant!r}; this addclass knows {sorted(MODEL_BUILDERS)}.")
+        raise InputError(f"Unknown model variant {variant!r}; this addclass knows {sorted(MODEL_BUILDERS)}.")
     pixel_decoder = config.get("pixel_decoder", "hr")
     model = MODEL_BUILDERS[variant](int(config["num_classes"]), pixel_decoder=pixel_decoder)
     model.test_scale = float(config.get("test_scale", 1.0))  # folders from before test_scale: 1

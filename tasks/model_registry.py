@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any
 
+from common.errors import InputError, UnknownNameError
 from models.hashing import json_hash
 from storage.store import now_iso, open_label_store
 
@@ -66,7 +67,7 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
         "previous_score", "compared_on" (the terms both models were scored on; their means decided)}.
     """
     if promote not in ("if-better", "always", "never"):
-        raise ValueError(f"Expected promote in ('if-better', 'always', 'never'). Got {promote!r} instead.")
+        raise InputError(f"Expected promote in ('if-better', 'always', 'never'). Got {promote!r} instead.")
     store = open_label_store(store_path, mode="a")
     reg = store.section(SECTION) or {"champion": None, "models": {}}
     score = selection_score(metrics, split=split)
@@ -106,7 +107,7 @@ def resolve_init_model(store_path: str | os.PathLike[str], init_model: str | Non
         reg = list_models(store_path) or {}
         champion = reg.get("champion")
         if champion is None or champion not in reg.get("models", {}):
-            raise KeyError(
+            raise UnknownNameError(
                 f"init_model='champion' but {store_path} has no champion model yet: run add-class or retrain "
                 "once without init_model, or pass a model folder."
             )

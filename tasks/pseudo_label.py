@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import InputError, StateError
 from models.hashing import json_hash
 from models.labelers.base import Labeler
 from models.labelers.build import LabelerConfig  # flows and benches import them from here
@@ -80,7 +81,7 @@ def check_prompt(store: LabelStore, prompt: str) -> str:
     name = class_name_from_prompt(prompt)
     existing = {c.name for c in store.classes()}
     if name in existing:
-        raise ValueError(f"Prompt {prompt!r} names class {name!r}, which already exists in {store.path} "
+        raise InputError(f"Prompt {prompt!r} names class {name!r}, which already exists in {store.path} "
                          f"(classes: {', '.join(sorted(existing))}).")
     return name
 
@@ -104,22 +105,22 @@ def plan_pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split:
                       labeler: LabelerConfig, batch_size: int = 8) -> PseudoPlan:
     """Validate the inputs and list the batches still to label (nothing is written)."""
     if batch_size < 1:
-        raise ValueError(f"Expected batch_size >= 1. Got {batch_size} instead.")
+        raise InputError(f"Expected batch_size >= 1. Got {batch_size} instead.")
     store = open_label_store(store_path)
     split = parse_split(split)
     name = check_prompt(store, prompt)
     earlier = pseudo_runs(store).get(name, {}).get("prompt")
     if earlier is not None and earlier != prompt:
-        raise ValueError(f"Prompt {prompt!r} names class {name!r}, whose pseudo labels in {store.path} come from "
+        raise InputError(f"Prompt {prompt!r} names class {name!r}, whose pseudo labels in {store.path} come from "
                          f"prompt {earlier!r}; rerun with {earlier!r} (it resumes) or choose a prompt that names "
                          "another class. Nothing was relabelled.")
     ids = store.image_ids(split)
     if not ids:
-        raise ValueError(f"Split {split!r} of {store.path} has no images.")
+        raise InputError(f"Split {split!r} of {store.path} has no images.")
     if labeler.entry.reads_reference:
         have = set(store.hand_mask_ids("reference", name, split))
         if split == "test" or not have:
-            raise ValueError(f"The {labeler.kind} labeler needs reference/{name} hand masks for split "
+            raise InputError(f"The {labeler.kind} labeler needs reference/{name} hand masks for split "
                              f"{split!r} (evaluation masks never feed a labeler); {store.path} has none.")
     key = settings_key({"prompt": prompt, **labeler.resume_settings()})
     todo = missing_pseudo(store, name, split, key=key)
@@ -164,7 +165,7 @@ def finish_pseudo_label(plan: PseudoPlan, *, detections: int) -> dict[str, Any]:
     store = open_label_store(plan.store, mode="a")
     left = missing_pseudo(store, plan.class_name, plan.split, key=plan.key)
     if left:
-        raise RuntimeError(f"{len(left)} images of {plan.split!r} still lack a pseudo label, e.g. {left[:5]}.")
+        raise StateError(f"{len(left)} images of {plan.split!r} still lack a pseudo label, e.g. {left[:5]}.")
     settings = labeler_settings(plan)
     record_pseudo_run(store, plan.class_name, prompt=plan.prompt, labeler=settings, key=plan.key, split=plan.split,
                       images=len(store.image_ids(plan.split)), detections=detections)
@@ -206,16 +207,16 @@ def import_pseudo(store_path: str | os.PathLike[str], *, class_name: str, masks_
     masks: dict[str, tuple[str, np.ndarray]] = {}
     for f in files:
         if f.stem not in where:
-            raise ValueError(f"Mask {f} names image id {f.stem!r}, which is not in {store.path}.")
+            raise InputError(f"Mask {f} names image id {f.stem!r}, which is not in {store.path}.")
         m = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
         if m is None or m.ndim != 2:
-            raise ValueError(f"Mask {f} is unreadable or not a single-channel PNG.")
+            raise InputError(f"Mask {f} is unreadable or not a single-channel PNG.")
         rec = store.image_record(where[f.stem], f.stem)
         if m.shape != (rec.height, rec.width):
-            raise ValueError(f"Mask {f} is {m.shape[1]}x{m.shape[0]}, image {f.stem!r} is {rec.width}x{rec.height}.")
+            raise InputError(f"Mask {f} is {m.shape[1]}x{m.shape[0]}, image {f.stem!r} is {rec.width}x{rec.height}.")
         bad = np.setdiff1d(np.unique(m), [0, 1, 255])
         if bad.size:
-            raise ValueError(f"Mask {f} has values {bad.tolist()}; expected binary 0/1 or 0/255.")
+            raise InputError(f"Mask {f} has values {bad.tolist()}; expected binary 0/1 or 0/255.")
         masks[f.stem] = (where[f.stem], m > 0)
     settings = {"labeler": "import", "masks_dir": str(folder.resolve())}
     key = settings_key({"prompt": prompt or name, **settings})

@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.errors import InputError
 from models.metrics import boundary_errors
 from models.palette import RGB, colorize
 
@@ -209,7 +210,7 @@ def overlay_image(
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.shape != gt.shape or pred.ndim != 2:
-        raise ValueError(f"Expected H x W pred and gt of one shape. Got {pred.shape} and {gt.shape} instead.")
+        raise InputError(f"Expected H x W pred and gt of one shape. Got {pred.shape} and {gt.shape} instead.")
     h, w = gt.shape
     if image_rgb is not None and image_rgb.shape[:2] != (h, w):
         image_rgb = cv2.resize(image_rgb, (w, h), interpolation=cv2.INTER_AREA)

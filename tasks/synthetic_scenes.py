@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from common.errors import InputError
+
 OTHERS, HUMAN, BUILDING, VEGETATION, GROUND, SKY, WATER = range(7)
 
 # mean RGB colour per class; cars get their own paint colours so a model can learn them
@@ -65,7 +67,7 @@ def _draw_cars(rng: np.random.Generator, labels: np.ndarray, paint: np.ndarray, 
 def make_scene(*, height: int, width: int, seed: int) -> Scene:
     """Draw one scene of `height` x `width` pixels from `seed`."""
     if height < 32 or width < 32:
-        raise ValueError(f"Expected a scene of at least 32x32 pixels. Got {height}x{width} instead.")
+        raise InputError(f"Expected a scene of at least 32x32 pixels. Got {height}x{width} instead.")
     rng = np.random.default_rng(seed)
     h, w = height, width
     s = min(h, w) / 256.0  # scale factor for sizes given at 256 px

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import InputError
 from models.hashing import json_hash
 from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
 from models.training.loss_weights import parse_reweight_mode
@@ -116,54 +117,54 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 set_(self, name, str(getattr(self, name)))
         if self.backbone_checkpoint is not None and self.init_model is not None:
-            raise ValueError(
+            raise InputError(
                 f"Expected backbone_checkpoint or init_model, not both: init_model {self.init_model} already "
                 f"holds a trained backbone. Got backbone_checkpoint {self.backbone_checkpoint} too."
             )
         set_(self, "crop_size", tuple(int(v) for v in self.crop_size))
         set_(self, "scale_range", tuple(float(v) for v in self.scale_range))
         if self.variant not in MODEL_BUILDERS:
-            raise ValueError(f"Expected variant in {sorted(MODEL_BUILDERS)}. Got {self.variant!r} instead.")
+            raise InputError(f"Expected variant in {sorted(MODEL_BUILDERS)}. Got {self.variant!r} instead.")
         if self.pixel_decoder not in PIXEL_DECODERS:
-            raise ValueError(
+            raise InputError(
                 f"Expected pixel_decoder in {PIXEL_DECODERS}. Got {self.pixel_decoder!r} instead."
             )
         if self.batch_size < 2:
-            raise ValueError(
+            raise InputError(
                 f"Expected batch_size >= 2 (the pixel decoder's BatchNorm after global pooling needs more "
                 f"than one value per channel in training). Got {self.batch_size} instead."
             )
         for name in ("iters", "checkpoint_every", "num_points"):
             if getattr(self, name) < 1:
-                raise ValueError(f"Expected {name} >= 1. Got {getattr(self, name)} instead.")
+                raise InputError(f"Expected {name} >= 1. Got {getattr(self, name)} instead.")
         if (self.val_every is not None and self.val_every < 0) or (
             self.val_max_images is not None and self.val_max_images < 1
         ):
-            raise ValueError(f"Expected val_every >= 0 and val_max_images >= 1. "
+            raise InputError(f"Expected val_every >= 0 and val_max_images >= 1. "
                              f"Got {self.val_every}, {self.val_max_images} instead.")
         if self.num_workers < 0 or self.keep_checkpoints < 0 or self.seed < 0:
-            raise ValueError(
+            raise InputError(
                 f"Expected num_workers, keep_checkpoints, seed >= 0. "
                 f"Got {self.num_workers}, {self.keep_checkpoints}, {self.seed} instead."
             )
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
-            raise ValueError(f"Expected crop_size (height, width) >= 1. Got {self.crop_size!r} instead.")
+            raise InputError(f"Expected crop_size (height, width) >= 1. Got {self.crop_size!r} instead.")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"Expected scale_range (low, high), 0 < low <= high. Got {self.scale_range!r}.")
+            raise InputError(f"Expected scale_range (low, high), 0 < low <= high. Got {self.scale_range!r}.")
         if self.test_scale <= 0:
-            raise ValueError(f"Expected test_scale > 0. Got {self.test_scale} instead.")
+            raise InputError(f"Expected test_scale > 0. Got {self.test_scale} instead.")
         if self.recipe not in RECIPE_CHOICES:
-            raise ValueError(f"Expected recipe in {RECIPE_CHOICES}. Got {self.recipe!r} instead.")
+            raise InputError(f"Expected recipe in {RECIPE_CHOICES}. Got {self.recipe!r} instead.")
         if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0:
-            raise ValueError(f"Expected lr > 0 and weight_decay >= 0. Got {self.lr}, {self.weight_decay}.")
+            raise InputError(f"Expected lr > 0 and weight_decay >= 0. Got {self.lr}, {self.weight_decay}.")
         if (self.backbone_lr_mult is not None and self.backbone_lr_mult < 0) or (
             self.grad_clip is not None and self.grad_clip < 0
         ):
-            raise ValueError(
+            raise InputError(
                 f"Expected backbone_lr_mult >= 0 and grad_clip >= 0. Got {self.backbone_lr_mult}, {self.grad_clip}."
             )
         if self.warmup_iters is not None and not 0 <= self.warmup_iters < self.iters:
-            raise ValueError(f"Expected 0 <= warmup_iters < iters. Got {self.warmup_iters}, {self.iters} instead.")
+            raise InputError(f"Expected 0 <= warmup_iters < iters. Got {self.warmup_iters}, {self.iters} instead.")
         parse_reweight_mode(self.reweight)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,7 +179,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"Unknown TrainConfig fields {unknown}.")
+            raise InputError(f"Unknown TrainConfig fields {unknown}.")
         return cls(**d)
 
 
@@ -194,7 +195,7 @@ def version_classes(store: LabelStore, version: str) -> tuple[list[str], set[int
     by_id = {c.id: c for c in store.classes()}
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"Version {info.name} of {store.path} uses class ids {missing} missing from the registry."
         )
     return [by_id[i].name for i in ids], {k for k, i in enumerate(ids) if by_id[i].source == "pseudo"}
@@ -226,7 +227,7 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
     version = store.resolve_version(config.version)
     names, _ = version_classes(store, version)
     if config.num_classes is not None and config.num_classes != len(names):
-        raise ValueError(
+        raise InputError(
             f"Expected num_classes {len(names)} (the classes of {version} in {config.store}: {names}). "
             f"Got {config.num_classes} instead."
         )

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import InputError, InsufficientMemoryError
+
 PROCESS_BYTES = 750 * 2**20  # python + torch + zarr, before the model is built
 MARGIN = 1.25  # allocator fragmentation, data loader workers' batches, validation at test scale
 ENV_SWITCH = "ADDCLASS_MEMORY_CHECK"
@@ -52,7 +54,7 @@ def estimate_train_bytes(*, variant: str, batch_size: int, crop_size: tuple[int,
         ValueError: ``variant`` has no measurement.
     """
     if variant not in VARIANT_MEMORY:
-        raise ValueError(f"Expected variant in {sorted(VARIANT_MEMORY)}. Got {variant!r} instead.")
+        raise InputError(f"Expected variant in {sorted(VARIANT_MEMORY)}. Got {variant!r} instead.")
     m = VARIANT_MEMORY[variant]
     pixels = batch_size * crop_size[0] * crop_size[1]
     return int(MARGIN * (PROCESS_BYTES + m.fixed_bytes + m.bytes_per_pixel * pixels))
@@ -97,7 +99,7 @@ def check_train_memory(
     """Refuses a run whose estimated peak exceeds the device's free memory.
 
     Raises:
-        MemoryError: with the estimate, what is free, and the settings that bring it down.
+        InsufficientMemoryError: with the estimate, what is free, and the settings that bring it down.
     """
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return
@@ -106,7 +108,7 @@ def check_train_memory(
     if free is None or need <= free:
         return
     gb = 2**30
-    raise MemoryError(
+    raise InsufficientMemoryError(
         f"A {variant} run with batch_size {batch_size} and crop_size {crop_size[0]}x{crop_size[1]} needs about "
         f"{need / gb:.1f} GB on {device.type}, and {free / gb:.1f} GB is free: lower batch_size (--batch-size) "
         f"or crop_size (--crop-size), or use a smaller variant (--variant tiny). {ENV_SWITCH}=0 skips this check."

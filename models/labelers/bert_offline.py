@@ -34,6 +34,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from common.errors import InputError
+
 # Must happen before transformers / huggingface_hub read their constants.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -86,7 +88,7 @@ def verify_vocab(path: Path) -> None:
     """Raise ``ValueError`` unless ``path`` is the bert-base-uncased vocab (sha256 ``VOCAB_SHA256``)."""
     got = file_sha256(path)
     if got != VOCAB_SHA256:
-        raise ValueError(f"{path} has sha256 {got}, expected the bert-base-uncased vocab {VOCAB_SHA256}.")
+        raise InputError(f"{path} has sha256 {got}, expected the bert-base-uncased vocab {VOCAB_SHA256}.")
 
 
 def tokenizer_dir(*, root: Path | None = None) -> Path:
@@ -144,7 +146,7 @@ def bert_config_for(text_encoder_type: str) -> BertConfig:
     match = re.fullmatch(re.escape(OFFLINE_BERT_PREFIX) + r"(\d+)", text_encoder_type)
     if match:
         return BertConfig(num_hidden_layers=int(match.group(1)))
-    raise ValueError(
+    raise InputError(
         f"Cannot build text encoder {text_encoder_type!r} offline; expected 'bert-base-uncased' "
         f"or '{OFFLINE_BERT_PREFIX}<layers>'."
     )
@@ -175,7 +177,7 @@ def extended_attention_mask(mask: torch.Tensor, *, dtype: torch.dtype) -> torch.
     elif mask.dim() == 2:
         ext = mask[:, None, None, :]  # B x 1 x 1 x L
     else:
-        raise ValueError(f"Expected a 2-D or 3-D attention mask, got shape {tuple(mask.shape)}.")
+        raise InputError(f"Expected a 2-D or 3-D attention mask, got shape {tuple(mask.shape)}.")
     ext = ext.to(dtype)
     return (1.0 - ext) * torch.finfo(dtype).min
 
@@ -220,7 +222,7 @@ class OfflineBertWarper(nn.Module):
         """
         del ignored
         if input_ids is None:
-            raise ValueError("OfflineBertWarper needs input_ids.")
+            raise InputError("OfflineBertWarper needs input_ids.")
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=input_ids.device)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from common.errors import InputError
+
 if TYPE_CHECKING:
     from models.labelers.base import Labeler
     from models.labelers.embedding_cache import EmbeddingCache
@@ -45,12 +47,12 @@ class LabelerConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in LABELERS:
-            raise ValueError(f"Expected labeler {' or '.join(map(repr, LABELER_KINDS))}. "
+            raise InputError(f"Expected labeler {' or '.join(map(repr, LABELER_KINDS))}. "
                              f"Got {self.kind!r} instead.")
         for name in ("box_threshold", "text_threshold"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
-                raise ValueError(f"Expected {name} in [0, 1]. Got {v} instead.")
+                raise InputError(f"Expected {name} in [0, 1]. Got {v} instead.")
 
     @property
     def entry(self) -> LabelerEntry:

@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from common.errors import InputError
+
 
 @runtime_checkable
 class EmbeddingCache(Protocol):
@@ -58,7 +60,7 @@ def embedding_key(*, image_sha256: str, sam_variant: str, weights_id: str) -> st
         ("weights_id", weights_id),
     ):
         if not value or "/" in value:
-            raise ValueError(f"{name} must be a non-empty string without '/'. Got {value!r} instead.")
+            raise InputError(f"{name} must be a non-empty string without '/'. Got {value!r} instead.")
     return f"sam-embedding/{sam_variant}/{weights_id}/{image_sha256}"
 
 
@@ -74,7 +76,7 @@ class InMemoryEmbeddingCache:
 
     def __init__(self, *, max_items: int | None = None) -> None:
         if max_items is not None and max_items < 1:
-            raise ValueError(f"max_items must be >= 1 or None. Got {max_items} instead.")
+            raise InputError(f"max_items must be >= 1 or None. Got {max_items} instead.")
         self.max_items = max_items
         self.hits = 0
         self.misses = 0

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import InputError
 from models.hashing import file_sha256
 from models.labelers.embedding_cache import EmbeddingCache, embedding_key
 from models.labelers.embedding_cache import image_sha256 as compute_image_sha256
@@ -120,11 +121,11 @@ class GroundedSamLabeler:
         from segment_anything import SamPredictor
 
         if sam_variant not in SAM_CHECKPOINT_FILES:
-            raise ValueError(
+            raise InputError(
                 f"sam_variant must be one of {sorted(SAM_CHECKPOINT_FILES)}. Got {sam_variant!r} instead."
             )
         if dino_config not in DINO_VARIANTS:
-            raise ValueError(
+            raise InputError(
                 f"dino_config must be one of {sorted(DINO_VARIANTS)}. Got {dino_config!r} instead."
             )
         self.device = torch.device(device)
@@ -179,11 +180,11 @@ class GroundedSamLabeler:
     ) -> None:
         for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1). Got {value} instead.")
+                raise InputError(f"{name} must be in [0, 1). Got {value} instead.")
         if nms_iou is not None and not 0.0 < float(nms_iou) <= 1.0:
-            raise ValueError(f"nms_iou must be in (0, 1] or None. Got {nms_iou} instead.")
+            raise InputError(f"nms_iou must be in (0, 1] or None. Got {nms_iou} instead.")
         if max_boxes is not None and int(max_boxes) < 1:
-            raise ValueError(f"max_boxes must be >= 1 or None. Got {max_boxes} instead.")
+            raise InputError(f"max_boxes must be >= 1 or None. Got {max_boxes} instead.")
         self.box_threshold = float(box_threshold)
         self.text_threshold = float(text_threshold)
         self.nms_iou = None if nms_iou is None else float(nms_iou)
@@ -201,7 +202,7 @@ class GroundedSamLabeler:
 
         unknown = sorted(set(options) - set(self._RUNTIME_OPTIONS))
         if unknown:
-            raise ValueError(f"with_options accepts {self._RUNTIME_OPTIONS}. Got {unknown} instead.")
+            raise InputError(f"with_options accepts {self._RUNTIME_OPTIONS}. Got {unknown} instead.")
         other = copy.copy(self)
         current = {name: getattr(self, name) for name in self._RUNTIME_OPTIONS}
         other._set_options(**{**current, **options})
@@ -334,9 +335,9 @@ class GroundedSamLabeler:
             reference_mask: Must be None: Grounded-SAM reads no hand mask.
         """
         if image_rgb is None:
-            raise ValueError("GroundedSamLabeler labels an image. Got image_rgb=None instead.")
+            raise InputError("GroundedSamLabeler labels an image. Got image_rgb=None instead.")
         if reference_mask is not None:
-            raise ValueError("GroundedSamLabeler reads no reference mask. Got one instead.")
+            raise InputError("GroundedSamLabeler reads no reference mask. Got one instead.")
         return self.label_prompts(image_rgb, [prompt], image_sha256=image_sha256)[prompt]
 
     def label_prompts(
@@ -353,7 +354,7 @@ class GroundedSamLabeler:
         """
         image_rgb = load_image_rgb(image_rgb)
         if len(set(prompts)) != len(prompts) or not prompts:
-            raise ValueError(
+            raise InputError(
                 f"Prompts must be a non-empty list without duplicates. Got {list(prompts)} instead."
             )
         height, width = image_rgb.shape[:2]

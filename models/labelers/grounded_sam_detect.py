@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import InputError
 from models.labelers.grounded_sam_ops import (
     autocast_context,
     build_caption,
@@ -75,7 +76,7 @@ def detect_boxes(
     tokenized = tokenizer(caption, return_offsets_mapping=True)
     num_tokens = len(tokenized["input_ids"])
     if num_tokens > dino.max_text_len:
-        raise ValueError(f"Caption has {num_tokens} tokens, GroundingDINO reads {dino.max_text_len}.")
+        raise InputError(f"Caption has {num_tokens} tokens, GroundingDINO reads {dino.max_text_len}.")
     token_prompt = token_prompt_index(tokenized["offset_mapping"], spans)  # T
     with autocast_context(image.device, dtype):
         out = dino(image[None], captions=[caption])

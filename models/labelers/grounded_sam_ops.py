@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common.errors import InputError
+
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -20,9 +22,9 @@ def parse_dtype(dtype: str | None, device: torch.device) -> str | None:
         return None
     name = _DTYPE_ALIASES.get(dtype, dtype)
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None. Got {dtype!r} instead.")
+        raise InputError(f"dtype must be one of {sorted(DTYPES)} or None. Got {dtype!r} instead.")
     if name == "float16" and device.type != "cuda":
-        raise ValueError(f"dtype float16 needs a CUDA device. Got device {device} instead.")
+        raise InputError(f"dtype float16 needs a CUDA device. Got device {device} instead.")
     return None if name == "float32" else name
 
 
@@ -153,7 +155,7 @@ def build_caption(prompts: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
     for prompt in prompts:
         text = prompt.lower().strip().rstrip(".").strip()
         if not text:
-            raise ValueError(f"Prompts must be non-empty. Got {prompt!r} instead.")
+            raise InputError(f"Prompts must be non-empty. Got {prompt!r} instead.")
         spans.append((len(caption), len(caption) + len(text)))
         caption += text + " . "
     return caption.strip(), spans

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.errors import InputError, UserError
 from models.labelers.bert_offline import OFFLINE_BERT_PREFIX, cache_root, install_offline_patches
 
 if TYPE_CHECKING:
@@ -68,11 +69,11 @@ DINO_VARIANTS: dict[str, DinoVariant] = {
 }
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(UserError, FileNotFoundError):
     """A checkpoint file does not exist; the message names the path and the download URL."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """A checkpoint does not fit the model (wrong shapes, missing required keys, unreadable)."""
 
 
@@ -102,7 +103,7 @@ def resolve_checkpoint(
     elif file_name is not None:
         path, origin = weights_dir() / file_name, "default folder"
     else:
-        raise ValueError(f"{what} has no released checkpoint; pass a checkpoint path or random_weights=True.")
+        raise InputError(f"{what} has no released checkpoint; pass a checkpoint path or random_weights=True.")
     if not path.is_file():
         expected = file_name or path.name
         raise MissingCheckpointError(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import InputError
 from models.labelers.embedding_cache import image_sha256 as compute_image_sha256
 
 ImageInput = np.ndarray | str | os.PathLike[str] | Callable[[], np.ndarray]
@@ -30,7 +31,7 @@ def load_image_rgb(source: ImageInput) -> np.ndarray:
             raise FileNotFoundError(f"Cannot read image {os.fspath(source)}")
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"Expected an H x W x 3 uint8 RGB image. Got {image.shape} {image.dtype} instead.")
+        raise InputError(f"Expected an H x W x 3 uint8 RGB image. Got {image.shape} {image.dtype} instead.")
     return image
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.errors import InputError
 from models.labelers.label_record import LabelRecord
 
 
@@ -134,7 +135,7 @@ class SimulatedLabeler:
     ) -> None:
         for name, value in (("miss_prob", miss_prob), ("bleed_prob", bleed_prob)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]. Got {value} instead.")
+                raise InputError(f"{name} must be in [0, 1]. Got {value} instead.")
         if (
             low_res < 1
             or bleed_px < 0
@@ -142,13 +143,13 @@ class SimulatedLabeler:
             or false_positives < 0
             or not 0 < fp_area_frac < 1
         ):
-            raise ValueError(
+            raise InputError(
                 "Expected low_res >= 1, bleed_px >= 0, min_area_frac >= 0, false_positives >= 0, "
                 "0 < fp_area_frac < 1. "
                 f"Got {low_res}, {bleed_px}, {min_area_frac}, {false_positives}, {fp_area_frac} instead."
             )
         if connectivity not in (4, 8):
-            raise ValueError(f"connectivity must be 4 or 8. Got {connectivity} instead.")
+            raise InputError(f"connectivity must be 4 or 8. Got {connectivity} instead.")
         self.low_res = int(low_res)
         self.min_area_frac = float(min_area_frac)
         self.miss_prob = float(miss_prob)
@@ -204,12 +205,12 @@ class SimulatedLabeler:
             ``extra`` counts what each degradation did.
         """
         if reference_mask is None:
-            raise ValueError("The simulated labeler needs reference_mask (the hand mask). Got None instead.")
+            raise InputError("The simulated labeler needs reference_mask (the hand mask). Got None instead.")
         reference = np.asarray(reference_mask, bool)
         if reference.ndim != 2:
-            raise ValueError(f"reference_mask must be H x W. Got shape {reference.shape} instead.")
+            raise InputError(f"reference_mask must be H x W. Got shape {reference.shape} instead.")
         if image_rgb is not None and image_rgb.shape[:2] != reference.shape:
-            raise ValueError(
+            raise InputError(
                 f"Image {image_rgb.shape[:2]} and reference mask {reference.shape} differ in size."
             )
         rng = self._rng(reference, prompt, image_sha256)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from common.errors import InputError
 from models.massformer.backbone import ResNetBackbone
 from models.massformer.fpn_decoder import FPNPixelDecoder
 from models.massformer.model import MaSSFormer
@@ -101,9 +102,9 @@ def _build_massformer(
     attn_ffn_dim: int,
 ) -> MaSSFormer:
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1. Got {num_classes} instead.")
+        raise InputError(f"num_classes must be >= 1. Got {num_classes} instead.")
     if pixel_decoder not in PIXEL_DECODERS:
-        raise ValueError(f"pixel_decoder must be one of {PIXEL_DECODERS}. Got {pixel_decoder!r} instead.")
+        raise InputError(f"pixel_decoder must be one of {PIXEL_DECODERS}. Got {pixel_decoder!r} instead.")
     backbone = ResNetBackbone(block=backbone_block, layers=backbone_layers)
     decoder: HRPixelDecoder | FPNPixelDecoder
     if pixel_decoder == "hr":
@@ -154,7 +155,7 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str = "hr") -> 
         mask heads), ``pixel_decoder_parts`` (per-block counts), ``total`` and ``trainable``.
     """
     if variant not in MODEL_BUILDERS:
-        raise ValueError(f"variant must be one of {sorted(MODEL_BUILDERS)}. Got {variant!r} instead.")
+        raise InputError(f"variant must be one of {sorted(MODEL_BUILDERS)}. Got {variant!r} instead.")
     with torch.device("meta"):
         model = MODEL_BUILDERS[variant](num_classes, pixel_decoder=pixel_decoder)
     td = model.transformer_decoder

@@ -218,7 +218,21 @@ class MaSSFormer(nn.Module):
         return logits.softmax(dim=-1)[..., :-1], masks
 
     def _predict_sliding(self, images: Tensor, *, window: int, stride: int, scale: float | None) -> Tensor:
+        return self.sliding_probs(images, window=window, stride=stride, scale=scale).argmax(dim=1)
+
+    @torch.no_grad()
+    def sliding_probs(
+        self, images: Tensor, *, window: int, stride: int | None = None, scale: float | None = None
+    ) -> Tensor:
+        """`semantic_probs` by sliding windows (mmseg's ``mode='slide'``): square ``window`` tiles every
+        ``stride`` pixels (default ``3 * window // 4``; the last tile flush with the edge), each scored at
+        ``scale``, averaged where they overlap. Bounds the network's memory by the tile size.
+
+        Returns:
+            B x K x H x W float scores.
+        """
         b, _, h, w = images.shape
+        stride = stride or 3 * window // 4
         if not 0 < stride <= window:
             raise ValueError(f"stride must be in (0, window={window}]. Got {stride} instead.")
         scores = images.new_zeros(b, self.num_classes, h, w)
@@ -229,7 +243,7 @@ class MaSSFormer(nn.Module):
                 th, tw = tile.shape[-2:]
                 scores[:, :, y0 : y0 + th, x0 : x0 + tw] += self.semantic_probs(tile, scale=scale)
                 counts[:, :, y0 : y0 + th, x0 : x0 + tw] += 1
-        return (scores / counts).argmax(dim=1)
+        return scores / counts
 
 
 def _tile_starts(size: int, window: int, stride: int) -> list[int]:

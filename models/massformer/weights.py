@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from common.errors import InputError, StateError
+
 log = logging.getLogger(__name__)
 
 # Prefixes added by wrappers, not by the architecture: DistributedDataParallel and torch.compile.
@@ -48,7 +50,7 @@ def remap_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
                     new_key = new_key[len(prefix) :]
                     stripped = True
         if new_key in out:
-            raise ValueError(f"checkpoint keys {key!r} and another key both map to {new_key!r}")
+            raise InputError(f"checkpoint keys {key!r} and another key both map to {new_key!r}")
         out[new_key] = value
     return out
 
@@ -73,12 +75,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # garbage, a truncated file, a pickle of other objects: name the file, one line
         if "Weights only load failed" in str(e):
-            raise ValueError(
+            raise InputError(
                 f"Refused checkpoint {path}: it pickles Python objects besides tensors, which could run code "
                 "when loaded; save the state dict alone (torch.save(model.state_dict(), ...))."
             ) from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise InputError(
             f"Cannot read checkpoint {path}: not a safetensors or torch weights file ({first[:200]})."
         ) from e
     return _extract_state_dict(obj, path)
@@ -91,11 +93,11 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
         for key in _NESTED_KEYS:
             if isinstance(obj.get(key), Mapping):
                 return _extract_state_dict(obj[key], path)
-        raise ValueError(
+        raise InputError(
             f"{path} holds no state dict: expected tensors or one of the keys {list(_NESTED_KEYS)}. "
             f"Got top-level keys {sorted(map(str, obj))[:10]} instead."
         )
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
+    raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict.")
 
 
 def _read_massformer_state_dict(path: Path) -> dict[str, Tensor]:
@@ -119,7 +121,7 @@ def _check_shapes(module: nn.Module, state_dict: Mapping[str, Tensor], path: Pat
         hint = ""
         if any("class_embed" in line for line in bad):
             hint = "\n(class_embed differs: the checkpoint was trained for another number of classes.)"
-        raise ValueError(f"shape mismatch loading {path} ({len(bad)} tensors):\n" + "\n".join(bad) + hint)
+        raise InputError(f"shape mismatch loading {path} ({len(bad)} tensors):\n" + "\n".join(bad) + hint)
 
 
 def load_checkpoint(
@@ -150,7 +152,7 @@ def load_checkpoint(
 def _report_keys(what: str, missing: list[str], unexpected: list[str], *, strict: bool) -> tuple[list[str], list[str]]:
     """Raise (strict) or log the missing/unexpected keys of a state-dict load; returns them."""
     if strict and (missing or unexpected):
-        raise RuntimeError(
+        raise StateError(
             f"{what}: {len(missing)} missing keys {missing[:20]}, {len(unexpected)} unexpected keys {unexpected[:20]}"
         )
     if missing:
@@ -196,7 +198,7 @@ def load_backbone_checkpoint(
         dropped = [k for k, v in state_dict.items() if k not in expected or v.shape != expected[k].shape]
         state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
         if not state_dict:  # nothing would load: the run would silently start from random weights
-            raise ValueError(
+            raise InputError(
                 f"No tensor of {path} fits the backbone ({len(dropped)} tensors, none with a matching name and "
                 f"shape, e.g. {dropped[:3]}): expected torchvision ResNet weights "
                 f"({TORCHVISION_RESNET_FILES['resnet18']} or {TORCHVISION_RESNET_FILES['resnet50']})."
@@ -240,7 +242,7 @@ def load_with_new_classes(
     missing = sorted(set(own) - set(state_dict) - set(CLASS_HEAD_KEYS))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected or len(head) != len(CLASS_HEAD_KEYS):
-        raise ValueError(
+        raise InputError(
             f"{path} is not a MaSSFormer of this architecture: missing keys {missing[:20]}, unexpected keys "
             f"{unexpected[:20]}, class head keys found {sorted(head)}."
         )
@@ -248,7 +250,7 @@ def load_with_new_classes(
     old_rows = head[CLASS_HEAD_KEYS[0]].shape[0]  # K_old + 1
     bad = {n: o for n, o in class_rows.items() if not (0 <= n < new_rows - 1 and 0 <= o < old_rows - 1)}
     if bad:
-        raise ValueError(
+        raise InputError(
             f"class_rows {bad} fall outside the heads: the model has {new_rows - 1} classes, {path} has "
             f"{old_rows - 1}."
         )

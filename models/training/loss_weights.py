@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.errors import InputError
+
 ReweightMode = Literal["none", "edge", "inverse"]
 REWEIGHT_MODES: tuple[str, ...] = get_args(ReweightMode)
 
@@ -40,7 +42,7 @@ def parse_reweight_mode(mode: str) -> ReweightMode:
         ValueError: Quoting the bad value.
     """
     if mode not in REWEIGHT_MODES:
-        raise ValueError(f"Expected reweight mode in {REWEIGHT_MODES}. Got {mode!r} instead.")
+        raise InputError(f"Expected reweight mode in {REWEIGHT_MODES}. Got {mode!r} instead.")
     return mode  # type: ignore[return-value]
 
 
@@ -55,7 +57,7 @@ def edge_weight_map(masks: Tensor, *, kernel_size: int = 5) -> Tensor:
         N x H x W float32 edge weights in ``[0, 1]``.
     """
     if kernel_size % 2 != 1:
-        raise ValueError(f"Expected an odd kernel_size. Got {kernel_size} instead.")
+        raise InputError(f"Expected an odd kernel_size. Got {kernel_size} instead.")
     g = masks.float().unsqueeze(1)  # N x 1 x H x W
     avg = F.avg_pool2d(g, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
     return (avg - g).abs().squeeze(1)  # N x H x W
@@ -72,7 +74,7 @@ def dilate_chessboard(region: Tensor, *, radius: int) -> Tensor:
         H x W bool.
     """
     if radius < 0:
-        raise ValueError(f"Expected radius >= 0. Got {radius} instead.")
+        raise InputError(f"Expected radius >= 0. Got {radius} instead.")
     if radius == 0:
         return region.bool()
     r = region.float()[None, None]  # 1 x 1 x H x W

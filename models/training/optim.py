@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import InputError
+
 DEFAULT_LR = 3e-4
 DEFAULT_WEIGHT_DECAY = 0.05
 DEFAULT_BACKBONE_LR_MULT = 0.1
@@ -91,7 +93,7 @@ def choose_recipe(recipe: str, *, pretrained: bool) -> Recipe:
     if recipe == "auto":
         return PAPER_RECIPE if pretrained else SCRATCH_RECIPE
     if recipe not in RECIPES:
-        raise ValueError(f"Expected recipe in {RECIPE_CHOICES}. Got {recipe!r} instead.")
+        raise InputError(f"Expected recipe in {RECIPE_CHOICES}. Got {recipe!r} instead.")
     return RECIPES[recipe]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -226,7 +228,7 @@ def build_lr_scheduler(
         The scheduler.
     """
     if max_iters < 1 or not 0 <= warmup_iters < max_iters:
-        raise ValueError(
+        raise InputError(
             f"Expected max_iters >= 1 and 0 <= warmup_iters < max_iters. Got {max_iters}, {warmup_iters} instead."
         )
     return torch.optim.lr_scheduler.LambdaLR(

@@ -48,7 +48,7 @@ def test_estimate_bounds_the_measured_peak_of_two_steps() -> None:
     assert p.returncode == 0, p.stderr[-2000:]
     peak = json.loads(p.stdout.strip().splitlines()[-1])
     estimate = estimate_train_bytes(variant="tiny", batch_size=2, crop_size=(256, 256))
-    assert peak <= estimate <= 2 * peak  # an upper bound, and not a wild one
+    assert peak <= estimate <= 2 * peak, (peak, estimate)  # an upper bound, and not a wild one
 
 
 def test_a_run_that_cannot_fit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,248 @@
+"""Run a trained model on new images of any size: label PNGs (and optional overlays and class scores) in a folder.
+
+Inputs are files, folders (searched recursively for images) or glob patterns. Each image ``NAME.ext`` gives
+``OUT/NAME.png``: a palette PNG whose pixel values are the store's class ids (0 others ... 6 water, 7.. new classes;
+what mmseg and `addclass evaluate-masks` read) and whose palette draws them in the project's colours;
+``OUT/classes.json`` lists the ids, names and colours. Options: ``OUT/overlays/NAME.jpg`` (image and labels
+blended) and ``OUT/scores/NAME.npz`` (per-class scores normalised to sum 1, uint8 0-255, K x H x W: large).
+
+Modes (`PredictConfig`): the whole image at once (the release evaluates 4096 x 3072 images whole), or sliding
+windows (memory bounded by the window), each optionally with test-time augmentation: the scores averaged over
+``tta_scales`` (times the model's ``test_scale``) and horizontal flips, in probability space.
+
+A rerun skips images whose PNG this command wrote before (listed in the folder's ``.addclass-written.json``)
+unless ``overwrite``; a file it did not write is never replaced. An unreadable image is reported by name and
+the others go on; the caller sees the failures in the returned summary.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from common.errors import InputError
+from models.massformer.model import MaSSFormer
+from models.palette import class_color, colorize
+from storage.staging import WRITTEN_MANIFEST, record_written
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CLASSES_FILE = "classes.json"
+DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # MaSS13K's multi-scale test (ratios of test_scale)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How to predict.
+
+    Attributes:
+        mode: ``"whole"`` (one pass over the full image) or ``"slide"`` (``window`` tiles every ``stride``).
+        window: Tile size of ``slide`` (a multiple of 256 wastes no padding).
+        stride: Tile step of ``slide`` (None: 3/4 of the window).
+        tta: Average over ``tta_scales`` x (image, flipped image).
+        tta_scales: Ratios of the model's ``test_scale``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        bf16: bf16 autocast of the network on CUDA (ignored on the CPU).
+        overlays: Also write ``overlays/NAME.jpg``.
+        scores: Also write ``scores/NAME.npz``.
+        overwrite: Replace predictions this command wrote before (never other files).
+    """
+
+    mode: Literal["whole", "slide"] = "whole"
+    window: int = 1024
+    stride: int | None = None
+    tta: bool = False
+    tta_scales: tuple[float, ...] = DEFAULT_TTA_SCALES
+    device: str = "cpu"
+    bf16: bool = True
+    overlays: bool = False
+    scores: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide"):
+            raise InputError(f"Expected mode 'whole' or 'slide'. Got {self.mode!r} instead.")
+        if self.window < 32 or (self.stride is not None and not 0 < self.stride <= self.window):
+            raise InputError(f"Expected window >= 32 and 0 < stride <= window. Got {self.window}, {self.stride}.")
+        if not self.tta_scales or min(self.tta_scales) <= 0:
+            raise InputError(f"Expected positive tta_scales. Got {self.tta_scales!r} instead.")
+
+
+def find_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The images named by ``inputs`` (files, folders searched recursively, glob patterns), in order, once each.
+
+    Raises:
+        FileNotFoundError: an input matches nothing (the message names it).
+        ValueError: two images would write the same output name (both are named).
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True)
+                             if Path(m).suffix.lower() in IMAGE_SUFFIXES and Path(m).is_file())
+        if not matches:
+            raise FileNotFoundError(f"No image at {item} (expected an image file, a folder of images or a glob "
+                                    f"pattern; image types {', '.join(IMAGE_SUFFIXES)}).")
+        found += matches
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    by_name: dict[str, Path] = {}
+    for p in unique:
+        if p.stem in by_name:
+            raise InputError(f"{by_name[p.stem]} and {p} would both write {p.stem}.png: predict them into "
+                             "separate folders.")
+        by_name[p.stem] = p
+    return unique
+
+
+def read_image_rgb(path: Path) -> np.ndarray:
+    """H x W x 3 uint8 RGB (EXIF orientation applied).
+
+    Raises:
+        ValueError: the file cannot be decoded (the message names it).
+    """
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InputError(f"Cannot decode image {path}: unreadable, corrupt or not an image.")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@torch.no_grad()
+def image_scores(model: MaSSFormer, image_rgb: np.ndarray, config: PredictConfig) -> torch.Tensor:
+    """K x H x W class scores of one image, normalised to sum 1 per pixel, averaged over the TTA views."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1)[None].float().to(device)  # 1 x 3 x H x W
+    scales = [s * model.test_scale for s in config.tta_scales] if config.tta else [model.test_scale]
+    flips = (False, True) if config.tta else (False,)
+    total = None
+    use_bf16 = config.bf16 and device.type == "cuda"
+    for scale in scales:
+        for flip in flips:
+            view = x.flip(-1) if flip else x
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                if config.mode == "slide":
+                    p = model.sliding_probs(view, window=config.window, stride=config.stride, scale=scale)
+                else:
+                    p = model.semantic_probs(view, scale=scale)
+            p = p.float()[0]  # K x H x W
+            p = p / p.sum(dim=0, keepdim=True).clamp_min(1e-6)
+            p = p.flip(-1) if flip else p
+            total = p if total is None else total + p
+    assert total is not None
+    return total / (len(scales) * len(flips))
+
+
+def palette_png(labels: np.ndarray, path: Path) -> None:
+    """Writes ``labels`` (H x W uint8 class ids) as a palette PNG, atomically."""
+    im = Image.fromarray(labels, mode="P")
+    flat: list[int] = []
+    for i in range(256):
+        flat += list(class_color(i))
+    im.putpalette(flat)
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_extras(name: str, image_rgb: np.ndarray, labels: np.ndarray, scores: torch.Tensor, out: Path,
+                  config: PredictConfig) -> list[str]:
+    written = []
+    if config.overlays:
+        (out / "overlays").mkdir(exist_ok=True)
+        blend = cv2.addWeighted(image_rgb, 0.5, colorize(labels), 0.5, 0)
+        rel = f"overlays/{name}.jpg"
+        if not cv2.imwrite(str(out / rel), cv2.cvtColor(blend, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"Cannot write {out / rel}.")
+        written.append(rel)
+    if config.scores:
+        (out / "scores").mkdir(exist_ok=True)
+        rel = f"scores/{name}.npz"
+        quantised = (scores.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        np.savez_compressed(out / rel, scores=quantised)
+        written.append(rel)
+    return written
+
+
+def write_classes_json(out: Path, model_config: dict[str, Any], *, model_dir: Path) -> None:
+    """``classes.json``: store class id, name and colour of every class the PNGs can hold, and the model."""
+    ids = model_config.get("store_class_ids") or list(range(model_config["num_classes"]))
+    doc = {"model": str(model_dir), "label_version": model_config.get("label_version"),
+           "classes": [{"id": int(i), "name": n, "color": list(class_color(int(i)))}
+                       for i, n in zip(ids, model_config["class_names"], strict=True)]}
+    (out / CLASSES_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _previous(out: Path) -> set[str]:
+    try:
+        return set(json.loads((out / WRITTEN_MANIFEST).read_text())["paths"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def predict_images(
+    model_dir: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    config: PredictConfig = PredictConfig(),
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Predicts every image of ``inputs`` into ``out_dir`` (module docstring).
+
+    Returns:
+        ``{"out_dir", "written": [...], "skipped": [...], "failed": {image path: message}}``.
+
+    Raises:
+        FileNotFoundError, ValueError: bad inputs or model, before any prediction (named).
+    """
+    from tasks.model_folder import load_trained_model, read_model_config, resolve_model_dir
+
+    images = find_images(inputs)
+    folder = resolve_model_dir(model_dir)
+    model_config = read_model_config(folder)
+    model = load_trained_model(folder, device=config.device)
+    lut = np.array(model_config.get("store_class_ids") or list(range(model_config["num_classes"])), np.uint8)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_classes_json(out, model_config, model_dir=folder)
+    ours = _previous(out)
+    result: dict[str, Any] = {"out_dir": str(out), "written": [], "skipped": [], "failed": {}}
+    for path in _progress(images, progress):
+        rel = f"{path.stem}.png"
+        try:
+            if (out / rel).exists() and rel not in ours:
+                raise FileExistsError(f"{out / rel} exists and was not written by addclass predict; it is kept.")
+            if (out / rel).exists() and not config.overwrite:
+                result["skipped"].append(str(path))
+                continue
+            image = read_image_rgb(path)
+            scores = image_scores(model, image, config)  # K x H x W
+            labels = lut[scores.argmax(dim=0).cpu().numpy()]
+            palette_png(labels, out / rel)
+            extras = _write_extras(path.stem, image, labels, scores, out, config)
+            record_written(out, [rel, *extras])
+            result["written"].append(str(out / rel))
+        except (OSError, ValueError) as e:  # this image only: the others go on
+            result["failed"][str(path)] = str(e)
+    return result
+
+
+def _progress(items: Sequence[Path], enabled: bool) -> Iterable[Path]:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="predict", unit="img")
