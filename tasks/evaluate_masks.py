@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from common.errors import InputError
 from models.metrics import MetricAccumulator, metrics_from_counts, metrics_summary
@@ -45,7 +46,8 @@ def list_label_pngs(folder: str | Path) -> list[str]:
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
-    """Read a single-channel label PNG unchanged (``cv2.IMREAD_UNCHANGED``).
+    """Read a single-channel label PNG as stored: grey values unchanged (8 or 16 bit), a palette PNG's indices
+    (as mmseg reads them; `addclass predict` writes palette PNGs of class ids).
 
     Args:
         path: PNG file.
@@ -56,17 +58,28 @@ def read_label_png(path: str | Path) -> np.ndarray:
     Raises:
         ValueError: Unreadable, or not a single-channel integer image (the message names the file).
     """
+    if _is_palette_png(path):
+        with Image.open(path) as im:
+            return np.ascontiguousarray(np.asarray(im), dtype=np.uint8)
     labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if labels is None:
         raise InputError(f"Cannot read {str(path)!r} as an image.")
     if labels.ndim != 2:
         raise InputError(
             f"{str(path)!r} is not a single-channel label map: shape {labels.shape}. Save label maps as "
-            "8-bit grayscale PNGs of class ids (palette/colour PNGs are decoded to colour by OpenCV)."
+            "grey or palette PNGs of class ids, not colour images."
         )
     if labels.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{str(path)!r} has dtype {labels.dtype}; expected an 8- or 16-bit label PNG.")
     return labels
+
+
+def _is_palette_png(path: str | Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return im.mode == "P"
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False  # cv2 names the unreadable file
 
 
 def _check_names(pred_names: list[str], gt_names: list[str], pred_dir: Path, gt_dir: Path) -> None:

@@ -116,3 +116,17 @@ def test_flip_tta_of_a_mirror_symmetric_image_is_mirror_symmetric(model_dir: Pat
     image = np.concatenate([half, half[:, ::-1]], axis=1)  # 64 x 96, left-right symmetric
     scores = image_scores(model, image, PredictConfig(tta=True, tta_scales=(1.0,)))
     torch.testing.assert_close(scores, scores.flip(-1))
+
+
+def test_predictions_score_with_evaluate_masks(model_dir: Path, images: Path, tmp_path: Path) -> None:
+    from tasks.evaluate_masks import evaluate_mask_folders
+
+    out = tmp_path / "out"
+    predict_images(model_dir, [images], out)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for name in ("a", "b"):
+        with Image.open(out / f"{name}.png") as im:
+            cv2.imwrite(str(gt / f"{name}.png"), np.asarray(im))  # the same ids, as a grey PNG
+    res = evaluate_mask_folders(out, gt, num_classes=8)
+    assert res["means"]["aAcc"] == 1.0  # palette indices read as class ids, not colours
