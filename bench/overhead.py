@@ -41,7 +41,8 @@ for split in ("train", "val"):
 v = merge(s, classes="car", allow_partial=True, progress=False)
 out = args["runs"] + "/plain"
 ckpt = train(TrainConfig(store=s, out_dir=out, version=v, variant="tiny", iters=args["iters"], batch_size=2,
-             crop_size=(256, 256), num_points=2048, num_workers=0, device="cpu"), progress=False)
+             crop_size=(256, 256), num_points=2048, num_workers=0, device="cpu",
+             checkpoint_every=100), progress=False)  # as the flow's default (flows.params.TrainingParams)
 m = evaluate_model(s, ckpt, splits=("val", "test"), progress=False)
 write_evaluation_report(out + "/report", model_results=m, pseudo_results=evaluate_pseudo(s))
 print("SECONDS", time.perf_counter() - t)
@@ -49,10 +50,12 @@ print("SECONDS", time.perf_counter() - t)
 FLOW = _COMMON + """
 t0 = time.perf_counter()
 from flows.add_class import add_class
+from flows.params import LabelingParams, TrainingParams
 t = time.perf_counter()
-add_class(prompt="car", store=args["store"], labeler="simulated", variant="tiny", iters=args["iters"], batch_size=2,
-          crop_size=256, num_points=2048, num_workers=0, eval_splits=["val", "test"], runs_dir=args["runs"],
-          scale_out=args["scale_out"])
+add_class(prompt="car", store=args["store"], labeling=LabelingParams(kind="simulated"),
+          training=TrainingParams(variant="tiny", iters=args["iters"], batch_size=2, crop_size=256,
+                                  num_points=2048, num_workers=0),
+          eval_splits=["val", "test"], runs_dir=args["runs"], scale_out=args["scale_out"])
 print("SECONDS", time.perf_counter() - t)
 """
 

@@ -1,36 +1,41 @@
 """The `add-class` flow: teach the model a new class from a text prompt.
 
 pseudo-label (train, val) -> merge into a new label version -> train MaSSFormer -> evaluate (pseudo labels and
-model vs hand masks) -> register the model. Parameters are typed and validated before any work starts; the
-flow holds the store's writer lock for the whole run, so a second add-class on the same store fails clearly
-(or waits, with `wait_for_lock`). Every stage is resumable from the store itself (pseudo labels are skipped
-per image, a merge draft is continued, training resumes from its last checkpoint), so a rerun after a crash
-finishes the job without redoing finished work.
+model vs hand masks) -> register the model. Parameters are typed (`labeling` and `training` are structured:
+`flows.params`) and validated before any work starts; the flow holds the store's writer lock for the whole
+run, so a second add-class on the same store fails clearly (or waits, with `wait_for_lock`). Every stage is
+resumable from the store itself (pseudo labels are skipped per image, a merge draft is continued, training
+resumes from its last checkpoint), so a rerun after a crash finishes the job without redoing finished work.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 
-from flows.params import check_splits, flow_train_config
+from flows.choices import MergePolicy, ScaleOut
+from flows.params import (
+    LabelingParams,
+    TrainingParams,
+    check_splits,
+    labeler_config,
+    parse_params,
+    train_config,
+)
 from flows.runners import restored_environ, scale_out_runner
 from storage.store import LabelStore, open_label_store
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model, resolve_init_model
-from tasks.pseudo_label import LabelerKind
 from tasks.train import TrainConfig, train
-
-ReweightMode = Literal["none", "edge", "inverse"]
 
 
 # ---------------------------------------------------------------------------- thin tasks (paths and ids only)
@@ -126,95 +131,69 @@ def publish_artifacts(prompt: str, class_name: str, results: dict[str, Any]) -> 
 class AddClassPlan:
     """What the checked parameters resolve to (`plan_add_class`)."""
 
-    labeler: pl.LabelerConfig
+    store_path: str
     store: LabelStore
     class_name: str
-    train_config: Callable[[str], TrainConfig]  # the training stage's config for a label version
+    labeling: LabelingParams
+    labeler: pl.LabelerConfig
+    training: TrainingParams
+    start_model: str | None  # init_model resolved ("champion" -> its folder)
+    runs_dir: str | None
+
+    def train_config(self, version: str) -> TrainConfig:
+        """The training stage's config for a label version."""
+        return train_config(self.training, store=self.store_path, version=version, runs_dir=self.runs_dir,
+                            init_model=self.start_model)
 
 
 def plan_add_class(params: Mapping[str, Any]) -> AddClassPlan:
-    """Checks every parameter of `add_class` (given by name) without starting anything: the flow calls it
-    first, and `addclass add-class` calls it before Prefect starts, so a bad parameter is one line at once.
+    """Checks every parameter of `add_class` (given by name; `labeling` and `training` as models or JSON
+    objects) without starting anything: the flow calls it first, and `addclass add-class` calls it before
+    Prefect starts, so a bad parameter is one line at once.
 
     Raises:
         ValueError, FileNotFoundError: naming the parameter, file or class.
     """
-    p = dict(params)
-    labeler = pl.LabelerConfig(kind=p["labeler"], sam_variant=p["sam_variant"], sam_checkpoint=p["sam_checkpoint"],
-                               dino_config=p["dino_config"], dino_checkpoint=p["dino_checkpoint"],
-                               device=p["device"], box_threshold=p["box_threshold"],
-                               text_threshold=p["text_threshold"], max_boxes=p["max_boxes"], dtype=p["dtype"],
-                               random_weights=p["random_weights"], seed=p["seed"])
+    labeling = parse_params(LabelingParams, params["labeling"], "labeling")
+    training = parse_params(TrainingParams, params["training"], "training")
+    labeler = labeler_config(labeling, device=training.device, seed=training.seed)
     pl.validate_labeler(labeler)
-    if p["iters"] < 1 or p["batch_size"] < 2 or p["crop_size"] < 64:
-        raise ValueError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. "
-                         f"Got {p['iters']}, {p['batch_size']}, {p['crop_size']}.")
-    check_splits("pseudo_splits", p["pseudo_splits"])
-    check_splits("eval_splits", p["eval_splits"])
-    st = open_label_store(p["store"])
-    start_model = resolve_init_model(p["store"], p["init_model"])  # "champion" or a model folder, checked now
-    class_name = pl.class_name_for(st, p["prompt"])  # resumes if this prompt's class is being added
-    runs = Path(p["runs_dir"]) if p["runs_dir"] else Path(f"{p['store'].rstrip('/')}.runs")
-
-    def train_config(version: str) -> TrainConfig:
-        return flow_train_config(
-            store=p["store"], version=version, runs=runs, variant=p["variant"], iters=p["iters"],
-            batch_size=p["batch_size"], crop_size=p["crop_size"], num_points=p["num_points"],
-            num_workers=p["num_workers"], reweight=p["reweight"], seed=p["seed"], device=p["device"],
-            inverse_weight_near_pseudo=p["inverse_weight_near_pseudo"], init_model=start_model,
-            recipe=p["recipe"], scale_range=p["scale_range"], test_scale=p["test_scale"])
-
-    train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
-    return AddClassPlan(labeler=labeler, store=st, class_name=class_name, train_config=train_config)
+    check_splits("labeling.splits", labeling.splits)
+    check_splits("eval_splits", params["eval_splits"])
+    st = open_label_store(params["store"])
+    start_model = resolve_init_model(params["store"], params["init_model"])  # "champion" or a folder, checked
+    class_name = pl.class_name_for(st, params["prompt"])  # resumes if this prompt's class is being added
+    plan = AddClassPlan(store_path=params["store"], store=st, class_name=class_name, labeling=labeling,
+                        labeler=labeler, training=training, start_model=start_model, runs_dir=params["runs_dir"])
+    plan.train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
+    return plan
 
 
 @flow(name="add-class", log_prints=True)
 def add_class(
     prompt: str,
     store: str = "data/store.zarr",
-    labeler: LabelerKind = "grounded-sam",
-    sam_variant: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b",
-    sam_checkpoint: str | None = None,
-    dino_config: Literal["swint_ogc", "swinb", "test"] = "swint_ogc",
-    dino_checkpoint: str | None = None,
-    random_weights: bool = False,
-    box_threshold: float = 0.35,
-    text_threshold: float = 0.25,
-    max_boxes: int | None = 20,
-    dtype: Literal["bfloat16", "float16"] | None = None,
-    pseudo_splits: list[str] = ["train", "val"],  # noqa: B006 (Prefect parameters are JSON)
-    pseudo_batch_size: int = 8,
-    policy: Literal["carve-others", "overwrite"] = "carve-others",
-    variant: Literal["tiny", "lite_r18", "r50"] = "tiny",
-    iters: int = 300,
-    batch_size: int = 2,
-    crop_size: int = 256,
-    reweight: ReweightMode = "inverse",
-    inverse_weight_near_pseudo: bool = True,
-    num_points: int = 12544,
-    num_workers: int = 2,
+    labeling: LabelingParams = LabelingParams(),  # noqa: B008 (a frozen model; Prefect parameters are JSON)
+    training: TrainingParams = TrainingParams(),  # noqa: B008
+    policy: MergePolicy = "carve-others",
     init_model: str | None = None,
-    recipe: Literal["auto", "paper", "scratch"] = "auto",
-    scale_range: list[float] = [0.5, 2.0],  # noqa: B006
-    test_scale: float = 1.0,
     eval_splits: list[str] = ["val", "test"],  # noqa: B006
-    device: str = "cpu",
     runs_dir: str | None = None,
     dask_address: str | None = None,
-    scale_out: Literal["auto", "threads", "dask"] = "auto",
+    scale_out: ScaleOut = "auto",
     wait_for_lock: bool = False,
-    seed: int = 0,
 ) -> dict[str, Any]:
     """Add the class named by `prompt` to the store and train, evaluate and register a model for it.
 
-    ``init_model`` (a trained model folder, e.g. the ``final/`` of your 7-class model, or ``"champion"``: the
-    store's registered champion) fine-tunes that model on the new label version instead of training from
-    scratch; the new class starts untrained. ``recipe`` ``"auto"`` trains a random start with the scratch
-    recipe and a trained start with the paper's (`models.training.optim.RECIPES`); ``scale_range`` is the
-    training resize range and ``test_scale`` the trained model's inference scale (`tasks.train_config.TrainConfig`).
+    ``labeling`` says how the class is pseudo-labelled and ``training`` how the model is trained
+    (`flows.params`). ``init_model`` (a trained model folder, e.g. the ``final/`` of your 7-class model, or
+    ``"champion"``: the store's registered champion) fine-tunes that model on the new label version instead
+    of training from scratch; the new class starts untrained. Models and reports go to ``runs_dir``
+    (default: ``STORE.runs``); ``dask_address`` and ``scale_out`` pick the runner of the mapped stages
+    (`flows.runners.scale_out_runner`).
     """
     plan = plan_add_class(locals())  # every parameter checked before any work
-    st, class_name, train_config = plan.store, plan.class_name, plan.train_config
+    st, class_name, training = plan.store, plan.class_name, plan.training
     runner = scale_out_runner(dask_address, mode=scale_out)
     logger = get_run_logger()
     pseudo: list[dict[str, Any]] = []
@@ -224,7 +203,7 @@ def add_class(
         if class_name not in {c.name for c in st.classes()}:
             with restored_environ():  # a local Dask cluster's nannies would leave their workers' environment
                 pseudo = pseudo_label_stage.with_options(task_runner=runner)(
-                    store, prompt, pseudo_splits, plan.labeler, pseudo_batch_size)
+                    store, prompt, plan.labeling.splits, plan.labeler, plan.labeling.batch_size)
                 # ---- 2. merge into a new label version (scale-out)
                 version = merge_stage.with_options(task_runner=scale_out_runner(dask_address, mode=scale_out))(
                     store, [class_name], policy)
@@ -232,10 +211,11 @@ def add_class(
             version = st.class_by_name(class_name).added_in or st.resolve_version("latest")
             logger.info("class %r already merged (version %s); continuing with training", class_name, version)
         # ---- 3. train
-        tcfg = train_config(version)
+        tcfg = plan.train_config(version)
         checkpoint = train_task(tcfg)
         # ---- 4. evaluate
-        results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits, device)
+        results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits,
+                                training.device)
         publish_artifacts(prompt, class_name, results)
         # ---- 5. register
         cfg = json.loads(json.dumps(tcfg.__dict__, default=str))

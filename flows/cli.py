@@ -190,31 +190,73 @@ def cmd_model_info(a: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- demo
+# ---------------------------------------------------------------------------- flows: add-class, retrain, demo
 def _absolute(path: str | None) -> str | None:
     """A path as the user meant it: a deployment's worker runs in another working directory."""
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-# add-class flags whose names differ from the flow parameters they set; the flags that only steer the command
-ADD_CLASS_RENAMED = {"sam": "sam_variant", "dino": "dino_config", "train_batch_size": "batch_size",
-                     "points": "num_points", "workers": "num_workers", "wait": "wait_for_lock"}
-ADD_CLASS_CONTROL = frozenset({"command", "deployment", "deployment_name", "timeout"})
-ADD_CLASS_PATHS = ("store", "sam_checkpoint", "dino_checkpoint", "runs_dir")
+# Flags of the flow sub-commands (add-class, retrain) whose names differ from what they set: a field of the
+# flow's `labeling` / `training` parameter ("training.num_points") or a top-level parameter. Any other flag
+# sets the field of its name of `labeling`, else of `training`, else the top-level parameter of its name
+# (`flag_target`; tests/flows/test_cli.py checks that every parameter and field has exactly one flag, with its
+# default).
+FLOW_FLAGS_RENAMED = {
+    "labeler": "labeling.kind", "sam": "labeling.sam_variant", "dino": "labeling.dino_config",
+    "pseudo_batch_size": "labeling.batch_size", "pseudo_splits": "labeling.splits",
+    "train_batch_size": "training.batch_size", "points": "training.num_points", "workers": "training.num_workers",
+    "no_inverse_near_pseudo": "training.inverse_weight_near_pseudo", "wait": "wait_for_lock",
+}
+FLOW_FLAGS_NEGATED = frozenset({"no_inverse_near_pseudo"})  # store_true flags that clear their field
+FLOW_CONTROL = frozenset({"command", "deployment", "deployment_name", "timeout"})  # steer the command only
+FLOW_PATHS = frozenset({"store", "runs_dir", "labeling.sam_checkpoint", "labeling.dino_checkpoint"})
 
 
-def add_class_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    """The add-class flow's parameters from the parsed flags: every flag sets exactly one parameter
-    (`ADD_CLASS_RENAMED` where the names differ; tests/flows/test_cli.py checks the two lists match)."""
-    params = {ADD_CLASS_RENAMED.get(k, k): v for k, v in vars(a).items() if k not in ADD_CLASS_CONTROL}
-    params["inverse_weight_near_pseudo"] = not params.pop("no_inverse_near_pseudo")
-    for key in ADD_CLASS_PATHS:
-        params[key] = _absolute(params[key])
-    if params["init_model"] not in (None, "champion"):
-        params["init_model"] = _absolute(params["init_model"])
-    for key in ("scale_range", "pseudo_splits", "eval_splits"):
-        params[key] = list(params[key])
+def flag_target(dest: str) -> str:
+    """What the flag with destination `dest` sets: ``labeling.FIELD``, ``training.FIELD`` or a top-level flow
+    parameter."""
+    from flows.params import LabelingParams, TrainingParams
+
+    if dest in FLOW_FLAGS_RENAMED:
+        return FLOW_FLAGS_RENAMED[dest]
+    for name, model in (("labeling", LabelingParams), ("training", TrainingParams)):
+        if dest in model.model_fields:
+            return f"{name}.{dest}"
+    return dest
+
+
+def flow_params(a: argparse.Namespace) -> dict[str, Any]:
+    """The parameters of the flow that sub-command `a.command` runs (add-class, retrain), from the parsed flags:
+    each flag sets one top-level parameter or one field of `labeling` / `training` (`flag_target`), which are
+    built here. Paths go out absolute: a deployment's worker runs in another working directory."""
+    from flows.params import LabelingParams, TrainingParams, parse_params
+
+    params: dict[str, Any] = {}
+    fields: dict[str, dict[str, Any]] = {"labeling": {}, "training": {}}
+    for dest, value in vars(a).items():
+        if dest in FLOW_CONTROL:
+            continue
+        target = flag_target(dest)
+        if dest in FLOW_FLAGS_NEGATED:
+            value = not value
+        if target in FLOW_PATHS or (target == "init_model" and value != "champion"):
+            value = _absolute(value)
+        if isinstance(value, list | tuple):
+            value = list(value)  # JSON; and not argparse's shared default list
+        group, _, name = target.rpartition(".")
+        (fields[group] if group else params)[name] = value
+    for group, model in (("labeling", LabelingParams), ("training", TrainingParams)):
+        if fields[group]:  # retrain has no labeling
+            params[group] = parse_params(model, fields[group], group)
     return params
+
+
+def _json_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A deployment run's parameters: the parameter objects as JSON objects, unset top-level ones left out."""
+    from pydantic import BaseModel
+
+    return {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+            for k, v in params.items() if v is not None}
 
 
 def _run_deployment(name: str, params: dict[str, Any], timeout: float | None) -> int:
@@ -243,9 +285,9 @@ def _run_deployment(name: str, params: dict[str, Any], timeout: float | None) ->
 
 
 def cmd_add_class(a: argparse.Namespace) -> int:
-    params = add_class_kwargs(a)
+    params = flow_params(a)
     if a.deployment:
-        return _run_deployment(a.deployment_name, {k: v for k, v in params.items() if v is not None}, a.timeout)
+        return _run_deployment(a.deployment_name, _json_params(params), a.timeout)
     from flows.add_class import add_class, plan_add_class
     from flows.runners import has_real_api
 
@@ -255,6 +297,17 @@ def cmd_add_class(a: argparse.Namespace) -> int:
     out = add_class(**params)
     print(json.dumps({k: out[k] for k in ("class", "version", "checkpoint", "report", "registry")}, indent=2,
                      default=str))
+    return 0
+
+
+def cmd_retrain(a: argparse.Namespace) -> int:
+    params = flow_params(a)
+    if a.deployment:
+        return _run_deployment(a.deployment_name, _json_params(params), a.timeout)
+    from flows.retrain import retrain
+
+    out = retrain(**params)
+    print(json.dumps({k: out[k] for k in ("checkpoint", "report", "registry")}, indent=2, default=str))
     return 0
 
 
@@ -276,7 +329,7 @@ HANDLERS: dict[str, Handler] = {
     "ingest": cmd_ingest, "inspect": cmd_inspect, "pseudo-label": cmd_pseudo_label,
     "import-pseudo": cmd_import_pseudo, "evaluate-masks": cmd_evaluate_masks, "merge": cmd_merge,
     "discard-draft": cmd_discard_draft, "export": cmd_export, "train": cmd_train, "evaluate": cmd_evaluate,
-    "model-info": cmd_model_info, "add-class": cmd_add_class, "demo": cmd_demo,
+    "model-info": cmd_model_info, "add-class": cmd_add_class, "retrain": cmd_retrain, "demo": cmd_demo,
 }
 
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import get_args
 
+from flows.choices import (
+    AutocastDtype,
+    DinoConfig,
+    MergePolicy,
+    ModelVariant,
+    Promote,
+    RecipeChoice,
+    SamVariant,
+    ScaleOut,
+)
 from models.labelers.build import LABELER_KINDS  # the table itself: it imports nothing heavy
 
 
@@ -30,21 +41,22 @@ def _sized_help(field: str) -> str:
     return f"default: {gpu} on a GPU, {cpu} on the CPU"
 
 
-# The choices of the flags, spelled here so that `addclass --help` does not import torch; each is equal to the
-# list of the module that owns it (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
-RECIPE_CHOICES = ("auto", "paper", "scratch")  # models.training.optim.RECIPE_CHOICES
-VARIANTS = ("tiny", "lite_r18", "r50")  # models.massformer.build.MODEL_BUILDERS
+# The choices of the flags. Most are `flows.choices`' Literal aliases (light, like this module); the others are
+# spelled here so that `addclass --help` does not import torch. Each is equal to the list of the module that owns
+# it (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
+RECIPE_CHOICES: tuple[str, ...] = get_args(RecipeChoice)
+VARIANTS: tuple[str, ...] = get_args(ModelVariant)
 PIXEL_DECODERS = ("hr", "fpn")  # models.massformer.build.PIXEL_DECODERS
 REWEIGHT_MODES = ("none", "edge", "inverse")  # models.training.loss_weights.REWEIGHT_MODES
-MERGE_POLICIES = ("carve-others", "overwrite")  # tasks.merge_plan.POLICIES
-SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny")  # models.labelers.grounded_sam_weights.SAM_CHECKPOINT_FILES
-DINO_CONFIGS = ("swint_ogc", "swinb", "test")  # models.labelers.grounded_sam_weights.DINO_VARIANTS
+MERGE_POLICIES: tuple[str, ...] = get_args(MergePolicy)
+SAM_VARIANTS: tuple[str, ...] = get_args(SamVariant)
+DINO_CONFIGS: tuple[str, ...] = get_args(DinoConfig)
 
 
 DESCRIPTION = "Teach a segmentation model a new class from a text prompt: pseudo-label, merge, train, evaluate."
 
 
-def add_recipe_args(p: argparse.ArgumentParser) -> None:
+def add_recipe_args(p: argparse._ActionsContainer) -> None:
     p.add_argument("--recipe", choices=RECIPE_CHOICES, default="auto",
                    help="auto: 'scratch' for a random start, 'paper' from ImageNet weights or --init-model")
     p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
@@ -53,8 +65,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="the model's inference scale (e.g. 2 with --scale-range 0.75 1.5 on small images)")
 
 
-def add_labeler_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("labeler")
+def add_labeler_args(p: argparse.ArgumentParser, *, device_and_seed: bool = True,
+                     title: str = "labeler", description: str | None = None) -> argparse._ArgumentGroup:
+    g = p.add_argument_group(title, description)
     g.add_argument("--labeler", choices=LABELER_KINDS, default="grounded-sam",
                    help="simulated: degraded reference masks, for experiments and the demo only")
     g.add_argument("--sam", default="vit_b", choices=SAM_VARIANTS)
@@ -62,14 +75,56 @@ def add_labeler_args(p: argparse.ArgumentParser) -> None:
                    "~/.cache/addclass/weights/)")
     g.add_argument("--dino", default="swint_ogc", choices=DINO_CONFIGS)
     g.add_argument("--dino-checkpoint", help="GroundingDINO checkpoint (else $ADDCLASS_DINO_CHECKPOINT)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=("bfloat16", "float16"), help="autocast on GPU")
+    if device_and_seed:
+        g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=get_args(AutocastDtype), help="autocast on GPU")
     g.add_argument("--box-threshold", type=float, default=0.35)
     g.add_argument("--text-threshold", type=float, default=0.25)
     g.add_argument("--max-boxes", type=int, default=20)
     g.add_argument("--random-weights", action="store_true", help="smoke tests only: random model weights")
-    g.add_argument("--seed", type=int, default=0)
+    if device_and_seed:
+        g.add_argument("--seed", type=int, default=0)
+    return g
 
+
+# The flow sub-commands (add-class, retrain): one flag per top-level flow parameter and per field of its
+# `labeling` / `training` parameter (flows.params); `flows.cli.flow_params` maps them, and
+# tests/flows/test_cli.py checks that every parameter and field has one flag with its default.
+def add_flow_labeling_args(p: argparse.ArgumentParser) -> None:
+    g = add_labeler_args(p, device_and_seed=False, title="labeling",  # the labeler uses the training --device
+                         description="the flow's `labeling` parameter (flows.params.LabelingParams)")
+    g.add_argument("--pseudo-batch-size", type=int, default=8, help="images per labelling task")
+    g.add_argument("--pseudo-splits", nargs="+", default=["train", "val"], help="splits to pseudo-label")
+
+
+def add_flow_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training", "the flow's `training` parameter (flows.params.TrainingParams)")
+    g.add_argument("--variant", choices=VARIANTS, default="tiny")
+    g.add_argument("--iters", type=int, default=300)
+    g.add_argument("--train-batch-size", type=int, default=2)
+    g.add_argument("--crop-size", type=int, default=256)
+    g.add_argument("--reweight", choices=REWEIGHT_MODES, default="inverse")
+    g.add_argument("--no-inverse-near-pseudo", action="store_true",
+                   help="precise pixels next to the new class keep the edge weight (inverse reweight only)")
+    add_recipe_args(g)
+    g.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
+    g.add_argument("--workers", type=int, default=2, help="training data-loader processes")
+    g.add_argument("--checkpoint-every", type=int, default=100,
+                   help="steps between checkpoints (a stopped run resumes from the last one)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="where the models run (labeler, training, evaluation)")
+
+
+def add_flow_run_args(p: argparse.ArgumentParser, deployment: str) -> None:
+    p.add_argument("--init-model", help="fine-tune this model folder, or 'champion' (the store's champion)")
+    p.add_argument("--eval-splits", nargs="+", default=["val", "test"], help="splits to evaluate on")
+    p.add_argument("--runs-dir", help="where models and reports go (default: STORE.runs/)")
+    p.add_argument("--wait", action="store_true", help="wait for another writer of the store")
+    p.add_argument("--deployment", action="store_true",
+                   help=f"submit to the {deployment} deployment and follow it")
+    p.add_argument("--deployment-name", default=deployment)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="with --deployment: seconds to wait (default: until done)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,30 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     ac = sub.add_parser("add-class", help="run the add-class flow (in-process, or on a deployment)")
     ac.add_argument("--prompt", required=True)
     ac.add_argument("--store", required=True)
-    add_labeler_args(ac)
     ac.add_argument("--policy", choices=MERGE_POLICIES, default="carve-others")
-    ac.add_argument("--variant", choices=VARIANTS, default="tiny")
-    ac.add_argument("--iters", type=int, default=300)
-    ac.add_argument("--train-batch-size", type=int, default=2)
-    ac.add_argument("--crop-size", type=int, default=256)
-    ac.add_argument("--reweight", choices=REWEIGHT_MODES, default="inverse")
-    ac.add_argument("--no-inverse-near-pseudo", action="store_true",
-                    help="precise pixels next to the new class keep the edge weight (inverse reweight only)")
-    ac.add_argument("--pseudo-splits", nargs="+", default=["train", "val"], help="splits to pseudo-label")
-    ac.add_argument("--pseudo-batch-size", type=int, default=8, help="images per labelling task")
-    ac.add_argument("--eval-splits", nargs="+", default=["val", "test"], help="splits to evaluate on")
-    add_recipe_args(ac)
-    ac.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
-    ac.add_argument("--workers", type=int, default=2, help="training data-loader processes")
-    ac.add_argument("--init-model", help="fine-tune this model folder, or 'champion' (the store's champion)")
-    ac.add_argument("--runs-dir", help="where models and reports go (default: STORE.runs/)")
     ac.add_argument("--dask-address", help="tcp://host:port of a running dask scheduler")
-    ac.add_argument("--scale-out", choices=("auto", "threads", "dask"), default="auto",
+    ac.add_argument("--scale-out", choices=get_args(ScaleOut), default="auto",
                     help="runner of the mapped stages (auto: Dask with a server, threads without)")
-    ac.add_argument("--wait", action="store_true", help="wait for another writer of the store")
-    ac.add_argument("--deployment", action="store_true", help="submit to the add-class deployment and follow it")
-    ac.add_argument("--deployment-name", default="add-class/add-class")
-    ac.add_argument("--timeout", type=float, default=None, help="with --deployment: seconds to wait (default: until done)")
+    add_flow_run_args(ac, "add-class/add-class")
+    add_flow_labeling_args(ac)
+    add_flow_training_args(ac)
+
+    rt = sub.add_parser("retrain", help="run the retrain flow: train a challenger on a label version, evaluate, "
+                        "register (in-process, or on a deployment)")
+    rt.add_argument("--store", required=True)
+    rt.add_argument("--version", default="latest", help="label version to train on")
+    rt.add_argument("--promote", choices=get_args(Promote), default="if-better",
+                    help="make the challenger the champion: if it beats it on val, always, or never")
+    add_flow_run_args(rt, "retrain/retrain")
+    add_flow_training_args(rt)
 
     demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~4 min on 2 cores)")
     from tasks.demo import DemoConfig

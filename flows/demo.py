@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.add_class import add_class
+from flows.params import LabelingParams, TrainingParams
 from tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
 from tasks.ingest import ingest_synthetic
 from tasks.pseudo_label import LabelerConfig
@@ -25,10 +26,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     ingest_synthetic(store, images=config.images, size=config.size, seed=config.seed, overwrite=True,
                      progress=config.progress)
     shutil.rmtree(runs, ignore_errors=True)  # the runs of the store just replaced
-    result = add_class(prompt="car", store=str(store), labeler="simulated", variant="tiny", iters=config.iters,
-                       batch_size=2, crop_size=config.crop, num_points=config.points, num_workers=0,
-                       seed=config.seed, eval_splits=["val", "test"], scale_range=list(config.scale_range),
-                       test_scale=config.test_scale)
+    training = TrainingParams(variant="tiny", iters=config.iters, batch_size=2, crop_size=config.crop,
+                              num_points=config.points, num_workers=0, seed=config.seed,
+                              scale_range=config.scale_range, test_scale=config.test_scale)
+    result = add_class(prompt="car", store=str(store), labeling=LabelingParams(kind="simulated"),
+                       training=training, eval_splits=["val", "test"])
     metrics = json.loads(Path(result["report"]["metrics.json"]).read_text())
     model_test = metrics["model"]["splits"]["test"]["new_classes"]["car"]
     labeler = LabelerConfig(kind="simulated", seed=config.seed)

@@ -1,37 +1,152 @@
-"""Flow parameters: checks that run before any work (errors name the parameter), and the training config."""
+"""The flows' structured parameters and what they turn into.
+
+`LabelingParams` and `TrainingParams` are Pydantic models: Prefect validates them and renders them as forms in
+its UI, a deployment run takes them as JSON (``--param training='{"iters": 600}'``), and ``addclass`` sets
+each field with one flag (`flows.cli.flow_params`). `labeler_config` and `train_config` are the one place each
+becomes the `LabelerConfig` / `TrainConfig` the tasks run; `parse_params` and `check_splits` are the checks
+that run before any work (one-line errors naming the parameter).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from common.errors import InputError
+from flows.choices import AutocastDtype, DinoConfig, LabelerKind, ModelVariant, RecipeChoice, SamVariant
+from models.training.loss_weights import ReweightMode
 from storage.names import parse_split
+from tasks.pseudo_label import LabelerConfig
 from tasks.train import TrainConfig, run_name
+
+# Field descriptions come from the attribute docstrings (Prefect's UI shows them under each field); unknown
+# fields are an error, so a typo in a JSON parameter is not silently ignored.
+_PARAMS_CONFIG = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class LabelingParams(BaseModel):
+    """How the new class is pseudo-labelled (docs/design.md §5). The labeler runs on ``training.device`` with
+    ``training.seed``."""
+
+    model_config = _PARAMS_CONFIG
+
+    kind: LabelerKind = "grounded-sam"
+    """Labeler; 'simulated' (degraded reference masks) is for experiments and the demo only."""
+    sam_variant: SamVariant = "vit_b"
+    """SAM image encoder."""
+    sam_checkpoint: str | None = None
+    """SAM weights (default: $ADDCLASS_SAM_CHECKPOINT, else ~/.cache/addclass/weights/)."""
+    dino_config: DinoConfig = "swint_ogc"
+    """GroundingDINO model."""
+    dino_checkpoint: str | None = None
+    """GroundingDINO weights (default: $ADDCLASS_DINO_CHECKPOINT, else ~/.cache/addclass/weights/)."""
+    random_weights: bool = False
+    """Random model weights: smoke tests only."""
+    box_threshold: float = 0.35
+    """GroundingDINO box score threshold, in [0, 1]."""
+    text_threshold: float = 0.25
+    """GroundingDINO phrase score threshold, in [0, 1]."""
+    max_boxes: int | None = 20
+    """Boxes kept per image, best first (null: all)."""
+    dtype: AutocastDtype | None = None
+    """Autocast on a GPU (null: fp32)."""
+    batch_size: int = 8
+    """Images per labelling task (the unit of scale-out and retries)."""
+    splits: list[str] = ["train", "val"]
+    """Splits to pseudo-label (the others keep the parent version's labels)."""
+
+
+class TrainingParams(BaseModel):
+    """How the model is trained (`tasks.train_config.TrainConfig`, docs/design.md §3); CPU-sized defaults."""
+
+    model_config = _PARAMS_CONFIG
+
+    variant: ModelVariant = "tiny"
+    """MaSSFormer variant."""
+    iters: int = 300
+    """Training steps."""
+    batch_size: int = 2
+    """Images per step, >= 2."""
+    crop_size: int = 256
+    """Side of the square training crops, >= 64."""
+    reweight: ReweightMode = "inverse"
+    """Point weights of the mask loss: 'inverse' trusts pseudo-label edges less."""
+    inverse_weight_near_pseudo: bool = True
+    """Precise pixels next to the new class get the inverse weight too (reweight 'inverse' only)."""
+    num_points: int = 12544
+    """Sampled points per mask (CPU: ~2048)."""
+    num_workers: int = 2
+    """Data-loader processes (0: load in the training process)."""
+    recipe: RecipeChoice = "auto"
+    """Optimiser recipe; 'auto': 'scratch' for a random start, 'paper' from init_model."""
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """Random resize ratio of the training images (low, high)."""
+    test_scale: float = 1.0
+    """The trained model's inference scale (e.g. 2 with scale_range [0.75, 1.5] on small images)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints: a stopped run resumes from the last one."""
+    seed: int = 0
+    """Seed of the initialisation, data order, augmentations and loss points (and of the labeler)."""
+    device: str = "cpu"
+    """Where the labeler, the training and the evaluation run: 'cpu', 'cuda', 'cuda:1', 'auto'."""
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def parse_params(model: type[P], value: P | Mapping[str, Any], parameter: str) -> P:
+    """`value` as a `model` (a flow called through ``.fn`` gets the JSON as it came; Prefect's own call has
+    validated it already); a bad field is one line naming ``parameter.field``.
+
+    Raises:
+        InputError: quoting the first bad value.
+    """
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        first, more = e.errors()[0], e.error_count() - 1
+        where = ".".join([parameter, *map(str, first["loc"])])
+        also = f" ({more} more)" if more else ""
+        raise InputError(f"{where}: {first['msg']}. Got {first['input']!r} instead{also}.") from None
 
 
 def check_splits(parameter: str, splits: Sequence[str]) -> list[str]:
     """`splits` as a list of train/val/test names; a typo ("valid") is a ValueError naming `parameter`."""
     if isinstance(splits, str) or not splits:
-        raise ValueError(f"Expected {parameter} to be a non-empty list of splits. Got {splits!r} instead.")
+        raise InputError(f"Expected {parameter} to be a non-empty list of splits. Got {splits!r} instead.")
     try:
         return [parse_split(s) for s in splits]
     except ValueError as e:
-        raise ValueError(f"{parameter}: {e}") from None
+        raise InputError(f"{parameter}: {e}") from None
 
 
-def flow_train_config(*, store: str, version: str, runs: Path, variant: str, iters: int, batch_size: int,
-                      crop_size: int, num_points: int, num_workers: int, reweight: str,
-                      inverse_weight_near_pseudo: bool, seed: int, device: str,
-                      init_model: str | None, recipe: str = "auto",
-                      scale_range: Sequence[float] = (0.5, 2.0), test_scale: float = 1.0) -> TrainConfig:
-    """The training stage's `TrainConfig` (square crops), in a folder under `runs` named by `run_name`;
-    building it checks the training parameters."""
-    cfg = TrainConfig(store=store, version=version, variant=variant, iters=iters, batch_size=batch_size,
-                      crop_size=(crop_size, crop_size), num_points=num_points, num_workers=num_workers,
-                      reweight=reweight, inverse_weight_near_pseudo=inverse_weight_near_pseudo, seed=seed,
-                      device=device, init_model=init_model, out_dir=str(runs), recipe=recipe,
-                      scale_range=cast(tuple[float, float], tuple(scale_range)),  # TrainConfig checks it
-                      test_scale=test_scale)
+def labeler_config(labeling: LabelingParams, *, device: str, seed: int) -> LabelerConfig:
+    """The pseudo-label stage's `LabelerConfig` (the fields of `LabelingParams` but the task batching)."""
+    fields = labeling.model_dump(exclude={"batch_size", "splits"})
+    return LabelerConfig(**fields, device=device, seed=seed)
+
+
+def train_config(training: TrainingParams, *, store: str, version: str, runs_dir: str | None,
+                 init_model: str | None) -> TrainConfig:
+    """The training stage's `TrainConfig` (square crops) in a folder of `runs_dir` (default ``STORE.runs``)
+    named by `run_name`, so that the same settings resume their run; building it checks the training
+    parameters. Every `TrainingParams` field is a `TrainConfig` field; the others keep TrainConfig's defaults.
+
+    Raises:
+        ValueError: naming the parameter.
+    """
+    t = training
+    if t.iters < 1 or t.batch_size < 2 or t.crop_size < 64:
+        raise InputError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. "
+                         f"Got {t.iters}, {t.batch_size}, {t.crop_size}.")
+    runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
+    fields = t.model_dump(exclude={"crop_size"})
+    cfg = TrainConfig(**fields, crop_size=(t.crop_size, t.crop_size), store=store, version=version,
+                      out_dir=str(runs), init_model=init_model)
     return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -80,50 +82,141 @@ def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
     assert "is not a trained model folder" in capsys.readouterr().err
 
 
+def _subparser(command: str) -> argparse.ArgumentParser:
+    from flows.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return cast(argparse.ArgumentParser, sub.choices[command])
+
+
 def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import inspect
 
     from flows.add_class import add_class
-    from flows.cli import add_class_kwargs, build_parser
+    from flows.cli import build_parser, flow_params
 
     monkeypatch.chdir(tmp_path)
     a = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s.zarr", "--max-boxes", "5",
                                    "--dtype", "bfloat16", "--workers", "0", "--init-model", "runs/m",
                                    "--sam-checkpoint", "~/w/sam.pth", "--runs-dir", "out"])
-    kwargs = add_class_kwargs(a)
+    kwargs = flow_params(a)
     inspect.signature(add_class.fn).bind(**kwargs)  # every option is a parameter of the flow
-    assert (kwargs["max_boxes"], kwargs["dtype"], kwargs["num_workers"]) == (5, "bfloat16", 0)
+    labeling, training = kwargs["labeling"], kwargs["training"]
+    assert (labeling.max_boxes, labeling.dtype, training.num_workers) == (5, "bfloat16", 0)
     # a deployment's worker runs elsewhere: paths go out absolute
     assert kwargs["store"] == str(tmp_path / "s.zarr") and kwargs["init_model"] == str(tmp_path / "runs" / "m")
     assert kwargs["runs_dir"] == str(tmp_path / "out")
-    assert kwargs["sam_checkpoint"] == str(Path("~/w/sam.pth").expanduser())
+    assert labeling.sam_checkpoint == str(Path("~/w/sam.pth").expanduser())
     champion = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--init-model", "champion"])
-    assert add_class_kwargs(champion)["init_model"] == "champion"
+    assert flow_params(champion)["init_model"] == "champion"
 
 
-def test_every_add_class_parameter_has_one_flag_with_the_flow_default(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A flow parameter the CLI cannot set, or a flag that reaches no parameter, fails here."""
+def _flag_default(action: argparse.Action) -> Any:
+    from flows.cli import FLOW_FLAGS_NEGATED
+
+    default = action.default
+    if action.dest in FLOW_FLAGS_NEGATED:
+        return not default
+    return list(default) if isinstance(default, list | tuple) else default
+
+
+@pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "flows.add_class", "add_class"),
+                                                                   ("retrain", "flows.retrain", "retrain")])
+def test_every_flow_parameter_and_field_has_one_flag_with_its_default(command: str, flow_module: str,
+                                                                      flow_name: str) -> None:
+    """A flow parameter or a field of a parameter object (`labeling`, `training`) that the CLI cannot set, a
+    flag that reaches no parameter or field, or a flag whose default is not the flow's, fails here."""
+    import importlib
     import inspect
 
-    from flows.add_class import add_class
-    from flows.cli import ADD_CLASS_PATHS, add_class_kwargs, build_parser
+    from pydantic import BaseModel
+
+    from flows.cli import FLOW_CONTROL, FLOW_PATHS, flag_target
+
+    flow = getattr(importlib.import_module(flow_module), flow_name)
+    params = inspect.signature(flow.fn).parameters
+    expected: dict[str, Any] = {}  # every top-level parameter and every field of the parameter objects
+    for name, param in params.items():
+        if isinstance(param.default, BaseModel):
+            for field, info in type(param.default).model_fields.items():
+                expected[f"{name}.{field}"] = info.get_default(call_default_factory=True)
+        else:
+            expected[name] = param.default
+    actions = [a for a in _subparser(command)._actions if a.dest not in FLOW_CONTROL and a.dest != "help"]
+    targets = [flag_target(a.dest) for a in actions]
+    assert sorted(targets) == sorted(expected)  # one flag each, and no flag that reaches nothing
+    for action, target in zip(actions, targets, strict=True):
+        if action.required or target in FLOW_PATHS:
+            continue  # prompt, store; paths are made absolute
+        default = expected[target]
+        assert _flag_default(action) == (list(default) if isinstance(default, tuple) else default), target
+
+
+@pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "flows.add_class", "add_class"),
+                                                                   ("retrain", "flows.retrain", "retrain")])
+def test_flag_choices_are_the_parameter_choices(command: str, flow_module: str, flow_name: str) -> None:
+    """A flag with choices offers exactly the values its parameter or field accepts."""
+    import importlib
+    import inspect
+    from typing import get_args
+
+    from flows.cli import flag_target
+    from flows.params import LabelingParams, TrainingParams
+
+    hints = {"labeling": LabelingParams.model_fields, "training": TrainingParams.model_fields}
+    flow = inspect.signature(getattr(importlib.import_module(flow_module), flow_name).fn, eval_str=True).parameters
+    for action in _subparser(command)._actions:
+        if action.choices is None or action.dest == "help":
+            continue
+        group, _, name = flag_target(action.dest).rpartition(".")
+        annotation = hints[group][name].annotation if group else flow[name].annotation
+        literal = next((a for a in get_args(annotation) if get_args(a)), annotation)  # X | None -> X
+        assert set(action.choices) == set(get_args(literal)), action.dest
+
+
+def test_flags_set_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.cli import build_parser, flow_params
+    from flows.params import TrainingParams
 
     monkeypatch.chdir(tmp_path)
-    kwargs = add_class_kwargs(build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s.zarr"]))
-    flow = inspect.signature(add_class.fn).parameters
-    assert sorted(kwargs) == sorted(flow)
-    for name, param in flow.items():
-        if name not in ("prompt", "store", *ADD_CLASS_PATHS):
-            assert kwargs[name] == param.default, name  # `addclass add-class` and the deployment agree
     flags = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--no-inverse-near-pseudo",
                                        "--pseudo-splits", "train", "--eval-splits", "test", "--pseudo-batch-size",
-                                       "3", "--recipe", "paper", "--scale-range", "1", "2", "--test-scale", "2"])
-    got = add_class_kwargs(flags)
-    assert (got["inverse_weight_near_pseudo"], got["pseudo_splits"], got["eval_splits"], got["pseudo_batch_size"],
-            got["recipe"], got["scale_range"], got["test_scale"]) == (False, ["train"], ["test"], 3, "paper",
-                                                                      [1.0, 2.0], 2.0)
+                                       "3", "--recipe", "paper", "--scale-range", "1", "2", "--test-scale", "2",
+                                       "--checkpoint-every", "7", "--train-batch-size", "4", "--points", "9",
+                                       "--device", "cuda", "--seed", "5", "--labeler", "simulated", "--sam",
+                                       "vit_h", "--dino", "swinb", "--wait"])
+    got = flow_params(flags)
+    labeling, training = got["labeling"], got["training"]
+    assert (training.inverse_weight_near_pseudo, labeling.splits, got["eval_splits"], labeling.batch_size,
+            training.recipe, training.scale_range, training.test_scale) == (False, ["train"], ["test"], 3, "paper",
+                                                                            (1.0, 2.0), 2.0)
+    assert (training.checkpoint_every, training.batch_size, training.num_points, training.device,
+            training.seed) == (7, 4, 9, "cuda", 5)
+    assert (labeling.kind, labeling.sam_variant, labeling.dino_config, got["wait_for_lock"]) == (
+        "simulated", "vit_h", "swinb", True)
+    retrain = flow_params(build_parser().parse_args(["retrain", "--store", "s", "--iters", "7", "--promote",
+                                                     "never", "--version", "v2"]))
+    assert set(retrain) == {"store", "version", "training", "init_model", "eval_splits", "promote", "runs_dir",
+                            "wait_for_lock"}
+    assert retrain["training"] == TrainingParams(iters=7) and retrain["promote"] == "never"
+
+
+def test_deployment_parameters_are_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.cli as cli
+
+    sent: dict[str, Any] = {}
+    def submit(name: str, params: dict[str, Any], timeout: float | None) -> int:
+        sent.update(name=name, params=params)
+        return 0
+
+    monkeypatch.setattr(cli, "_run_deployment", submit)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["add-class", "--prompt", "car", "--store", "s", "--iters", "600", "--deployment"]) == 0
+    params = sent["params"]
+    assert sent["name"] == "add-class/add-class" and json.loads(json.dumps(params)) == params
+    assert params["training"]["iters"] == 600 and params["labeling"]["kind"] == "grounded-sam"
+    assert "init_model" not in params and params["store"] == str(tmp_path / "s")
 
 
 @pytest.mark.parametrize(("extra", "message"), [

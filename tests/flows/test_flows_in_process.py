@@ -12,13 +12,14 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.add_class import add_class
+from flows.params import LabelingParams, TrainingParams
 from flows.retrain import retrain
 from storage.registry import ClassInfo
 from storage.store import open_label_store
 from tasks.ingest import ingest_synthetic
 
-SMALL = {"variant": "tiny", "iters": 2, "batch_size": 2, "crop_size": 64, "num_points": 64, "num_workers": 0,
-         "eval_splits": ["val"]}
+TRAINING = TrainingParams(variant="tiny", iters=2, batch_size=2, crop_size=64, num_points=64, num_workers=0)
+SMALL = {"training": TRAINING, "eval_splits": ["val"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,7 +38,8 @@ def store(tmp_path: Path) -> str:
     [
         ({"eval_splits": ["valid"]}, ValueError, "eval_splits: .*'valid'"),
         ({"version": "v9"}, KeyError, "v9"),
-        ({"num_points": 0}, ValueError, "num_points >= 1"),
+        ({"training": {"num_points": 0}}, ValueError, "num_points >= 1"),
+        ({"training": {"crop_size": 32}}, ValueError, "crop_size >= 64"),
         ({"init_model": "champion"}, KeyError, "no champion model yet"),
     ],
 )
@@ -54,7 +56,8 @@ def test_challenger_is_registered_and_promoted_only_when_allowed(store: str) -> 
     assert models["champion"] == first["registry"]["model_id"] == Path(first["checkpoint"]).parent.name
     assert first["registry"]["model_id"].startswith("v1-tiny-inverse-s0-i2-")  # version, recipe, config hash
     assert Path(first["report"]["report.md"]).is_file()
-    second = retrain(store=store, **{**SMALL, "seed": 1}, promote="never", init_model="champion")
+    second = retrain(store=store, **{**SMALL, "training": {**TRAINING.model_dump(), "seed": 1}}, promote="never",
+                     init_model="champion")  # JSON, as a deployment run gets it
     models = open_label_store(store).section("models")
     assert second["registry"]["promoted"] is False and models["champion"] == first["registry"]["model_id"]
     assert set(models["models"]) == {first["registry"]["model_id"], second["registry"]["model_id"]}
@@ -62,7 +65,7 @@ def test_challenger_is_registered_and_promoted_only_when_allowed(store: str) -> 
 
 
 def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_class(store: str) -> None:
-    params = {**SMALL, "prompt": "car", "store": store, "labeler": "simulated", "pseudo_batch_size": 2}
+    params = {**SMALL, "prompt": "car", "store": store, "labeling": LabelingParams(kind="simulated", batch_size=2)}
     environ = dict(os.environ)
     first = add_class(**params)  # on the harness's API: its mapped stages run on a local Dask cluster
     assert dict(os.environ) == environ  # the nannies' OMP_NUM_THREADS=1 etc. did not stay in this process

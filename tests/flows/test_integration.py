@@ -21,8 +21,10 @@ from tests.flows.prefect_server import BIN, REPO, free_port, prefect_server, run
 
 pytestmark = pytest.mark.integration
 
-TINY = {"labeler": "simulated", "variant": "tiny", "iters": 4, "crop_size": 128, "num_points": 256, "num_workers": 0,
-        "eval_splits": ["test"]}
+# add-class's parameters as JSON (a deployment run's `--param`s, the subprocesses' keyword arguments)
+TINY = {"labeling": {"kind": "simulated"}, "eval_splits": ["test"],
+        "training": {"variant": "tiny", "iters": 4, "crop_size": 128, "num_points": 256, "num_workers": 0}}
+TINY_BY_IMAGE = {**TINY, "labeling": {"kind": "simulated", "batch_size": 1}}  # one labelling task per image
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_deployment_run_add_class(server: dict[str, str], tmp_path: Path) -> Non
     run([prefect, "--no-prompt", "deploy", "--all"], server)
     params = ["--param", "prompt=car", "--param", f"store={store}"]
     for k, v in TINY.items():
-        params += ["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+        params += ["--param", f"{k}={json.dumps(v)}"]  # e.g. training='{"iters": 4, ...}'
     out = run([prefect, "deployment", "run", "add-class/add-class", *params], server)
     flow_run_id = next(w for w in out.split() if len(w) == 36 and w.count("-") == 4)
     run([prefect, "worker", "start", "--pool", "local", "--run-once"], server, timeout=600)
@@ -118,13 +120,14 @@ def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], 
         script = (
             "import json, sys\n"
             "from flows.add_class import add_class\n"
-            "out = add_class(prompt='car', store=sys.argv[1], dask_address=sys.argv[2], pseudo_batch_size=1,\n"
+            "out = add_class(prompt='car', store=sys.argv[1], dask_address=sys.argv[2],\n"
             "                **json.loads(sys.argv[3]))\n"
             "import os\n"
             "print('RESULT', json.dumps({'pseudo': out['pseudo'], 'pid': os.getpid()}))\n"
         )
         try:
-            out = run([sys.executable, "-c", script, str(store), f"tcp://127.0.0.1:{port}", json.dumps(TINY)],
+            out = run([sys.executable, "-c", script, str(store), f"tcp://127.0.0.1:{port}",
+                       json.dumps(TINY_BY_IMAGE)],
                       server, timeout=300)
         except subprocess.TimeoutExpired as e:  # show what the cluster did, not only that the flow waited
             flow_log = (e.stderr or b"")[-4000:]
@@ -151,14 +154,14 @@ def _workers(address: str) -> int:
 _CRASH = die_after_writes("tasks.pseudo_label", "write_pseudo_result", 2) + """
 import sys, json
 from flows.add_class import add_class
-add_class(prompt="car", store=sys.argv[1], scale_out="threads", pseudo_batch_size=1, **json.loads(sys.argv[2]))
+add_class(prompt="car", store=sys.argv[1], scale_out="threads", **json.loads(sys.argv[2]))
 """
 
 
 def test_kill_9_mid_pseudo_label_then_rerun_completes(server: dict[str, str], tmp_path: Path) -> None:
     store = _store(tmp_path, "crash", images=8)
-    proc = subprocess.Popen([sys.executable, "-c", _CRASH, str(store), json.dumps(TINY)], env=server, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH, str(store), json.dumps(TINY_BY_IMAGE)], env=server,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(300)
     finally:
@@ -172,11 +175,10 @@ def test_kill_9_mid_pseudo_label_then_rerun_completes(server: dict[str, str], tm
     script = (
         "import json, sys\n"
         "from flows.add_class import add_class\n"
-        "out = add_class(prompt='car', store=sys.argv[1], scale_out='threads', pseudo_batch_size=1,\n"
-        "                **json.loads(sys.argv[2]))\n"
+        "out = add_class(prompt='car', store=sys.argv[1], scale_out='threads', **json.loads(sys.argv[2]))\n"
         "print('RESULT', json.dumps(out['pseudo']))\n"
     )
-    out = run([sys.executable, "-c", script, str(store), json.dumps(TINY)], server, timeout=600)
+    out = run([sys.executable, "-c", script, str(store), json.dumps(TINY_BY_IMAGE)], server, timeout=600)
     pseudo = json.loads(out.split("RESULT", 1)[1].strip().splitlines()[0])
     train = next(p for p in pseudo if p["split"] == "train")
     assert train["already_done"] == 2  # no image labelled twice

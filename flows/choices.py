@@ -1,0 +1,23 @@
+"""The choices of the flow parameters and of the CLI flags that set them, spelled once.
+
+Light on purpose (`flows.cli_args` imports it, so ``addclass --help`` loads no torch). A choice whose owner
+exports a Literal alias is re-exported from it (`LabelerKind`; `ReweightMode` is imported by `flows.params`
+from `models.training.loss_weights`, which loads torch); the others are equal to the list of the module that
+owns them (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from models.labelers.build import LabelerKind as LabelerKind  # the keys of models.labelers.build.LABELERS
+
+ModelVariant = Literal["tiny", "lite_r18", "r50"]  # models.massformer.build.MODEL_BUILDERS
+# models.labelers.grounded_sam_weights.SAM_CHECKPOINT_FILES
+SamVariant = Literal["vit_b", "vit_l", "vit_h", "tiny"]
+DinoConfig = Literal["swint_ogc", "swinb", "test"]  # models.labelers.grounded_sam_weights.DINO_VARIANTS
+RecipeChoice = Literal["auto", "paper", "scratch"]  # models.training.optim.RECIPE_CHOICES
+MergePolicy = Literal["carve-others", "overwrite"]  # tasks.merge_plan.POLICIES
+Promote = Literal["if-better", "always", "never"]  # tasks.model_registry.register_model
+ScaleOut = Literal["auto", "threads", "dask"]  # flows.runners.scale_out_runner
+AutocastDtype = Literal["bfloat16", "float16"]  # the labeler's autocast on a GPU (LabelerConfig.dtype)

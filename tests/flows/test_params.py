@@ -1,0 +1,58 @@
+"""The flows' parameter objects and what they turn into (no Prefect API needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flows.params import LabelingParams, TrainingParams, labeler_config, parse_params, train_config
+from tasks.pseudo_label import LabelerConfig
+from tasks.train import TrainConfig
+
+
+def test_every_parameter_field_reaches_the_task_config() -> None:
+    """A field added to a parameter object must mean something to the stage it configures."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(TrainingParams.model_fields) <= train_fields
+    labeler_fields = {f.name for f in dataclasses.fields(LabelerConfig)}
+    assert set(LabelingParams.model_fields) - labeler_fields == {"batch_size", "splits"}  # the stage's batching
+
+
+def test_run_folder_names_are_those_of_earlier_runs() -> None:
+    """The same training settings name the same run folder as before the parameters were structured (pinned
+    from `flow_train_config`), so a rerun resumes; `checkpoint_every` is not part of a run's identity."""
+    cfg = train_config(TrainingParams(), store="s.zarr", version="v2", runs_dir="r", init_model=None)
+    assert cfg.out_dir == "r/v2-tiny-inverse-s0-i300-29c09fa5" and cfg.checkpoint_every == 100
+    assert cfg.crop_size == (256, 256) and cfg.device == "cpu" and cfg.val_every is None
+    other = TrainingParams(iters=2, crop_size=64, num_points=64, num_workers=0, reweight="edge",
+                           inverse_weight_near_pseudo=False, seed=3, recipe="scratch", scale_range=(0.75, 1.5),
+                           test_scale=2.0, checkpoint_every=1)
+    cfg = train_config(other, store="s.zarr", version="v1", runs_dir="r", init_model=None)
+    assert cfg.out_dir == "r/v1-tiny-edge-s3-i2-3fdb13fa"
+    assert train_config(other, store="s.zarr/", version="v1", runs_dir=None, init_model=None).out_dir.startswith(
+        "s.zarr.runs/v1-tiny-edge-s3-i2-")
+
+
+def test_labeler_config_takes_the_training_device_and_seed() -> None:
+    labeling = LabelingParams(kind="simulated", box_threshold=0.5, max_boxes=None, dtype="bfloat16")
+    cfg = labeler_config(labeling, device="cuda", seed=4)
+    assert cfg == LabelerConfig(kind="simulated", box_threshold=0.5, max_boxes=None, dtype="bfloat16",
+                                device="cuda", seed=4)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"iter": 600}, r"^training\.iter: Extra inputs are not permitted\. Got 600 instead\.$"),
+    ({"variant": "r101"}, r"^training\.variant: Input should be 'tiny', 'lite_r18' or 'r50'\. Got 'r101'"),
+    ({"scale_range": [1.0]}, r"^training\.scale_range\.1: Field required"),
+    ({"iters": "x", "seed": "y"}, r"^training\.iters: .* \(1 more\)\.$"),
+])
+def test_bad_fields_are_one_line_naming_the_field(value: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_params(TrainingParams, value, "training")
+
+
+def test_json_objects_become_parameter_objects() -> None:
+    assert parse_params(TrainingParams, {"iters": 600}, "training") == TrainingParams(iters=600)
+    params = LabelingParams()
+    assert parse_params(LabelingParams, params, "labeling") is params
