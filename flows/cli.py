@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from common.errors import InputError, UserError
 from flows.cli_args import TRAIN_SIZES, build_parser
 
 Handler = Callable[[argparse.Namespace], int]
@@ -41,7 +42,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     if a.image:
         if not a.png:
-            raise ValueError("--image needs --png OUT (where to write the overlay).")
+            raise InputError("--image needs --png OUT (where to write the overlay).")
         out = write_overlay_png(a.store, a.image, a.png, version=a.version, overwrite=a.overwrite)
         print(f"wrote {out}")
         return 0
@@ -175,6 +176,34 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                                     pred_dir=a.pred_dir)
     print(Path(paths["report.md"]).read_text())
     print(f"report: {paths['report.md']}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from tasks.predict import DEFAULT_TTA_SCALES, PredictConfig, predict_images
+
+    model = a.model
+    if model == "champion":
+        if not a.store:
+            raise InputError("MODEL 'champion' needs --store STORE (whose champion to use).")
+        from tasks.model_registry import resolve_init_model
+
+        model = resolve_init_model(a.store, "champion")
+    config = PredictConfig(mode=a.mode, window=a.window, stride=a.stride, tta=a.tta, device=a.device,
+                           tta_scales=tuple(a.tta_scales or DEFAULT_TTA_SCALES), bf16=not a.no_bf16,
+                           overlays=a.overlays, scores=a.scores, overwrite=a.overwrite)
+    out = predict_images(model, a.inputs, a.out, config=config, progress=not a.quiet)
+    print(f"{len(out['written'])} predicted, {len(out['skipped'])} already done, {len(out['failed'])} failed: "
+          f"{out['out_dir']}")
+    for path, message in out["failed"].items():
+        print(f"addclass: error: {path}: {message}", file=sys.stderr)
+    return 1 if out["failed"] else 0
+
+
+def cmd_export_model(a: argparse.Namespace) -> int:
+    from tasks.export_model import export_model
+
+    _print_json(export_model(a.model, a.out, format=a.format, overwrite=a.overwrite))
     return 0
 
 
@@ -329,13 +358,15 @@ HANDLERS: dict[str, Handler] = {
     "ingest": cmd_ingest, "inspect": cmd_inspect, "pseudo-label": cmd_pseudo_label,
     "import-pseudo": cmd_import_pseudo, "evaluate-masks": cmd_evaluate_masks, "merge": cmd_merge,
     "discard-draft": cmd_discard_draft, "export": cmd_export, "train": cmd_train, "evaluate": cmd_evaluate,
-    "model-info": cmd_model_info, "add-class": cmd_add_class, "retrain": cmd_retrain, "demo": cmd_demo,
+    "model-info": cmd_model_info, "predict": cmd_predict, "export-model": cmd_export_model,
+    "add-class": cmd_add_class, "retrain": cmd_retrain, "demo": cmd_demo,
 }
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError,
-                                               PermissionError, RuntimeError, NotADirectoryError,
-                                               IsADirectoryError, ConnectionError, MemoryError)
+# What the user caused (`common.errors.UserError`) and OS errors about a path (they name it) are one line and exit 2;
+# anything else is a bug or an environment failure and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError, PermissionError,
+                                               NotADirectoryError, IsADirectoryError, ConnectionError)
 
 
 # Local, offline defaults for Prefect (a user's own settings win): no telemetry, and enough time for the
@@ -354,8 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return HANDLERS[args.command](args)
     except USER_ERRORS as e:  # clear one-line errors for bad input; tracebacks for bugs
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"addclass: error: {msg}", file=sys.stderr)
+        print(f"addclass: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -246,6 +246,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true")
 
+    pr = sub.add_parser("predict", help="label new images of any size with a trained model (PNG per image)")
+    pr.add_argument("model", help="a run folder, its final/ folder, or 'champion' (with --store)")
+    pr.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    pr.add_argument("--out", required=True, help="output folder: NAME.png per image, classes.json")
+    pr.add_argument("--store", help="the label store whose champion 'champion' means")
+    pr.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                    help="whole image at once, or sliding windows (memory bounded by --window)")
+    pr.add_argument("--window", type=int, default=1024, help="slide: tile size")
+    pr.add_argument("--stride", type=int, default=None, help="slide: tile step (default: 3/4 of the window)")
+    pr.add_argument("--tta", action="store_true", help="average over --tta-scales and horizontal flips")
+    pr.add_argument("--tta-scales", type=float, nargs="+", default=None,
+                    help="ratios of the model's test scale (default: 0.5 0.75 1 1.25 1.5 1.75)")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--no-bf16", action="store_true", help="on a GPU: fp32 instead of bf16 autocast")
+    pr.add_argument("--overlays", action="store_true", help="also write overlays/NAME.jpg")
+    pr.add_argument("--scores", action="store_true", help="also write scores/NAME.npz (class scores, large)")
+    pr.add_argument("--overwrite", action="store_true", help="replace predictions an earlier predict wrote")
+    pr.add_argument("--quiet", action="store_true")
+
+    xm = sub.add_parser("export-model", help="export a trained model to ONNX or torch.export")
+    xm.add_argument("model", help="a run folder or its final/ folder")
+    xm.add_argument("out", help="output file")
+    xm.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    xm.add_argument("--overwrite", action="store_true")
+
     mi = sub.add_parser("model-info", help="parameter counts per component")
     mi.add_argument("variant", choices=VARIANTS)
     mi.add_argument("--num-classes", type=int, default=7)

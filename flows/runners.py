@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from common.errors import InputError
+
 WORKER_ENV = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
 
 
@@ -45,9 +47,9 @@ def has_real_api() -> bool:
 def scale_out_runner(dask_address: str | None = None, *, mode: str = "auto", workers: int = 2) -> Any:
     """The task runner for the mapped stages (see module docstring); `mode` 'threads' or 'dask' forces one."""
     if mode not in ("auto", "threads", "dask"):
-        raise ValueError(f"Expected scale_out 'auto', 'threads' or 'dask'. Got {mode!r} instead.")
+        raise InputError(f"Expected scale_out 'auto', 'threads' or 'dask'. Got {mode!r} instead.")
     if mode == "dask" and not (dask_address or has_real_api()):
-        raise ValueError("scale_out='dask' needs a Prefect server (PREFECT_API_URL) or a dask_address: with the "
+        raise InputError("scale_out='dask' needs a Prefect server (PREFECT_API_URL) or a dask_address: with the "
                          "ephemeral API every Dask worker would start its own temporary server.")
     if mode != "threads" and (dask_address or has_real_api()):
         import dask

@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.errors import InputError
 from models.boundary import (
     BF1_TOLERANCE_PX,
     BIOU_DILATION_RATIO,
@@ -75,14 +76,14 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> tuple[np.
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.ndim != 2 or gt.ndim != 2:
-        raise ValueError(f"Expected H x W label maps. Got pred {pred.shape} and gt {gt.shape} instead.")
+        raise InputError(f"Expected H x W label maps. Got pred {pred.shape} and gt {gt.shape} instead.")
     if pred.shape != gt.shape:
-        raise ValueError(f"pred and gt must have the same shape. Got {pred.shape} and {gt.shape} instead.")
+        raise InputError(f"pred and gt must have the same shape. Got {pred.shape} and {gt.shape} instead.")
     for name, arr in (("pred", pred), ("gt", gt)):
         if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
             raise TypeError(f"Expected an integer {name} label map. Got dtype {arr.dtype} instead.")
     if not 1 <= num_classes <= _MAX_CLASSES:
-        raise ValueError(
+        raise InputError(
             f"Expected num_classes in the inclusive range (1, {_MAX_CLASSES}). Got {num_classes}."
         )
     return pred, gt
@@ -149,7 +150,7 @@ def image_counts(
     h, w = gt.shape
     d = boundary_width(h, w) if biou_d is None else int(biou_d)
     if d < 1:
-        raise ValueError(f"Expected biou_d >= 1. Got {biou_d} instead.")
+        raise InputError(f"Expected biou_d >= 1. Got {biou_d} instead.")
 
     pc = _class_codes(pred, c, None)  # 0..C-1 classes, C none
     gc = _class_codes(gt, c, ignore_index)  # 0..C-1 classes, C none, C+1 ignore
@@ -262,7 +263,7 @@ def class_vs_rest(metrics: Mapping[str, Any]) -> dict[str, float]:
         absent).
     """
     if len(metrics["iou"]) != 2:
-        raise ValueError(f"Expected binary (C = 2) metrics. Got {len(metrics['iou'])} classes instead.")
+        raise InputError(f"Expected binary (C = 2) metrics. Got {len(metrics['iou'])} classes instead.")
     return {
         "iou": float(metrics["iou"][1]),
         "biou": float(metrics["biou"][1]),
@@ -350,7 +351,7 @@ class MetricAccumulator:
             keep_per_image: Also keep every image's counts in ``per_image`` (10 x C int64 each).
         """
         if not 1 <= num_classes <= _MAX_CLASSES:
-            raise ValueError(
+            raise InputError(
                 f"Expected num_classes in the inclusive range (1, {_MAX_CLASSES}). Got {num_classes}."
             )
         self.num_classes = num_classes
@@ -393,7 +394,7 @@ class MetricAccumulator:
         image = {k: np.asarray(counts[k], dtype=np.int64) for k in COUNT_KEYS}
         for k, v in image.items():
             if v.shape != (self.num_classes,):
-                raise ValueError(f"Expected {k} of shape ({self.num_classes},). Got {v.shape} instead.")
+                raise InputError(f"Expected {k} of shape ({self.num_classes},). Got {v.shape} instead.")
             self.counts[k] += v
         if self.keep_per_image:
             self.per_image.append(image)
@@ -445,7 +446,7 @@ def metrics_summary(
     c = len(m["iou"])
     names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(c)]
     if len(names) != c:
-        raise ValueError(f"Expected {c} class names. Got {len(names)} instead: {names}.")
+        raise InputError(f"Expected {c} class names. Got {len(names)} instead: {names}.")
     per_class = [
         {
             "id": i,

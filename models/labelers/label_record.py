@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import InputError
+
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     """Encode an H x W boolean mask as COCO uncompressed RLE.
@@ -29,7 +31,7 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     """
     m = np.asarray(mask)
     if m.ndim != 2:
-        raise ValueError(f"rle_encode expects an H x W mask. Got shape {m.shape} instead.")
+        raise InputError(f"rle_encode expects an H x W mask. Got shape {m.shape} instead.")
     height, width = m.shape
     flat = m.astype(bool).ravel(order="F")  # column-major, as COCO
     if flat.size == 0:
@@ -53,7 +55,7 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
         return mask_utils.decode(coded).astype(bool)
     runs = np.asarray(counts, dtype=np.int64)
     if (runs < 0).any() or int(runs.sum()) != height * width:
-        raise ValueError(f"RLE counts sum to {int(runs.sum())}, expected H * W = {height * width}.")
+        raise InputError(f"RLE counts sum to {int(runs.sum())}, expected H * W = {height * width}.")
     values = np.zeros(runs.size, dtype=bool)
     values[1::2] = True  # runs alternate 0, 1, 0, ...
     flat = np.repeat(values, runs)
@@ -82,23 +84,23 @@ class LabelRecord:
 
     def __post_init__(self) -> None:
         if self.mask.ndim != 2 or self.mask.dtype != np.bool_:
-            raise ValueError(f"mask must be H x W bool. Got {self.mask.shape} {self.mask.dtype} instead.")
+            raise InputError(f"mask must be H x W bool. Got {self.mask.shape} {self.mask.dtype} instead.")
         n = self.instance_masks.shape[0] if self.instance_masks.ndim == 3 else -1
         if n < 0 or self.instance_masks.shape[1:] != self.mask.shape or self.instance_masks.dtype != np.bool_:
-            raise ValueError(
+            raise InputError(
                 f"instance_masks must be N x {self.mask.shape[0]} x {self.mask.shape[1]} bool. "
                 f"Got {self.instance_masks.shape} {self.instance_masks.dtype} instead."
             )
         if self.boxes.shape != (n, 4) or self.boxes.dtype != np.float32:
-            raise ValueError(
+            raise InputError(
                 f"boxes must be {n} x 4 float32. Got {self.boxes.shape} {self.boxes.dtype} instead."
             )
         if self.scores.shape != (n,) or self.scores.dtype != np.float32:
-            raise ValueError(
+            raise InputError(
                 f"scores must be ({n},) float32. Got {self.scores.shape} {self.scores.dtype} instead."
             )
         if len(self.phrases) != n:
-            raise ValueError(f"Expected {n} phrases. Got {len(self.phrases)} instead.")
+            raise InputError(f"Expected {n} phrases. Got {len(self.phrases)} instead.")
 
     @classmethod
     def from_instances(

@@ -280,3 +280,13 @@ def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, ca
                      "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert (seen["config"].iters, seen["config"].batch_size) == (5, 4)  # given flags win
 
+
+
+def test_every_sub_command_has_a_handler() -> None:
+    import argparse
+
+    from flows.cli import HANDLERS
+    from flows.cli_args import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == set(HANDLERS)

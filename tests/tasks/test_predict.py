@@ -130,3 +130,18 @@ def test_predictions_score_with_evaluate_masks(model_dir: Path, images: Path, tm
             cv2.imwrite(str(gt / f"{name}.png"), np.asarray(im))  # the same ids, as a grey PNG
     res = evaluate_mask_folders(out, gt, num_classes=8)
     assert res["means"]["aAcc"] == 1.0  # palette indices read as class ids, not colours
+
+
+def test_cli_predict_exit_codes(model_dir: Path, images: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    assert main(["predict", str(model_dir.parent), str(images), "--out", str(out), "--quiet"]) == 0
+    assert "2 predicted, 0 already done, 0 failed" in capsys.readouterr().out
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 cut")
+    assert main(["predict", str(model_dir), str(images), "--out", str(out), "--quiet"]) == 1  # named, not fatal
+    captured = capsys.readouterr()
+    assert "0 predicted, 2 already done, 1 failed" in captured.out and "broken.jpg: Cannot decode" in captured.err
+    assert main(["predict", "champion", str(images), "--out", str(out)]) == 2
+    assert "needs --store" in capsys.readouterr().err
