@@ -71,8 +71,8 @@ def cmd_pseudo_label(a: argparse.Namespace) -> int:
     out = pseudo_label(a.store, prompt=a.prompt, split=a.split, labeler=labeler_config_from_args(a),
                        batch_size=a.batch_size, progress=not a.quiet, wait_for_lock=a.wait)
     _print_json(out) if a.json else print(
-        f"pseudo-labelled {out['class']!r} on {out['split']}: {out['detections_new']} new detections "
-        f"({out['already_done']} images were already done)")
+        f"pseudo-labelled {out['class']!r} on {out['split']}: {out['detections']} detections, "
+        f"{out['detections_new']} of them new ({out['already_done']} images were already done)")
     return 0
 
 

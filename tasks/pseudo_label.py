@@ -27,6 +27,7 @@ from models.labelers.build import LabelerKind as LabelerKind
 from storage.names import class_name_from_prompt, parse_split
 from storage.pseudo import (
     missing_pseudo,
+    read_pseudo_record,
     pseudo_done,
     pseudo_runs,
     record_pseudo_run,
@@ -167,10 +168,14 @@ def finish_pseudo_label(plan: PseudoPlan, *, detections: int) -> dict[str, Any]:
     if left:
         raise StateError(f"{len(left)} images of {plan.split!r} still lack a pseudo label, e.g. {left[:5]}.")
     settings = labeler_settings(plan)
+    image_ids = store.image_ids(plan.split)
+    # the split's detections, from every image's stored record: a resumed run counts the images done before too
+    total = sum(len(read_pseudo_record(store, plan.class_name, plan.split, i).get("instances", ()))
+                for i in image_ids)
     record_pseudo_run(store, plan.class_name, prompt=plan.prompt, labeler=settings, key=plan.key, split=plan.split,
-                      images=len(store.image_ids(plan.split)), detections=detections)
+                      images=len(image_ids), detections=total)
     return {"class": plan.class_name, "split": plan.split, "key": plan.key, "labeler": settings,
-            "already_done": plan.already_done, "detections_new": detections}
+            "already_done": plan.already_done, "detections_new": detections, "detections": total}
 
 
 def pseudo_label(store_path: str | os.PathLike[str], *, prompt: str, split: str = "train",

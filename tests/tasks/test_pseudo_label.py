@@ -33,8 +33,12 @@ def test_simulated_run_writes_every_image_and_resumes(fresh_store: Path) -> None
         assert len(rec["boxes"]) == len(rec["scores"]) == len(rec["instances"])
     run = pseudo_runs(st)["car"]
     assert run["labeler"]["simulated"] is True and run["splits"]["train"]["images"] == len(ids)
+    total = sum(len(read_pseudo_record(st, "car", "train", i)["instances"]) for i in ids)
+    assert out["detections"] == out["detections_new"] == total == run["splits"]["train"]["detections"]
     again = pseudo_label(fresh_store, prompt="car", split="train", labeler=SIM, progress=False)
     assert again["already_done"] == len(ids) and again["detections_new"] == 0
+    assert again["detections"] == total  # a resumed run records the split's detections, not only its new ones
+    assert pseudo_runs(open_label_store(fresh_store))["car"]["splits"]["train"]["detections"] == total
     other = plan_pseudo_label(fresh_store, prompt="car", labeler=LabelerConfig(kind="simulated", seed=1))
     assert sum(len(b) for b in other.batches) == len(ids)  # other settings relabel everything
     first = read_pseudo_mask(st, "car", "train", ids[0])
