@@ -80,7 +80,8 @@ def cmd_import_pseudo(a: argparse.Namespace) -> int:
     from tasks.pseudo_label import import_pseudo
 
     out = import_pseudo(a.store, class_name=a.class_name, masks_dir=a.masks, prompt=a.prompt)
-    print(f"imported {out['class']!r}: " + ", ".join(f"{s} {n}" for s, n in out["images"].items()))
+    print(f"imported {out['class']!r}: " + ", ".join(f"{s} {n}" for s, n in out["images"].items())
+          + (f" ({out['kept']} images already had a mask, kept)" if out["kept"] else ""))
     return 0
 
 

@@ -200,10 +200,13 @@ def import_pseudo(store_path: str | os.PathLike[str], *, class_name: str, masks_
                   prompt: str | None = None) -> dict[str, Any]:
     """Import binary PNG masks (one per image id, any split) made by another tool as pseudo labels.
 
-    Every file is validated (known image id, size, binary values 0/1 or 0/255) before anything is written.
+    Every file is validated (known image id, size, binary values 0/1 or 0/255) before anything is written. A
+    class imported before (e.g. partially, and merged with ``allow_partial``) is completed: masks are added for
+    the images that have none, under the first import's settings, and masks already there are kept (never
+    replaced); merge it again from a version without it (``--from v1``) for a complete version.
     """
     store = open_label_store(store_path, mode="a")
-    name = check_prompt(store, class_name)
+    name = _import_class_name(store, class_name)
     folder = Path(masks_dir)
     files = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if not files:
@@ -223,12 +226,20 @@ def import_pseudo(store_path: str | os.PathLike[str], *, class_name: str, masks_
         if bad.size:
             raise InputError(f"Mask {f} has values {bad.tolist()}; expected binary 0/1 or 0/255.")
         masks[f.stem] = (where[f.stem], m > 0)
-    settings = {"labeler": "import", "masks_dir": str(folder.resolve())}
-    key = settings_key({"prompt": prompt or name, **settings})
+    earlier = pseudo_runs(store).get(name)
+    if earlier is not None:  # completing an earlier import: its settings, and its masks stay
+        settings, key, prompt = earlier["labeler"], earlier["settings_key"], earlier["prompt"]
+    else:
+        settings = {"labeler": "import", "masks_dir": str(folder.resolve())}
+        key = settings_key({"prompt": prompt or name, **settings})
     with store.lock(purpose=f"import-pseudo {name}"):  # re-reads the store: another writer may have finished
-        check_prompt(store, class_name)  # ... adding this very class while the masks were validated
+        _import_class_name(store, class_name)  # ... adding this very class while the masks were validated
         per_split: dict[str, int] = {}
+        kept = 0
         for image_id, (split, m) in masks.items():
+            if earlier is not None and pseudo_done(store, name, split, image_id, key=key):
+                kept += 1
+                continue
             n, comp = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
             from models.labelers.label_record import LabelRecord  # tasks may use models
 
@@ -239,7 +250,21 @@ def import_pseudo(store_path: str | os.PathLike[str], *, class_name: str, masks_
                                                 scores=np.ones(len(inst), np.float32), phrases=[name] * len(inst))
             write_pseudo_result(store, name, split, image_id, mask=m, record=record.to_dict(), key=key)
             per_split[split] = per_split.get(split, 0) + 1
-        for split, n_img in per_split.items():
+        for split in per_split:
+            done = len(store.image_ids(split)) - len(missing_pseudo(store, name, split, key=key))
             record_pseudo_run(store, name, prompt=prompt or name, labeler=settings, key=key, split=split,
-                              images=n_img, detections=0)
-    return {"class": name, "images": per_split}
+                              images=done, detections=0)
+    return {"class": name, "images": per_split, "kept": kept}
+
+
+def _import_class_name(store: LabelStore, class_name: str) -> str:
+    """The class `import_pseudo` writes: a new class, or one an earlier import created (to complete it).
+
+    Raises:
+        InputError: the name is a precise class, or a class another labeler made.
+    """
+    name = class_name_from_prompt(class_name)
+    run = pseudo_runs(store).get(name)
+    if run is not None and run.get("labeler", {}).get("labeler") == "import":
+        return name
+    return check_prompt(store, class_name)

@@ -167,3 +167,31 @@ def test_grounded_sam_random_weights_through_the_task(tmp_path: Path) -> None:
     assert cv2.imwrite(str(path), 255 - cv2.imread(str(path)))
     with pytest.raises(ValueError, match=f"id '{ids[0]}'.*changed since ingest"):
         pseudo_label(store, prompt="bus", labeler=cfg, progress=False)
+
+
+def test_a_partial_import_merged_with_allow_partial_can_be_completed(fresh_store: Path, tmp_path: Path) -> None:
+    from tasks.merge import merge
+
+    st = open_label_store(fresh_store)
+    ids = {s: st.image_ids(s) for s in st.splits()}
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    first.mkdir()
+    rest.mkdir()
+    m = np.zeros((64, 80), np.uint8)
+    m[10:20, 5:30] = 255
+    all_ids = [i for s in ids for i in ids[s]]
+    for i in all_ids[:1]:
+        cv2.imwrite(str(first / f"{i}.png"), m)
+    for i in all_ids:  # the rest, and again the first image with another mask: the first import's is kept
+        cv2.imwrite(str(rest / f"{i}.png"), 255 - m)
+    import_pseudo(fresh_store, class_name="car", masks_dir=first)
+    partial = merge(fresh_store, classes=["car"], parent="v1", allow_partial=True)
+    out = import_pseudo(fresh_store, class_name="car", masks_dir=rest)
+    assert out["kept"] == 1 and sum(out["images"].values()) == len(all_ids) - 1
+    st = open_label_store(fresh_store)
+    assert np.array_equal(read_pseudo_mask(st, "car", next(s for s in ids if all_ids[0] in ids[s]), all_ids[0]), m > 0)
+    assert all(missing_pseudo(st, "car", s) == [] for s in ids)
+    complete = merge(fresh_store, classes=["car"], parent="v1")  # no allow_partial needed now
+    assert complete != partial
+    with pytest.raises(ValueError, match="'sky'.*already exists"):
+        import_pseudo(fresh_store, class_name="sky", masks_dir=rest)  # a precise class is never imported into
