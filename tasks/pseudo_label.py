@@ -27,9 +27,9 @@ from models.labelers.build import LabelerKind as LabelerKind
 from storage.names import class_name_from_prompt, parse_split
 from storage.pseudo import (
     missing_pseudo,
-    read_pseudo_record,
     pseudo_done,
     pseudo_runs,
+    read_pseudo_record,
     record_pseudo_run,
     write_pseudo_result,
 )
