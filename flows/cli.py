@@ -390,5 +390,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+IN_PROCESS_FLOWS = ("demo", "add-class", "retrain")  # they start Prefect's temporary server in-process
+
+
+def console_main() -> int:
+    """The `addclass` console script: `main`, with in-process flow commands supervised (`flows.supervise`) so
+    that the temporary Prefect server they start ends with them, however they end."""
+    argv = sys.argv[1:]
+    args = build_parser().parse_args(argv)  # --help and usage errors stay in the user's process
+    if args.command in IN_PROCESS_FLOWS and not getattr(args, "deployment", False):
+        from flows.supervise import supervise
+
+        rc = supervise(argv)
+        if rc is not None:
+            return rc if rc >= 0 else 128 - rc  # a child killed by signal N exits 128 + N, as a shell reports it
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
