@@ -208,6 +208,14 @@ def cmd_export_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_model(a: argparse.Namespace) -> int:
+    from tasks.import_model import import_mass13k
+
+    out = import_mass13k(a.file, a.out, variant=a.variant, overwrite=a.overwrite)
+    print(f"model: {out}  (use it as --init-model, or with predict)")
+    return 0
+
+
 def cmd_model_info(a: argparse.Namespace) -> int:
     from models.massformer.build import model_info
 
@@ -360,6 +368,7 @@ HANDLERS: dict[str, Handler] = {
     "import-pseudo": cmd_import_pseudo, "evaluate-masks": cmd_evaluate_masks, "merge": cmd_merge,
     "discard-draft": cmd_discard_draft, "export": cmd_export, "train": cmd_train, "evaluate": cmd_evaluate,
     "model-info": cmd_model_info, "predict": cmd_predict, "export-model": cmd_export_model,
+    "import-model": cmd_import_model,
     "add-class": cmd_add_class, "retrain": cmd_retrain, "demo": cmd_demo,
 }
 

@@ -271,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     xm.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
     xm.add_argument("--overwrite", action="store_true")
 
+    im = sub.add_parser("import-model", help="convert released weights into an addclass model folder")
+    im_sub = im.add_subparsers(dest="source", required=True)
+    ms = im_sub.add_parser("mass13k", help="the MaSS13K release's mmengine checkpoint (read without running it)")
+    ms.add_argument("file", help="the released checkpoint (.pth)")
+    ms.add_argument("--out", required=True, help="the model folder to write (use it as --init-model)")
+    ms.add_argument("--variant", choices=("r50", "lite_r18"), default="r50")
+    ms.add_argument("--overwrite", action="store_true", help="replace a model folder an earlier import wrote")
+
     mi = sub.add_parser("model-info", help="parameter counts per component")
     mi.add_argument("variant", choices=VARIANTS)
     mi.add_argument("--num-classes", type=int, default=7)

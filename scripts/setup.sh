@@ -34,7 +34,7 @@ fi
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 for name in ("torch", "torchvision", "prefect", "prefect-dask", "distributed", "zarr", "numpy", "transformers",
-             "segment-anything", "groundingdino-py", "opencv-python"):
+             "segment-anything", "groundingdino-py", "opencv-python", "onnx", "onnxruntime"):
     print(f"  {name}=={md.version(name)}")
 PY
 # 4. bytecode: imports are several seconds slower without it (docs/design.md §8).

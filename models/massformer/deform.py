@@ -114,7 +114,7 @@ def _deform_conv2d_grid_sample(
     xs = torch.arange(out_w, device=x.device, dtype=x.dtype) + (shift - padding)
     ys = ys.view(1, 1, out_h, 1)  # 1 x 1 x h x 1
     xs = xs.view(1, 1, 1, out_w)  # 1 x 1 x 1 x w
-    off = offset.view(b, taps, 2, out_h, out_w)  # B x k^2 x (dy, dx) x h x w
+    off = offset.reshape(b, taps, 2, out_h, out_w)  # B x k^2 x (dy, dx) x h x w
     py = ys + ki.view(1, taps, 1, 1) + off[:, :, 0]  # B x k^2 x h x w
     px = xs + kj.view(1, taps, 1, 1) + off[:, :, 1]  # B x k^2 x h x w
     gx = px * (2.0 / (w - 1)) - 1.0
@@ -143,12 +143,12 @@ def _deform_conv2d_grid_sample(
         grid = grid.view(b * taps, out_h, out_w, 2)  # (B k^2) x h x w x 2
         sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         sampled = sampled.view(b, taps, c_out, out_h, out_w)  # B x k^2 x C_out x h x w
-        sampled = sampled * mask.view(b, taps, 1, out_h, out_w)  # mask: B x k^2 x 1 x h x w
+        sampled = sampled * mask.reshape(b, taps, 1, out_h, out_w)  # mask: B x k^2 x 1 x h x w
         return sampled.sum(dim=1)  # B x C_out x h x w
     # All taps stacked along the grid's rows: one call samples B x C_in x (k^2 h) x w.
     grid = grid.view(b, taps * out_h, out_w, 2)  # B x (k^2 h) x w x 2
     sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    sampled = sampled * mask.view(b, 1, taps * out_h, out_w)  # B x C_in x (k^2 h) x w
+    sampled = sampled * mask.reshape(b, 1, taps * out_h, out_w)  # B x C_in x (k^2 h) x w
     sampled = sampled.view(b, c_in, taps, out_h * out_w)  # B x C_in x k^2 x hw
     out = torch.einsum("ock,bckp->bop", weight.flatten(2), sampled)  # B x C_out x hw
     return out.view(b, c_out, out_h, out_w)  # B x C_out x h x w
@@ -169,7 +169,7 @@ def _deform_conv2d_embedding_bag(
     out_h, out_w = offset.shape[-2:]
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c_in)  # (B H W) x C_in
     w_taps = weight.flatten(2).permute(2, 1, 0)  # k^2 x C_in x C_out
-    off = offset.view(b, taps, 2, out_h, out_w)  # B x k^2 x (dy, dx) x h x w
+    off = offset.reshape(b, taps, 2, out_h, out_w)  # B x k^2 x (dy, dx) x h x w
     ys = torch.arange(out_h, device=x.device, dtype=x.dtype).view(1, out_h, 1) - padding  # 1 x h x 1
     xs = torch.arange(out_w, device=x.device, dtype=x.dtype).view(1, 1, out_w) - padding  # 1 x 1 x w
     base = torch.arange(b, device=x.device).view(b, 1, 1) * (h * w)  # B x 1 x 1 row offset per image

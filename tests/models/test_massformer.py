@@ -306,3 +306,12 @@ def test_seb_double_sigmoid_gate_range() -> None:
     with torch.no_grad():
         ratio = seb(x) / x
     assert (ratio > 1.5).all() and (ratio < 1 + 1 / (1 + math.exp(-1)) + 1e-6).all()
+
+
+def test_a_batch_one_window_wide_at_stride_16_predicts() -> None:
+    """320 x 256 pads to 512 x 256: the stride-16 map is one window wide, and window_reverse then hands the
+    deformable layer a non-contiguous tensor (it crashed with "view size is not compatible")."""
+    from models.massformer.build import MODEL_BUILDERS
+
+    model = MODEL_BUILDERS["tiny"](num_classes=7).eval()
+    assert model.semantic_probs(torch.rand(2, 3, 320, 256) * 255).shape == (2, 7, 320, 256)
