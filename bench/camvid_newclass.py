@@ -91,6 +91,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models.metrics import binary_counts, class_vs_rest, metrics_from_counts  # noqa: E402
+from models.training.optim import RECIPE_CHOICES  # noqa: E402
 from storage.pseudo import read_pseudo_mask  # noqa: E402
 from storage.registry import PROV_PRECISE, PROV_PSEUDO  # noqa: E402
 from storage.store import LabelStore, open_label_store  # noqa: E402
@@ -391,7 +392,8 @@ def train_config(
     return TrainConfig(
         store=str(store), out_dir=str(out_dir), version=version, variant=args.variant, iters=args.iters,
         batch_size=args.batch_size, crop_size=(args.crop, args.crop), scale_range=tuple(args.scale),
-        lr=args.lr, reweight=row.reweight, inverse_weight_near_pseudo=row.inverse_weight_near_pseudo,
+        recipe=args.recipe, lr=args.lr, test_scale=args.test_scale,
+        reweight=row.reweight, inverse_weight_near_pseudo=row.inverse_weight_near_pseudo,
         num_points=args.num_points, checkpoint_every=args.iters, keep_checkpoints=1, seed=args.seed,
         device=args.device, num_workers=args.num_workers,
         backbone_checkpoint=None if init_model else args.backbone_checkpoint, init_model=init_model,
@@ -533,7 +535,7 @@ def notes(results: dict[str, Any]) -> str:
         "7-class mIoU in % against the precise labels with car folded into others. Images: "
         + ", ".join(f"{k} {v}" for k, v in results["store"]["images"].items()) + ".",
         f"Models: {s['variant']}, {s['iters']} iters, batch {s['batch_size']}, crop {s['crop']}, "
-        f"lr {s['lr']}, scale {s['scale'][0]}-{s['scale'][1]}, {s['num_points']} points, seed {s['seed']}, "
+        f"recipe {s.get('recipe')}, lr {s['lr'] or 'of the recipe'}, test scale {s.get('test_scale')}, scale {s['scale'][0]}-{s['scale'][1]}, {s['num_points']} points, seed {s['seed']}, "
         f"device {s['device']}, {s['threads']} threads"
         + (f", CamVid downscaled {s['downscale']}x" if s["downscale"] != 1 else "")
         + f". Labeler: {json.dumps(lab)}.",
@@ -580,7 +582,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="fine-tune this trained model folder (e.g. runs/camvid_newclass/runs/base/final of an "
                          "earlier run) in every model row instead of training a base model here")
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3, help="base lr (backbone x0.1); 1e-3 from scratch")
+    ap.add_argument("--recipe", default="scratch", choices=RECIPE_CHOICES,
+                    help="training recipe of the base and of every row (models.training.optim); scratch: the "
+                         "CPU-sized models here start from random weights or a briefly trained base")
+    ap.add_argument("--lr", type=float, default=None, help="base lr (default: the recipe's)")
+    ap.add_argument("--test-scale", type=float, default=2.0,
+                    help="inference scale of the trained models (MaSSFormer.test_scale): 2 puts the 1/2-resolution "
+                         "masks on CamVid's pixel grid")
     ap.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.5), help="random resize ratio range")
     ap.add_argument("--num-points", type=int, default=None, help="sampled points per mask (default 4096)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the init, data order and loss points")
@@ -654,7 +662,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     info = prepare_store(args, out, labeler)
     setup_s = time.perf_counter() - t
-    keys = ("variant", "iters", "base_iters", "base_model", "crop", "batch_size", "lr", "num_points", "seed",
+    keys = ("variant", "iters", "base_iters", "base_model", "crop", "batch_size", "recipe", "lr", "test_scale",
+            "num_points", "seed",
             "device", "threads", "num_workers", "backbone_checkpoint", "quick", "splits")
     settings: dict[str, Any] = {k: getattr(args, k) for k in keys}
     settings["scale"] = list(args.scale)
