@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 
 from flows.choices import MergePolicy, ScaleOut
@@ -31,6 +30,16 @@ from flows.params import (
     train_config,
 )
 from flows.runners import restored_environ, scale_out_runner
+from flows.ui import (
+    ProgressArtifact,
+    TrainProgress,
+    artifact_key,
+    logs_to_run,
+    plain_str,
+    publish_registry,
+    publish_results,
+    score_lines,
+)
 from storage.store import LabelStore, open_label_store
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
@@ -51,10 +60,18 @@ def merge_image_task(store: str, version: str, split: str, image_id: str, spec: 
 
 @task(name="train")
 def train_task(config: TrainConfig) -> str:
-    # validation scores and warnings at INFO; they reach the run's logs where PREFECT_LOGGING_EXTRA_LOGGERS
-    # names "tasks" (the addclass CLI sets it)
+    """Trains (resuming), with progress in the run: a progress artifact ``train-progress-<run>``, about 20 log
+    lines (step, loss, lr, it/s, ETA) and the periodic validation scores (`tasks.train` log lines)."""
+    logger = get_run_logger()
+    # validation scores and warnings at INFO; `logs_to_run` sends them to the run's logs unless
+    # PREFECT_LOGGING_EXTRA_LOGGERS already does (the addclass CLI sets it; a deployment's worker may not)
     logging.getLogger("tasks").setLevel(logging.INFO)
-    return str(train(config, resume=True, progress=False))
+    key = artifact_key("train-progress", Path(config.out_dir).name)
+    progress = TrainProgress(log=logger.info, publish=ProgressArtifact(key))
+    with logs_to_run("tasks"):
+        final = train(config, resume=True, progress=False, on_step=progress)
+    progress.finish(config.iters)
+    return str(final)
 
 
 @task(name="evaluate")
@@ -62,10 +79,17 @@ def evaluate_task(store: str, checkpoint: str, out_dir: str, splits: list[str], 
     from tasks.evaluate import evaluate_model, evaluate_pseudo
     from tasks.evaluation_report import write_evaluation_report
 
-    model_results = evaluate_model(store, checkpoint, splits=tuple(splits), device=device, progress=False)
-    pseudo_results = evaluate_pseudo(store)
-    paths = write_evaluation_report(out_dir, model_results=model_results, pseudo_results=pseudo_results)
-    return {"model": model_results, "pseudo": pseudo_results, "report": {k: str(v) for k, v in paths.items()}}
+    logger = get_run_logger()
+    logging.getLogger("tasks").setLevel(logging.INFO)
+    with logs_to_run("tasks"):
+        model_results = evaluate_model(store, checkpoint, splits=tuple(splits), device=device, progress=False)
+        pseudo_results = evaluate_pseudo(store)
+        paths = write_evaluation_report(out_dir, model_results=model_results, pseudo_results=pseudo_results)
+    report = {k: str(v) for k, v in paths.items()}
+    results = {"model": model_results, "pseudo": pseudo_results, "report": report}
+    for line in score_lines(results):
+        logger.info("evaluate %s", line)
+    return results
 
 
 # ---------------------------------------------------------------------------- scale-out stages (subflows)
@@ -108,22 +132,13 @@ def merge_stage(store: str, classes: list[str], policy: str) -> str:
     return info.name
 
 
-def publish_artifacts(prompt: str, class_name: str, results: dict[str, Any]) -> None:
-    """A table artifact (per class: pseudo label vs model) and a markdown artifact with the report."""
-    rows = []
-    for split, block in results["model"]["splits"].items():
-        for cls, m in block.get("new_classes", {}).items():
-            rows.append({"row": f"Model ({split})", "class": cls, "IoU": m.get("iou"), "BIoU": m.get("biou"),
-                         "BF1": m.get("bf1")})
-    for cls, per_split in results["pseudo"].get("classes", {}).items():
-        for split, m in per_split.items():
-            rows.append({"row": f"Pseudo Label ({split})", "class": cls, "IoU": m.get("iou"),
-                         "BIoU": m.get("biou"), "BF1": m.get("bf1")})
-    create_table_artifact(key=f"add-class-{class_name.replace('_', '-')}-metrics", table=rows,
-                          description=f"add-class {prompt!r}: pseudo labels vs model against hand masks")
-    report_md = Path(results["report"]["report.md"]).read_text()
-    create_markdown_artifact(key=f"add-class-{class_name.replace('_', '-')}-report", markdown=report_md,
-                             description=f"add-class {prompt!r} evaluation report")
+def publish_artifacts(prompt: str, class_name: str, results: dict[str, Any], *, config: TrainConfig,
+                      checkpoint: str) -> None:
+    """The evaluation's artifacts ``add-class-<class>-{metrics,report,outputs}`` (`flows.ui.publish_results`):
+    scores as in the report, the report with its pictures embedded, and where the files are."""
+    publish_results(artifact_key("add-class", class_name), title=f"add-class {prompt!r}", results=results,
+                    run_dir=config.out_dir, checkpoint=checkpoint, store=config.store,
+                    label_version=config.version)
 
 
 # ---------------------------------------------------------------------------- the flow
@@ -207,6 +222,7 @@ def add_class(
                 # ---- 2. merge into a new label version (scale-out)
                 version = merge_stage.with_options(task_runner=scale_out_runner(dask_address, mode=scale_out))(
                     store, [class_name], policy)
+            version = plain_str(version)  # not the subflow's return object: a task input the UI can draw
         else:  # a rerun after the merge: train on the version that added the class, not a later one
             version = st.class_by_name(class_name).added_in or st.resolve_version("latest")
             logger.info("class %r already merged (version %s); continuing with training", class_name, version)
@@ -216,11 +232,13 @@ def add_class(
         # ---- 4. evaluate
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits,
                                 training.device)
-        publish_artifacts(prompt, class_name, results)
+        publish_artifacts(prompt, class_name, results, config=tcfg, checkpoint=checkpoint)
         # ---- 5. register
         cfg = json.loads(json.dumps(tcfg.__dict__, default=str))
         reg = register_model(store, model_id=Path(tcfg.out_dir).name, path=checkpoint, label_version=version,
                              config=cfg, metrics=results["model"], promote="if-better")
+        publish_registry(artifact_key("add-class", class_name), store=store, reg=reg, results=results,
+                         promote="if-better")
     logger.info("report: %s", results["report"]["report.md"])
     return {"class": class_name, "version": version, "checkpoint": checkpoint, "report": results["report"],
             "registry": reg, "config_hash": config_hash(cfg), "pseudo": pseudo}

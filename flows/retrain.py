@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from flows.add_class import evaluate_task, train_task
 from flows.choices import Promote
 from flows.params import TrainingParams, check_splits, parse_params, train_config
+from flows.ui import publish_registry, publish_results
 from tasks.model_registry import register_model, resolve_init_model
 
 
@@ -49,9 +50,13 @@ def retrain(
         checkpoint = train_task(tcfg)
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits,
                                 training.device)
+        # artifacts retrain-{metrics,report,outputs,registry} (`flows.ui`)
+        publish_results("retrain", title=f"retrain on {version}", results=results, run_dir=tcfg.out_dir,
+                        checkpoint=checkpoint, store=store, label_version=version)
         cfg = json.loads(json.dumps(tcfg.__dict__, default=str))
         reg = register_model(store, model_id=Path(tcfg.out_dir).name, path=checkpoint, label_version=version,
                              config=cfg, metrics=results["model"], promote=promote)
+        publish_registry("retrain", store=store, reg=reg, results=results, promote=promote)
     logger.info("challenger %s score %.4f; champion now %s (previous %s, %s)", reg["model_id"], reg["score"],
                 reg["champion"], reg["previous_champion"], reg["previous_score"])
     return {"checkpoint": checkpoint, "registry": reg, "report": results["report"]}

@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -75,8 +76,8 @@ from tasks.validation import (
 )
 
 __all__ = [
-    "RESUME_FREE_FIELDS", "TrainConfig", "check_resumable", "model_config", "resolve_device", "resolve_recipe",
-    "resolve_train_config", "run_name", "train", "version_classes",
+    "RESUME_FREE_FIELDS", "StepInfo", "TrainConfig", "check_resumable", "model_config", "resolve_device",
+    "resolve_recipe", "resolve_train_config", "run_name", "train", "version_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """One finished optimisation step, as `train` hands it to its ``on_step`` hook (the log line's values)."""
+
+    step: int  # 1-based; the last one is ``iters``
+    iters: int
+    losses: dict[str, float]  # every loss term
+    total: float  # their sum
+    lr: float  # the rate this step used (head group)
+    seconds: float  # data wait + forward + backward + update of this step (not validation or checkpointing)
+
+
 def _truncate_log(path: Path, *, step: int) -> None:
     """Keeps the log lines of steps <= ``step`` (a killed run may have logged past its last checkpoint)."""
     if not path.is_file():
@@ -111,7 +124,8 @@ def _truncate_log(path: Path, *, step: int) -> None:
     atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+          on_step: Callable[[StepInfo], None] | None = None) -> Path:
     """Trains (or resumes) a run and writes ``out_dir/final``.
 
     Args:
@@ -119,6 +133,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         resume: Continue from ``out_dir/latest.json`` (with the same step, weights, optimizer, scheduler and
             RNG states, and data order); a fresh start when the run has no checkpoint yet.
         progress: Show a tqdm progress bar.
+        on_step: Called after each step (after its validation and checkpoint, when due), e.g. to report
+            progress elsewhere; not part of the run's identity. An exception from it stops the run.
 
     Returns:
         The final model folder ``out_dir/final`` (``model.safetensors`` + ``config.json``).
@@ -149,7 +165,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         atomic_write_json(out / TRAIN_CONFIG_FILE, config.to_dict())
         atomic_write_bytes(out / LOG_FILE, b"")
     if start_step < config.iters:
-        _train_steps(config, run, expected=expected, start_step=start_step, progress=progress)
+        _train_steps(config, run, expected=expected, start_step=start_step, progress=progress,
+                     on_step=on_step)
     model_cfg = {**expected, "step": config.iters}
     final = save_model_dir(out / FINAL_DIR, model=run.model, config=model_cfg, step=config.iters)
     learning_curve_png(out)
@@ -251,7 +268,8 @@ def _data_loader(config: TrainConfig, *, start_step: int, device: torch.device) 
 
 
 def _train_steps(
-    config: TrainConfig, run: _Run, *, expected: dict[str, Any], start_step: int, progress: bool
+    config: TrainConfig, run: _Run, *, expected: dict[str, Any], start_step: int, progress: bool,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> None:
     """Steps ``start_step + 1 .. iters``: one log line each, validation and checkpoints on their schedule."""
     out = Path(config.out_dir)
@@ -281,6 +299,9 @@ def _train_steps(
                 run.model.train()
             if step % config.checkpoint_every == 0 or step == config.iters:
                 _save_checkpoint(config, run, expected=expected, step=step)
+            if on_step is not None:
+                on_step(StepInfo(step=step, iters=config.iters, total=values[-1], lr=lr, seconds=seconds,
+                                 losses=dict(zip(losses, values[:-1], strict=True))))
             t0 = time.perf_counter()
     bar.close()
     if step != config.iters:

@@ -7,8 +7,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    LogFilter,
+    LogFilterTaskRunId,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
+from prefect.logging.handlers import APILogHandler
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.add_class import add_class
@@ -70,6 +81,7 @@ def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_cl
     first = add_class(**params)  # on the harness's API: its mapped stages run on a local Dask cluster
     assert dict(os.environ) == environ  # the nannies' OMP_NUM_THREADS=1 etc. did not stay in this process
     assert first["version"] == "v2" and first["class"] == "car"
+    check_what_the_ui_shows(Path(first["checkpoint"]).parent.name)
     st = open_label_store(store, mode="a")  # a later version on top (another class), as a later merge makes
     st.begin_version("v3", parent="v2", class_ids=[*range(8), 8], policy="test", spec={})
     for split in st.splits():
@@ -80,3 +92,29 @@ def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_cl
     again = add_class(**params)  # e.g. after a crash during training: pseudo-label and merge are done
     assert again["version"] == "v2" and again["checkpoint"] == first["checkpoint"]  # its own run, resumed
     assert again["pseudo"] == [] and list(open_label_store(store).versions()) == ["v1", "v2", "v3"]
+
+
+def check_what_the_ui_shows(run_name: str) -> None:
+    """The add-class run's artifacts, its train task's inputs (no subflow result: the UI draws them) and the
+    training progress and validation scores in the train task's logs."""
+    APILogHandler().flush()  # logs go to the API in batches
+    with get_client(sync_client=True) as client:
+        artifacts: dict[str, Any] = {
+            a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                any_=[f"add-class-car-{k}" for k in ("metrics", "report", "outputs", "registry")]
+                + [f"train-progress-{run_name}"])))
+        }
+        trains = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train-")))
+        ids = LogFilterTaskRunId(any_=[t.id for t in trains])
+        logs = client.read_logs(log_filter=LogFilter(task_run_id=ids))
+    assert set(artifacts) == {"add-class-car-metrics", "add-class-car-report", "add-class-car-outputs",
+                              "add-class-car-registry", f"train-progress-{run_name}"}
+    assert artifacts[f"train-progress-{run_name}"].data == 100.0
+    report = artifacts["add-class-car-report"].data
+    assert "data:image/" in report and "](overlays/" not in report and len(report) < 1_100_000
+    assert "Promoted" in artifacts["add-class-car-registry"].data
+    assert run_name in artifacts["add-class-car-outputs"].data
+    inputs = [i for t in trains for ins in t.task_inputs.values() for i in ins]
+    assert trains and all(i.input_type != "flow_run" for i in inputs)
+    text = "\n".join(log.message for log in logs)
+    assert "train 2/2 (100 %)" in text and "step 2/2 val" in text  # the hook's lines and tasks.train's
