@@ -89,7 +89,23 @@ def import_mass13k(
     iteration = meta.get("iter")
     step = iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else 0
     names = [MASS13K_TO_OURS[n] for n in MASS13K_CLASS_NAMES]
-    config: dict[str, Any] = {
+    config = _model_config(variant, names, source=source, meta=meta, placeholders=info["placeholders"])
+    save_model_dir(out, model=model, config=config, step=step)
+    log.info("imported %s (%s, %d tensors) into %s", source, variant, len(converted), out)
+    return out
+
+
+def _is_model_folder(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("format") == FORMAT)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _model_config(variant: str, names: list[str], *, source: Path, meta: dict[str, Any],
+                  placeholders: Any) -> dict[str, Any]:
+    """The imported folder's config.json: a trained model's keys, and where the weights came from."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "variant": variant,
@@ -112,16 +128,6 @@ def import_mass13k(
             "official_class_names": list(MASS13K_CLASS_NAMES),
             "iter": meta.get("iter"),
             "mmengine_version": meta.get("mmengine_version"),
-            "placeholders": info["placeholders"],
+            "placeholders": placeholders,
         },
     }
-    save_model_dir(out, model=model, config=config, step=step)
-    log.info("imported %s (%s, %d tensors) into %s", source, variant, len(converted), out)
-    return out
-
-
-def _is_model_folder(folder: Path) -> bool:
-    try:
-        return bool(json.loads((folder / "config.json").read_text()).get("format") == FORMAT)
-    except (OSError, ValueError, AttributeError):
-        return False
