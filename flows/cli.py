@@ -146,7 +146,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                       crop_size=(a.crop_size, a.crop_size), reweight=a.reweight,
                       inverse_weight_near_pseudo=not a.no_inverse_near_pseudo, num_points=a.points,
                       checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, num_workers=a.workers,
-                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr, amp=a.amp,
+                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr,
+                      ema_decay=a.ema_decay, amp=a.amp,
                       recipe=a.recipe, scale_range=tuple(a.scale_range), test_scale=a.test_scale,
                       val_every=a.val_every)
     final = train(cfg, resume=a.resume, progress=not a.quiet)

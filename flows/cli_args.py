@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--crop-size", type=int, default=None, help=_sized_help("crop_size"))
     add_recipe_args(tr)
     tr.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
+    tr.add_argument("--ema-decay", type=float, default=None,
+                    help="decay of the weight average the run keeps, 0 for none (default: the recipe's)")
     tr.add_argument("--val-every", type=int, default=None,
                     help="steps between validations on val (default: 10 per run; 0: none)")
     tr.add_argument("--amp", action="store_true",

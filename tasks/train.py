@@ -35,6 +35,7 @@ from tqdm import tqdm
 from models.massformer.model import MaSSFormer
 from models.massformer.weights import load_backbone_checkpoint
 from models.training.criterion import build_criterion
+from models.training.ema import WeightEma
 from models.training.optim import GRAD_CLIP_NORM_TYPE, build_lr_scheduler, build_optimizer
 from models.training.targets import build_targets
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
@@ -168,7 +169,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         _train_steps(config, run, expected=expected, start_step=start_step, progress=progress,
                      on_step=on_step)
     model_cfg = {**expected, "step": config.iters}
-    final = save_model_dir(out / FINAL_DIR, model=run.model, config=model_cfg, step=config.iters)
+    final = save_model_dir(out / FINAL_DIR, model=run.kept, config=model_cfg, step=config.iters)
     learning_curve_png(out)
     return final
 
@@ -183,6 +184,12 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     device: torch.device
+    ema: WeightEma | None = None
+
+    @property
+    def kept(self) -> MaSSFormer:
+        """The model the run validates, checkpoints and ends with: the weight average when there is one."""
+        return self.model if self.ema is None else self.ema.module  # type: ignore[return-value]
 
 
 def _checkpoint_to_resume(out: Path, expected: dict[str, Any], *, resume: bool) -> Path | None:
@@ -230,7 +237,10 @@ def _build_run(config: TrainConfig, expected: dict[str, Any], *, checkpoint: Pat
     scheduler = build_lr_scheduler(optimizer, max_iters=config.iters, warmup_iters=config.warmup_iters)
     generator = torch.Generator()  # on the CPU: the loss points and their saved state do not depend on device
     generator.manual_seed(config.seed)
-    return _Run(model, criterion, optimizer, scheduler, generator, device)
+    # a checkpoint's weights are the average (`_save_checkpoint`): it starts there, the trained weights are
+    # restored from its training state
+    ema = WeightEma(model, decay=config.ema_decay) if config.ema_decay else None
+    return _Run(model, criterion, optimizer, scheduler, generator, device, ema)
 
 
 def _restore_training_state(run: _Run, checkpoint: Path) -> int:
@@ -243,6 +253,8 @@ def _restore_training_state(run: _Run, checkpoint: Path) -> int:
     try:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
+        if run.ema is not None:
+            run.model.load_state_dict(state["trained_weights"])
         set_rng_state(state["rng"], generators={"criterion": run.generator})
         return int(state["step"])
     except (KeyError, ValueError, RuntimeError) as e:
@@ -295,7 +307,7 @@ def _train_steps(
             bar.set_postfix(loss=f"{values[-1]:.3f}")
             if config.val_every and (step % config.val_every == 0 or step == config.iters):
                 # before the checkpoint: a resume from this step keeps this step's scores in the log
-                _validate_step(config, run.model, step=step, device=run.device, log_file=log_file)
+                _validate_step(config, run.kept, step=step, device=run.device, log_file=log_file)
                 run.model.train()
             if step % config.checkpoint_every == 0 or step == config.iters:
                 _save_checkpoint(config, run, expected=expected, step=step)
@@ -340,18 +352,25 @@ def _step(
             f"were not updated. {DIVERGED_ADVICE}"
         )
     run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update(run.model, step=step)
     return losses, total
 
 
 def _save_checkpoint(config: TrainConfig, run: _Run, *, expected: dict[str, Any], step: int) -> None:
+    """A checkpoint holds the model the run keeps (`_Run.kept`, usable as any model folder); with a weight
+    average, its training state also holds the trained weights, which a resume continues from."""
+    state: dict[str, Any] = {
+        "step": step,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": get_rng_state(generators={"criterion": run.generator}),
+    }
+    if run.ema is not None:
+        state["trained_weights"] = run.model.state_dict()
     save_checkpoint(
-        Path(config.out_dir), step=step, model=run.model, config={**expected, "step": step},
-        training_state={
-            "step": step,
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "rng": get_rng_state(generators={"criterion": run.generator}),
-        },
+        Path(config.out_dir), step=step, model=run.kept, config={**expected, "step": step},
+        training_state=state,
         keep=config.keep_checkpoints,
     )
 

@@ -24,6 +24,9 @@ RESUME_FREE_FIELDS = frozenset(
     {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "val_every",
      "val_max_images"}
 )
+# TrainConfig fields added after runs were first written, with the value a run without them had: an older
+# checkpoint resumes, and an older run keeps its folder name (`run_name`), while the field keeps that value.
+LATER_FIELDS = {"ema_decay": 0.0}
 VALIDATIONS_PER_RUN = 10  # val_every=None: this many validations over a run
 
 
@@ -50,6 +53,8 @@ class TrainConfig:
         backbone_lr_mult: Backbone learning-rate multiplier (None: the recipe's; paper 0.1).
         warmup_iters: Linear warm-up iterations (None: the recipe's share of ``iters``).
         grad_clip: Global L2 gradient-norm clip, 0 for none (None: the recipe's; paper 0.01).
+        ema_decay: Decay of the exponential moving average of the weights (`models.training.ema`), 0 for
+            none (None: the recipe's). With it, validation, checkpoints and ``final/`` hold the average.
         weight_decay: AdamW weight decay.
         reweight: BCE point weights, ``"none"``, ``"edge"`` or ``"inverse"``.
         inverse_weight_near_pseudo: Precise pixels next to pseudo regions get the inverse weight.
@@ -92,6 +97,7 @@ class TrainConfig:
     backbone_lr_mult: float | None = None
     warmup_iters: int | None = None
     grad_clip: float | None = None
+    ema_decay: float | None = None
     weight_decay: float = 0.05
     reweight: str = "inverse"
     inverse_weight_near_pseudo: bool = True
@@ -163,6 +169,8 @@ class TrainConfig:
             raise InputError(
                 f"Expected backbone_lr_mult >= 0 and grad_clip >= 0. Got {self.backbone_lr_mult}, {self.grad_clip}."
             )
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise InputError(f"Expected 0 <= ema_decay < 1. Got {self.ema_decay} instead.")
         if self.warmup_iters is not None and not 0 <= self.warmup_iters < self.iters:
             raise InputError(f"Expected 0 <= warmup_iters < iters. Got {self.warmup_iters}, {self.iters} instead.")
         parse_reweight_mode(self.reweight)  # type: ignore[arg-type]
@@ -213,6 +221,7 @@ def resolve_recipe(config: TrainConfig) -> TrainConfig:
         backbone_lr_mult=recipe.backbone_lr_mult if config.backbone_lr_mult is None else config.backbone_lr_mult,
         warmup_iters=recipe.warmup_iters(config.iters) if config.warmup_iters is None else config.warmup_iters,
         grad_clip=recipe.grad_clip if config.grad_clip is None else config.grad_clip,
+        ema_decay=recipe.ema_decay if config.ema_decay is None else config.ema_decay,
     )
 
 
@@ -272,9 +281,9 @@ def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
     ]
     old, new = found.get("train_config", {}), expected["train_config"]
     problems += [
-        f"train_config.{key}: checkpoint {old.get(key)!r}, this run {new[key]!r}"
+        f"train_config.{key}: checkpoint {old.get(key, LATER_FIELDS.get(key))!r}, this run {new[key]!r}"
         for key in sorted(new)
-        if key not in RESUME_FREE_FIELDS and old.get(key) != new[key]
+        if key not in RESUME_FREE_FIELDS and old.get(key, LATER_FIELDS.get(key)) != new[key]
     ]
     if problems:
         raise CheckpointError(
@@ -285,11 +294,14 @@ def check_resumable(checkpoint: Path, expected: dict[str, Any]) -> None:
 def run_name(config: TrainConfig) -> str:
     """The run-folder name the flows give a training run: version, variant, reweight, seed and iterations for
     people to read, then 8 hex digits (sha1 of the JSON, `models.hashing.json_hash`) of every field that makes
-    the run what it is (all but `RESUME_FREE_FIELDS`; ``init_model`` as an absolute path). Two different runs
+    the run what it is (all but `RESUME_FREE_FIELDS`; ``init_model`` as an absolute path; `LATER_FIELDS` by
+    the value the recipe gives them, and only when it is not the one runs had before them). Two different runs
     never share a folder (one would refuse to resume the other's checkpoint), and a rerun of the same one
     resumes it; the digest must never change, or existing runs would not resume (tests/models/test_hashing.py
     pins it)."""
-    identity = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
+    identity = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS | set(LATER_FIELDS)}
+    resolved = resolve_recipe(config)  # the recipe decides these fields' values when they are left None
+    identity |= {k: getattr(resolved, k) for k, v in LATER_FIELDS.items() if getattr(resolved, k) != v}
     if config.init_model is not None:
         identity["init_model"] = str(Path(config.init_model).resolve())
     digest = json_hash(identity, algorithm="sha1", length=8)
