@@ -41,7 +41,8 @@ from tasks.train import TrainConfig, train  # noqa: E402
 DEFAULT_OUT = REPO / "runs" / "recipe_search"
 BASE: dict[str, Any] = dict(variant="tiny", batch_size=2, crop_size=(256, 256), num_points=2048, reweight="inverse",
                             num_workers=0, device="cpu", seed=0, val_every=0)
-SCRATCH = dict(recipe="scratch", lr=2e-3, backbone_lr_mult=1.0, grad_clip=1.0)
+SCRATCH = dict(recipe="scratch", lr=2e-3, backbone_lr_mult=1.0, grad_clip=1.0, ema_decay=0.0)
+EMA = dict(SCRATCH, ema_decay=0.99, iters=600, warmup_iters=60, scale_range=(0.75, 1.5))
 SETTINGS: dict[str, dict[str, Any]] = {
     "paper_300": dict(recipe="paper", iters=300, scale_range=(0.5, 2.0)),
     "lr1e-3_noclip_300": dict(recipe="scratch", lr=1e-3, backbone_lr_mult=1.0, grad_clip=0.0, iters=300,
@@ -56,12 +57,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "scale1.5-3_600": dict(SCRATCH, iters=600, warmup_iters=60, scale_range=(1.5, 3.0)),
     "lr1e-3_600": dict(SCRATCH, lr=1e-3, iters=600, warmup_iters=60, scale_range=(0.75, 1.5)),
     "lr4e-3_600": dict(SCRATCH, lr=4e-3, iters=600, warmup_iters=60, scale_range=(0.75, 1.5)),
+    "scratch_600_seed2": dict(SCRATCH, iters=600, warmup_iters=60, scale_range=(0.75, 1.5), seed=2),
+    "ema_600": EMA,
+    "ema_600_seed1": dict(EMA, seed=1),
+    "ema_600_seed2": dict(EMA, seed=2),
 }
 
 
-def prepare_store(store: Path) -> None:
+def prepare_store(store: Path, *, images: int = 40) -> None:
     """The demo's data: 40 scenes (seed 0), simulated car pseudo labels on train/val, carve-others merge."""
-    ingest_synthetic(store, images=40, size=(256, 384), seed=0, progress=False)
+    ingest_synthetic(store, images=images, size=(256, 384), seed=0, progress=False)
     labeler = LabelerConfig(kind="simulated", seed=0)
     for split in ("train", "val"):
         pseudo_label(store, prompt="car", split=split, labeler=labeler, progress=False)
@@ -108,10 +113,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--only", default=",".join(SETTINGS), help="comma-separated setting names")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="run one extra setting 'custom' from the scratch recipe with these TrainConfig fields "
+                    help="run one extra setting 'custom' from scratch_600 with these TrainConfig fields "
                          "(JSON values, e.g. --set iters=800 --set 'scale_range=[0.75,1.5]')")
     ap.add_argument("--test-scales", default="1,2")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--images", type=int, default=40, help="scenes in the store (the demo's: 40)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     chosen = {n: SETTINGS[n] for n in args.only.split(",") if n} if not args.set else {}
@@ -120,12 +126,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error(f"unknown settings {unknown}; choose from {','.join(SETTINGS)}")
     if args.set:
         extra = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-        chosen["custom"] = {**SCRATCH, "iters": 600, "scale_range": (0.75, 1.5), **extra}
+        chosen["custom"] = {**SCRATCH, "iters": 600, "warmup_iters": 60, "scale_range": (0.75, 1.5), **extra}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "store"
     if not store.exists():
-        prepare_store(store)
+        prepare_store(store, images=args.images)
     scales = [float(s) for s in args.test_scales.split(",")]
     for name, setting in chosen.items():
         row = run_setting(name, setting, store=store, out=out, test_scales=scales)

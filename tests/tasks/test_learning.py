@@ -5,8 +5,9 @@ car on train and val, merged with carve-others, exactly as the demo does. The ti
 scratch with the default (scratch) recipe for `ITERS` steps and must reach `CAR_IOU_FLOOR` car IoU on val
 against the exact masks. Measured on the 2-core machines (README "Training recipes"): the scratch recipe reaches
 52.5 % in 200 steps on one, 46.5 % in 200 and in 120 steps (48.5 % in 150) on another, whose steps are 2.3x
-slower; the paper recipe (meant for pretrained backbones) 0.05 % in 200. The floor sits between them with room
-for another CPU's rounding, so a recipe or model change that stops learning fails here. 120 steps: 109 s of
+slower (46.3 % in 120 with a weight average, `ema_decay` 0.99); the paper recipe (meant for pretrained backbones)
+0.05 % in 200. The floor sits between them with room for another CPU's rounding, so a recipe or model change
+that stops learning fails here. 120 steps: 109 s of
 training and evaluation on the slower machine (~50 s on the faster one).
 """
 

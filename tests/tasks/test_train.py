@@ -74,17 +74,17 @@ def tiny_config(store: Path, out: Path, **overrides: object) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def straight_run(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 uninterrupted steps (checkpoints at steps 2 and 3), with the scratch recipe's weight average."""
+    """3 uninterrupted steps (checkpoints at steps 2 and 3)."""
     out = tmp_path_factory.mktemp("straight") / "run"
     train(tiny_config(train_store, out), progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
-def straight_run_no_ema(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """As `straight_run`, without the weight average."""
-    out = tmp_path_factory.mktemp("straight_no_ema") / "run"
-    train(tiny_config(train_store, out, ema_decay=0.0), progress=False)
+def straight_run_ema(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As `straight_run`, with a weight average."""
+    out = tmp_path_factory.mktemp("straight_ema") / "run"
+    train(tiny_config(train_store, out, ema_decay=0.9), progress=False)
     return out
 
 
@@ -118,11 +118,11 @@ train(TrainConfig.from_dict(__import__("json").loads(sys.argv[1])), progress=Fal
 """
 
 
-@pytest.mark.parametrize("ema_decay", [None, 0.0], ids=["weight-average", "no-average"])
+@pytest.mark.parametrize("ema_decay", [None, 0.9], ids=["recipe", "weight-average"])
 def test_resume_after_kill_matches_the_straight_run(
     train_store: Path, ema_decay: float | None, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    straight_run = request.getfixturevalue("straight_run" if ema_decay is None else "straight_run_no_ema")
+    straight_run = request.getfixturevalue("straight_run" if ema_decay is None else "straight_run_ema")
     out = tmp_path / "run"
     config = tiny_config(train_store, out, ema_decay=ema_decay)
     proc = subprocess.run(
@@ -179,13 +179,17 @@ def test_log_and_outputs(straight_run: Path) -> None:
     assert checkpoints == ["step_00000002", "step_00000003"]
     model = load_trained_model(straight_run)  # a run folder resolves to its final/
     assert model.num_classes == 8 and not model.training
-    # the scratch recipe keeps the weight average: checkpoints and final/ hold it, the training state the
-    # trained weights a resume continues from
-    assert saved["ema_decay"] == SCRATCH_RECIPE.ema_decay > 0
-    last = straight_run / "checkpoints" / "step_00000003"
+    assert saved["ema_decay"] == SCRATCH_RECIPE.ema_decay == 0.0
+
+
+def test_a_weight_average_is_what_checkpoints_and_final_hold(straight_run_ema: Path) -> None:
+    """The training state keeps the trained weights a resume continues from."""
+    assert json.loads((straight_run_ema / "train_config.json").read_text())["ema_decay"] == 0.9
+    last = straight_run_ema / "checkpoints" / "step_00000003"
     kept = load_file(last / "model.safetensors")
     trained = torch.load(last / "training_state.pt", weights_only=True)["trained_weights"]
-    assert kept.keys() == trained.keys() and kept.keys() == load_file(straight_run / "final" / "model.safetensors").keys()
+    final = load_file(straight_run_ema / "final" / "model.safetensors")
+    assert kept.keys() == trained.keys() == final.keys() and all(torch.equal(v, final[k]) for k, v in kept.items())
     assert any(not torch.equal(kept[k], trained[k]) for k in kept if kept[k].is_floating_point())
 
 
@@ -366,7 +370,7 @@ def test_fine_tune_errors_name_the_folder(train_store: Path, straight_run: Path,
 def test_the_recipe_follows_the_start_and_explicit_fields_win(train_store: Path, tmp_path: Path) -> None:
     scratch = resolve_train_config(tiny_config(train_store, tmp_path, iters=1000))
     assert (scratch.recipe, scratch.lr, scratch.backbone_lr_mult, scratch.warmup_iters, scratch.grad_clip,
-            scratch.ema_decay) == ("scratch", SCRATCH_RECIPE.lr, 1.0, 100, SCRATCH_RECIPE.grad_clip, 0.99)
+            scratch.ema_decay) == ("scratch", SCRATCH_RECIPE.lr, 1.0, 100, SCRATCH_RECIPE.grad_clip, 0.0)
     for start in ({"backbone_checkpoint": "resnet.pth"}, {"init_model": "run/final"}):
         paper = resolve_train_config(tiny_config(train_store, tmp_path, iters=1000, **start))
         assert (paper.recipe, paper.lr, paper.backbone_lr_mult, paper.warmup_iters, paper.grad_clip,
