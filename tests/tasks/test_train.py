@@ -298,7 +298,7 @@ def test_a_non_finite_gradient_stops_before_the_update(train_store: Path, tmp_pa
 def test_tiny_model_overfits_one_image(train_store: Path, tmp_path: Path) -> None:
     config = tiny_config(
         train_store, tmp_path / "run", version="v1", iters=50, lr=5e-3, num_points=512,
-        scale_range=(1.0, 1.0), reweight="none", checkpoint_every=50,
+        scale_range=(1.0, 1.0), reweight="none", checkpoint_every=50, val_every=0,
     )
     t0 = time.perf_counter()
     final = train(config, progress=False)
