@@ -73,9 +73,11 @@ def prepare_store(store: Path, *, images: int = 40) -> None:
     merge(store, classes="car", parent="v1", policy="carve-others", allow_partial=True, progress=False)
 
 
-def scores(store: Path, final: Path, scale: float) -> dict[str, Any]:
+def scores(store: Path, final: Path, scale: float, window: int | None = None) -> dict[str, Any]:
     model = load_trained_model(final)
     model.test_scale = scale
+    if window is not None:  # None: the model's own test_window (its training crop)
+        model.test_window = window
     result = evaluate_model(store, model=model, splits=("val", "test"), label_version="v2", progress=False)
     out = {}
     for split, r in result["splits"].items():
@@ -86,7 +88,7 @@ def scores(store: Path, final: Path, scale: float) -> dict[str, Any]:
 
 
 def run_setting(name: str, setting: dict[str, Any], *, store: Path, out: Path,
-                test_scales: Sequence[float]) -> dict[str, Any]:
+                test_scales: Sequence[float], test_windows: Sequence[int | None] = (None,)) -> dict[str, Any]:
     run_dir = out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     fields = {**BASE, **setting}
@@ -97,7 +99,8 @@ def run_setting(name: str, setting: dict[str, Any], *, store: Path, out: Path,
     seconds = time.perf_counter() - t0
     row = {"setting": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
            "train_s": round(seconds, 1)}
-    row["scores"] = {f"test_scale_{s:g}": scores(store, final, s) for s in test_scales}
+    row["scores"] = {f"test_scale_{s:g}" + ("" if w is None else f"_window_{w}"): scores(store, final, s, w)
+                     for s in test_scales for w in test_windows}
     return row
 
 
@@ -116,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="run one extra setting 'custom' from scratch_600 with these TrainConfig fields "
                          "(JSON values, e.g. --set iters=800 --set 'scale_range=[0.75,1.5]')")
     ap.add_argument("--test-scales", default="1,2")
+    ap.add_argument("--test-windows", default="",
+                    help="comma-separated test_window values to score with (0: whole images); "
+                         "default: the model's own (its training crop)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=40, help="scenes in the store (the demo's: 40)")
     args = ap.parse_args(argv)
@@ -133,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not store.exists():
         prepare_store(store, images=args.images)
     scales = [float(s) for s in args.test_scales.split(",")]
+    windows = [int(w) for w in args.test_windows.split(",")] if args.test_windows else [None]
     for name, setting in chosen.items():
-        row = run_setting(name, setting, store=store, out=out, test_scales=scales)
+        row = run_setting(name, setting, store=store, out=out, test_scales=scales, test_windows=windows)
         print(json.dumps(row), flush=True)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

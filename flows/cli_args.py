@@ -63,6 +63,9 @@ def add_recipe_args(p: argparse._ActionsContainer) -> None:
                    help="random resize ratio of the training images")
     p.add_argument("--test-scale", type=float, default=1.0,
                    help="the model's inference scale (e.g. 2 with --scale-range 0.75 1.5 on small images)")
+    p.add_argument("--test-window", type=int, default=None, metavar="N",
+                   help="the model predicts larger images in N x N tiles (network pixels; default: the "
+                        "crop size it trains on; 0: whole images)")
 
 
 def add_labeler_args(p: argparse.ArgumentParser, *, device_and_seed: bool = True,
@@ -253,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     pr.add_argument("--out", required=True, help="output folder: NAME.png per image, classes.json")
     pr.add_argument("--store", help="the label store whose champion 'champion' means")
-    pr.add_argument("--mode", choices=("whole", "slide"), default="whole",
-                    help="whole image at once, or sliding windows (memory bounded by --window)")
+    pr.add_argument("--mode", choices=("auto", "whole", "slide"), default="auto",
+                    help="auto: the model's own (tiles of the crop size it trained on); whole image at once; "
+                         "or sliding windows of --window (memory bounded by it)")
     pr.add_argument("--window", type=int, default=1024, help="slide: tile size")
     pr.add_argument("--stride", type=int, default=None, help="slide: tile step (default: 3/4 of the window)")
     pr.add_argument("--tta", action="store_true", help="average over --tta-scales and horizontal flips")

@@ -87,6 +87,8 @@ class TrainingParams(BaseModel):
     """Random resize ratio of the training images (low, high)."""
     test_scale: float = 1.0
     """The trained model's inference scale (e.g. 2 with scale_range [0.75, 1.5] on small images)."""
+    test_window: int | None = None
+    """Tile side (network pixels) the model predicts larger images in; None: crop_size; 0: whole images."""
     checkpoint_every: int = 100
     """Steps between checkpoints: a stopped run resumes from the last one."""
     seed: int = 0

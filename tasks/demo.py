@@ -24,9 +24,10 @@ class DemoConfig:
     """The demo's settings (``addclass demo``): data, training length and sizes.
 
     The tiny model trains from scratch (the scratch recipe) on crops of the scenes resized by
-    ``scale_range`` and predicts at ``test_scale`` 2: its masks, at half the network's input resolution,
-    then fall on the scenes' own pixel grid (`models.massformer.model`). The defaults finish in about 4
-    minutes on 2 idle cores (README "Quick start"); tests use fewer iterations.
+    ``scale_range`` and predicts at ``test_scale`` 2, in tiles of its 256 crops: its masks, at half the
+    network's input resolution, then fall on the scenes' own pixel grid (`models.massformer.model`). The
+    defaults finish in 4 to 14 minutes on 2 idle cores, by the CPU (README "Quick start"); tests use fewer
+    iterations.
     """
 
     out: str = "demo-out"

@@ -20,8 +20,10 @@ the input and output, format, opset, torch version and the verification: with ``
 and PyTorch score the same random images at two sizes that are not multiples of 256 (and, for ONNX, two batch
 sizes); a max abs difference above ``atol`` raises `ExportCheckError` and writes nothing.
 
-The model's ``test_scale`` is not applied in the graph: for a model with ``test_scale != 1``, resize the image by
-it before and the scores back after, as ``semantic_probs`` does.
+The model's ``test_scale`` and ``test_window`` are not applied in the graph: for a model with ``test_scale != 1``,
+resize the image by it before and the scores back after, as ``semantic_probs`` does; for one with a
+``test_window``, score images larger than it (after the scale) in tiles of that size, as ``MaSSFormer.scores``
+does.
 """
 
 from __future__ import annotations
@@ -329,6 +331,7 @@ def _sidecar(config: dict[str, Any], *, folder: Path, format: ExportFormat, opse
         "class_names": list(config["class_names"]),
         "store_class_ids": config.get("store_class_ids"),
         "test_scale": float(config.get("test_scale", 1.0)),
+        "test_window": int(config.get("test_window", 0)),
         "input": {
             "name": "images", "shape": [batch, 3, "height", "width"], "dtype": "float32",
             "description": "RGB in 0..255; any height and width (padded to multiples of 256 inside)",
@@ -338,7 +341,7 @@ def _sidecar(config: dict[str, Any], *, folder: Path, format: ExportFormat, opse
             "dtype": "float32",
             "description": "per-class scores sum_q softmax(cls)[q, k] * sigmoid(mask_q), as "
                            "MaSSFormer.semantic_probs(images, scale=1.0); argmax over classes = label map; "
-                           "test_scale is not applied",
+                           "test_scale and test_window are not applied",
         },
         "verification": None if verification is None else {"atol": atol, "checks": verification},
     }

@@ -115,6 +115,7 @@ def _model_config(variant: str, names: list[str], *, source: Path, meta: dict[st
         "store_class_ids": list(range(len(names))),
         "pseudo_classes": [],
         "test_scale": 1.0,  # MaSS13K tests at the images' native size (4096 x 3072)
+        "test_window": 0,  # in one piece, as the release's whole-image test
         "store": None,
         "store_name": None,
         "label_version": None,

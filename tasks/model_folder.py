@@ -201,6 +201,9 @@ def _config_problem(config: Mapping[str, Any]) -> str | None:
     scale = config.get("test_scale", 1.0)
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not scale > 0:
         return f"test_scale {scale!r}, not a number > 0"
+    window = config.get("test_window", 0)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        return f"test_window {window!r}, not an integer >= 0"
     return None
 
 
@@ -239,7 +242,7 @@ def read_model_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def build_model(config: Mapping[str, Any]) -> MaSSFormer:
-    """Builds the untrained model a model config describes, with its ``test_scale``.
+    """Builds the untrained model a model config describes, with its ``test_scale`` and ``test_window``.
 
     Args:
         config: A model folder's config (`read_model_config`) or a run's (`tasks.train_config.model_config`).
@@ -256,6 +259,7 @@ def build_model(config: Mapping[str, Any]) -> MaSSFormer:
     pixel_decoder = config.get("pixel_decoder", "hr")
     model = MODEL_BUILDERS[variant](int(config["num_classes"]), pixel_decoder=pixel_decoder)
     model.test_scale = float(config.get("test_scale", 1.0))  # folders from before test_scale: 1
+    model.test_window = int(config.get("test_window", 0))  # folders from before test_window: whole images
     return model
 
 

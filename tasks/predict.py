@@ -37,6 +37,7 @@ from storage.staging import WRITTEN_MANIFEST, record_written
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CLASSES_FILE = "classes.json"
+PREDICT_MODES = ("auto", "whole", "slide")
 DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # MaSS13K's multi-scale test (ratios of test_scale)
 
 
@@ -45,8 +46,9 @@ class PredictConfig:
     """How to predict.
 
     Attributes:
-        mode: ``"whole"`` (one pass over the full image) or ``"slide"`` (``window`` tiles every ``stride``).
-        window: Tile size of ``slide`` (a multiple of 256 wastes no padding).
+        mode: ``"auto"`` (the model's own: tiles of the size it trained on, `MaSSFormer.scores`), ``"whole"``
+            (one pass over the full image) or ``"slide"`` (``window`` tiles every ``stride``).
+        window: Tile size of ``slide``, in input pixels (a multiple of 256 wastes no padding).
         stride: Tile step of ``slide`` (None: 3/4 of the window).
         tta: Average over ``tta_scales`` x (image, flipped image).
         tta_scales: Ratios of the model's ``test_scale``.
@@ -57,7 +59,7 @@ class PredictConfig:
         overwrite: Replace predictions this command wrote before (never other files).
     """
 
-    mode: Literal["whole", "slide"] = "whole"
+    mode: Literal["auto", "whole", "slide"] = "auto"
     window: int = 1024
     stride: int | None = None
     tta: bool = False
@@ -69,8 +71,8 @@ class PredictConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in ("whole", "slide"):
-            raise InputError(f"Expected mode 'whole' or 'slide'. Got {self.mode!r} instead.")
+        if self.mode not in PREDICT_MODES:
+            raise InputError(f"Expected mode in {PREDICT_MODES}. Got {self.mode!r} instead.")
         if self.window < 32 or (self.stride is not None and not 0 < self.stride <= self.window):
             raise InputError(f"Expected window >= 32 and 0 < stride <= window. Got {self.window}, {self.stride}.")
         if not self.tta_scales or min(self.tta_scales) <= 0:
@@ -135,6 +137,8 @@ def image_scores(model: MaSSFormer, image_rgb: np.ndarray, config: PredictConfig
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 if config.mode == "slide":
                     p = model.sliding_probs(view, window=config.window, stride=config.stride, scale=scale)
+                elif config.mode == "auto":
+                    p = model.scores(view, scale=scale)
                 else:
                     p = model.semantic_probs(view, scale=scale)
             p = p.float()[0]  # K x H x W

@@ -22,7 +22,7 @@ from tasks.model_folder import CONFIG_FILE, FORMAT, FORMAT_VERSION, CheckpointEr
 # TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
 RESUME_FREE_FIELDS = frozenset(
     {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "val_every",
-     "val_max_images"}
+     "val_max_images", "test_window"}
 )
 # TrainConfig fields added after runs were first written, with the value a run without them had: an older
 # checkpoint resumes, and an older run keeps its folder name (`run_name`), while the field keeps that value.
@@ -79,6 +79,10 @@ class TrainConfig:
         test_scale: Inference scale of the trained model (`MaSSFormer.test_scale`, in its ``config.json``):
             images are resized by it for prediction. 2 puts the half-resolution masks on the image's own pixel
             grid (small images; the demo trains with ``scale_range`` 0.75-1.5 and predicts at 2).
+        test_window: Side of the square tiles, in the network's pixels (after ``test_scale``), in which the
+            trained model predicts images larger than that (`MaSSFormer.test_window`, in its ``config.json``;
+            validation uses it too). None: the larger side of ``crop_size``, the size it trained on; 0: whole
+            images. An inference setting: not part of the run's identity, so a resume may change it.
     """
 
     store: str
@@ -114,6 +118,7 @@ class TrainConfig:
     val_every: int | None = None
     val_max_images: int | None = 64
     test_scale: float = 1.0
+    test_window: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise types (paths to str, lists from JSON to tuples)
@@ -159,6 +164,8 @@ class TrainConfig:
             raise InputError(f"Expected scale_range (low, high), 0 < low <= high. Got {self.scale_range!r}.")
         if self.test_scale <= 0:
             raise InputError(f"Expected test_scale > 0. Got {self.test_scale} instead.")
+        if self.test_window is not None and self.test_window < 0:
+            raise InputError(f"Expected test_window >= 0 (0: whole images). Got {self.test_window} instead.")
         if self.recipe not in RECIPE_CHOICES:
             raise InputError(f"Expected recipe in {RECIPE_CHOICES}. Got {self.recipe!r} instead.")
         if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0:
@@ -261,6 +268,7 @@ def model_config(config: TrainConfig) -> dict[str, Any]:
         "store_class_ids": store.versions()[config.version].model_class_ids,
         "pseudo_classes": sorted(pseudo),
         "test_scale": config.test_scale,
+        "test_window": max(config.crop_size) if config.test_window is None else config.test_window,
         "store": str(Path(config.store).resolve()),
         "store_name": store.info.get("name"),
         "label_version": config.version,

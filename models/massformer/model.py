@@ -9,6 +9,11 @@ factor, scored, and the class scores are resized back to the input size. The fin
 network's input resolution, so a model trained on images enlarged 2x (``scale_range`` around 2) and run with
 ``test_scale=2`` predicts masks on the input's own pixel grid: on small images (the demo's 256 x 384) this is
 what makes pixel-exact boundaries possible at all.
+
+A model trained on crops predicts, by default, in tiles of the size it was trained on (``test_window``, in the
+network's pixels, mmseg's ``mode='slide'``): its global-context branches (pooled features, CST windows) then
+see what they saw in training. Whole-image inference on inputs much larger than the training crops can collapse
+whole classes (measured on the demo's data: README "Training recipes").
 """
 
 from __future__ import annotations
@@ -72,8 +77,9 @@ class MaSSFormer(nn.Module):
         std = torch.tensor(pixel_std).view(1, -1, 1, 1)  # 1 x 3 x 1 x 1
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
-        # Inference scale (not a weight): tasks.model_folder.build_model sets it from a model's config.json.
+        # Inference settings (not weights): tasks.model_folder.build_model sets them from a model's config.json.
         self.test_scale = 1.0
+        self.test_window = 0  # tile side in network pixels for `predict` / `scores`; 0: whole images
 
     @property
     def num_classes(self) -> int:
@@ -174,6 +180,25 @@ class MaSSFormer(nn.Module):
             out[:, :, r0:r1] = _probs_rows(cls_probs, masks, r0, r1, w)
         return out
 
+    def default_window(self, size: Sequence[int], scale: float | None = None) -> int | None:
+        """The tile side in input pixels `predict` uses for an image of ``size`` (H, W) by default:
+        ``test_window / scale`` when the image is larger than that, None (whole image) otherwise or when
+        `test_window` is 0."""
+        if not self.test_window:
+            return None
+        scale = self.test_scale if scale is None else float(scale)
+        window = max(1, round(self.test_window / scale))
+        return window if max(size) > window else None
+
+    @torch.no_grad()
+    def scores(self, images: Tensor, *, scale: float | None = None) -> Tensor:
+        """The B x K x H x W class scores `predict` takes the argmax of by default: `sliding_probs` in tiles of
+        `default_window`, or `semantic_probs` of the whole image."""
+        window = self.default_window(images.shape[-2:], scale)
+        if window is None:
+            return self.semantic_probs(images, scale=scale)
+        return self.sliding_probs(images, window=window, scale=scale)
+
     @torch.no_grad()
     def predict(
         self,
@@ -189,8 +214,9 @@ class MaSSFormer(nn.Module):
         Args:
             images: B x 3 x H x W float RGB in 0..255.
             chunk_rows: rows per chunk for the upsample/argmax; None sizes chunks to `CHUNK_BYTES`.
-            window: None for whole-image inference (the reference's ``mode='whole'``). Otherwise
-                sliding-window inference with square ``window`` tiles (a multiple of 256 avoids padding
+            window: None: the model's own, `default_window` (tiles of `test_window`, or the whole image).
+                0: whole-image inference (the reference's ``mode='whole'``). Otherwise sliding-window
+                inference with square ``window`` tiles of the input (a multiple of 256 avoids padding
                 waste), averaging the scores where tiles overlap; this bounds the network's activation memory
                 by the tile size.
             stride: tile step for sliding windows; default ``3 * window // 4``.
@@ -201,7 +227,9 @@ class MaSSFormer(nn.Module):
             B x H x W int64 class ids in [0, K).
         """
         b, _, h, w = images.shape
-        if window is not None:
+        if window is None:
+            window = self.default_window((h, w), scale)
+        if window:
             return self._predict_sliding(images, window=window, stride=stride or 3 * window // 4, scale=scale)
         if (self.test_scale if scale is None else scale) != 1.0:
             return self.semantic_probs(images, chunk_rows=chunk_rows, scale=scale).argmax(dim=1)

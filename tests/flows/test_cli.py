@@ -291,3 +291,37 @@ def test_every_sub_command_has_a_handler() -> None:
 
     subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(subs.choices) == set(HANDLERS)
+
+
+def test_torch_threads_wait_passively_on_a_busy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passive OpenMP waiting when the load is at least half the cores, OpenMP's default on an idle machine,
+    and the user's own choice always."""
+    import os
+
+    from flows.cli import passive_threads
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not passive_threads(load=0.9, cpus=2) and "OMP_WAIT_POLICY" not in os.environ
+    assert passive_threads(load=1.0, cpus=2) and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert not passive_threads(load=9.0, cpus=2) and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    assert not passive_threads(load=9.0, cpus=2) and "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_the_console_script_sets_the_policy_before_torch_loads() -> None:
+    """Under load, `addclass` sets the policy before torch is imported (OpenMP reads it once, at load)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os, sys; from flows import cli; os.getloadavg = lambda: (64.0, 64.0, 64.0); "
+            "sys.argv = ['addclass', 'model-info', 'tiny', '--num-classes', '7', '--json']; "
+            "assert 'torch' not in sys.modules; rc = cli.console_main(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), rc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                         capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    assert out[-2:] == ["PASSIVE", "0"]

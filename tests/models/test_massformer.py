@@ -177,6 +177,25 @@ def test_test_scale_runs_the_network_on_the_resized_image() -> None:
         model.predict(x, scale=0.0)
 
 
+def test_test_window_tiles_images_larger_than_it() -> None:
+    """With test_window (network pixels) the default prediction slides tiles of test_window / scale input
+    pixels over larger images, and stays whole-image on smaller ones; window=0 asks for the whole image."""
+    model = _build("tiny", "hr").eval()
+    x = _images(1, 70, 150, seed=6)
+    whole, whole_scores = model.predict(x), model.semantic_probs(x)
+    model.test_window = 64
+    assert model.default_window((70, 150)) == 64 and model.default_window((64, 64)) is None
+    tiled = model.sliding_probs(x, window=64)
+    torch.testing.assert_close(model.scores(x), tiled, rtol=0, atol=0)
+    assert torch.equal(model.predict(x), tiled.argmax(dim=1))
+    assert (tiled - whole_scores).abs().max() > 1e-4  # tiles see less context: other scores
+    assert torch.equal(model.predict(x, window=0), whole)
+    model.test_scale = 2.0  # tiles of 32 input pixels, each run at 64 x 64
+    assert model.default_window((70, 150)) == 32
+    assert torch.equal(model.predict(x), model.sliding_probs(x, window=32, scale=2.0).argmax(dim=1))
+    assert model.default_window((30, 20)) is None
+
+
 def test_hr_training_needs_two_images() -> None:
     """BatchNorm on globally pooled features (SEB, conv_avg) cannot train on one image; eval mode can."""
     model = build_massformer_tiny(NUM_CLASSES).train()

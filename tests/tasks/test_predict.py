@@ -61,9 +61,15 @@ def test_whole_mode_writes_palette_pngs_of_class_ids_and_resumes(model_dir: Path
 def test_slide_and_tta_give_normalised_scores_of_the_image_size(model_dir: Path) -> None:
     model = load_trained_model(model_dir)
     image = np.random.default_rng(1).integers(0, 255, (72, 100, 3), dtype=np.uint8)
-    whole = image_scores(model, image, PredictConfig())
+    whole = image_scores(model, image, PredictConfig(mode="whole"))
     big_window = image_scores(model, image, PredictConfig(mode="slide", window=128))  # one tile: same as whole
     torch.testing.assert_close(whole, big_window)
+    auto = image_scores(model, image, PredictConfig())  # the model's own tiles (its training crop)
+    window = model.default_window(image.shape[:2])
+    assert model.test_window == 64 and window == 64  # the run's 64 x 64 crops (TrainConfig.test_window None)
+    expected = model.sliding_probs(
+        torch.from_numpy(image).permute(2, 0, 1)[None].float(), window=64)[0]
+    torch.testing.assert_close(auto, expected / expected.sum(0, keepdim=True))
     for cfg in (PredictConfig(mode="slide", window=48, stride=32), PredictConfig(tta=True, tta_scales=(0.75, 1.0))):
         scores = image_scores(model, image, cfg)
         assert scores.shape == (model.num_classes, 72, 100)

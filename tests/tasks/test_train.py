@@ -250,6 +250,8 @@ def test_config_validation_and_derivation(train_store: Path, tmp_path: Path) -> 
         tiny_config(train_store, tmp_path, reweight="sideways")
     with pytest.raises(ValueError, match="seed >= 0"):
         tiny_config(train_store, tmp_path, seed=-1)
+    with pytest.raises(ValueError, match="test_window >= 0"):
+        tiny_config(train_store, tmp_path, test_window=-1)
     resolved = resolve_train_config(tiny_config(train_store, tmp_path, version="latest"))
     assert resolved.version == "v2" and resolved.num_classes == 8
     assert TrainConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
@@ -279,8 +281,11 @@ def test_a_version_with_a_class_id_gap_trains_on_model_indices(tmp_path: Path) -
     cfg = model_config(config)
     assert config.num_classes == 8 and cfg["class_names"][CAR] == "car" and cfg["pseudo_classes"] == [CAR]
     assert cfg["store_class_ids"] == [*range(7), 8]
+    assert cfg["test_window"] == 128  # None: the model predicts in tiles of its training crop
+    assert model_config(replace(config, test_window=0))["test_window"] == 0
     final = train(config, progress=False)
-    assert load_trained_model(final).num_classes == 8
+    model = load_trained_model(final)
+    assert model.num_classes == 8 and model.test_window == 128
 
 
 def test_a_non_finite_gradient_stops_before_the_update(train_store: Path, tmp_path: Path,

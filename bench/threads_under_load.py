@@ -1,0 +1,93 @@
+"""Training speed on an idle and on a shared machine, with torch's OpenMP threads spinning or waiting passively.
+
+Each case times ``--steps`` training steps of the tiny MaSSFormer (batch 2, 256 x 256 random images with a
+few rectangles as labels, 2048 points, AdamW) in a fresh process with ``--threads`` torch threads, while ``--load``
+busy-looping processes compete for the cores (0 = idle). Cases: OpenMP's default (threads spin a while before
+they sleep: the anchor, idle) and ``OMP_WAIT_POLICY=PASSIVE`` (what the ``addclass`` command sets unless you
+chose a policy), each idle and loaded. Prints one JSON object: seconds per step per case and its ratio to the
+idle default, measured in the same run.
+
+    .venv/bin/python bench/threads_under_load.py            # ~3 min on 2 cores
+    .venv/bin/python bench/threads_under_load.py --load 4 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+STEPS = """
+import json, sys, time
+import torch
+sys.path.insert(0, {repo!r})
+from models.massformer.build import build_massformer_tiny
+from models.training.criterion import build_criterion
+from models.training.optim import build_optimizer
+from models.training.targets import build_targets
+torch.manual_seed(0)
+torch.set_num_threads({threads})
+model = build_massformer_tiny(8).train()
+criterion = build_criterion(num_classes=8, num_points=2048)
+optimizer = build_optimizer(model, lr=1e-3)
+images = torch.rand(2, 3, 256, 256) * 255
+labels = torch.zeros(2, 256, 256, dtype=torch.long)
+labels[:, 100:180, 40:200] = 7
+labels[:, :90] = 5
+labels[:, 200:] = 4
+targets = [build_targets(lab, pseudo_classes={{7}}) for lab in labels]
+times = []
+for step in range({warmup} + {steps}):
+    t = time.perf_counter()
+    losses = criterion(model(images), targets)
+    optimizer.zero_grad()
+    torch.stack(list(losses.values())).sum().backward()
+    optimizer.step()
+    times.append(time.perf_counter() - t)
+print(json.dumps(sum(times[{warmup}:]) / {steps}))
+"""
+
+
+def seconds_per_step(*, passive: bool, load: int, threads: int, steps: int, warmup: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    try:
+        code = STEPS.format(repo=str(REPO), threads=threads, steps=steps, warmup=warmup)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--load", type=int, default=os.cpu_count() or 1, help="busy processes in the loaded cases")
+    a = ap.parse_args()
+    cases = {}
+    for load in (0, a.load):
+        for passive in (False, True):
+            name = f"{'passive' if passive else 'default'}_{'idle' if load == 0 else f'load{load}'}"
+            cases[name] = seconds_per_step(passive=passive, load=load, threads=a.threads, steps=a.steps,
+                                           warmup=a.warmup)
+    anchor = cases["default_idle"]
+    print(json.dumps({
+        "threads": a.threads, "load": a.load, "steps": a.steps, "cpus": os.cpu_count(),
+        "seconds_per_step": {k: round(v, 3) for k, v in cases.items()},
+        "ratio_to_default_idle": {k: round(v / anchor, 2) for k, v in cases.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
