@@ -96,6 +96,7 @@ from storage.pseudo import read_pseudo_mask  # noqa: E402
 from storage.registry import PROV_PRECISE, PROV_PSEUDO  # noqa: E402
 from storage.store import LabelStore, open_label_store  # noqa: E402
 from tasks.evaluate import evaluate_model, evaluate_pseudo, hand_mask_kinds  # noqa: E402
+from tasks.evaluation_results import ClassResult, ModelEvaluation  # noqa: E402
 from tasks.ingest import ingest_camvid  # noqa: E402
 from tasks.merge import merge  # noqa: E402
 from tasks.pseudo_label import LabelerConfig, pseudo_label, validate_labeler  # noqa: E402
@@ -317,13 +318,13 @@ def _finite(x: Any) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
-def car_scores(summary: dict[str, Any] | None) -> dict[str, float | None] | None:
-    """The car numbers of a class-vs-rest summary (``evaluate_model`` / ``evaluate_pseudo``)."""
-    if summary is None:
+def car_scores(result: ClassResult | None) -> dict[str, float | None] | None:
+    """The car numbers of a class-vs-rest result (``evaluate_model`` / ``evaluate_pseudo``)."""
+    if result is None:
         return None
-    keys = ("iou", "biou", "bf1", "binary_miou", "binary_mbiou", "binary_mbf1")
-    out: dict[str, Any] = {k: _finite(summary.get(k)) for k in keys}
-    out["num_images"] = summary.get("num_images")
+    out: dict[str, Any] = {"iou": _finite(result.iou), "biou": _finite(result.biou), "bf1": _finite(result.bf1)}
+    out |= {k: _finite(v) for k, v in result.binary.items()}
+    out["num_images"] = result.summary.num_images
     return out
 
 
@@ -368,15 +369,15 @@ def merged_label_scores(store_path: Path, version: str) -> dict[str, Any]:
     return out
 
 
-def model_scores(result: dict[str, Any]) -> dict[str, Any]:
+def model_scores(result: ModelEvaluation) -> dict[str, Any]:
     """Car class-vs-rest and the 7-class means per split of an ``evaluate_model`` result."""
     out = {}
-    for split, r in result["splits"].items():
+    for split, r in result.splits.items():
         out[split] = {
-            "car": car_scores(r["new_classes"].get(CLASS)),
-            "miou7": _finite(r["precise"]["means"]["miou"]),
-            "mbiou7": _finite(r["precise"]["means"]["mbiou"]),
-            "num_images": r["num_images"],
+            "car": car_scores(r.new_classes.get(CLASS)),
+            "miou7": _finite(r.precise.miou),
+            "mbiou7": _finite(r.precise.means.get("mbiou")),
+            "num_images": r.num_images,
         }
     return out
 
@@ -475,10 +476,11 @@ def _train_and_evaluate(
         "final_loss": round(float(np.mean([r["total"] for r in tail])), 4),
         "run_dir": str(run_dir),
     }
+    evaluation = result.to_dict()
+    for r in evaluation["splits"].values():
+        del r["per_image"]
     (run_dir / "eval.json").write_text(json.dumps(
-        {"row": rec, "train_config": config.to_dict(), "store_data": info["data"],
-         "evaluation": {k: v for k, v in result.items() if k != "splits"}
-         | {"splits": {s: {k: v for k, v in r.items() if k != "per_image"} for s, r in result["splits"].items()}}},
+        {"row": rec, "train_config": config.to_dict(), "store_data": info["data"], "evaluation": evaluation},
         indent=2, allow_nan=False) + "\n")
     car = rec["scores"].get("val", {}).get("car") or {}
     print(f"[{row.id}] done in {rec['wall_s']} s: val car IoU {format_percent(car.get('iou'))} "
@@ -491,9 +493,10 @@ def label_row(row: Row, info: dict[str, Any]) -> dict[str, Any]:
     store = Path(info["store"])
     if row.kind == "pseudo":
         res = evaluate_pseudo(store, classes=[CLASS])
-        per_split = {s: {"car": car_scores(v), "miou7": None, "mbiou7": None, "num_images": v["num_images"]}
-                     for s, v in res["classes"][CLASS].items()}
-        note = res["skipped"][CLASS]
+        per_split = {s: {"car": car_scores(v.scores), "miou7": None, "mbiou7": None,
+                         "num_images": v.scores.summary.num_images}
+                     for s, v in res.classes[CLASS].items()}
+        note = res.skipped[CLASS]
     else:
         per_split = {s: {"car": v, "miou7": None, "mbiou7": None, "num_images": v["num_images"]}
                      for s, v in merged_label_scores(store, info["versions"]["mixed"]).items()}

@@ -80,10 +80,10 @@ def scores(store: Path, final: Path, scale: float, window: int | None = None) ->
         model.test_window = window
     result = evaluate_model(store, model=model, splits=("val", "test"), label_version="v2", progress=False)
     out = {}
-    for split, r in result["splits"].items():
-        car = r["new_classes"]["car"]
-        out[split] = {"car_iou": round(100 * car["iou"], 2), "car_biou": round(100 * car["biou"], 2),
-                      "miou7": round(100 * r["precise"]["means"]["miou"], 2)}
+    for split, r in result.splits.items():
+        car = r.new_classes["car"]
+        out[split] = {"car_iou": round(100 * (car.iou or 0), 2), "car_biou": round(100 * (car.biou or 0), 2),
+                      "miou7": round(100 * (r.precise.miou or 0), 2)}
     return out
 
 

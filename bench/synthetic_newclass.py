@@ -96,10 +96,10 @@ def prepare_store(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def pseudo_row(info: dict[str, Any]) -> dict[str, Any]:
     """The pseudo labels against the exact masks: stored ones on val, in-memory ones on test."""
-    stored = evaluate_pseudo(info["store"], classes=[CLASS])["classes"][CLASS]
+    stored = evaluate_pseudo(info["store"], classes=[CLASS]).classes[CLASS]
     labeler = LabelerConfig(**{k: v for k, v in info["labeler"].items() if k in ("kind", "seed", "simulated")})
     test = pseudo_label_scores(info["store"], class_name=CLASS, split="test", labeler=labeler)
-    scores = {"val": {"car": common.car_scores(stored["val"]), "miou7": None},
+    scores = {"val": {"car": common.car_scores(stored["val"].scores), "miou7": None},
               "test": {"car": common.car_scores(test), "miou7": None}}
     return {"id": "pseudo_label", "name": "Pseudo Label", "kind": "pseudo", "runs": [{"seed": None, "scores": scores}]}
 

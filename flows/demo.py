@@ -11,6 +11,7 @@ from typing import Any
 from flows.add_class import add_class
 from flows.params import LabelingParams, TrainingParams
 from tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
+from tasks.evaluation_results import ModelEvaluation
 from tasks.ingest import ingest_synthetic
 from tasks.pseudo_label import LabelerConfig
 
@@ -31,8 +32,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                               scale_range=config.scale_range, test_scale=config.test_scale)
     result = add_class(prompt="car", store=str(store), labeling=LabelingParams(kind="simulated"),
                        training=training, eval_splits=["val", "test"])
-    metrics = json.loads(Path(result["report"]["metrics.json"]).read_text())
-    model_test = metrics["model"]["splits"]["test"]["new_classes"]["car"]
+    evaluation = ModelEvaluation.from_dict(json.loads(Path(result["report"]["metrics.json"]).read_text())["model"])
+    model_test = evaluation.split("test").new_classes["car"]
     labeler = LabelerConfig(kind="simulated", seed=config.seed)
     pseudo_test = pseudo_label_scores(store, class_name="car", split="test", labeler=labeler)
     lines = comparison_lines(model=model_test, pseudo=pseudo_test, split="test", class_name="car")

@@ -29,6 +29,7 @@ from prefect.artifacts import (
 from prefect.logging.handlers import APILogHandler
 
 from tasks.evaluate import SPLIT_ORDER
+from tasks.evaluation_results import ModelEvaluation, PseudoEvaluation
 from tasks.model_registry import list_models, score_terms
 from tasks.report import format_fraction, format_percent
 from tasks.train import StepInfo
@@ -213,27 +214,36 @@ def _ordered(splits: Sequence[str] | Mapping[str, Any]) -> list[str]:
     return sorted(splits, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER))
 
 
+def _evaluations(results: Mapping[str, Any]) -> tuple[ModelEvaluation | None, PseudoEvaluation | None]:
+    """(model, pseudo) of an evaluation's results (``{"model": ModelEvaluation, "pseudo": PseudoEvaluation}``;
+    either may be missing or None)."""
+    return results.get("model"), results.get("pseudo")
+
+
 def metrics_rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
     """The table artifact: per new class and split, pseudo labels and model side by side, formatted as in
     ``report.md`` (IoU and BIoU in % with 2 decimals, BF1 as a fraction; ``n/a`` where a side has no score,
     e.g. test, which is never pseudo-labelled)."""
-    model_splits: Mapping[str, Any] = (results.get("model") or {}).get("splits", {})
-    pseudo: Mapping[str, Any] = (results.get("pseudo") or {}).get("classes", {})
-    classes = [*(results.get("model") or {}).get("new_classes", [])]
-    classes += [c for c in pseudo if c not in classes]
+    model, pseudo = _evaluations(results)
+    model_splits = {} if model is None else model.splits
+    pseudo_classes = {} if pseudo is None else pseudo.classes
+    classes = [] if model is None else list(model.new_classes)
+    classes += [c for c in pseudo_classes if c not in classes]
     rows = []
     for name in classes:
-        splits = {s for s in model_splits if name in model_splits[s].get("new_classes", {})}
-        splits |= set(pseudo.get(name, {}))
+        splits = {s for s, r in model_splits.items() if name in r.new_classes}
+        splits |= set(pseudo_classes.get(name, {}))
         for split in _ordered(list(splits)):
-            p = pseudo.get(name, {}).get(split) or {}
-            m = model_splits.get(split, {}).get("new_classes", {}).get(name) or {}
+            p = pseudo_classes.get(name, {}).get(split)
+            ps = None if p is None else p.scores
+            m = model_splits[split].new_classes.get(name) if split in model_splits else None
+            pi, pb, pf = (None, None, None) if ps is None else (ps.iou, ps.biou, ps.bf1)
+            mi, mb, mf = (None, None, None) if m is None else (m.iou, m.biou, m.bf1)
             rows.append({
                 "Class": name, "Split": split,
-                "Pseudo IoU (%)": format_percent(p.get("iou")), "Model IoU (%)": format_percent(m.get("iou")),
-                "Pseudo BIoU (%)": format_percent(p.get("biou")),
-                "Model BIoU (%)": format_percent(m.get("biou")),
-                "Pseudo BF1": format_fraction(p.get("bf1")), "Model BF1": format_fraction(m.get("bf1")),
+                "Pseudo IoU (%)": format_percent(pi), "Model IoU (%)": format_percent(mi),
+                "Pseudo BIoU (%)": format_percent(pb), "Model BIoU (%)": format_percent(mb),
+                "Pseudo BF1": format_fraction(pf), "Model BF1": format_fraction(mf),
             })
     return rows
 
@@ -242,22 +252,22 @@ def score_lines(results: Mapping[str, Any]) -> list[str]:
     """One log line per evaluated split: each new class (model, and pseudo labels where scored) and the
     7-class mIoU, e.g. ``val: car IoU 81.23 % BIoU 40.12 % BF1 0.5593 (pseudo labels IoU 79.00 %), 7-class
     mIoU 77.01 %``."""
-    model_splits: Mapping[str, Any] = (results.get("model") or {}).get("splits", {})
-    pseudo: Mapping[str, Any] = (results.get("pseudo") or {}).get("classes", {})
+    model, pseudo = _evaluations(results)
+    if model is None:
+        return []
+    pseudo_classes = {} if pseudo is None else pseudo.classes
     lines = []
-    for split in _ordered(model_splits):
-        block = model_splits[split]
+    for split in _ordered(model.splits):
+        block = model.splits[split]
         parts = []
-        for name, m in block.get("new_classes", {}).items():
-            part = (f"{name} IoU {format_percent(m.get('iou'))} % BIoU {format_percent(m.get('biou'))} % "
-                    f"BF1 {format_fraction(m.get('bf1'))}")
-            p = pseudo.get(name, {}).get(split)
-            if p:
-                part += f" (pseudo labels IoU {format_percent(p.get('iou'))} %)"
+        for name, m in block.new_classes.items():
+            part = f"{name} IoU {format_percent(m.iou)} % BIoU {format_percent(m.biou)} % BF1 {format_fraction(m.bf1)}"
+            p = pseudo_classes.get(name, {}).get(split)
+            if p is not None:
+                part += f" (pseudo labels IoU {format_percent(p.scores.iou)} %)"
             parts.append(part)
-        miou = (block.get("precise") or {}).get("means", {}).get("miou")
-        parts.append(f"7-class mIoU {format_percent(miou)} %")
-        lines.append(f"{split} ({block.get('num_images', '?')} images): " + ", ".join(parts))
+        parts.append(f"7-class mIoU {format_percent(block.precise.miou)} %")
+        lines.append(f"{split} ({block.num_images} images): " + ", ".join(parts))
     return lines
 
 
@@ -397,7 +407,7 @@ def publish_registry(prefix: str, *, store: str, reg: Mapping[str, Any], results
     prev = reg.get("previous_champion")
     entry = (list_models(store) or {}).get("models", {}).get(prev) if prev else None
     champion_terms = score_terms(entry.get("metrics", {})) if entry else {}
-    markdown = registry_markdown(reg, promote=promote, challenger_terms=score_terms(dict(results["model"])),
+    markdown = registry_markdown(reg, promote=promote, challenger_terms=score_terms(results["model"]),
                                  champion_terms=champion_terms)
     decision = "promoted" if reg["promoted"] else "not promoted"
     create_markdown_artifact(key=artifact_key(prefix, "registry"), markdown=markdown,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from common.errors import InputError
 
 if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults without loading torch
+    from tasks.evaluation_results import ClassResult
     from tasks.pseudo_label import LabelerConfig
 
 
@@ -43,18 +44,19 @@ class DemoConfig:
 
 
 def pseudo_label_scores(store_path: str | os.PathLike[str], *, class_name: str, split: str,
-                        labeler: LabelerConfig) -> dict[str, Any]:
+                        labeler: LabelerConfig) -> ClassResult:
     """Scores the simulated labeler's masks of ``class_name`` on ``split`` against the split's hand masks,
     in memory (nothing is written: evaluation masks never feed a stored label).
 
     Returns:
-        ``{"iou", "biou", "bf1", "num_images"}`` of the class (class vs rest, counts summed over the split).
+        The class vs rest (counts summed over the split), as `tasks.evaluate` scores a model.
 
     Raises:
         ValueError: ``labeler`` is not the simulated one, or the split has no hand masks of the class.
     """
-    from models.metrics import binary_counts, class_vs_rest, metrics_from_counts
+    from models.metrics import binary_counts
     from storage.store import open_label_store
+    from tasks.evaluate_scoring import binary_summary
     from tasks.pseudo_label import build_labeler
 
     if labeler.kind != "simulated":
@@ -73,17 +75,18 @@ def pseudo_label_scores(store_path: str | os.PathLike[str], *, class_name: str, 
         counts = binary_counts(mask, hand)
         total = counts if total is None else {k: total[k] + counts[k] for k in total}
     assert total is not None
-    return {**class_vs_rest(metrics_from_counts(total)), "num_images": len(ids)}
+    return binary_summary(total, num_images=len(ids), name=class_name, hand_mask_kind=[kind])
 
 
-def comparison_lines(*, model: dict[str, Any], pseudo: dict[str, Any], split: str, class_name: str) -> list[str]:
-    """The demo's closing lines: model vs pseudo labels on ``split`` (IoU and BIoU in %, BF1)."""
-    def row(name: str, m: dict[str, Any]) -> str:
-        return f"  {name:<44} {100 * m['iou']:>6.2f} {100 * m['biou']:>6.2f} {m['bf1']:>7.4f}"
+def comparison_lines(*, model: ClassResult, pseudo: ClassResult, split: str, class_name: str) -> list[str]:
+    """The demo's closing lines: model vs pseudo labels on ``split`` (IoU and BIoU in %, BF1; an undefined
+    score counts as 0)."""
+    def row(name: str, m: ClassResult) -> str:
+        return f"  {name:<44} {100 * (m.iou or 0):>6.2f} {100 * (m.biou or 0):>6.2f} {m.bf1 or 0:>7.4f}"
 
-    better = model["biou"] > pseudo["biou"]
+    better = (model.biou or 0) > (pseudo.biou or 0)
     return [
-        f"{class_name} on the {model['num_images']} {split} images, against their exact masks:",
+        f"{class_name} on the {model.summary.num_images} {split} images, against their exact masks:",
         f"  {'':<44} {'IoU':>6} {'BIoU':>6} {'BF1':>7}",
         row("pseudo labels (simulated Grounded-SAM)*", pseudo),
         row("model (tiny MaSSFormer, trained on them)", model),

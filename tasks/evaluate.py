@@ -64,6 +64,7 @@ from tasks.evaluate_scoring import (
     score_prediction,
     zero_counts,
 )
+from tasks.evaluation_results import ModelEvaluation, PseudoEvaluation, PseudoSplitResult, SplitResult
 from tasks.model_folder import load_trained_model, read_model_config, resolve_model_dir
 
 __all__ = [
@@ -171,7 +172,7 @@ def evaluate_model(
     max_images: int | None = None,
     pred_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> ModelEvaluation:
     """Score a model on store splits with rules 1-3 (module docstring).
 
     Args:
@@ -193,13 +194,9 @@ def evaluate_model(
         overwrite: Replace prediction PNGs an earlier evaluation wrote into ``pred_dir``.
 
     Returns:
-        JSON-serialisable: ``store``, ``checkpoint``, ``device``, ``label_version``, ``classes`` ([{id,
-        name, source}]), ``num_precise``, ``new_classes`` (names), ``pred_dir``, ``splits``: {split:
-        {``num_images``, ``precise`` (7-class ``metrics_summary``), ``new_classes`` ({name: class-vs-rest
-        summary: ``iou``, ``biou``, ``bf1`` of the class, ``binary_m*``, ``metrics_summary`` keys,
-        ``class_id``, ``hand_mask_kind``}; only classes with hand masks on the split), ``all`` (K-class
-        summary or None), ``per_image`` ([{id, split, height, width, precise: means, new_classes: {name:
-        class scores}, all: means | None}], split order)}}.
+        A `tasks.evaluation_results.ModelEvaluation`: a ``SplitResult`` per split (``precise``: the 7-class
+        summary; ``new_classes``: {name: ``ClassResult``}, only classes with hand masks on the split; ``all``:
+        the K-class summary or None; ``per_image``); ``to_dict()`` is the ``metrics.json`` document.
     """
     if batch_size < 1:
         raise InputError(f"Expected batch_size >= 1. Got {batch_size} instead.")
@@ -217,23 +214,23 @@ def evaluate_model(
         names_expected=cfg.get("class_names"),
     )
     out_root = Path(pred_dir) if pred_dir is not None else None
-    results: dict[str, Any] = {
-        "store": str(store.path),
-        "checkpoint": None if checkpoint is None else str(checkpoint),
-        "device": str(device),
-        "label_version": version,
-        "classes": classes,
-        "num_precise": num_precise,
-        "new_classes": [n for _, n in new_class_indices(classes, num_precise)],
-        "pred_dir": None if out_root is None else str(out_root),
-        "splits": {},
-    }
-    for split in _present_splits(store, splits):
-        results["splits"][split] = _evaluate_split(
-            store, model, split, classes=classes, num_precise=num_precise, device=device,
-            batch_size=batch_size, max_images=max_images, progress=progress, out_root=out_root,
-        )
-    return results
+    return ModelEvaluation(
+        store=str(store.path),
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        device=str(device),
+        label_version=version,
+        classes=classes,
+        num_precise=num_precise,
+        new_classes=[n for _, n in new_class_indices(classes, num_precise)],
+        pred_dir=None if out_root is None else str(out_root),
+        splits={
+            split: _evaluate_split(
+                store, model, split, classes=classes, num_precise=num_precise, device=device,
+                batch_size=batch_size, max_images=max_images, progress=progress, out_root=out_root,
+            )
+            for split in _present_splits(store, splits)
+        },
+    )
 
 
 def _prepare_model(
@@ -264,7 +261,7 @@ def _evaluate_split(
     max_images: int | None,
     progress: bool,
     out_root: Path | None,
-) -> dict[str, Any]:
+) -> SplitResult:
     """Rules 1-3 on one split: predict in same-size batches, score each image, sum (``evaluate_model``)."""
     ids = store.image_ids(split)[:max_images]
     new = new_class_indices(classes, num_precise)
@@ -323,7 +320,7 @@ def evaluate_pseudo(
     *,
     classes: Sequence[str] | None = None,
     splits: Sequence[str] = SPLIT_ORDER,
-) -> dict[str, Any]:
+) -> PseudoEvaluation:
     """Rule 4: stored pseudo masks against the hand masks, binary class-vs-rest, per class and split.
 
     Only images with both a finished pseudo label (made with the class's last recorded pseudo-label run, when
@@ -335,17 +332,16 @@ def evaluate_pseudo(
         splits: Splits to look at.
 
     Returns:
-        JSON-serialisable ``{"store", "classes": {name: {split: class-vs-rest summary (as in
-        ``evaluate_model``) + num_hand_masks, num_pseudo, per_image: [{id, iou, biou, bf1}]}},
-        "skipped": {name: {split: reason}}, "settings_keys": {name: key | None}}``.
+        A `tasks.evaluation_results.PseudoEvaluation`: ``classes`` {name: {split: ``PseudoSplitResult``}},
+        ``skipped`` {name: {split: reason}}, ``settings_keys`` {name: key | None}.
     """
     store = open_label_store(store_path)
     names = list(classes) if classes is not None else _pseudo_class_names(store)
     runs = pseudo_runs(store)
-    out: dict[str, Any] = {"store": str(store.path), "classes": {}, "skipped": {}, "settings_keys": {}}
+    out = PseudoEvaluation(store=str(store.path))
     for name in names:
         key = runs.get(name, {}).get("settings_key")
-        scored: dict[str, Any] = {}
+        scored: dict[str, PseudoSplitResult] = {}
         skipped: dict[str, str] = {}
         for split in splits:
             if split not in store.splits():
@@ -372,14 +368,12 @@ def evaluate_pseudo(
                 add_counts(total, c)
                 s = class_scores(c)
                 per_image.append({"id": image_id, "iou": s["iou"], "biou": s["biou"], "bf1": s["bf1"]})
-            scored[split] = {
-                **binary_summary(total, num_images=len(both), name=name,
-                                  hand_mask_kind=sorted({kinds[i] for i in both})),
-                "num_hand_masks": len(kinds),
-                "num_pseudo": len(with_pseudo),
-                "per_image": per_image,
-            }
-        out["classes"][name] = scored
-        out["skipped"][name] = skipped
-        out["settings_keys"][name] = key
+            scored[split] = PseudoSplitResult(
+                scores=binary_summary(total, num_images=len(both), name=name,
+                                      hand_mask_kind=sorted({kinds[i] for i in both})),
+                num_hand_masks=len(kinds), num_pseudo=len(with_pseudo), per_image=per_image,
+            )
+        out.classes[name] = scored
+        out.skipped[name] = skipped
+        out.settings_keys[name] = key
     return out

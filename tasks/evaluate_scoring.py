@@ -20,6 +20,7 @@ from models.metrics import (
     metrics_summary,
 )
 from storage.registry import IGNORE_INDEX
+from tasks.evaluation_results import ClassResult, MetricSummary, SplitResult
 
 __all__ = [
     "Counts",
@@ -153,12 +154,16 @@ def add_counts(total: Counts, counts: Mapping[str, np.ndarray]) -> None:
 
 
 def binary_summary(
-    counts: Mapping[str, np.ndarray], *, num_images: int, name: str, **extra: Any
-) -> dict[str, Any]:
-    """A class-vs-rest summary: ``metrics_summary`` over {rest, name} with the class's own ``iou``, ``biou``,
-    ``bf1`` and the ``binary_m*`` means over {rest, class} (``class_vs_rest``) on top."""
-    summary = metrics_summary(counts, num_images=num_images, class_names=["rest", name])
-    return {**class_scores(counts), **summary, "class": name, **extra}
+    counts: Mapping[str, np.ndarray], *, num_images: int, name: str, hand_mask_kind: Sequence[str],
+    class_id: int | None = None,
+) -> ClassResult:
+    """A class-vs-rest result: ``metrics_summary`` over {rest, name} with the class's own ``iou``, ``biou``,
+    ``bf1`` and the ``binary_m*`` means over {rest, class} (``class_vs_rest``)."""
+    summary = MetricSummary.from_dict(metrics_summary(counts, num_images=num_images, class_names=["rest", name]))
+    scores = class_scores(counts)
+    return ClassResult(name=name, iou=scores["iou"], biou=scores["biou"], bf1=scores["bf1"],
+                       binary={k: scores[k] for k in ("binary_miou", "binary_mbiou", "binary_mbf1")},
+                       summary=summary, hand_mask_kind=list(hand_mask_kind), class_id=class_id)
 
 
 def new_class_indices(classes: Sequence[Mapping[str, Any]], num_precise: int) -> list[tuple[int, str]]:
@@ -222,7 +227,7 @@ class SplitScores:
 
     def summary(
         self, ids: Sequence[str], *, hand_mask_kinds: Mapping[str, Mapping[str, str]]
-    ) -> dict[str, Any]:
+    ) -> SplitResult:
         """The split's entry of ``evaluate_model``'s ``splits``.
 
         Args:
@@ -230,14 +235,14 @@ class SplitScores:
             hand_mask_kinds: New class name -> {image id: "eval" | "reference"} on the split.
 
         Returns:
-            ``{"num_images", "precise", "new_classes", "all", "per_image"}`` (see ``evaluate_model``).
+            The split's `SplitResult`.
         """
-        return {
-            "num_images": len(ids),
-            "precise": metrics_summary(
+        return SplitResult(
+            num_images=len(ids),
+            precise=MetricSummary.from_dict(metrics_summary(
                 self.precise, num_images=len(ids), class_names=self.class_names[: self.num_precise]
-            ),
-            "new_classes": {
+            )),
+            new_classes={
                 name: binary_summary(
                     self.new_classes[cid], num_images=self.num_new[cid], name=name, class_id=cid,
                     hand_mask_kind=sorted(set(hand_mask_kinds[name].values())),
@@ -245,8 +250,9 @@ class SplitScores:
                 for cid, name in self.new
                 if self.num_new[cid]
             },
-            "all": metrics_summary(self.all, num_images=self.num_all, class_names=self.class_names)
+            all=MetricSummary.from_dict(metrics_summary(self.all, num_images=self.num_all,
+                                                        class_names=self.class_names))
             if self.num_all
             else None,
-            "per_image": [self.per_image[i] for i in ids],
-        }
+            per_image=[self.per_image[i] for i in ids],
+        )

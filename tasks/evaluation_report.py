@@ -18,6 +18,7 @@ from storage.pseudo import read_pseudo_mask
 from storage.store import LabelStore, open_label_store
 from tasks.evaluate import SPLIT_ORDER, hand_mask_kinds, predict_labels, read_hand_or_none
 from tasks.evaluate_scoring import all_classes_ground_truth, new_class_indices
+from tasks.evaluation_results import ModelEvaluation, PseudoEvaluation, PseudoSplitResult, SplitResult
 from tasks.model_folder import load_trained_model
 from tasks.report import format_percent, per_class_table, select_images, summary_table, write_overlays
 from tasks.validation import CURVE_FILE, learning_curve_png
@@ -30,14 +31,14 @@ def _ordered(splits: Iterable[str]) -> list[str]:
 
 
 def _predictions(
-    model_results: Mapping[str, Any],
+    model_results: ModelEvaluation,
     store: LabelStore,
     *,
     pred_dir: str | os.PathLike[str] | None,
     model: Any,
 ) -> Callable[[str, str], np.ndarray] | None:
     """``predict(split, id) -> H x W labels`` for overlays: saved PNGs, else the model run on that image."""
-    root = pred_dir if pred_dir is not None else model_results.get("pred_dir")
+    root = pred_dir if pred_dir is not None else model_results.pred_dir
     if root is not None:
         folder = Path(root)
 
@@ -48,9 +49,9 @@ def _predictions(
             return pred
 
         return read
-    device = str(model_results.get("device", "cpu"))
-    if model is None and model_results.get("checkpoint"):
-        model = load_trained_model(model_results["checkpoint"], device=device)
+    device = model_results.device
+    if model is None and model_results.checkpoint:
+        model = load_trained_model(model_results.checkpoint, device=device)
     if model is None:
         return None
 
@@ -97,9 +98,9 @@ def _pseudo_note(name: str, pseudo_splits: Iterable[str], model_splits: Iterable
     )
 
 
-def _learning_curve(model_results: Mapping[str, Any] | None, out: Path) -> Path | None:
+def _learning_curve(model_results: ModelEvaluation | None, out: Path) -> Path | None:
     """The learning curve of the evaluated model's training run, drawn into ``out``; None without a run log."""
-    checkpoint = (model_results or {}).get("checkpoint")
+    checkpoint = None if model_results is None else model_results.checkpoint
     if not checkpoint:
         return None
     here = Path(checkpoint)
@@ -112,8 +113,8 @@ def _learning_curve(model_results: Mapping[str, Any] | None, out: Path) -> Path 
 def write_evaluation_report(
     out_dir: str | os.PathLike[str],
     *,
-    model_results: Mapping[str, Any] | None,
-    pseudo_results: Mapping[str, Any] | None,
+    model_results: ModelEvaluation | None,
+    pseudo_results: PseudoEvaluation | None,
     title: str = "addclass evaluation",
     k: int = 3,
     pred_dir: str | os.PathLike[str] | None = None,
@@ -128,7 +129,7 @@ def write_evaluation_report(
     (``overlays/<class>/{worst,best}_NN_<id>.png``: image | prediction with BF1 boundary errors | ground truth
     (rule 3 with the hand masks the image has) | pseudo label over the v1 labels, when the image has one)
     rank the evaluated images of all splits by the class's per-image IoU. Their predictions come from
-    ``pred_dir`` (default ``model_results["pred_dir"]``), else from ``model`` or the checkpoint re-run on just
+    ``pred_dir`` (default ``model_results.pred_dir``), else from ``model`` or the checkpoint re-run on just
     those images.
 
     Args:
@@ -147,9 +148,9 @@ def write_evaluation_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_splits: Mapping[str, Any] = (model_results or {}).get("splits", {})
-    pseudo_classes: Mapping[str, Any] = (pseudo_results or {}).get("classes", {})
-    new_classes = list((model_results or {}).get("new_classes", []))
+    model_splits: Mapping[str, SplitResult] = {} if model_results is None else model_results.splits
+    pseudo_classes: Mapping[str, Mapping[str, PseudoSplitResult]] = {} if pseudo_results is None else pseudo_results.classes
+    new_classes = [] if model_results is None else list(model_results.new_classes)
     new_classes += [c for c in pseudo_classes if c not in new_classes]
     paths: dict[str, Path] = {}
 
@@ -166,27 +167,28 @@ def write_evaluation_report(
                   f"![learning curve]({curve.name})\n")
 
     overlays: dict[str, dict[str, list[str]]] = {}
-    if model_results and model_results["new_classes"]:
+    if model_results is not None and model_results.new_classes:
         sections, overlays, overlay_paths = _overlay_sections(
             out, model_results, pred_dir=pred_dir, model=model, k=k, max_width=max_width
         )
         md += sections
         paths.update(overlay_paths)
 
-    doc = {"title": title, "model": model_results, "pseudo": pseudo_results, "overlays": overlays}
+    doc = {"title": title, "model": None if model_results is None else model_results.to_dict(),
+           "pseudo": None if pseudo_results is None else pseudo_results.to_dict(), "overlays": overlays}
     (out / "metrics.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     (out / "report.md").write_text("".join(md))
     return {"metrics.json": out / "metrics.json", "report.md": out / "report.md", **paths}
 
 
-def _intro(model_results: Mapping[str, Any] | None) -> list[str]:
+def _intro(model_results: ModelEvaluation | None) -> list[str]:
     """The lines under the title: what was evaluated (with model results) and how the ground truth is made."""
     md: list[str] = []
-    if model_results:
+    if model_results is not None:
         md.append(
-            f"Store `{model_results['store']}`, checkpoint `{model_results.get('checkpoint')}`, "
-            f"label version `{model_results['label_version']}` ({len(model_results['classes'])} classes: "
-            f"{', '.join(c['name'] for c in model_results['classes'])}).\n\n"
+            f"Store `{model_results.store}`, checkpoint `{model_results.checkpoint}`, "
+            f"label version `{model_results.label_version}` ({len(model_results.classes)} classes: "
+            f"{', '.join(c['name'] for c in model_results.classes)}).\n\n"
         )
     md.append(
         "Ground truth: a new class is scored class-vs-rest against its hand masks (`eval` on test, "
@@ -200,32 +202,32 @@ def _intro(model_results: Mapping[str, Any] | None) -> list[str]:
 
 def _new_class_section(
     name: str,
-    model_splits: Mapping[str, Any],
-    pseudo_splits: Mapping[str, Any],
-    pseudo_results: Mapping[str, Any] | None,
+    model_splits: Mapping[str, SplitResult],
+    pseudo_splits: Mapping[str, PseudoSplitResult],
+    pseudo_results: PseudoEvaluation | None,
 ) -> list[str]:
     """A new class's table: rows ``Pseudo Label (<split>)`` then ``Model (<split>)``, and the pseudo note."""
     rows: dict[str, Mapping[str, Any]] = {
-        f"Pseudo Label ({s})": pseudo_splits[s] for s in _ordered(pseudo_splits)
+        f"Pseudo Label ({s})": pseudo_splits[s].scores.summary.to_dict() for s in _ordered(pseudo_splits)
     }
     for s in _ordered(model_splits):
-        if name in model_splits[s]["new_classes"]:
-            rows[f"Model ({s})"] = model_splits[s]["new_classes"][name]
+        if name in model_splits[s].new_classes:
+            rows[f"Model ({s})"] = model_splits[s].new_classes[name].summary.to_dict()
     md = [f"\n## {name} (class vs rest, against hand masks)\n\n"]
     md.append(per_class_table(rows, classes=[name]) if rows else "No split has hand masks for it.\n")
     if pseudo_results is not None:
-        skipped = pseudo_results.get("skipped", {}).get(name, {})
+        skipped = pseudo_results.skipped.get(name, {})
         md.append(_pseudo_note(name, pseudo_splits, model_splits, skipped))
     return md
 
 
-def _model_tables(model_splits: Mapping[str, Any]) -> list[str]:
+def _model_tables(model_splits: Mapping[str, SplitResult]) -> list[str]:
     """The 7-class tables and, where some split has it, the all-classes tables (one row per split)."""
-    precise = {f"Model ({s})": model_splits[s]["precise"] for s in _ordered(model_splits)}
+    precise = {f"Model ({s})": model_splits[s].precise.to_dict() for s in _ordered(model_splits)}
     md = ["\n## Precise classes (new classes folded into others, against v1)\n\n"]
     md.append(summary_table(precise) + "\n" + per_class_table(precise))
     full = {
-        f"Model ({s})": model_splits[s]["all"] for s in _ordered(model_splits) if model_splits[s]["all"]
+        f"Model ({s})": all_.to_dict() for s in _ordered(model_splits) if (all_ := model_splits[s].all) is not None
     }
     if full:
         md.append("\n## All classes (hand masks carved into v1)\n\n")
@@ -235,7 +237,7 @@ def _model_tables(model_splits: Mapping[str, Any]) -> list[str]:
 
 def _overlay_sections(
     out: Path,
-    model_results: Mapping[str, Any],
+    model_results: ModelEvaluation,
     *,
     pred_dir: str | os.PathLike[str] | None,
     model: Any,
@@ -249,12 +251,12 @@ def _overlay_sections(
     Returns:
         ``(report.md sections, {class: {side: [path relative to out]}}, {path relative to out: path})``.
     """
-    store = open_label_store(model_results["store"])
+    store = open_label_store(model_results.store)
     predict = _predictions(model_results, store, pred_dir=pred_dir, model=model)
     if predict is None:
         return ["\nNo overlays: no saved predictions (`pred_dir`) and no checkpoint to rerun.\n"], {}, {}
-    model_splits: Mapping[str, Any] = model_results.get("splits", {})
-    new = new_class_indices(model_results["classes"], model_results["num_precise"])
+    model_splits = model_results.splits
+    new = new_class_indices(model_results.classes, model_results.num_precise)
     md: list[str] = []
     overlays: dict[str, dict[str, list[str]]] = {}
     paths: dict[str, Path] = {}
@@ -262,12 +264,12 @@ def _overlay_sections(
         entries = [
             {"name": f"{s}/{e['id']}", "iou": e["new_classes"].get(name, {}).get("iou")}
             for s in _ordered(model_splits)
-            for e in model_splits[s]["per_image"]
+            for e in model_splits[s].per_image
         ]
         chosen = select_images(entries, k=k, key="iou")
         written = write_overlays(
             out / "overlays" / name, entries, load=_overlay_loader(store, predict, cid, name, new),
-            k=k, key="iou", num_classes=len(model_results["classes"]), max_width=max_width,
+            k=k, key="iou", num_classes=len(model_results.classes), max_width=max_width,
         )
         overlays[name] = {s: [p.relative_to(out).as_posix() for p in ps] for s, ps in written.items()}
         if not any(written.values()):

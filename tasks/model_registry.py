@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from common.errors import InputError, UnknownNameError
 from models.hashing import json_hash
 from storage.store import now_iso, open_label_store
+from tasks.evaluation_results import ModelEvaluation
 
 SECTION = "models"
 
@@ -26,14 +28,25 @@ def config_hash(config: dict[str, Any]) -> str:
     return json_hash(config, length=16)
 
 
-def score_terms(results: dict[str, Any], *, split: str = "val") -> dict[str, float]:
+def _evaluation(metrics: ModelEvaluation | Mapping[str, Any]) -> ModelEvaluation | None:
+    """A registry entry's metrics as stored (``ModelEvaluation.to_dict()``) or typed; None for an empty one."""
+    if isinstance(metrics, ModelEvaluation):
+        return metrics
+    return ModelEvaluation.from_dict(metrics) if metrics else None
+
+
+def score_terms(results: ModelEvaluation | Mapping[str, Any], *, split: str = "val") -> dict[str, float]:
     """The numbers behind the selection score on `split`: ``"precise"`` (the 7-class mIoU) and each new class's
-    IoU by name; terms that are missing or NaN are left out (empty when the split was not evaluated)."""
-    s = results.get("splits", {}).get(split)
-    if not s:
+    IoU by name; terms that are missing or NaN are left out (empty when the split was not evaluated).
+
+    Args:
+        results: ``evaluate_model``'s result, or its ``to_dict()`` as a registry entry stores it.
+    """
+    evaluation = _evaluation(results)
+    s = None if evaluation is None else evaluation.splits.get(split)
+    if s is None:
         return {}
-    terms = {"precise": s["precise"]["means"]["miou"]}
-    terms |= {name: c.get("iou") for name, c in s.get("new_classes", {}).items()}
+    terms = {"precise": s.precise.miou} | {name: c.iou for name, c in s.new_classes.items()}
     return {k: float(v) for k, v in terms.items() if v is not None and not math.isnan(v)}
 
 
@@ -42,7 +55,7 @@ def _mean(terms: dict[str, float], names: set[str] | None = None) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def selection_score(results: dict[str, Any], *, split: str = "val") -> float:
+def selection_score(results: ModelEvaluation | Mapping[str, Any], *, split: str = "val") -> float:
     """The number that picks the champion: the mean of the 7-class mIoU and each new class's IoU on `split`.
 
     Returns NaN when the split was not evaluated (such a model can never be promoted over a scored one).
@@ -55,7 +68,7 @@ def list_models(store_path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: str, label_version: str,
-                   config: dict[str, Any], metrics: dict[str, Any], split: str = "val",
+                   config: dict[str, Any], metrics: ModelEvaluation, split: str = "val",
                    promote: str = "if-better") -> dict[str, Any]:
     """Record a trained model and decide whether it becomes the champion.
 
@@ -84,7 +97,7 @@ def register_model(store_path: str | os.PathLike[str], *, model_id: str, path: s
         reg["champion"] = model_id
     reg["models"][model_id] = {
         "path": path, "label_version": label_version, "config_hash": config_hash(config), "config": config,
-        "score": None if math.isnan(score) else score, "score_split": split, "metrics": metrics,
+        "score": None if math.isnan(score) else score, "score_split": split, "metrics": metrics.to_dict(),
         "created": now_iso(),
     }
     store.set_section(SECTION, reg)

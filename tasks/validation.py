@@ -40,16 +40,15 @@ def validate(model: Any, *, store: str | os.PathLike[str], version: str, split: 
     """
     result = evaluate_model(store, model=model, splits=(split,), label_version=version, device=device,
                             progress=False, max_images=max_images)
-    r = result["splits"][split]
-    precise = r["precise"]
-    labelled = np.asarray(precise["counts"]["area_label"]) > 0
+    r = result.split(split)
+    labelled = np.asarray(r.precise.counts["area_label"]) > 0
     return {
         "split": split,
-        "num_images": r["num_images"],
-        "miou7": _finite(precise["means"]["miou"]),
-        "new_classes": {name: {k: _finite(m.get(k)) for k in ("iou", "biou", "bf1")}
-                        for name, m in r["new_classes"].items()},
-        "per_class_iou": {c["name"]: _finite(c["iou"]) for c, has in zip(precise["per_class"], labelled, strict=True)
+        "num_images": r.num_images,
+        "miou7": _finite(r.precise.miou),
+        "new_classes": {name: {"iou": _finite(m.iou), "biou": _finite(m.biou), "bf1": _finite(m.bf1)}
+                        for name, m in r.new_classes.items()},
+        "per_class_iou": {c["name"]: _finite(c["iou"]) for c, has in zip(r.precise.per_class, labelled, strict=True)
                           if has},
     }
 

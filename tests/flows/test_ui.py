@@ -17,6 +17,7 @@ from prefect.logging.handlers import APILogHandler
 from flows import ui
 from tasks.ingest import ingest_synthetic
 from tasks.train import StepInfo, TrainConfig, train
+from tests.evaluations import class_result, model_evaluation, pseudo_evaluation
 
 
 def step(n: int, iters: int = 300, *, total: float = 1.5, seconds: float = 0.5) -> StepInfo:
@@ -132,16 +133,11 @@ def test_keys_durations_and_plain_strings() -> None:
 
 
 RESULTS = {
-    "model": {
-        "new_classes": ["car"],
-        "splits": {
-            "test": {"num_images": 5, "precise": {"means": {"miou": 0.5}},
-                     "new_classes": {"car": {"iou": 0.7, "biou": 0.3, "bf1": 0.44444444}}},
-            "val": {"num_images": 4, "precise": {"means": {"miou": 0.770123456789012}},
-                    "new_classes": {"car": {"iou": 0.882141234567891, "biou": 0.401234, "bf1": 0.559312}}},
-        },
-    },
-    "pseudo": {"classes": {"car": {"val": {"iou": 0.79, "biou": 0.35, "bf1": 0.5}}}},
+    "model": model_evaluation({"test": (0.5, [class_result("car", 0.7, 0.3, 0.44444444)]),
+                               "val": (0.770123456789012, [class_result("car", 0.882141234567891, 0.401234,
+                                                                          0.559312)])},
+                              num_images={"test": 5, "val": 4}),
+    "pseudo": pseudo_evaluation({"car": {"val": class_result("car", 0.79, 0.35, 0.5)}}),
     "report": {"report.md": "/runs/x/report/report.md", "metrics.json": "/runs/x/report/metrics.json"},
 }
 

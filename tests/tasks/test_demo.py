@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from storage.store import open_label_store
 from tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
 from tasks.ingest import ingest_synthetic
 from tasks.pseudo_label import LabelerConfig
+from tests.evaluations import class_result
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,22 +28,22 @@ def test_the_demo_pseudo_labels_score_like_grounded_sam_and_are_never_stored(tmp
               for split in ("val", "test")}
     for split, s in scores.items():
         # Grounded-SAM scores car IoU 94.18 on MaSS13K: the demo's labeler must not win by being worse
-        assert s["iou"] >= 0.85, (split, s)
-        assert 0 < s["biou"] < 1 and s["num_images"] == 8
+        assert s.iou is not None and s.iou >= 0.85, (split, s.iou)
+        assert s.biou is not None and 0 < s.biou < 1 and s.summary.num_images == 8
     assert pseudo_runs(open_label_store(store)) == {}  # scoring wrote no pseudo label
     with pytest.raises(ValueError, match="simulated"):
         pseudo_label_scores(store, class_name="car", split="test", labeler=LabelerConfig(kind="grounded-sam"))
 
 
 def test_comparison_lines_say_which_edges_are_sharper() -> None:
-    pseudo = {"iou": 0.92, "biou": 0.62, "bf1": 0.80, "num_images": 8}
-    model = {"iou": 0.97, "biou": 0.67, "bf1": 0.99, "num_images": 8}
+    pseudo = class_result("car", 0.92, 0.62, 0.80, num_images=8)
+    model = class_result("car", 0.97, 0.67, 0.99, num_images=8)
     lines = comparison_lines(model=model, pseudo=pseudo, split="test", class_name="car")
     assert lines[0] == "car on the 8 test images, against their exact masks:"
     assert lines[2].split()[-3:] == ["92.00", "62.00", "0.8000"] and lines[3].split()[-3:] == ["97.00", "67.00",
                                                                                               "0.9900"]
     assert "model BIoU > pseudo-label BIoU" in lines[4]
-    worse = comparison_lines(model={**model, "biou": 0.5}, pseudo=pseudo, split="test", class_name="car")
+    worse = comparison_lines(model=replace(model, biou=0.5), pseudo=pseudo, split="test", class_name="car")
     assert "model BIoU <= pseudo-label BIoU" in worse[4] and "not sharper" in worse[4]
 
 

@@ -23,6 +23,7 @@ from tasks.evaluate import (
     score_prediction,
 )
 from tasks.evaluation_report import write_evaluation_report
+from tasks.evaluation_results import ModelEvaluation, PseudoEvaluation
 from tasks.merge import merge, plan_merge
 from tasks.pseudo_label import settings_key
 
@@ -186,14 +187,14 @@ def test_score_prediction_without_hand_mask_has_no_new_class_or_all_score() -> N
 def test_a_version_with_a_class_id_gap_scores_by_model_index(tmp_path: Path) -> None:
     path = make_store(tmp_path / "gap.zarr", id_gap=True)
     assert sorted(open_label_store(path).versions()["v3"].class_ids) == [0, 1, 2, 3, 4, 5, 6, 8]
-    res = evaluate_model(path, model=FakeModel(all_perfect()), splits=("test",), progress=False)
+    res = evaluate_model(path, model=FakeModel(all_perfect()), splits=("test",), progress=False).to_dict()
     assert res["label_version"] == "v3" and res["classes"][CAR] == {"id": 8, "name": "car", "source": "pseudo"}
     car = res["splits"]["test"]["new_classes"]["car"]
     assert (car["iou"], car["biou"], car["bf1"]) == (1.0, 1.0, 1.0)  # predicted index 7 is store id 8
 
 
 def test_perfect_prediction_scores_one(store: Path) -> None:
-    res = evaluate_model(store, model=FakeModel(all_perfect()), splits=("val", "test"), progress=False)
+    res = evaluate_model(store, model=FakeModel(all_perfect()), splits=("val", "test"), progress=False).to_dict()
     assert res["label_version"] == "v2" and res["num_precise"] == 7 and res["new_classes"] == ["car"]
     assert [c["name"] for c in res["classes"]][-1] == "car"
     for split in ("val", "test"):
@@ -218,7 +219,7 @@ def test_perfect_prediction_scores_one(store: Path) -> None:
 
 def test_car_on_building_counts_against_building(store: Path) -> None:
     preds = {**all_perfect(), "e0": e0_with_error()}
-    res = evaluate_model(store, model=FakeModel(preds), splits=("test",), progress=False)
+    res = evaluate_model(store, model=FakeModel(preds), splits=("test",), progress=False).to_dict()
     test = res["splits"]["test"]
     iou = {c["name"]: c["iou"] for c in test["precise"]["per_class"]}
     # 7 classes: the three car pixels fold to "others": building 6 of 9; others 20 gt px + 3 false px
@@ -260,11 +261,11 @@ def test_car_on_building_counts_against_building(store: Path) -> None:
 
 def test_batches_by_size_and_max_images(store: Path) -> None:
     model = FakeModel(all_perfect())
-    res = evaluate_model(store, model=model, splits=("val", "test"), batch_size=2, progress=False)
+    res = evaluate_model(store, model=model, splits=("val", "test"), batch_size=2, progress=False).to_dict()
     assert model.calls == [(2, 3, 6, 8), (2, 3, 6, 8)]  # one forward per split
     assert [e["id"] for e in res["splits"]["test"]["per_image"]] == ["e0", "e1"]
     model = FakeModel(all_perfect())
-    res = evaluate_model(store, model=model, splits=("train", "test"), max_images=1, progress=False)
+    res = evaluate_model(store, model=model, splits=("train", "test"), max_images=1, progress=False).to_dict()
     assert [(s, b["num_images"]) for s, b in res["splits"].items()] == [("train", 1), ("test", 1)]
     assert res["splits"]["train"]["new_classes"]["car"]["hand_mask_kind"] == ["reference"]
 
@@ -275,7 +276,7 @@ def test_model_for_another_class_set_is_refused(store: Path) -> None:
     with pytest.raises(ValueError, match="predicts 7 classes"):
         evaluate_model(store, model=model, progress=False)
     # the same 7-class model is fine against v1 (no new class: precise score only)
-    res = evaluate_model(store, model=model, label_version="v1", splits=("test",), progress=False)
+    res = evaluate_model(store, model=model, label_version="v1", splits=("test",), progress=False).to_dict()
     assert res["new_classes"] == [] and res["splits"]["test"]["all"] is None
     assert res["splits"]["test"]["new_classes"] == {}
 
@@ -289,7 +290,7 @@ def test_prediction_png_written(store: Path, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- rule 4
 def test_pseudo_rows_equal_independent_metrics(store: Path) -> None:
-    res = evaluate_pseudo(store)
+    res = evaluate_pseudo(store).to_dict()
     car = res["classes"]["car"]
     assert sorted(car) == ["train", "val"]
     assert res["skipped"]["car"] == {"test": "no pseudo labels (2 hand masks)"}
@@ -324,6 +325,23 @@ def test_pred_dir_never_overwrites_what_addclass_did_not_write(store: Path, tmp_
     assert (annotations / "val" / first.name).read_bytes() == b"hand-made"
     with pytest.raises(FileExistsError, match="label store"):
         evaluate_model(store, model=model, progress=False, pred_dir=store / "preds")
+
+
+def test_typed_results_read_like_their_json_document_and_round_trip(store: Path) -> None:
+    res = evaluate_model(store, model=FakeModel({**all_perfect(), "e0": e0_with_error()}), progress=False)
+    doc = res.to_dict()
+    test = res.split("test")
+    car = test.new_classes["car"]
+    assert (car.iou, car.biou, car.bf1) == tuple(doc["splits"]["test"]["new_classes"]["car"][k]
+                                                 for k in ("iou", "biou", "bf1"))
+    assert car.iou == pytest.approx(13 / 16) and car.class_id == 7 and car.hand_mask_kind == ["eval"]
+    assert test.precise.miou == doc["splits"]["test"]["precise"]["means"]["miou"]
+    assert ModelEvaluation.from_dict(json.loads(json.dumps(doc, allow_nan=False))) == res
+    with pytest.raises(ValueError, match="'train' was not evaluated"):
+        res.split("train")
+    pseudo = evaluate_pseudo(store)
+    assert PseudoEvaluation.from_dict(json.loads(json.dumps(pseudo.to_dict()))) == pseudo
+    assert pseudo.classes["car"]["val"].scores.iou == pytest.approx(4 / 7)
 
 
 # ---------------------------------------------------------------------------- report
@@ -384,11 +402,12 @@ def test_real_tiny_checkpoint_end_to_end(tmp_path: Path) -> None:
     })
     # a run folder resolves to its final/ (tasks.model_folder.resolve_model_dir); no pred_dir, as in the flow
     res = evaluate_model(path, tmp_path / "run", splits=("val", "test"), progress=False)
-    assert res["label_version"] == "v2" and res["splits"]["test"]["precise"]["num_images"] == 1
-    test = res["splits"]["test"]  # one image: its own scores are the split's
-    assert test["per_image"][0]["precise"]["miou"] == pytest.approx(test["precise"]["means"]["miou"])
-    v1 = st.read_labels("test", test["per_image"][0]["id"])
-    assert sum(test["precise"]["counts"]["area_label"]) == int((v1 != I).sum())
+    assert res.label_version == "v2" and res.split("test").precise.num_images == 1
+    test = res.split("test")  # one image: its own scores are the split's
+    assert test.per_image[0]["precise"]["miou"] == pytest.approx(test.precise.miou)
+    v1 = st.read_labels("test", test.per_image[0]["id"])
+    assert sum(test.precise.counts["area_label"]) == int((v1 != I).sum())
+    assert ModelEvaluation.from_dict(json.loads(json.dumps(res.to_dict()))) == res  # metrics.json reads back
 
     pseudo = evaluate_pseudo(path)
     paths = write_evaluation_report(tmp_path / "report", model_results=res, pseudo_results=pseudo)

@@ -52,7 +52,7 @@ def config(store: Path, out: Path, **overrides: object) -> TrainConfig:
 
 def car_iou(store: Path, final: Path) -> float:
     result = evaluate_model(store, final, splits=("val",), progress=False)
-    return float(result["splits"]["val"]["new_classes"]["car"]["iou"])
+    return float(result.split("val").new_classes["car"].iou or 0.0)
 
 
 def test_the_tiny_model_learns_the_new_class_from_pseudo_labels(car_store: Path, tmp_path: Path) -> None:

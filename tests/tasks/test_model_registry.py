@@ -6,19 +6,29 @@ from pathlib import Path
 import pytest
 
 from storage.store import open_label_store
+from tasks.evaluation_results import ModelEvaluation
 from tasks.inspect import format_summary, summarize_store
-from tasks.model_registry import list_models, register_model, resolve_init_model, selection_score
+from tasks.model_registry import list_models, register_model, resolve_init_model, score_terms, selection_score
+from tests.evaluations import class_result, model_evaluation
 
 
-def _results(miou: float, car_iou: float | None, split: str = "val") -> dict:
-    new = {} if car_iou is None else {"car": {"iou": car_iou}}
-    return {"splits": {split: {"precise": {"means": {"miou": miou}}, "new_classes": new}}}
+def _results(miou: float, car_iou: float | None, split: str = "val", **more: float) -> ModelEvaluation:
+    new = [class_result(n, iou) for n, iou in {"car": car_iou, **more}.items() if iou is not None]
+    return model_evaluation({split: (miou, new)})
 
 
 def test_selection_score_is_the_mean_of_precise_miou_and_new_class_ious() -> None:
     assert selection_score(_results(0.8, 0.6)) == pytest.approx(0.7)
     assert selection_score(_results(0.8, None)) == pytest.approx(0.8)
     assert math.isnan(selection_score(_results(0.8, 0.6, split="test")))  # val not evaluated
+
+
+def test_the_registry_stores_the_evaluation_as_json_and_reads_it_back(fresh_store: Path) -> None:
+    evaluation = _results(0.5, 0.25, bus=0.75)
+    register_model(fresh_store, model_id="m1", path="/r/m1", label_version="v1", config={}, metrics=evaluation)
+    stored = list_models(fresh_store)["models"]["m1"]["metrics"]
+    assert stored == evaluation.to_dict() and ModelEvaluation.from_dict(stored) == evaluation
+    assert score_terms(stored) == score_terms(evaluation) == {"precise": 0.5, "car": 0.25, "bus": 0.75}
 
 
 def test_champion_challenger(fresh_store: Path) -> None:
@@ -50,22 +60,20 @@ def test_champion_challenger(fresh_store: Path) -> None:
 def test_a_challenger_that_knows_more_classes_is_compared_on_the_shared_ones(fresh_store: Path) -> None:
     register_model(fresh_store, model_id="v2-model", path="/r/a", label_version="v2", config={},
                    metrics=_results(0.5, 0.9))  # score 0.70
-    easy = _results(0.4, 0.9)
-    easy["splits"]["val"]["new_classes"]["bus"] = {"iou": 0.9}  # score 0.73, thanks to a class v2 lacks
+    easy = _results(0.4, 0.9, bus=0.9)  # score 0.73, thanks to a class v2 lacks
     out = register_model(fresh_store, model_id="v3-easy", path="/r/b", label_version="v3", config={},
                          metrics=easy)
     assert out["score"] == pytest.approx(2.2 / 3) and out["compared_on"] == ["car", "precise"]
     assert not out["promoted"]  # worse on what both know (0.65 vs 0.70): bus does not count for it
-    hard = _results(0.6, 0.9)
-    hard["splits"]["val"]["new_classes"]["bus"] = {"iou": 0.1}  # score 0.53
+    hard = _results(0.6, 0.9, bus=0.1)  # score 0.53
     out = register_model(fresh_store, model_id="v3-hard", path="/r/c", label_version="v3", config={}, metrics=hard)
     assert out["promoted"]  # better on what both know (0.75 vs 0.70): bus is not held against it
 
 
 def test_bad_promote_mode(fresh_store: Path) -> None:
     with pytest.raises(ValueError, match="promote"):
-        register_model(fresh_store, model_id="x", path="p", label_version="v1", config={}, metrics={},
-                       promote="sometimes")
+        register_model(fresh_store, model_id="x", path="p", label_version="v1", config={},
+                       metrics=model_evaluation({}), promote="sometimes")
 
 
 def test_resolve_init_model(fresh_store: Path, tmp_path: Path) -> None:
