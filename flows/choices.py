@@ -20,4 +20,5 @@ RecipeChoice = Literal["auto", "paper", "scratch"]  # models.training.optim.RECI
 MergePolicy = Literal["carve-others", "overwrite"]  # tasks.merge_plan.POLICIES
 Promote = Literal["if-better", "always", "never"]  # tasks.model_registry.register_model
 ScaleOut = Literal["auto", "threads", "dask"]  # flows.runners.scale_out_runner
+PredictMode = Literal["auto", "whole", "slide"]  # tasks.predict.PREDICT_MODES
 AutocastDtype = Literal["bfloat16", "float16"]  # the labeler's autocast on a GPU (LabelerConfig.dtype)

@@ -12,6 +12,7 @@ from flows.choices import (
     DinoConfig,
     MergePolicy,
     ModelVariant,
+    PredictMode,
     Promote,
     RecipeChoice,
     SamVariant,
@@ -51,6 +52,7 @@ REWEIGHT_MODES = ("none", "edge", "inverse")  # models.training.loss_weights.REW
 MERGE_POLICIES: tuple[str, ...] = get_args(MergePolicy)
 SAM_VARIANTS: tuple[str, ...] = get_args(SamVariant)
 DINO_CONFIGS: tuple[str, ...] = get_args(DinoConfig)
+PREDICT_MODES: tuple[str, ...] = get_args(PredictMode)
 
 
 DESCRIPTION = "Teach a segmentation model a new class from a text prompt: pseudo-label, merge, train, evaluate."
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     pr.add_argument("--out", required=True, help="output folder: NAME.png per image, classes.json")
     pr.add_argument("--store", help="the label store whose champion 'champion' means")
-    pr.add_argument("--mode", choices=("auto", "whole", "slide"), default="auto",
+    pr.add_argument("--mode", choices=PREDICT_MODES, default="auto",
                     help="auto: the model's own (tiles of the crop size it trained on); whole image at once; "
                          "or sliding windows of --window (memory bounded by it)")
     pr.add_argument("--window", type=int, default=1024, help="slide: tile size")

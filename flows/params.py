@@ -17,9 +17,18 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.errors import InputError
-from flows.choices import AutocastDtype, DinoConfig, LabelerKind, ModelVariant, RecipeChoice, SamVariant
+from flows.choices import (
+    AutocastDtype,
+    DinoConfig,
+    LabelerKind,
+    ModelVariant,
+    PredictMode,
+    RecipeChoice,
+    SamVariant,
+)
 from models.training.loss_weights import ReweightMode
 from storage.names import parse_split
+from tasks.predict import DEFAULT_TTA_SCALES, PredictConfig
 from tasks.pseudo_label import LabelerConfig
 from tasks.train import TrainConfig, run_name
 
@@ -97,6 +106,33 @@ class TrainingParams(BaseModel):
     """Where the labeler, the training and the evaluation run: 'cpu', 'cuda', 'cuda:1', 'auto'."""
 
 
+class PredictionParams(BaseModel):
+    """How a trained model predicts new images (`tasks.predict.PredictConfig`)."""
+
+    model_config = _PARAMS_CONFIG
+
+    mode: PredictMode = "auto"
+    """'auto': the model's own tiles (its training crop); 'whole': one pass per image; 'slide': window tiles."""
+    window: int = 1024
+    """Tile size of 'slide', in input pixels."""
+    stride: int | None = None
+    """Tile step of 'slide' (null: 3/4 of the window)."""
+    tta: bool = False
+    """Average over tta_scales and horizontal flips, in probability space."""
+    tta_scales: list[float] = list(DEFAULT_TTA_SCALES)
+    """Ratios of the model's test scale."""
+    device: str = "cpu"
+    """'cpu', 'cuda', 'cuda:1'."""
+    bf16: bool = True
+    """bf16 autocast on a GPU (ignored on the CPU)."""
+    overlays: bool = False
+    """Also write overlays/NAME.jpg."""
+    scores: bool = False
+    """Also write scores/NAME.npz (per-class scores; large)."""
+    overwrite: bool = False
+    """Predict again images predicted before (files addclass did not write are never replaced)."""
+
+
 P = TypeVar("P", bound=BaseModel)
 
 
@@ -132,6 +168,15 @@ def labeler_config(labeling: LabelingParams, *, device: str, seed: int) -> Label
     """The pseudo-label stage's `LabelerConfig` (the fields of `LabelingParams` but the task batching)."""
     fields = labeling.model_dump(exclude={"batch_size", "splits"})
     return LabelerConfig(**fields, device=device, seed=seed)
+
+
+def predict_config(prediction: PredictionParams) -> PredictConfig:
+    """The prediction tasks' `PredictConfig` (one field each); building it checks the values.
+
+    Raises:
+        ValueError: naming the values.
+    """
+    return PredictConfig(**{**prediction.model_dump(), "tta_scales": tuple(prediction.tta_scales)})
 
 
 def train_config(training: TrainingParams, *, store: str, version: str, runs_dir: str | None,

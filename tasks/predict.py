@@ -162,22 +162,16 @@ def palette_png(labels: np.ndarray, path: Path) -> None:
 
 
 def _write_extras(name: str, image_rgb: np.ndarray, labels: np.ndarray, scores: torch.Tensor, out: Path,
-                  config: PredictConfig) -> list[str]:
-    written = []
+                  config: PredictConfig) -> None:
     if config.overlays:
         (out / "overlays").mkdir(exist_ok=True)
         blend = cv2.addWeighted(image_rgb, 0.5, colorize(labels), 0.5, 0)
-        rel = f"overlays/{name}.jpg"
-        if not cv2.imwrite(str(out / rel), cv2.cvtColor(blend, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"Cannot write {out / rel}.")
-        written.append(rel)
+        if not cv2.imwrite(str(out / "overlays" / f"{name}.jpg"), cv2.cvtColor(blend, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"Cannot write {out / 'overlays' / f'{name}.jpg'}.")
     if config.scores:
         (out / "scores").mkdir(exist_ok=True)
-        rel = f"scores/{name}.npz"
         quantised = (scores.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        np.savez_compressed(out / rel, scores=quantised)
-        written.append(rel)
-    return written
+        np.savez_compressed(out / "scores" / f"{name}.npz", scores=quantised)
 
 
 def write_classes_json(out: Path, model_config: dict[str, Any], *, model_dir: Path) -> None:
@@ -196,6 +190,87 @@ def _previous(out: Path) -> set[str]:
         return set()
 
 
+def _outputs(stem: str, config: PredictConfig) -> list[str]:
+    """The files one image writes, relative to the output folder (the label PNG first)."""
+    return ([f"{stem}.png"] + ([f"overlays/{stem}.jpg"] if config.overlays else [])
+            + ([f"scores/{stem}.npz"] if config.scores else []))
+
+
+@dataclass(frozen=True)
+class PredictPlan:
+    """What a prediction run does (`plan_predict`): ``images`` to predict (paths), those ``skipped`` (predicted
+    before, no ``overwrite``) and ``refused`` ({path: why}: a file addclass did not write is in the way)."""
+
+    model_dir: str
+    out_dir: str
+    config: PredictConfig
+    images: tuple[str, ...]
+    skipped: tuple[str, ...]
+    refused: dict[str, str]
+
+
+def plan_predict(model_dir: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]],
+                 out_dir: str | os.PathLike[str], *, config: PredictConfig = PredictConfig()) -> PredictPlan:
+    """Finds the images and the model, writes ``classes.json`` and lists every file the run will write in the
+    folder's manifest before any is written (so workers in several processes never update it, and a killed
+    run's files are still known as ours).
+
+    Raises:
+        FileNotFoundError, ValueError: bad inputs or model (named), before anything is written.
+    """
+    from tasks.model_folder import read_model_config, resolve_model_dir
+
+    images = find_images(inputs)
+    folder = resolve_model_dir(model_dir)
+    model_config = read_model_config(folder)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_classes_json(out, model_config, model_dir=folder)
+    ours = _previous(out)
+    todo: list[str] = []
+    skipped: list[str] = []
+    refused: dict[str, str] = {}
+    for path in images:
+        rel = f"{path.stem}.png"
+        if (out / rel).exists() and rel not in ours:
+            refused[str(path)] = f"{out / rel} exists and was not written by addclass predict; it is kept."
+        elif (out / rel).exists() and not config.overwrite:
+            skipped.append(str(path))
+        else:
+            todo.append(str(path))
+    record_written(out, [r for p in todo for r in _outputs(Path(p).stem, config)])
+    return PredictPlan(model_dir=str(folder), out_dir=str(out), config=config, images=tuple(todo),
+                       skipped=tuple(skipped), refused=refused)
+
+
+def predict_batch(plan: PredictPlan, images: Sequence[str], *, progress: bool = False) -> dict[str, Any]:
+    """Predicts ``images`` (a part of ``plan.images``) with the model loaded once; an image that cannot be read
+    or written is reported and the others go on.
+
+    Returns:
+        ``{"written": [label PNG paths], "failed": {image path: message}}``.
+    """
+    from tasks.model_folder import load_trained_model, read_model_config
+
+    config = plan.config
+    model_config = read_model_config(Path(plan.model_dir))
+    model = load_trained_model(plan.model_dir, device=config.device)
+    lut = np.array(model_config.get("store_class_ids") or list(range(model_config["num_classes"])), np.uint8)
+    out = Path(plan.out_dir)
+    result: dict[str, Any] = {"written": [], "failed": {}}
+    for path in _progress([Path(p) for p in images], progress):
+        try:
+            image = read_image_rgb(path)
+            scores = image_scores(model, image, config)  # K x H x W
+            labels = lut[scores.argmax(dim=0).cpu().numpy()]
+            palette_png(labels, out / f"{path.stem}.png")
+            _write_extras(path.stem, image, labels, scores, out, config)
+            result["written"].append(str(out / f"{path.stem}.png"))
+        except (OSError, ValueError) as e:  # this image only: the others go on
+            result["failed"][str(path)] = str(e)
+    return result
+
+
 def predict_images(
     model_dir: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
@@ -204,7 +279,8 @@ def predict_images(
     config: PredictConfig = PredictConfig(),
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Predicts every image of ``inputs`` into ``out_dir`` (module docstring).
+    """Predicts every image of ``inputs`` into ``out_dir`` in this process (module docstring; the `predict`
+    flow maps `predict_batch` over workers instead).
 
     Returns:
         ``{"out_dir", "written": [...], "skipped": [...], "failed": {image path: message}}``.
@@ -212,36 +288,10 @@ def predict_images(
     Raises:
         FileNotFoundError, ValueError: bad inputs or model, before any prediction (named).
     """
-    from tasks.model_folder import load_trained_model, read_model_config, resolve_model_dir
-
-    images = find_images(inputs)
-    folder = resolve_model_dir(model_dir)
-    model_config = read_model_config(folder)
-    model = load_trained_model(folder, device=config.device)
-    lut = np.array(model_config.get("store_class_ids") or list(range(model_config["num_classes"])), np.uint8)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_classes_json(out, model_config, model_dir=folder)
-    ours = _previous(out)
-    result: dict[str, Any] = {"out_dir": str(out), "written": [], "skipped": [], "failed": {}}
-    for path in _progress(images, progress):
-        rel = f"{path.stem}.png"
-        try:
-            if (out / rel).exists() and rel not in ours:
-                raise FileExistsError(f"{out / rel} exists and was not written by addclass predict; it is kept.")
-            if (out / rel).exists() and not config.overwrite:
-                result["skipped"].append(str(path))
-                continue
-            image = read_image_rgb(path)
-            scores = image_scores(model, image, config)  # K x H x W
-            labels = lut[scores.argmax(dim=0).cpu().numpy()]
-            palette_png(labels, out / rel)
-            extras = _write_extras(path.stem, image, labels, scores, out, config)
-            record_written(out, [rel, *extras])
-            result["written"].append(str(out / rel))
-        except (OSError, ValueError) as e:  # this image only: the others go on
-            result["failed"][str(path)] = str(e)
-    return result
+    plan = plan_predict(model_dir, inputs, out_dir, config=config)
+    done = predict_batch(plan, plan.images, progress=progress) if plan.images else {"written": [], "failed": {}}
+    return {"out_dir": plan.out_dir, "written": done["written"], "skipped": list(plan.skipped),
+            "failed": {**plan.refused, **done["failed"]}}
 
 
 def _progress(items: Sequence[Path], enabled: bool) -> Iterable[Path]:

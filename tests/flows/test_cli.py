@@ -244,14 +244,15 @@ def _owner_choices() -> dict[str, tuple[str, ...]]:
     from models.training.loss_weights import REWEIGHT_MODES
     from models.training.optim import RECIPE_CHOICES
     from tasks.merge_plan import POLICIES
+    from tasks.predict import PREDICT_MODES
 
     return {"RECIPE_CHOICES": RECIPE_CHOICES, "VARIANTS": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
             "REWEIGHT_MODES": REWEIGHT_MODES, "MERGE_POLICIES": POLICIES, "SAM_VARIANTS": tuple(SAM_CHECKPOINT_FILES),
-            "DINO_CONFIGS": tuple(DINO_VARIANTS)}
+            "DINO_CONFIGS": tuple(DINO_VARIANTS), "PREDICT_MODES": PREDICT_MODES}
 
 
 @pytest.mark.parametrize("name", ["RECIPE_CHOICES", "VARIANTS", "PIXEL_DECODERS", "REWEIGHT_MODES", "MERGE_POLICIES",
-                                  "SAM_VARIANTS", "DINO_CONFIGS"])
+                                  "SAM_VARIANTS", "DINO_CONFIGS", "PREDICT_MODES"])
 def test_cli_choices_are_their_owners_lists(name: str) -> None:
     import flows.cli_args as cli_args
 

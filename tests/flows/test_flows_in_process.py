@@ -118,3 +118,38 @@ def check_what_the_ui_shows(run_name: str) -> None:
     assert trains and all(i.input_type != "flow_run" for i in inputs)
     text = "\n".join(log.message for log in logs)
     assert "train 2/2 (100 %)" in text and "step 2/2 val" in text  # the hook's lines and tasks.train's
+
+
+# ---------------------------------------------------------------------------- predict
+def test_the_predict_flow_writes_what_predict_images_writes_and_names_a_corrupt_image(store: str,
+                                                                                    tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    from flows.predict import predict
+    from tasks.predict import predict_images
+    from tasks.train import TrainConfig, train
+
+    model = train(TrainConfig(store=store, out_dir=str(tmp_path / "run"), variant="tiny", iters=2, batch_size=2,
+                              crop_size=(64, 64), num_points=64, num_workers=0, device="cpu", val_every=0),
+                  progress=False)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (("a", (70, 90, 3)), ("b", (50, 61, 3)), ("c", (33, 40, 3))):
+        cv2.imwrite(str(folder / f"{name}.png"), rng.integers(0, 255, shape, dtype=np.uint8))
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(RuntimeError, match=r"1 of 4 images could not be predicted .*broken\.jpg"):
+        predict(inputs=[str(folder)], out_dir=str(tmp_path / "flow"), model=str(model), images_per_task=2)
+    direct = predict_images(model, [folder], tmp_path / "direct")
+    assert sorted(Path(p).name for p in direct["written"]) == ["a.png", "b.png", "c.png"]
+    for name in ("a", "b", "c"):  # the same label maps, batch by batch on the flow's runner
+        flow_png = cv2.imread(str(tmp_path / "flow" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(flow_png, cv2.imread(str(tmp_path / "direct" / f"{name}.png"), cv2.IMREAD_UNCHANGED))
+    (folder / "broken.jpg").unlink()
+    again = predict(inputs=[str(folder)], out_dir=str(tmp_path / "flow"), model=str(model))
+    assert again["written"] == [] and len(again["skipped"]) == 3  # a rerun resumes
+    with pytest.raises(ValueError, match="needs store"):
+        predict.fn(inputs=[str(folder)], out_dir=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="prediction.mode"):
+        predict.fn(inputs=[str(folder)], out_dir=str(tmp_path / "x"), model=str(model), prediction={"mode": "tiles"})
