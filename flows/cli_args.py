@@ -34,7 +34,7 @@ class TrainSizes:
 # On a GPU: the released recipe per device (its config is 8 GPUs x 2 images: 1024 crops, 12544 points, 80k
 # steps). On the CPU: a run that fits a laptop and learns (the demo's measured setting, a few times longer).
 TRAIN_SIZES = {"cuda": TrainSizes(iters=80000, batch_size=2, crop_size=1024, points=12544),
-               "cpu": TrainSizes(iters=2000, batch_size=2, crop_size=256, points=2048)}
+               "cpu": TrainSizes(iters=2000, batch_size=2, crop_size=256, points=8192)}
 
 
 def _sized_help(field: str) -> str:
@@ -112,7 +112,7 @@ def add_flow_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-inverse-near-pseudo", action="store_true",
                    help="precise pixels next to the new class keep the edge weight (inverse reweight only)")
     add_recipe_args(g)
-    g.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~2048)")
+    g.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~8192)")
     g.add_argument("--workers", type=int, default=2, help="training data-loader processes")
     g.add_argument("--checkpoint-every", type=int, default=100,
                    help="steps between checkpoints (a stopped run resumes from the last one)")

@@ -87,7 +87,7 @@ class TrainingParams(BaseModel):
     inverse_weight_near_pseudo: bool = True
     """Precise pixels next to the new class get the inverse weight too (reweight 'inverse' only)."""
     num_points: int = 12544
-    """Sampled points per mask (CPU: ~2048)."""
+    """Sampled points per mask (CPU: ~8192)."""
     num_workers: int = 2
     """Data-loader processes (0: load in the training process)."""
     recipe: RecipeChoice = "auto"

@@ -38,7 +38,7 @@ class DemoConfig:
     crop: int = 256
     scale_range: tuple[float, float] = (0.75, 1.5)
     test_scale: float = 2.0
-    points: int = 2048
+    points: int = 8192
     seed: int = 0
     progress: bool = True
 

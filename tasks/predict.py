@@ -217,12 +217,15 @@ def plan_predict(model_dir: str | os.PathLike[str], inputs: Sequence[str | os.Pa
 
     Raises:
         FileNotFoundError, ValueError: bad inputs or model (named), before anything is written.
+        MemoryError: the largest image would not fit in the device's free memory in this mode
+            (`tasks.predict_memory`).
     """
     from tasks.model_folder import read_model_config, resolve_model_dir
 
     images = find_images(inputs)
     folder = resolve_model_dir(model_dir)
     model_config = read_model_config(folder)
+    _check_memory(images, model_config, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_classes_json(out, model_config, model_dir=folder)
@@ -241,6 +244,28 @@ def plan_predict(model_dir: str | os.PathLike[str], inputs: Sequence[str | os.Pa
     record_written(out, [r for p in todo for r in _outputs(Path(p).stem, config)])
     return PredictPlan(model_dir=str(folder), out_dir=str(out), config=config, images=tuple(todo),
                        skipped=tuple(skipped), refused=refused)
+
+
+def _check_memory(images: Sequence[Path], model_config: dict[str, Any], config: PredictConfig) -> None:
+    """`tasks.predict_memory.check_predict_memory` over the images' sizes (read from their headers; an
+    unreadable image is left to fail by name when its turn comes)."""
+    from tasks.predict_memory import check_predict_memory
+
+    sizes = []
+    for path in images:
+        try:
+            with Image.open(path) as im:
+                sizes.append((path, im.height, im.width))
+        except (OSError, ValueError):
+            continue
+    scale = float(model_config.get("test_scale", 1.0)) * (max(config.tta_scales) if config.tta else 1.0)
+    test_window = int(model_config.get("test_window", 0))
+    window = (config.window if config.mode == "slide" else None if config.mode == "whole"
+              else (max(1, round(test_window / scale)) if test_window else None))
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    check_predict_memory(sizes, variant=str(model_config.get("variant")), num_classes=int(model_config["num_classes"]),
+                         scale=scale, window=window, device=device, mode=config.mode)
 
 
 def predict_batch(plan: PredictPlan, images: Sequence[str], *, progress: bool = False) -> dict[str, Any]:

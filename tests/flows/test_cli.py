@@ -276,7 +276,7 @@ def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, ca
     cpu = cli.TRAIN_SIZES["cpu"]
     assert (c.iters, c.batch_size, c.crop_size, c.num_points) == (cpu.iters, cpu.batch_size, (cpu.crop_size,) * 2,
                                                                    cpu.points)
-    assert "cpu defaults: iters 2000, batch_size 2, crop_size 256, points 2048" in capsys.readouterr().out
+    assert "cpu defaults: iters 2000, batch_size 2, crop_size 256, points 8192" in capsys.readouterr().out
     assert c.ema_decay is None  # the recipe's
     assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--iters", "5",
                      "--batch-size", "4", "--ema-decay", "0", "--out", str(tmp_path / "run"), "--quiet"]) == 0

@@ -151,3 +151,24 @@ def test_cli_predict_exit_codes(model_dir: Path, images: Path, tmp_path: Path,
     assert "0 predicted, 2 already done, 1 failed" in captured.out and "broken.jpg: Cannot decode" in captured.err
     assert main(["predict", "champion", str(images), "--out", str(out)]) == 2
     assert "needs --store" in capsys.readouterr().err
+
+
+def test_whole_images_that_would_not_fit_are_refused_before_any_prediction(
+        model_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.predict_memory as pm
+
+    big = tmp_path / "big"
+    big.mkdir()
+    cv2.imwrite(str(big / "wide.png"), np.zeros((300, 2000, 3), np.uint8))
+    cv2.imwrite(str(big / "small.png"), np.zeros((40, 50, 3), np.uint8))
+    whole = pm.estimate_predict_bytes(variant="tiny", height=300, width=2000, num_classes=7, scale=1.0, window=None)
+    tiled = pm.estimate_predict_bytes(variant="tiny", height=300, width=2000, num_classes=7, scale=1.0, window=128)
+    assert tiled < whole
+    monkeypatch.setattr(pm, "available_bytes", lambda device: (whole + tiled) // 2)
+    with pytest.raises(MemoryError, match=r"wide\.png \(2000x300\) with tiny in whole mode .* use --mode slide"):
+        predict_images(model_dir, [big], tmp_path / "out", config=PredictConfig(mode="whole"))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    res = predict_images(model_dir, [big], tmp_path / "out", config=PredictConfig(mode="slide", window=128))
+    assert len(res["written"]) == 2
+    monkeypatch.setenv("ADDCLASS_MEMORY_CHECK", "0")  # the user's override
+    assert len(predict_images(model_dir, [big], tmp_path / "out2", config=PredictConfig(mode="whole"))["written"]) == 2
