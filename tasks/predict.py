@@ -204,6 +204,7 @@ class PredictPlan:
     model_dir: str
     out_dir: str
     config: PredictConfig
+    class_ids: tuple[int, ...]  # store class id of each model class index
     images: tuple[str, ...]
     skipped: tuple[str, ...]
     refused: dict[str, str]
@@ -242,8 +243,9 @@ def plan_predict(model_dir: str | os.PathLike[str], inputs: Sequence[str | os.Pa
         else:
             todo.append(str(path))
     record_written(out, [r for p in todo for r in _outputs(Path(p).stem, config)])
-    return PredictPlan(model_dir=str(folder), out_dir=str(out), config=config, images=tuple(todo),
-                       skipped=tuple(skipped), refused=refused)
+    class_ids = model_config.get("store_class_ids") or list(range(model_config["num_classes"]))
+    return PredictPlan(model_dir=str(folder), out_dir=str(out), config=config, class_ids=tuple(class_ids),
+                       images=tuple(todo), skipped=tuple(skipped), refused=refused)
 
 
 def _check_memory(images: Sequence[Path], model_config: dict[str, Any], config: PredictConfig) -> None:
@@ -258,12 +260,16 @@ def _check_memory(images: Sequence[Path], model_config: dict[str, Any], config: 
                 sizes.append((path, im.height, im.width))
         except (OSError, ValueError):
             continue
+    from tasks.train import resolve_device
+
     scale = float(model_config.get("test_scale", 1.0)) * (max(config.tta_scales) if config.tta else 1.0)
     test_window = int(model_config.get("test_window", 0))
-    window = (config.window if config.mode == "slide" else None if config.mode == "whole"
-              else (max(1, round(test_window / scale)) if test_window else None))
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    window: int | None = None  # "whole", or "auto" with a whole-image model
+    if config.mode == "slide":
+        window = config.window
+    elif config.mode == "auto" and test_window:
+        window = max(1, round(test_window / scale))  # the model's tiles: test_window network pixels
+    device = resolve_device(config.device)
     check_predict_memory(sizes, variant=str(model_config.get("variant")), num_classes=int(model_config["num_classes"]),
                          scale=scale, window=window, device=device, mode=config.mode)
 
@@ -275,12 +281,11 @@ def predict_batch(plan: PredictPlan, images: Sequence[str], *, progress: bool = 
     Returns:
         ``{"written": [label PNG paths], "failed": {image path: message}}``.
     """
-    from tasks.model_folder import load_trained_model, read_model_config
+    from tasks.model_folder import load_trained_model
 
     config = plan.config
-    model_config = read_model_config(Path(plan.model_dir))
     model = load_trained_model(plan.model_dir, device=config.device)
-    lut = np.array(model_config.get("store_class_ids") or list(range(model_config["num_classes"])), np.uint8)
+    lut = np.array(plan.class_ids, np.uint8)
     out = Path(plan.out_dir)
     result: dict[str, Any] = {"written": [], "failed": {}}
     for path in _progress([Path(p) for p in images], progress):

@@ -83,9 +83,9 @@ def check_predict_memory(images: Sequence[tuple[Path, int, int]], *, variant: st
     free = available_bytes(device)
     if free is None:
         return
-    path, h, w = max(images, key=lambda x: forward_pixels(x[1], x[2], scale=scale, window=window) + x[1] * x[2])
-    need = estimate_predict_bytes(variant=variant, height=h, width=w, num_classes=num_classes, scale=scale,
-                                  window=window)
+    need, path, h, w = max((estimate_predict_bytes(variant=variant, height=h, width=w, num_classes=num_classes,
+                                                   scale=scale, window=window), str(path), h, w)
+                           for path, h, w in images)
     if need <= free:
         return
     gb = 2**30

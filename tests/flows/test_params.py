@@ -6,7 +6,16 @@ import dataclasses
 
 import pytest
 
-from flows.params import LabelingParams, TrainingParams, labeler_config, parse_params, train_config
+from flows.params import (
+    LabelingParams,
+    PredictionParams,
+    TrainingParams,
+    labeler_config,
+    parse_params,
+    predict_config,
+    train_config,
+)
+from tasks.predict import PredictConfig
 from tasks.pseudo_label import LabelerConfig
 from tasks.train import TrainConfig
 
@@ -17,6 +26,10 @@ def test_every_parameter_field_reaches_the_task_config() -> None:
     assert set(TrainingParams.model_fields) <= train_fields
     labeler_fields = {f.name for f in dataclasses.fields(LabelerConfig)}
     assert set(LabelingParams.model_fields) - labeler_fields == {"batch_size", "splits"}  # the stage's batching
+    # prediction: one field each way, so the flow can set everything `addclass predict` can
+    assert set(PredictionParams.model_fields) == {f.name for f in dataclasses.fields(PredictConfig)}
+    assert predict_config(PredictionParams(tta=True, tta_scales=[1.0, 2.0])) == PredictConfig(tta=True,
+                                                                                            tta_scales=(1.0, 2.0))
 
 
 def test_run_folder_names_are_those_of_earlier_runs() -> None:
