@@ -73,9 +73,10 @@ def prepare_store(store: Path, *, images: int = 40) -> None:
     merge(store, classes="car", parent="v1", policy="carve-others", allow_partial=True, progress=False)
 
 
-def scores(store: Path, final: Path, scale: float, window: int | None = None) -> dict[str, Any]:
+def scores(store: Path, final: Path, scale: float, window: int | None = None,
+           ratios: Sequence[float] = (1.0,)) -> dict[str, Any]:
     model = load_trained_model(final)
-    model.test_scale = scale
+    model.test_scale, model.test_ratios = scale, tuple(ratios)
     if window is not None:  # None: the model's own test_window (its training crop)
         model.test_window = window
     result = evaluate_model(store, model=model, splits=("val", "test"), label_version="v2", progress=False)
@@ -88,7 +89,8 @@ def scores(store: Path, final: Path, scale: float, window: int | None = None) ->
 
 
 def run_setting(name: str, setting: dict[str, Any], *, store: Path, out: Path,
-                test_scales: Sequence[float], test_windows: Sequence[int | None] = (None,)) -> dict[str, Any]:
+                test_scales: Sequence[float], test_windows: Sequence[int | None] = (None,),
+                test_ratios: Sequence[float] = (1.0,)) -> dict[str, Any]:
     run_dir = out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     fields = {**BASE, **setting}
@@ -99,8 +101,9 @@ def run_setting(name: str, setting: dict[str, Any], *, store: Path, out: Path,
     seconds = time.perf_counter() - t0
     row = {"setting": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
            "train_s": round(seconds, 1)}
-    row["scores"] = {f"test_scale_{s:g}" + ("" if w is None else f"_window_{w}"): scores(store, final, s, w)
-                     for s in test_scales for w in test_windows}
+    ratios = "" if tuple(test_ratios) == (1.0,) else "_ratios_" + "+".join(f"{r:g}" for r in test_ratios)
+    row["scores"] = {f"test_scale_{s:g}{ratios}" + ("" if w is None else f"_window_{w}"):
+                     scores(store, final, s, w, test_ratios) for s in test_scales for w in test_windows}
     return row
 
 
@@ -122,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--test-windows", default="",
                     help="comma-separated test_window values to score with (0: whole images); "
                          "default: the model's own (its training crop)")
+    ap.add_argument("--test-ratios", default="1",
+                    help="comma-separated scales the model averages, as ratios of each test scale (e.g. 1,1.5: "
+                         "scales 2 and 3 at --test-scales 2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=40, help="scenes in the store (the demo's: 40)")
     args = ap.parse_args(argv)
@@ -141,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     scales = [float(s) for s in args.test_scales.split(",")]
     windows = [int(w) for w in args.test_windows.split(",")] if args.test_windows else [None]
     for name, setting in chosen.items():
-        row = run_setting(name, setting, store=store, out=out, test_scales=scales, test_windows=windows)
+        row = run_setting(name, setting, store=store, out=out, test_scales=scales, test_windows=windows,
+                          test_ratios=[float(r) for r in args.test_ratios.split(",")])
         print(json.dumps(row), flush=True)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

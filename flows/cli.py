@@ -149,6 +149,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                       backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr,
                       ema_decay=a.ema_decay, amp=a.amp,
                       recipe=a.recipe, scale_range=tuple(a.scale_range), test_scale=a.test_scale,
+                      test_ratios=tuple(a.test_ratios),
                       test_window=a.test_window, val_every=a.val_every)
     final = train(cfg, resume=a.resume, progress=not a.quiet)
     print(f"model: {final}")
@@ -355,7 +356,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from tasks.demo import DemoConfig
 
     result = run_demo(DemoConfig(out=a.out, images=a.images, size=(a.size[0], a.size[1]), iters=a.iters,
-                                 crop=a.crop, points=a.points, seed=a.seed, progress=not a.quiet))
+                                 crop=a.crop, points=a.points, test_scale=a.test_scale,
+                                 test_ratios=tuple(a.test_ratios), val_every=a.val_every,
+                                 seed=a.seed, progress=not a.quiet))
     print(f"\ndemo finished in {result['seconds']:.0f} s")
     print(f"label store: {result['store']}  (addclass inspect {result['store']})")
     print(f"model:       {result['checkpoint']}")

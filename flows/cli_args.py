@@ -65,6 +65,8 @@ def add_recipe_args(p: argparse._ActionsContainer) -> None:
                    help="random resize ratio of the training images")
     p.add_argument("--test-scale", type=float, default=1.0,
                    help="the model's inference scale (e.g. 2 with --scale-range 0.75 1.5 on small images)")
+    p.add_argument("--test-ratios", type=float, nargs="+", default=[1.0], metavar="R",
+                   help="scales the model averages at inference, as ratios of --test-scale (e.g. 1 1.5)")
     p.add_argument("--test-window", type=int, default=None, metavar="N",
                    help="the model predicts larger images in N x N tiles (network pixels; default: the "
                         "crop size it trains on; 0: whole images)")
@@ -116,6 +118,8 @@ def add_flow_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=2, help="training data-loader processes")
     g.add_argument("--checkpoint-every", type=int, default=100,
                    help="steps between checkpoints (a stopped run resumes from the last one)")
+    g.add_argument("--val-every", type=int, default=None,
+                   help="steps between validations on val (default: 10 per run; 0: none)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="where the models run (labeler, training, evaluation)")
 
@@ -313,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flow_run_args(rt, "retrain/retrain")
     add_flow_training_args(rt)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~4 min on 2 cores)")
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~5-7 min on 2 cores)")
     from tasks.demo import DemoConfig
 
     d = DemoConfig()
@@ -324,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--crop", type=int, default=d.crop)
     demo.add_argument("--points", type=int, default=d.points,
                       help="sampled points per mask (MaSSFormer's default: 12544)")
+    demo.add_argument("--test-scale", type=float, default=d.test_scale,
+                      help="the model's inference scale (masks at test_scale / 2 of the image's resolution)")
+    demo.add_argument("--test-ratios", type=float, nargs="+", default=list(d.test_ratios), metavar="R",
+                      help="scales the model averages, as ratios of --test-scale")
+    demo.add_argument("--val-every", type=int, default=d.val_every,
+                      help="steps between validations on val during training (0: none)")
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--quiet", action="store_true")
     return p

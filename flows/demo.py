@@ -29,7 +29,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     shutil.rmtree(runs, ignore_errors=True)  # the runs of the store just replaced
     training = TrainingParams(variant="tiny", iters=config.iters, batch_size=2, crop_size=config.crop,
                               num_points=config.points, num_workers=0, seed=config.seed,
-                              scale_range=config.scale_range, test_scale=config.test_scale)
+                              scale_range=config.scale_range, test_scale=config.test_scale,
+                              test_ratios=config.test_ratios,
+                              val_every=config.val_every)
     result = add_class(prompt="car", store=str(store), labeling=LabelingParams(kind="simulated"),
                        training=training, eval_splits=["val", "test"])
     evaluation = ModelEvaluation.from_dict(json.loads(Path(result["report"]["metrics.json"]).read_text())["model"])

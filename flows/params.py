@@ -96,10 +96,14 @@ class TrainingParams(BaseModel):
     """Random resize ratio of the training images (low, high)."""
     test_scale: float = 1.0
     """The trained model's inference scale (e.g. 2 with scale_range [0.75, 1.5] on small images)."""
+    test_ratios: tuple[float, ...] = (1.0,)
+    """Scales the model averages at inference, as ratios of test_scale (e.g. [1, 1.5])."""
     test_window: int | None = None
     """Tile side (network pixels) the model predicts larger images in; None: crop_size; 0: whole images."""
     checkpoint_every: int = 100
     """Steps between checkpoints: a stopped run resumes from the last one."""
+    val_every: int | None = None
+    """Steps between validations on val during training (None: 10 per run; 0: none)."""
     seed: int = 0
     """Seed of the initialisation, data order, augmentations and loss points (and of the labeler)."""
     device: str = "cpu"

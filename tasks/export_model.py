@@ -23,7 +23,8 @@ sizes); a max abs difference above ``atol`` raises `ExportCheckError` and writes
 The model's ``test_scale`` and ``test_window`` are not applied in the graph: for a model with ``test_scale != 1``,
 resize the image by it before and the scores back after, as ``semantic_probs`` does; for one with a
 ``test_window``, score images larger than it (after the scale) in tiles of that size, as ``MaSSFormer.scores``
-does.
+does; for one with several ``test_ratios``, do both at each scale ``test_scale * ratio`` and average the scores
+normalised to sum 1 per pixel.
 """
 
 from __future__ import annotations
@@ -331,6 +332,7 @@ def _sidecar(config: dict[str, Any], *, folder: Path, format: ExportFormat, opse
         "class_names": list(config["class_names"]),
         "store_class_ids": config.get("store_class_ids"),
         "test_scale": float(config.get("test_scale", 1.0)),
+        "test_ratios": [float(r) for r in config.get("test_ratios", [1.0])],
         "test_window": int(config.get("test_window", 0)),
         "input": {
             "name": "images", "shape": [batch, 3, "height", "width"], "dtype": "float32",
@@ -341,7 +343,7 @@ def _sidecar(config: dict[str, Any], *, folder: Path, format: ExportFormat, opse
             "dtype": "float32",
             "description": "per-class scores sum_q softmax(cls)[q, k] * sigmoid(mask_q), as "
                            "MaSSFormer.semantic_probs(images, scale=1.0); argmax over classes = label map; "
-                           "test_scale and test_window are not applied",
+                           "test_scale, test_ratios and test_window are not applied",
         },
         "verification": None if verification is None else {"atol": atol, "checks": verification},
     }

@@ -201,6 +201,10 @@ def _config_problem(config: Mapping[str, Any]) -> str | None:
     scale = config.get("test_scale", 1.0)
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not scale > 0:
         return f"test_scale {scale!r}, not a number > 0"
+    ratios = config.get("test_ratios", [1.0])
+    if not isinstance(ratios, list) or not ratios or not all(
+            isinstance(r, int | float) and not isinstance(r, bool) and r > 0 for r in ratios):
+        return f"test_ratios {ratios!r}, not a non-empty list of numbers > 0"
     window = config.get("test_window", 0)
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:
         return f"test_window {window!r}, not an integer >= 0"
@@ -242,7 +246,8 @@ def read_model_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def build_model(config: Mapping[str, Any]) -> MaSSFormer:
-    """Builds the untrained model a model config describes, with its ``test_scale`` and ``test_window``.
+    """Builds the untrained model a model config describes, with its ``test_scale``, ``test_ratios`` and
+    ``test_window``.
 
     Args:
         config: A model folder's config (`read_model_config`) or a run's (`tasks.train_config.model_config`).
@@ -259,6 +264,7 @@ def build_model(config: Mapping[str, Any]) -> MaSSFormer:
     pixel_decoder = config.get("pixel_decoder", "hr")
     model = MODEL_BUILDERS[variant](int(config["num_classes"]), pixel_decoder=pixel_decoder)
     model.test_scale = float(config.get("test_scale", 1.0))  # folders from before test_scale: 1
+    model.test_ratios = tuple(float(r) for r in config.get("test_ratios", [1.0]))  # from before: one scale
     model.test_window = int(config.get("test_window", 0))  # folders from before test_window: whole images
     return model
 

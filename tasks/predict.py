@@ -7,8 +7,9 @@ what mmseg and `addclass evaluate-masks` read) and whose palette draws them in t
 blended) and ``OUT/scores/NAME.npz`` (per-class scores normalised to sum 1, uint8 0-255, K x H x W: large).
 
 Modes (`PredictConfig`): the whole image at once (the release evaluates 4096 x 3072 images whole), or sliding
-windows (memory bounded by the window), each optionally with test-time augmentation: the scores averaged over
-``tta_scales`` (times the model's ``test_scale``) and horizontal flips, in probability space.
+windows (memory bounded by the window), each at the model's own scales (``test_scale`` times each of its
+``test_ratios``, averaged in probability space), or with test-time augmentation: the scores averaged over
+``tta_scales`` (times the model's ``test_scale``, in place of its ratios) and horizontal flips.
 
 A rerun skips images whose PNG this command wrote before (listed in the folder's ``.addclass-written.json``)
 unless ``overwrite``; a file it did not write is never replaced. An unreadable image is reported by name and
@@ -127,7 +128,8 @@ def image_scores(model: MaSSFormer, image_rgb: np.ndarray, config: PredictConfig
     """K x H x W class scores of one image, normalised to sum 1 per pixel, averaged over the TTA views."""
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1)[None].float().to(device)  # 1 x 3 x H x W
-    scales = [s * model.test_scale for s in config.tta_scales] if config.tta else [model.test_scale]
+    ratios = config.tta_scales if config.tta else model.test_ratios  # TTA's ratios replace the model's own
+    scales = [r * model.test_scale for r in ratios]
     flips = (False, True) if config.tta else (False,)
     total = None
     use_bf16 = config.bf16 and device.type == "cuda"
@@ -262,7 +264,8 @@ def _check_memory(images: Sequence[Path], model_config: dict[str, Any], config: 
             continue
     from tasks.train import resolve_device
 
-    scale = float(model_config.get("test_scale", 1.0)) * (max(config.tta_scales) if config.tta else 1.0)
+    ratios = config.tta_scales if config.tta else model_config.get("test_ratios", [1.0])
+    scale = float(model_config.get("test_scale", 1.0)) * max(ratios)
     test_window = int(model_config.get("test_window", 0))
     window: int | None = None  # "whole", or "auto" with a whole-image model
     if config.mode == "slide":

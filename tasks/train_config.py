@@ -22,7 +22,7 @@ from tasks.model_folder import CONFIG_FILE, FORMAT, FORMAT_VERSION, CheckpointEr
 # TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
 RESUME_FREE_FIELDS = frozenset(
     {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "val_every",
-     "val_max_images", "test_window"}
+     "val_max_images", "test_window", "test_ratios"}
 )
 # TrainConfig fields added after runs were first written, with the value a run without them had: an older
 # checkpoint resumes, and an older run keeps its folder name (`run_name`), while the field keeps that value.
@@ -78,7 +78,12 @@ class TrainConfig:
         val_max_images: Validate on at most this many ``val`` images (None: all).
         test_scale: Inference scale of the trained model (`MaSSFormer.test_scale`, in its ``config.json``):
             images are resized by it for prediction. 2 puts the half-resolution masks on the image's own pixel
-            grid (small images; the demo trains with ``scale_range`` 0.75-1.5 and predicts at 2).
+            grid (small images; the demo trains with ``scale_range`` 0.75-1.5 and predicts at 2, and at 3 with
+            ``test_ratios``).
+        test_ratios: Scales the trained model averages at inference, as ratios of ``test_scale``
+            (`MaSSFormer.test_ratios`, in its ``config.json``; validation uses them too): its class
+            probabilities at each are averaged. ``(1.0,)``: ``test_scale`` alone. The demo predicts at
+            scales 2 and 3 (``test_scale`` 2, ratios 1 and 1.5). An inference setting, like ``test_window``.
         test_window: Side of the square tiles, in the network's pixels (after ``test_scale``), in which the
             trained model predicts images larger than that (`MaSSFormer.test_window`, in its ``config.json``;
             validation uses it too). None: the larger side of ``crop_size``, the size it trained on; 0: whole
@@ -118,6 +123,7 @@ class TrainConfig:
     val_every: int | None = None
     val_max_images: int | None = 64
     test_scale: float = 1.0
+    test_ratios: tuple[float, ...] = (1.0,)
     test_window: int | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +140,7 @@ class TrainConfig:
             )
         set_(self, "crop_size", tuple(int(v) for v in self.crop_size))
         set_(self, "scale_range", tuple(float(v) for v in self.scale_range))
+        set_(self, "test_ratios", tuple(float(v) for v in self.test_ratios))
         if self.variant not in MODEL_BUILDERS:
             raise InputError(f"Expected variant in {sorted(MODEL_BUILDERS)}. Got {self.variant!r} instead.")
         if self.pixel_decoder not in PIXEL_DECODERS:
@@ -164,6 +171,8 @@ class TrainConfig:
             raise InputError(f"Expected scale_range (low, high), 0 < low <= high. Got {self.scale_range!r}.")
         if self.test_scale <= 0:
             raise InputError(f"Expected test_scale > 0. Got {self.test_scale} instead.")
+        if not self.test_ratios or min(self.test_ratios) <= 0:
+            raise InputError(f"Expected test_ratios: one or more numbers > 0. Got {self.test_ratios!r} instead.")
         if self.test_window is not None and self.test_window < 0:
             raise InputError(f"Expected test_window >= 0 (0: whole images). Got {self.test_window} instead.")
         if self.recipe not in RECIPE_CHOICES:
@@ -186,6 +195,7 @@ class TrainConfig:
         """JSON-serialisable fields."""
         d = dataclasses.asdict(self)
         d["crop_size"], d["scale_range"] = list(self.crop_size), list(self.scale_range)
+        d["test_ratios"] = list(self.test_ratios)
         return d
 
     @classmethod
@@ -268,6 +278,7 @@ def model_config(config: TrainConfig) -> dict[str, Any]:
         "store_class_ids": store.versions()[config.version].model_class_ids,
         "pseudo_classes": sorted(pseudo),
         "test_scale": config.test_scale,
+        "test_ratios": list(config.test_ratios),
         "test_window": max(config.crop_size) if config.test_window is None else config.test_window,
         "store": str(Path(config.store).resolve()),
         "store_name": store.info.get("name"),

@@ -10,6 +10,11 @@ network's input resolution, so a model trained on images enlarged 2x (``scale_ra
 ``test_scale=2`` predicts masks on the input's own pixel grid: on small images (the demo's 256 x 384) this is
 what makes pixel-exact boundaries possible at all.
 
+A model can also average several inference scales (``test_ratios``, ratios of ``test_scale``, mmseg's
+``img_ratios``): its per-pixel class probabilities, normalised at each scale, are averaged before the argmax.
+The demo's tiny model predicts at scales 2 and 3: the finer scale places edges better, the coarser one keeps the
+context that large regions need (README "Training recipes").
+
 A model trained on crops predicts, by default, in tiles of the size it was trained on (``test_window``, in the
 network's pixels, mmseg's ``mode='slide'``): its global-context branches (pooled features, CST windows) then
 see what they saw in training. Whole-image inference on inputs much larger than the training crops can collapse
@@ -79,6 +84,7 @@ class MaSSFormer(nn.Module):
         self.register_buffer("pixel_std", std, persistent=False)
         # Inference settings (not weights): tasks.model_folder.build_model sets them from a model's config.json.
         self.test_scale = 1.0
+        self.test_ratios: tuple[float, ...] = (1.0,)  # scales `predict` / `scores` average, ratios of test_scale
         self.test_window = 0  # tile side in network pixels for `predict` / `scores`; 0: whole images
 
     @property
@@ -193,7 +199,16 @@ class MaSSFormer(nn.Module):
     @torch.no_grad()
     def scores(self, images: Tensor, *, scale: float | None = None) -> Tensor:
         """The B x K x H x W class scores `predict` takes the argmax of by default: `sliding_probs` in tiles of
-        `default_window`, or `semantic_probs` of the whole image."""
+        `default_window`, or `semantic_probs` of the whole image, at ``scale``. With ``scale`` None and more
+        than one `test_ratios`, the mean over those scales of the scores normalised to sum 1 per pixel."""
+        if scale is None and len(self.test_ratios) > 1:
+            total = None
+            for ratio in self.test_ratios:
+                p = self.scores(images, scale=self.test_scale * ratio)  # B x K x H x W
+                p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-6)
+                total = p if total is None else total + p
+            assert total is not None
+            return total / len(self.test_ratios)
         window = self.default_window(images.shape[-2:], scale)
         if window is None:
             return self.semantic_probs(images, scale=scale)
@@ -221,12 +236,15 @@ class MaSSFormer(nn.Module):
                 by the tile size.
             stride: tile step for sliding windows; default ``3 * window // 4``.
             scale: inference scale (`semantic_probs`); None: `test_scale`. Windows are cut from the input
-                image, each scored at this scale.
+                image, each scored at this scale. With both ``window`` and ``scale`` None and more than one
+                `test_ratios`, the argmax of `scores` (the model's scales averaged).
 
         Returns:
             B x H x W int64 class ids in [0, K).
         """
         b, _, h, w = images.shape
+        if window is None and scale is None and len(self.test_ratios) > 1:
+            return self.scores(images).argmax(dim=1)  # the model's own scales, averaged
         if window is None:
             window = self.default_window((h, w), scale)
         if window:

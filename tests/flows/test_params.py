@@ -43,6 +43,10 @@ def test_run_folder_names_are_those_of_earlier_runs() -> None:
                            test_scale=2.0, checkpoint_every=1)
     cfg = train_config(other, store="s.zarr", version="v1", runs_dir="r", init_model=None)
     assert cfg.out_dir == "r/v1-tiny-edge-s3-i2-3fdb13fa"
+    # how often a run validates is not what the run is: the same folder, so a rerun resumes it
+    validated = train_config(other.model_copy(update={"val_every": 5}), store="s.zarr", version="v1",
+                             runs_dir="r", init_model=None)
+    assert validated.val_every == 5 and validated.out_dir == cfg.out_dir
     assert train_config(other, store="s.zarr/", version="v1", runs_dir=None, init_model=None).out_dir.startswith(
         "s.zarr.runs/v1-tiny-edge-s3-i2-")
 

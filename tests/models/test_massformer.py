@@ -196,6 +196,24 @@ def test_test_window_tiles_images_larger_than_it() -> None:
     assert model.default_window((30, 20)) is None
 
 
+def test_test_ratios_average_the_normalised_scores_of_each_scale() -> None:
+    """With several test_ratios, scores/predict average the per-pixel class probabilities (normalised to sum
+    1) at test_scale x each ratio, each in the model's own tiles; an explicit scale or window is one pass."""
+    model = _build("tiny", "hr").eval()
+    x = _images(1, 70, 150, seed=7)
+    model.test_scale, model.test_window = 2.0, 64
+    single = model.scores(x)
+    model.test_ratios = (1.0, 1.5)
+    per_scale = [model.scores(x, scale=s) for s in (2.0, 3.0)]
+    expected = sum(p / p.sum(dim=1, keepdim=True) for p in per_scale) / 2
+    torch.testing.assert_close(model.scores(x), expected, rtol=0, atol=1e-6)
+    assert torch.equal(model.predict(x), expected.argmax(dim=1))
+    assert (expected - single / single.sum(dim=1, keepdim=True)).abs().max() > 1e-4  # the second scale counts
+    torch.testing.assert_close(model.scores(x, scale=2.0), single, rtol=0, atol=0)  # explicit: one scale
+    assert torch.equal(model.predict(x, scale=3.0), per_scale[1].argmax(dim=1))
+    assert torch.equal(model.predict(x, window=0), model.semantic_probs(x).argmax(dim=1))
+
+
 def test_hr_training_needs_two_images() -> None:
     """BatchNorm on globally pooled features (SEB, conv_avg) cannot train on one image; eval mode can."""
     model = build_massformer_tiny(NUM_CLASSES).train()

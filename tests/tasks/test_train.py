@@ -283,9 +283,11 @@ def test_a_version_with_a_class_id_gap_trains_on_model_indices(tmp_path: Path) -
     assert cfg["store_class_ids"] == [*range(7), 8]
     assert cfg["test_window"] == 128  # None: the model predicts in tiles of its training crop
     assert model_config(replace(config, test_window=0))["test_window"] == 0
+    assert cfg["test_ratios"] == [1.0]  # one scale unless asked
+    config = replace(config, test_ratios=(1.0, 1.5))
     final = train(config, progress=False)
     model = load_trained_model(final)
-    assert model.num_classes == 8 and model.test_window == 128
+    assert model.num_classes == 8 and model.test_window == 128 and model.test_ratios == (1.0, 1.5)
 
 
 def test_a_non_finite_gradient_stops_before_the_update(train_store: Path, tmp_path: Path,
@@ -411,3 +413,21 @@ def test_a_class_with_iou_zero_on_val_is_warned_about_after_a_share_of_the_run(
     assert len(caplog.records) == 1
     assert "step 3/10" in caplog.text and "['human', 'car'] are not predicted on val" in caplog.text
     assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3]
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"test_scale": 0}, "test_scale 0, not a number > 0"),
+    ({"test_window": -1}, "test_window -1, not an integer >= 0"),
+    ({"test_ratios": []}, r"test_ratios \[\], not a non-empty list of numbers > 0"),
+    ({"test_ratios": [1.0, -2]}, r"test_ratios \[1.0, -2\], not a non-empty list"),
+    ({"test_ratios": 1.5}, "test_ratios 1.5, not a non-empty list"),
+])
+def test_a_model_folder_with_bad_inference_settings_is_refused_by_name(
+        straight_run: Path, tmp_path: Path, setting: dict[str, Any], message: str) -> None:
+    from tasks.model_folder import save_model_dir
+
+    cfg = {**read_model_config(straight_run / "final"), **setting}
+    model = load_trained_model(straight_run)
+    folder = save_model_dir(tmp_path / "bad", model=model, config=cfg, step=3)
+    with pytest.raises(CheckpointError, match=rf"{folder / 'config.json'}.*{message}"):
+        load_trained_model(folder)
