@@ -113,7 +113,7 @@ def train_row(args: argparse.Namespace, row: common.Row, info: dict[str, Any], o
         iters=args.iters, batch_size=args.batch_size, crop_size=(args.crop, args.crop), scale_range=tuple(args.scale),
         reweight=row.reweight, inverse_weight_near_pseudo=row.inverse_weight_near_pseudo, num_points=args.points,
         checkpoint_every=args.iters, keep_checkpoints=1, seed=seed, device="cpu", num_workers=0, val_every=0,
-        test_scale=args.test_scale,
+        test_scale=args.test_scale, test_ratios=tuple(args.test_ratios),
     )
     t0 = time.perf_counter()
     final = train(config, progress=False)
@@ -179,6 +179,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.5), help="training resize range")
     ap.add_argument("--test-scale", type=float, default=2.0, help="inference scale (the demo's)")
+    ap.add_argument("--test-ratios", type=float, nargs="+", default=[1.0],
+                    help="scales the model averages, as ratios of --test-scale (the demo's: 1 1.5)")
     ap.add_argument("--points", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 images, 1 seed, 20 iters")
@@ -202,7 +204,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     info = prepare_store(args, out)
     settings = {k: getattr(args, k) for k in ("images", "size", "data_seed", "iters", "batch_size", "crop", "scale",
-                                              "test_scale", "points", "threads", "seeds", "rows", "quick")}
+                                              "test_scale", "test_ratios", "points", "threads", "seeds", "rows",
+                                              "quick")}
     results: dict[str, Any] = {
         "experiment": "synthetic_newclass", "class": CLASS, "settings": settings, "store": info, "rows": [],
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -227,7 +230,7 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     s = results["settings"]
     note = (f"\nMean ± sd over training seeds {s['seeds']}; tiny MaSSFormer from scratch (scratch recipe), "
             f"{s['iters']} iters, batch {s['batch_size']}, crop {s['crop']}, scale {s['scale'][0]}-{s['scale'][1]}, "
-            f"test scale {s['test_scale']}, "
+            f"test scale {s['test_scale']} x ratios {s.get('test_ratios', [1.0])}, "
             f"{s['points']} points; {s['images']} scenes of {s['size'][0]}x{s['size'][1]} "
             f"({results['store']['images']}). IoU/BIoU in %, BF1 as a fraction, against the exact car masks.\n")
     (out / "results.md").write_text(f"# Synthetic new class: {CLASS}\n\n" + markdown_table(results["rows"]) + note)

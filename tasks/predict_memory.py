@@ -71,7 +71,8 @@ def check_predict_memory(images: Sequence[tuple[Path, int, int]], *, variant: st
 
     Args:
         images: ``(path, height, width)`` of every image.
-        scale: The largest scale an image is predicted at (test scale x the largest TTA ratio).
+        scale: The largest scale an image is predicted at (test scale x the largest TTA ratio, or without
+            TTA the largest of the model's ``test_ratios``).
         window: Tile size in image pixels at that scale, or None for whole images.
         mode: The prediction mode, for the message.
 

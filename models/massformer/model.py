@@ -199,9 +199,10 @@ class MaSSFormer(nn.Module):
     @torch.no_grad()
     def scores(self, images: Tensor, *, scale: float | None = None) -> Tensor:
         """The B x K x H x W class scores `predict` takes the argmax of by default: `sliding_probs` in tiles of
-        `default_window`, or `semantic_probs` of the whole image, at ``scale``. With ``scale`` None and more
-        than one `test_ratios`, the mean over those scales of the scores normalised to sum 1 per pixel."""
-        if scale is None and len(self.test_ratios) > 1:
+        `default_window`, or `semantic_probs` of the whole image, at ``scale``. With ``scale`` None and
+        `test_ratios` other than ``(1.0,)``, the mean over those scales of the scores normalised to sum 1 per
+        pixel."""
+        if scale is None and tuple(self.test_ratios) != (1.0,):
             total = None
             for ratio in self.test_ratios:
                 p = self.scores(images, scale=self.test_scale * ratio)  # B x K x H x W
@@ -236,14 +237,14 @@ class MaSSFormer(nn.Module):
                 by the tile size.
             stride: tile step for sliding windows; default ``3 * window // 4``.
             scale: inference scale (`semantic_probs`); None: `test_scale`. Windows are cut from the input
-                image, each scored at this scale. With both ``window`` and ``scale`` None and more than one
-                `test_ratios`, the argmax of `scores` (the model's scales averaged).
+                image, each scored at this scale. With both ``window`` and ``scale`` None and `test_ratios` other
+                than ``(1.0,)``, the argmax of `scores` (the model's scales averaged).
 
         Returns:
             B x H x W int64 class ids in [0, K).
         """
         b, _, h, w = images.shape
-        if window is None and scale is None and len(self.test_ratios) > 1:
+        if window is None and scale is None and tuple(self.test_ratios) != (1.0,):
             return self.scores(images).argmax(dim=1)  # the model's own scales, averaged
         if window is None:
             window = self.default_window((h, w), scale)

@@ -212,6 +212,10 @@ def test_test_ratios_average_the_normalised_scores_of_each_scale() -> None:
     torch.testing.assert_close(model.scores(x, scale=2.0), single, rtol=0, atol=0)  # explicit: one scale
     assert torch.equal(model.predict(x, scale=3.0), per_scale[1].argmax(dim=1))
     assert torch.equal(model.predict(x, window=0), model.semantic_probs(x).argmax(dim=1))
+    model.test_ratios = (1.5,)  # one ratio: that scale alone, as `addclass predict` runs it
+    torch.testing.assert_close(model.scores(x), per_scale[1] / per_scale[1].sum(dim=1, keepdim=True),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(model.predict(x), per_scale[1].argmax(dim=1))
 
 
 def test_hr_training_needs_two_images() -> None:
