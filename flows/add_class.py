@@ -74,6 +74,9 @@ def train_task(config: TrainConfig) -> str:
     return str(final)
 
 
+PREDICTIONS_DIR = "predictions"  # the evaluated model's label PNGs, in the report folder
+
+
 @task(name="evaluate")
 def evaluate_task(store: str, checkpoint: str, out_dir: str, splits: list[str], device: str) -> dict[str, Any]:
     from tasks.evaluate import evaluate_model, evaluate_pseudo
@@ -82,7 +85,10 @@ def evaluate_task(store: str, checkpoint: str, out_dir: str, splits: list[str], 
     logger = get_run_logger()
     logging.getLogger("tasks").setLevel(logging.INFO)
     with logs_to_run("tasks"):
-        model_results = evaluate_model(store, checkpoint, splits=tuple(splits), device=device, progress=False)
+        # the predictions are kept as PNGs (rescorable with `addclass evaluate-masks`), so the report draws its
+        # overlays from them instead of running the model again; a rerun replaces the ones it wrote
+        model_results = evaluate_model(store, checkpoint, splits=tuple(splits), device=device, progress=False,
+                                       pred_dir=Path(out_dir) / PREDICTIONS_DIR, overwrite=True)
         pseudo_results = evaluate_pseudo(store)
         paths = write_evaluation_report(out_dir, model_results=model_results, pseudo_results=pseudo_results)
     report = {k: str(v) for k, v in paths.items()}

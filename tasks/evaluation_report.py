@@ -190,6 +190,8 @@ def _intro(model_results: ModelEvaluation | None) -> list[str]:
             f"label version `{model_results.label_version}` ({len(model_results.classes)} classes: "
             f"{', '.join(c['name'] for c in model_results.classes)}).\n\n"
         )
+        if model_results.pred_dir:
+            md.append(f"Predicted labels: `{model_results.pred_dir}` (`<split>/<id>.png`, class ids).\n\n")
     md.append(
         "Ground truth: a new class is scored class-vs-rest against its hand masks (`eval` on test, "
         "`reference` on train/val); the 7-class score folds every new class into *others* and compares with "

@@ -2,7 +2,9 @@
 
 `validate` scores the model being trained on the store's validation split with `tasks.evaluate.evaluate_model`
 (the same rules as the final report): each new class against its hand masks (IoU / BIoU / BF1, class vs rest)
-and the precise classes against v1 (mIoU). `tasks.train` writes the result into ``train_log.jsonl`` as a line
+and the precise classes against v1 (mIoU). It predicts at the model's ``test_scale`` alone: a model that averages
+several scales (``test_ratios``) is tracked at the first of them, at a fraction of the cost (the demo's scales 2
+and 3 cost 3.25x scale 2), so its curve runs below the final evaluation, which uses every scale. `tasks.train` writes the result into ``train_log.jsonl`` as a line
 ``{"step": N, "val": {...}}`` (training lines hold ``"total"`` instead), and draws `learning_curve_png` from
 that log into the run folder. `unpredicted_classes` names the classes that have ground truth on the split
 and no correct pixel (IoU 0): after ``warn_after`` of a run, `tasks.train` logs a warning for them, the sign
@@ -29,22 +31,38 @@ def _finite(x: Any) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
+class _AtTestScale:
+    """A MaSSFormer predicting at its ``test_scale`` only (without the other scales of ``test_ratios``)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.num_classes = model.num_classes
+
+    def eval(self) -> _AtTestScale:
+        self.model.eval()
+        return self
+
+    def predict(self, images: Any) -> Any:
+        return self.model.predict(images, scale=self.model.test_scale)
+
+
 def validate(model: Any, *, store: str | os.PathLike[str], version: str, split: str = "val",
              max_images: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Scores ``model`` (put back in train mode by the caller) on ``split``.
+    """Scores ``model`` (put back in train mode by the caller) on ``split``, at its ``test_scale`` alone.
 
     Returns:
-        ``{"split", "num_images", "miou7": 7-class mIoU, "new_classes": {name: {"iou", "biou", "bf1"}},
-        "per_class_iou": {name: IoU of each precise class with ground truth on the split}}``; fractions, None
-        where undefined.
+        ``{"split", "num_images", "scale": the inference scale, "miou7": 7-class mIoU, "new_classes": {name:
+        {"iou", "biou", "bf1"}}, "per_class_iou": {name: IoU of each precise class with ground truth on the
+        split}}``; fractions, None where undefined.
     """
-    result = evaluate_model(store, model=model, splits=(split,), label_version=version, device=device,
-                            progress=False, max_images=max_images)
+    result = evaluate_model(store, model=_AtTestScale(model), splits=(split,), label_version=version,
+                            device=device, progress=False, max_images=max_images)
     r = result.split(split)
     labelled = np.asarray(r.precise.counts["area_label"]) > 0
     return {
         "split": split,
         "num_images": r.num_images,
+        "scale": float(model.test_scale),
         "miou7": _finite(r.precise.miou),
         "new_classes": {name: {"iou": _finite(m.iou), "biou": _finite(m.biou), "bf1": _finite(m.bf1)}
                         for name, m in r.new_classes.items()},
@@ -102,7 +120,7 @@ def learning_curve_png(run_dir: str | os.PathLike[str], out: str | os.PathLike[s
         for label, values in series.items():
             ax_val.plot(vsteps, values, marker="o", ms=3, label=label)
         ax_val.set(xlabel="step", ylabel="%", ylim=(0, 100),
-                   title=f"validation ({val_rows[-1]['val']['split']}, {val_rows[-1]['val']['num_images']} images)")
+                   title=f"validation ({_where(val_rows[-1]['val'])})")
         ax_val.legend(fontsize=8)
     else:
         ax_val.text(0.5, 0.5, "no validation", ha="center", va="center")
@@ -119,11 +137,17 @@ def _pct(x: float | None) -> float:
     return math.nan if x is None else 100.0 * x
 
 
+def _where(scores: Mapping[str, Any]) -> str:
+    """``val, 8 images, scale 2`` (logs written before the scale was recorded: without it)."""
+    scale = scores.get("scale")
+    return f"{scores['split']}, {scores['num_images']} images" + ("" if scale is None else f", scale {scale:g}")
+
+
 def format_scores(scores: Mapping[str, Any]) -> str:
-    """One log line: ``val (8 images): car IoU 81.2 BIoU 40.1, 7-class mIoU 77.0``."""
+    """One log line: ``val (8 images, scale 2): car IoU 81.2 BIoU 40.1, 7-class mIoU 77.0``."""
     parts = [f"{name} IoU {_fmt(m['iou'])} BIoU {_fmt(m['biou'])}" for name, m in scores["new_classes"].items()]
     parts.append(f"7-class mIoU {_fmt(scores['miou7'])}")
-    return f"{scores['split']} ({scores['num_images']} images): " + ", ".join(parts)
+    return f"{scores['split']} ({_where(scores).split(', ', 1)[1]}): " + ", ".join(parts)
 
 
 def _fmt(x: float | None) -> str:

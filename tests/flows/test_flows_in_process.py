@@ -92,6 +92,11 @@ def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_cl
     again = add_class(**params)  # e.g. after a crash during training: pseudo-label and merge are done
     assert again["version"] == "v2" and again["checkpoint"] == first["checkpoint"]  # its own run, resumed
     assert again["pseudo"] == [] and list(open_label_store(store).versions()) == ["v1", "v2", "v3"]
+    # the evaluation kept its predictions (the rerun replaced its own files), for the overlays and evaluate-masks
+    predictions = Path(again["report"]["report.md"]).parent / "predictions" / "val"
+    ids = open_label_store(store).image_ids("val")
+    assert sorted(p.stem for p in predictions.glob("*.png")) == sorted(ids)
+    assert f"Predicted labels: `{predictions.parent}`" in Path(again["report"]["report.md"]).read_text()
 
 
 def check_what_the_ui_shows(run_name: str) -> None:

@@ -415,6 +415,27 @@ def test_a_class_with_iou_zero_on_val_is_warned_about_after_a_share_of_the_run(
     assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3]
 
 
+def test_validation_predicts_at_the_test_scale_alone(train_store: Path, tmp_path: Path) -> None:
+    """A model averaging two scales is validated at its test_scale only, and the scale is recorded; the
+    final evaluation (`predict()` without a scale) keeps every scale."""
+    from tasks.validation import format_scores, validate
+
+    config = resolve_train_config(tiny_config(train_store, tmp_path))
+    model = build_model(model_config(config))
+    model.test_scale, model.test_ratios = 1.5, (1.0, 2.0)
+    scales: list[float | None] = []
+    predict = model.predict
+
+    def spy(images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        scales.append(kwargs.get("scale"))
+        return predict(images, **kwargs)
+
+    model.predict = spy  # type: ignore[method-assign]
+    scores = validate(model, store=train_store, version="v2")
+    assert scales == [1.5] and scores["scale"] == 1.5 and scores["num_images"] == 1
+    assert format_scores(scores).startswith("val (1 images, scale 1.5): car IoU ")
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ({"test_scale": 0}, "test_scale 0, not a number > 0"),
     ({"test_window": -1}, "test_window -1, not an integer >= 0"),
