@@ -185,16 +185,32 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from tasks.predict import DEFAULT_TTA_SCALES, PredictConfig, predict_images
 
+    if a.into_store and (a.inputs or a.out):
+        raise InputError("--into-store predicts the store's own images: give no INPUT and no --out with it.")
+    if not a.into_store and (not a.inputs or not a.out):
+        raise InputError("predict needs INPUT images and --out DIR (or --into-store STORE).")
+    if a.split and not a.into_store:
+        raise InputError("--split goes with --into-store.")
     model = a.model
     if model == "champion":
-        if not a.store:
+        if not (a.store or a.into_store):
             raise InputError("MODEL 'champion' needs --store STORE (whose champion to use).")
         from tasks.model_registry import resolve_init_model
 
-        model = resolve_init_model(a.store, "champion")
+        model = resolve_init_model(a.store or a.into_store, "champion")
     config = PredictConfig(mode=a.mode, window=a.window, stride=a.stride, tta=a.tta, device=a.device,
                            tta_scales=tuple(a.tta_scales or DEFAULT_TTA_SCALES), bf16=not a.no_bf16,
                            overlays=a.overlays, scores=a.scores, overwrite=a.overwrite)
+    if a.into_store:
+        if a.overlays or a.scores or a.overwrite:
+            raise InputError("--overlays, --scores and --overwrite apply to files, not to --into-store.")
+        from tasks.predict_store import predict_into_store
+
+        done = predict_into_store(model, a.into_store, splits=a.split, config=config, progress=not a.quiet)
+        what = "already published by the same command" if done["existing"] else f"{done['images']} images predicted"
+        print(f"label version {done['version']} (parent {done['parent']}, splits {', '.join(done['splits'])}): "
+              f"{what}; addclass inspect {a.into_store}")
+        return 0
     out = predict_images(model, a.inputs, a.out, config=config, progress=not a.quiet)
     print(f"{len(out['written'])} predicted, {len(out['skipped'])} already done, {len(out['failed'])} failed: "
           f"{out['out_dir']}")

@@ -257,11 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true")
 
-    pr = sub.add_parser("predict", help="label new images of any size with a trained model (PNG per image)")
-    pr.add_argument("model", help="a run folder, its final/ folder, or 'champion' (with --store)")
-    pr.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    pr.add_argument("--out", required=True, help="output folder: NAME.png per image, classes.json")
+    pr = sub.add_parser("predict", help="label new images of any size with a trained model (PNG per image), or a "
+                                         "store's images into a new label version (--into-store)")
+    pr.add_argument("model", help="a run folder, its final/ folder, or 'champion' (with --store or --into-store)")
+    pr.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or glob patterns")
+    pr.add_argument("--out", help="output folder: NAME.png per image, classes.json")
     pr.add_argument("--store", help="the label store whose champion 'champion' means")
+    pr.add_argument("--into-store", metavar="STORE",
+                    help="instead of files: predict STORE's images into a new label version (policy 'predicted': "
+                         "v1 with the model's new classes carved into 'others', provenance 2)")
+    pr.add_argument("--split", action="append", default=None, metavar="NAME",
+                    help="--into-store: a split to predict (repeatable; default: all; the others keep the "
+                         "model's label version)")
     pr.add_argument("--mode", choices=PREDICT_MODES, default="auto",
                     help="auto: the model's own (tiles of the crop size it trained on); whole image at once; "
                          "or sliding windows of --window (memory bounded by it)")

@@ -18,6 +18,7 @@ IGNORE_INDEX = 255
 # provenance values (per pixel, per label version)
 PROV_PRECISE = 0
 PROV_PSEUDO = 1
+PROV_PREDICTED = 2  # written by a trained model (`addclass predict --into-store`)
 PROV_IGNORE = 255
 
 

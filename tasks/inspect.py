@@ -11,7 +11,7 @@ import numpy as np
 
 from common.errors import InputError, UnknownNameError
 from models.palette import colorize
-from storage.registry import IGNORE_INDEX, PROV_PSEUDO
+from storage.registry import IGNORE_INDEX, PROV_PREDICTED, PROV_PSEUDO
 from storage.store import LabelStore, open_label_store
 
 
@@ -57,7 +57,7 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
             p = versions[p].parent if p in versions else None
         pix = np.zeros(256, np.int64)
         prov = np.zeros(256, np.int64)
-        pseudo_pix = np.zeros(256, np.int64)  # per class: pixels with pseudo provenance (versions >= v2)
+        pseudo_pix = np.zeros(256, np.int64)  # per class: pixels with pseudo or predicted provenance (>= v2)
         sampled = 0
         for split in store.splits():
             for image_id in _even_sample(store.image_ids(split), max_images):
@@ -65,7 +65,8 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
                 pix += np.bincount(labels.ravel(), minlength=256)
                 prov += np.bincount(provenance.ravel(), minlength=256)
                 if name != "v1":
-                    pseudo_pix += np.bincount(labels[provenance == PROV_PSEUDO], minlength=256)
+                    not_precise = (provenance == PROV_PSEUDO) | (provenance == PROV_PREDICTED)
+                    pseudo_pix += np.bincount(labels[not_precise], minlength=256)
                 sampled += 1
         total = max(int(pix.sum()), 1)
         names = {c.id: c.name for c in classes}
@@ -76,9 +77,10 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
             "pixel_share": {names.get(i, str(i)): round(float(pix[i]) / total, 6) for i in v.class_ids},
             "ignore_share": round(float(pix[IGNORE_INDEX]) / total, 6),
             "provenance_share": {"precise": round(float(prov[0]) / total, 6), "pseudo": round(float(prov[1]) / total, 6),
+                                 "predicted": round(float(prov[PROV_PREDICTED]) / total, 6),
                                  "ignore": round(float(prov[IGNORE_INDEX]) / total, 6)},
         }
-        if name != "v1":  # share of each class's pixels that are pseudo (the rest are precise)
+        if name != "v1":  # share of each class's pixels that are pseudo or predicted (the rest are precise)
             out["versions"][name]["class_provenance"] = {
                 names.get(i, str(i)): {"pixels": int(pix[i]),
                                        "pseudo_share": round(float(pseudo_pix[i]) / max(int(pix[i]), 1), 6)}
@@ -101,7 +103,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  pixels  {share}, ignore {100 * v['ignore_share']:.1f}%  ({v['images_read']} images read)")
         ps = v["provenance_share"]
         lines.append(f"  provenance precise {100 * ps['precise']:.1f}%, pseudo {100 * ps['pseudo']:.1f}%, "
-                     f"ignore {100 * ps['ignore']:.1f}%")
+                     + (f"predicted {100 * ps['predicted']:.1f}%, " if ps.get("predicted") else "")
+                     + f"ignore {100 * ps['ignore']:.1f}%")
         if v.get("class_provenance"):
             lines.append("  pseudo share per class " + ", ".join(
                 f"{k} {100 * c['pseudo_share']:.1f}%"
@@ -129,7 +132,8 @@ def find_split(store: LabelStore, image_id: str) -> str:
 
 
 def render_overlay(path: str | os.PathLike[str], image_id: str, *, version: str = "latest") -> np.ndarray:
-    """image | labels blended over the image | provenance (green precise, orange pseudo, grey ignore)."""
+    """image | labels blended over the image | provenance (green precise, orange pseudo, blue predicted, grey
+    ignore)."""
     store = open_label_store(path, mode="r")
     split = find_split(store, image_id)
     image = store.read_image(split, image_id)
@@ -138,6 +142,7 @@ def render_overlay(path: str | os.PathLike[str], image_id: str, *, version: str 
     prov_rgb = np.zeros_like(image)
     prov_rgb[prov == 0] = (40, 160, 60)
     prov_rgb[prov == 1] = (255, 140, 0)
+    prov_rgb[prov == PROV_PREDICTED] = (40, 110, 230)
     prov_rgb[prov == IGNORE_INDEX] = (128, 128, 128)
     return np.concatenate([image, blend, prov_rgb], axis=1)  # H x 3W x 3
 

@@ -228,7 +228,7 @@ def plan_predict(model_dir: str | os.PathLike[str], inputs: Sequence[str | os.Pa
     images = find_images(inputs)
     folder = resolve_model_dir(model_dir)
     model_config = read_model_config(folder)
-    _check_memory(images, model_config, config)
+    check_memory(_image_sizes(images), model_config, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_classes_json(out, model_config, model_dir=folder)
@@ -250,18 +250,23 @@ def plan_predict(model_dir: str | os.PathLike[str], inputs: Sequence[str | os.Pa
                        images=tuple(todo), skipped=tuple(skipped), refused=refused)
 
 
-def _check_memory(images: Sequence[Path], model_config: dict[str, Any], config: PredictConfig) -> None:
-    """`tasks.predict_memory.check_predict_memory` over the images' sizes (read from their headers; an
-    unreadable image is left to fail by name when its turn comes)."""
-    from tasks.predict_memory import check_predict_memory
-
+def _image_sizes(images: Sequence[Path]) -> list[tuple[str, int, int]]:
+    """(path, height, width) of each image, from its header (an unreadable image is left out: it fails by name
+    when its turn comes)."""
     sizes = []
     for path in images:
         try:
             with Image.open(path) as im:
-                sizes.append((path, im.height, im.width))
+                sizes.append((str(path), im.height, im.width))
         except (OSError, ValueError):
             continue
+    return sizes
+
+
+def check_memory(sizes: Sequence[tuple[str, int, int]], model_config: dict[str, Any], config: PredictConfig) -> None:
+    """`tasks.predict_memory.check_predict_memory` for images of ``sizes`` ((name, height, width)) predicted by
+    a model of ``model_config`` with ``config``."""
+    from tasks.predict_memory import check_predict_memory
     from tasks.train import resolve_device
 
     ratios = config.tta_scales if config.tta else model_config.get("test_ratios", [1.0])

@@ -65,7 +65,7 @@ def estimate_predict_bytes(*, variant: str, height: int, width: int, num_classes
     return int(MARGIN * (PROCESS_BYTES + m.fixed_bytes + network + scores))
 
 
-def check_predict_memory(images: Sequence[tuple[Path, int, int]], *, variant: str, num_classes: int,
+def check_predict_memory(images: Sequence[tuple[str | Path, int, int]], *, variant: str, num_classes: int,
                          scale: float, window: int | None, device: torch.device, mode: str) -> None:
     """Refuses a prediction whose largest image would not fit in the device's free memory.
 

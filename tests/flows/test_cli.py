@@ -80,6 +80,16 @@ def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
     assert config["class_names"][-1] == "car" and config["train_config"]["init_model"] == str(base)
     assert main(["train", store, *small, "--out", str(tmp_path / "v3"), "--init-model", str(tmp_path)]) == 2
     assert "is not a trained model folder" in capsys.readouterr().err
+    # the v2 model's predictions on train as a label version, which inspect reads like a merge
+    model = str(tmp_path / "v2")
+    assert main(["predict", model, "--into-store", store, "--split", "train", "--quiet"]) == 0
+    assert "label version v3 (parent v2, splits train): 2 images predicted" in capsys.readouterr().out
+    assert main(["inspect", store]) == 0
+    assert "version v3  lineage v3 <- v2 <- v1  policy predicted" in capsys.readouterr().out
+    assert main(["predict", model, "--into-store", store, "--out", str(tmp_path / "p")]) == 2
+    assert "give no INPUT and no --out" in capsys.readouterr().err
+    assert main(["predict", model, str(tmp_path), "--out", str(tmp_path / "p"), "--split", "train"]) == 2
+    assert "--split goes with --into-store" in capsys.readouterr().err
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
