@@ -234,6 +234,27 @@ def cmd_import_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(a: argparse.Namespace) -> int:
+    from tasks import review
+
+    if a.action == "import":
+        done = review.import_review(a.store, a.folder)
+        what = "already published from the same file" if done["existing"] else f"{done['images']} images reviewed"
+        print(f"label version {done['version']} (parent {done['parent']}, class {done['class']}): {what}")
+        return 0
+    model = a.model
+    if model == "champion":
+        from tasks.model_registry import resolve_init_model
+
+        model = resolve_init_model(a.store, "champion")
+    manifest = review.export_review(a.store, a.class_name, a.out, version=a.version, top=a.top, by=a.by,
+                                    model=model)
+    print(f"{len(manifest['images'])} images of {a.class_name} ({manifest['version']}, by {a.by}) in {a.out}: "
+          f"open annotations.json with images/ in CVAT (COCO 1.0) or any COCO tool, then "
+          f"addclass review import {a.store} {a.out}")
+    return 0
+
+
 def cmd_model_info(a: argparse.Namespace) -> int:
     from models.massformer.build import model_info
 
@@ -388,7 +409,7 @@ HANDLERS: dict[str, Handler] = {
     "import-pseudo": cmd_import_pseudo, "evaluate-masks": cmd_evaluate_masks, "merge": cmd_merge,
     "discard-draft": cmd_discard_draft, "export": cmd_export, "train": cmd_train, "evaluate": cmd_evaluate,
     "model-info": cmd_model_info, "predict": cmd_predict, "export-model": cmd_export_model,
-    "import-model": cmd_import_model,
+    "import-model": cmd_import_model, "review": cmd_review,
     "add-class": cmd_add_class, "retrain": cmd_retrain, "demo": cmd_demo,
 }
 

@@ -298,6 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--variant", choices=("r50", "lite_r18"), default="r50")
     ms.add_argument("--overwrite", action="store_true", help="replace a model folder an earlier import wrote")
 
+    rv = sub.add_parser("review", help="send the labels most worth a look to a person (COCO), bring corrections "
+                        "back as a label version (provenance 'reviewed')")
+    rv_sub = rv.add_subparsers(dest="action", required=True)
+    rx = rv_sub.add_parser("export", help="the top images of a class by --by, with their masks, as COCO")
+    rx.add_argument("store")
+    rx.add_argument("out", help="a new folder: images/, annotations.json (COCO), manifest.json")
+    rx.add_argument("--class", dest="class_name", required=True, help="the class to review (e.g. car)")
+    rx.add_argument("--version", default="latest", help="label version whose masks are reviewed")
+    rx.add_argument("--top", type=int, default=20, help="how many images")
+    rx.add_argument("--by", choices=("score", "disagreement"), default="score",
+                    help="score: lowest labeler confidence first; disagreement: lowest IoU between the version's "
+                         "mask and --model's prediction first")
+    rx.add_argument("--model", help="--by disagreement: a run folder, or 'champion' of the store")
+    ri = rv_sub.add_parser("import", help="publish the reviewed annotations.json of an export as a label version")
+    ri.add_argument("store")
+    ri.add_argument("folder", help="the export's folder, with the reviewed annotations.json")
+
     mi = sub.add_parser("model-info", help="parameter counts per component")
     mi.add_argument("variant", choices=VARIANTS)
     mi.add_argument("--num-classes", type=int, default=7)

@@ -19,6 +19,7 @@ IGNORE_INDEX = 255
 PROV_PRECISE = 0
 PROV_PSEUDO = 1
 PROV_PREDICTED = 2  # written by a trained model (`addclass predict --into-store`)
+PROV_REVIEWED = 3  # checked by a person (`addclass review import`)
 PROV_IGNORE = 255
 
 

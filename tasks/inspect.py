@@ -11,7 +11,7 @@ import numpy as np
 
 from common.errors import InputError, UnknownNameError
 from models.palette import colorize
-from storage.registry import IGNORE_INDEX, PROV_PREDICTED, PROV_PSEUDO
+from storage.registry import IGNORE_INDEX, PROV_PREDICTED, PROV_PSEUDO, PROV_REVIEWED
 from storage.store import LabelStore, open_label_store
 
 
@@ -78,6 +78,7 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
             "ignore_share": round(float(pix[IGNORE_INDEX]) / total, 6),
             "provenance_share": {"precise": round(float(prov[0]) / total, 6), "pseudo": round(float(prov[1]) / total, 6),
                                  "predicted": round(float(prov[PROV_PREDICTED]) / total, 6),
+                                 "reviewed": round(float(prov[PROV_REVIEWED]) / total, 6),
                                  "ignore": round(float(prov[IGNORE_INDEX]) / total, 6)},
         }
         if name != "v1":  # share of each class's pixels that are pseudo or predicted (the rest are precise)
@@ -104,6 +105,7 @@ def format_summary(s: dict[str, Any]) -> str:
         ps = v["provenance_share"]
         lines.append(f"  provenance precise {100 * ps['precise']:.1f}%, pseudo {100 * ps['pseudo']:.1f}%, "
                      + (f"predicted {100 * ps['predicted']:.1f}%, " if ps.get("predicted") else "")
+                     + (f"reviewed {100 * ps['reviewed']:.1f}%, " if ps.get("reviewed") else "")
                      + f"ignore {100 * ps['ignore']:.1f}%")
         if v.get("class_provenance"):
             lines.append("  pseudo share per class " + ", ".join(
@@ -132,8 +134,8 @@ def find_split(store: LabelStore, image_id: str) -> str:
 
 
 def render_overlay(path: str | os.PathLike[str], image_id: str, *, version: str = "latest") -> np.ndarray:
-    """image | labels blended over the image | provenance (green precise, orange pseudo, blue predicted, grey
-    ignore)."""
+    """image | labels blended over the image | provenance (green precise, orange pseudo, blue predicted, purple
+    reviewed, grey ignore)."""
     store = open_label_store(path, mode="r")
     split = find_split(store, image_id)
     image = store.read_image(split, image_id)
@@ -143,6 +145,7 @@ def render_overlay(path: str | os.PathLike[str], image_id: str, *, version: str 
     prov_rgb[prov == 0] = (40, 160, 60)
     prov_rgb[prov == 1] = (255, 140, 0)
     prov_rgb[prov == PROV_PREDICTED] = (40, 110, 230)
+    prov_rgb[prov == PROV_REVIEWED] = (170, 60, 200)
     prov_rgb[prov == IGNORE_INDEX] = (128, 128, 128)
     return np.concatenate([image, blend, prov_rgb], axis=1)  # H x 3W x 3
 

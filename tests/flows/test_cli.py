@@ -86,6 +86,18 @@ def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
     assert "label version v3 (parent v2, splits train): 2 images predicted" in capsys.readouterr().out
     assert main(["inspect", store]) == 0
     assert "version v3  lineage v3 <- v2 <- v1  policy predicted" in capsys.readouterr().out
+    review = str(tmp_path / "review")  # the least sure car label out and back, unchanged, as a reviewed version
+    assert main(["review", "export", store, review, "--class", "car", "--version", "v2", "--top", "1"]) == 0
+    assert f"1 images of car (v2, by score) in {review}" in capsys.readouterr().out
+    assert main(["review", "import", store, review]) == 0
+    assert "label version v4 (parent v2, class car): 1 images reviewed" in capsys.readouterr().out
+    assert main(["review", "export", store, review, "--class", "car", "--by", "disagreement"]) == 2
+    assert "exists; pick a new folder" in capsys.readouterr().err
+    assert main(["review", "export", store, review + "2", "--class", "car", "--by", "disagreement", "--model",
+                 model, "--top", "2"]) == 0  # ranked against the v2 model's own car masks
+    ranked = json.loads((Path(review + "2") / "manifest.json").read_text())["images"]
+    assert [e["disagreement"] for e in ranked] == sorted((e["disagreement"] for e in ranked), reverse=True)
+    capsys.readouterr()
     assert main(["predict", model, "--into-store", store, "--out", str(tmp_path / "p")]) == 2
     assert "give no INPUT and no --out" in capsys.readouterr().err
     assert main(["predict", model, str(tmp_path), "--out", str(tmp_path / "p"), "--split", "train"]) == 2
