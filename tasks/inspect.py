@@ -58,6 +58,7 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
         pix = np.zeros(256, np.int64)
         prov = np.zeros(256, np.int64)
         pseudo_pix = np.zeros(256, np.int64)  # per class: pixels with pseudo or predicted provenance (>= v2)
+        reviewed_pix = np.zeros(256, np.int64)  # per class: pixels a person reviewed
         sampled = 0
         for split in store.splits():
             for image_id in _even_sample(store.image_ids(split), max_images):
@@ -67,6 +68,7 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
                 if name != "v1":
                     not_precise = (provenance == PROV_PSEUDO) | (provenance == PROV_PREDICTED)
                     pseudo_pix += np.bincount(labels[not_precise], minlength=256)
+                    reviewed_pix += np.bincount(labels[provenance == PROV_REVIEWED], minlength=256)
                 sampled += 1
         total = max(int(pix.sum()), 1)
         names = {c.id: c.name for c in classes}
@@ -81,10 +83,11 @@ def summarize_store(path: str | os.PathLike[str], *, max_images: int | None = 20
                                  "reviewed": round(float(prov[PROV_REVIEWED]) / total, 6),
                                  "ignore": round(float(prov[IGNORE_INDEX]) / total, 6)},
         }
-        if name != "v1":  # share of each class's pixels that are pseudo or predicted (the rest are precise)
+        if name != "v1":  # shares of each class's pixels that are pseudo or predicted, and reviewed
             out["versions"][name]["class_provenance"] = {
                 names.get(i, str(i)): {"pixels": int(pix[i]),
-                                       "pseudo_share": round(float(pseudo_pix[i]) / max(int(pix[i]), 1), 6)}
+                                       "pseudo_share": round(float(pseudo_pix[i]) / max(int(pix[i]), 1), 6),
+                                       "reviewed_share": round(float(reviewed_pix[i]) / max(int(pix[i]), 1), 6)}
                 for i in v.class_ids
             }
     return out
@@ -109,7 +112,8 @@ def format_summary(s: dict[str, Any]) -> str:
                      + f"ignore {100 * ps['ignore']:.1f}%")
         if v.get("class_provenance"):
             lines.append("  pseudo share per class " + ", ".join(
-                f"{k} {100 * c['pseudo_share']:.1f}%"
+                f"{k} {100 * c['pseudo_share']:.1f}%" + (f" (reviewed {100 * c['reviewed_share']:.1f}%)"
+                                                          if c.get("reviewed_share") else "")
                 for k, c in v["class_provenance"].items() if c["pixels"]))
     if s["drafts"]:
         lines.append(f"drafts  {', '.join(s['drafts'])} (unpublished; a rerun of merge finishes them, "

@@ -106,6 +106,14 @@ def test_export_edit_import_changes_exactly_the_edited_pixels(store: Path, tmp_p
             else:
                 assert np.array_equal(new, old) and np.array_equal(prov, old_prov)
     assert import_review(store, out)["existing"]  # the same file again: the same version
+    from tasks.inspect import format_summary, summarize_store
+
+    summary = summarize_store(store, max_images=None)
+    car = summary["versions"][version]["class_provenance"]["car"]
+    assert car["reviewed_share"] == pytest.approx(((v1_second == 0) & painted).sum() / car["pixels"], abs=1e-6)
+    assert summary["versions"][version]["provenance_share"]["reviewed"] > 0
+    assert f"car {100 * car['pseudo_share']:.1f}% (reviewed {100 * car['reviewed_share']:.1f}%)" in format_summary(
+        summary)
 
 
 @pytest.mark.parametrize(("edit", "message"), [
