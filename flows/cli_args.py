@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flow_run_args(rt, "retrain/retrain")
     add_flow_training_args(rt)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~5-7 min on 2 cores)")
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~6-8 min on 2 cores)")
     from tasks.demo import DemoConfig
 
     d = DemoConfig()

@@ -31,7 +31,7 @@ class DemoConfig:
     seeds the two scales scored car BIoU 10 points above scale 2 alone on val (55.9 against 45.5) and the
     7-class mIoU 1.2 below (scale 3 alone: 5.9 below; README "Training recipes"). They cost 3.25x the inference
     of scale 2, so validation during training (every ``val_every`` steps: 3 times) predicts at scale 2 alone. The
-    defaults finish in about 6 to 7 minutes on 2 idle cores, by the CPU (README "Quick start"); tests use fewer
+    defaults finish in about 6 to 8 minutes on 2 idle cores, by the CPU (README "Quick start"); tests use fewer
     iterations.
     """
 

@@ -221,7 +221,7 @@ def test_merge_writes_new_version_and_registry(tiny: Path) -> None:
     # inspect: per-class provenance share (car: 9 + 12 + 12 pixels, all pseudo; building: none)
     s = summarize_store(tiny)
     cp = s["versions"]["v2"]["class_provenance"]
-    assert cp["car"] == {"pixels": 33, "pseudo_share": 1.0} and cp["building"]["pseudo_share"] == 0.0
+    assert cp["car"] == {"pixels": 33, "pseudo_share": 1.0, "reviewed_share": 0.0} and cp["building"]["pseudo_share"] == 0.0
     assert "class_provenance" not in s["versions"]["v1"]
 
 
