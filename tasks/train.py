@@ -39,6 +39,7 @@ from models.training.ema import WeightEma
 from models.training.optim import GRAD_CLIP_NORM_TYPE, build_lr_scheduler, build_optimizer
 from models.training.targets import build_targets
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
+from storage.registry import PROV_REVIEWED
 from tasks.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -331,7 +332,9 @@ def _step(
     out = config.out_dir
     images = batch["image"].to(run.device, non_blocking=True)  # B x 3 x H x W
     labels = batch["labels"].to(run.device, non_blocking=True)  # B x H x W
-    targets = [build_targets(lab, pseudo_classes=pseudo) for lab in labels]
+    reviewed = batch["provenance"].to(run.device, non_blocking=True) == PROV_REVIEWED  # B x H x W
+    targets = [build_targets(lab, pseudo_classes=pseudo, reviewed=rev) for lab, rev in zip(labels, reviewed,
+                                                                                            strict=True)]
     use_amp = config.amp and run.device.type == "cuda"
     with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=use_amp):
         outputs = run.model(images)

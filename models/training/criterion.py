@@ -283,6 +283,7 @@ class SetCriterion(nn.Module):
             masks,
             is_pseudo=target["is_pseudo"],
             pseudo_region=target["pseudo_region"],
+            reviewed=target.get("reviewed"),
             mode=self.reweight,
             edge_weights=w_edge,
             edge_lambda=self.edge_lambda,

@@ -93,6 +93,7 @@ def bce_weight_map(
     inverse_weight_near_pseudo: bool = True,
     near_pseudo_radius: int = 2,
     kernel_size: int = 5,
+    reviewed: Tensor | None = None,
 ) -> Tensor:
     """Per-pixel BCE weights for the ground-truth masks of one image (docs/design.md §2.4, §2.8).
 
@@ -106,6 +107,9 @@ def bce_weight_map(
         inverse_weight_near_pseudo: In ``"inverse"`` mode, give precise masks ``1 - W`` near pseudo pixels.
         near_pseudo_radius: Chessboard radius of that band (2 px).
         kernel_size: Pooling window of W when ``edge_weights`` is not given.
+        reviewed: Optional H x W bool: pixels a person reviewed; in ``"inverse"`` mode a pseudo class's mask is
+            weighted like a precise one (``1 + lambda * W``) there and within ``kernel_size // 2`` of them (the
+            reach of W: both sides of a reviewed edge).
 
     Returns:
         G x H x W float32 weights.
@@ -119,6 +123,9 @@ def bce_weight_map(
         return boosted
     inverse = 1.0 - w_edge  # G x H x W
     use_inverse = is_pseudo.to(device=masks.device, dtype=torch.bool)[:, None, None]  # G x 1 x 1
+    if reviewed is not None:
+        trusted = dilate_chessboard(reviewed.to(device=masks.device, dtype=torch.bool), radius=kernel_size // 2)
+        use_inverse = use_inverse & ~trusted[None]  # G x H x W
     if inverse_weight_near_pseudo:
         near = dilate_chessboard(pseudo_region.to(masks.device), radius=near_pseudo_radius)  # H x W
         use_inverse = use_inverse | near[None]  # G x H x W

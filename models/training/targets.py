@@ -71,6 +71,7 @@ def build_targets(
     ignore_index: int = 255,
     pad_mask: Tensor | None = None,
     edge_width: int = 2,
+    reviewed: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Builds the per-image target dict of ``docs/interfaces.md``.
 
@@ -82,13 +83,16 @@ def build_targets(
         pad_mask: Optional H x W bool, True on padding. Padding is treated as ignore: in no class mask and
             255 in the edge target, whatever its label value.
         edge_width: Width of the edge target (MaSSFormer's default: 2).
+        reviewed: Optional H x W bool, True on pixels a person reviewed (provenance 3): they are left out of
+            ``pseudo_region``, so the loss weights treat them like precise pixels.
 
     Returns:
         A dict on ``label_map``'s device with
         ``labels`` (G int64, sorted class ids present, ignore excluded),
         ``masks`` (G x H x W float32, 1 where label == class),
         ``is_pseudo`` (G bool),
-        ``pseudo_region`` (H x W bool, union of the pseudo-class pixels) and
+        ``pseudo_region`` (H x W bool, union of the pseudo-class pixels not reviewed),
+        ``reviewed`` (H x W bool) and
         ``edge`` (H x W uint8 in {0, 1, 255}; 255 on ignore and padding pixels).
     """
     if label_map.dim() != 2:
@@ -110,7 +114,12 @@ def build_targets(
     pseudo = sorted(int(c) for c in pseudo_classes)
     is_pseudo = torch.tensor([int(c) in pseudo_classes for c in labels.tolist()], dtype=torch.bool,
                              device=lab.device)
-    pseudo_region = torch.isin(lab, torch.tensor(pseudo, dtype=torch.long, device=lab.device)) & ~ignore
+    if reviewed is None:
+        reviewed = torch.zeros(lab.shape, dtype=torch.bool, device=lab.device)
+    elif reviewed.shape != lab.shape:
+        raise ValueError(f"Expected reviewed of shape {tuple(lab.shape)}. Got {tuple(reviewed.shape)} instead.")
+    reviewed = reviewed.to(device=lab.device, dtype=torch.bool) & ~ignore
+    pseudo_region = torch.isin(lab, torch.tensor(pseudo, dtype=torch.long, device=lab.device)) & ~ignore & ~reviewed
 
     edge = generate_edge(lab, edge_width=edge_width, ignore_index=ignore_index)
     edge = edge.masked_fill(ignore, EDGE_IGNORE)
@@ -119,5 +128,6 @@ def build_targets(
         "masks": masks,
         "is_pseudo": is_pseudo,
         "pseudo_region": pseudo_region,
+        "reviewed": reviewed,
         "edge": edge,
     }

@@ -133,6 +133,32 @@ def test_reweight_modes_follow_the_rules() -> None:
     assert inv[0, 10, 12] < 1.0 < edge[0, 10, 12]
 
 
+def test_reviewed_pixels_of_a_pseudo_class_are_weighted_like_precise_ones() -> None:
+    """A person checked the car's left half (provenance 3): there, and within 2 px of it (W's reach, both sides of
+    the edge), its mask gets the precise rule 1 + 5 W; the rest keeps 1 - W; only the unchecked car pixels make
+    the near-pseudo band."""
+    seg, plain = _scene()
+    reviewed = torch.zeros(seg.shape, dtype=torch.bool)
+    reviewed[:, :17] = seg[:, :17] == 7
+    t = build_targets(seg, pseudo_classes={7}, reviewed=reviewed)
+    assert torch.equal(t["reviewed"], reviewed)
+    assert torch.equal(t["pseudo_region"], plain["pseudo_region"] & ~reviewed)
+    w_edge = np.stack([_loop_w(m) for m in t["masks"].numpy()])  # G x H x W
+    kwargs = dict(is_pseudo=t["is_pseudo"], pseudo_region=t["pseudo_region"], reviewed=t["reviewed"])
+    inv = bce_weight_map(t["masks"], mode="inverse", inverse_weight_near_pseudo=False, **kwargs).numpy()
+    car = 2  # labels [0, 2, 7]
+    rev = reviewed.numpy()
+    h, w = rev.shape
+    trusted = np.array([[rev[max(0, i - 2): i + 3, max(0, j - 2): j + 3].any() for j in range(w)] for i in range(h)])
+    np.testing.assert_allclose(inv[car], np.where(trusted, 1 + 5 * w_edge[car], 1 - w_edge[car]), atol=1e-6)
+    assert (w_edge[car][trusted] > 0).any() and (w_edge[car][~trusted] > 0).any()
+    everything = build_targets(seg, pseudo_classes={7}, reviewed=seg == 7)  # all of it checked: as precise
+    kwargs = dict(is_pseudo=everything["is_pseudo"], pseudo_region=everything["pseudo_region"],
+                  reviewed=everything["reviewed"])
+    np.testing.assert_allclose(bce_weight_map(everything["masks"], mode="inverse", **kwargs).numpy(),
+                               bce_weight_map(everything["masks"], mode="edge", **kwargs).numpy(), atol=1e-6)
+
+
 def test_parse_reweight_mode() -> None:
     assert parse_reweight_mode("edge") == "edge"
     with pytest.raises(ValueError, match="'inverted'"):

@@ -415,6 +415,37 @@ def test_a_class_with_iou_zero_on_val_is_warned_about_after_a_share_of_the_run(
     assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [2, 3]
 
 
+def test_training_passes_reviewed_pixels_to_the_targets(train_store: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pixels with provenance 3 (a person reviewed them) reach `build_targets` as ``reviewed``."""
+    import tasks.train as tt
+    from storage.registry import PROV_REVIEWED
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(train_store, store)
+    st = open_label_store(store, mode="a")
+    st.begin_version("v3", parent="v2", class_ids=list(range(8)), policy="test", spec={})
+    for split in st.splits():
+        for image_id in st.image_ids(split):
+            labels, provenance = st.read_labels_and_provenance(split, image_id, version="v2")
+            st.write_version_labels("v3", split, image_id, labels,
+                                    np.where(labels == CAR, PROV_REVIEWED, provenance).astype(np.uint8))
+    st.publish_version("v3")
+    [train_id] = st.image_ids("train")
+    cars = int((st.read_labels("train", train_id, version="v3") == CAR).sum())
+    seen: list[int] = []
+    real = tt.build_targets
+
+    def spy(label_map: torch.Tensor, **kwargs: Any) -> dict[str, torch.Tensor]:
+        seen.append(int(kwargs["reviewed"].sum()))
+        return real(label_map, **kwargs)
+
+    monkeypatch.setattr(tt, "build_targets", spy)
+    train(tiny_config(store, tmp_path / "run", version="v3", iters=1, scale_range=(1.0, 1.0)),
+          progress=False)
+    assert cars > 0 and seen == [cars, cars]  # the one train image twice, whole (256 crops of 256 x 256)
+
+
 def test_validation_predicts_at_the_test_scale_alone(train_store: Path, tmp_path: Path) -> None:
     """A model averaging two scales is validated at its test_scale only, and the scale is recorded; the
     final evaluation (`predict()` without a scale) keeps every scale."""
