@@ -123,7 +123,7 @@ def bce_weight_map(
         return boosted
     inverse = 1.0 - w_edge  # G x H x W
     use_inverse = is_pseudo.to(device=masks.device, dtype=torch.bool)[:, None, None]  # G x 1 x 1
-    if reviewed is not None:
+    if reviewed is not None and bool(reviewed.any()):
         trusted = dilate_chessboard(reviewed.to(device=masks.device, dtype=torch.bool), radius=kernel_size // 2)
         use_inverse = use_inverse & ~trusted[None]  # G x H x W
     if inverse_weight_near_pseudo:
