@@ -9,9 +9,9 @@ not predicted keep the parent's labels and provenance. So the model's view of th
 exported, reviewed and trained on like a merge of pseudo labels, and the store says which pixels came from which
 model.
 
-Like a merge, the run holds the store lock, registers a draft with its spec (the model folder, the sha256 of its
-weights, the prediction settings and the splits), writes one image at a time and publishes in one metadata
-write. A crash leaves an unpublished draft that the same command resumes (images already written are kept); the
+Like a merge (`storage.derived.write_derived_version`), the run holds the store lock, registers a draft with its
+spec (the model folder, the sha256 of its weights, the prediction settings and the splits), writes one image at a
+time and publishes in one metadata write. A crash leaves an unpublished draft that the same command resumes (images already written are kept); the
 same command after publication returns the version it made. The spec is kept in ``sections["predict"]``.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from common.errors import InputError
+from storage.derived import write_derived_version
 from storage.registry import IGNORE_INDEX, PROV_PRECISE, PROV_PREDICTED
 from storage.store import LabelStore, open_label_store
 from tasks.predict import PredictConfig, check_memory, image_scores
@@ -83,11 +83,6 @@ def _weights_sha256(model_dir: Path) -> str | None:
         return None
 
 
-def _published(store: LabelStore, spec: dict[str, Any]) -> str | None:
-    """The version an identical earlier run published, if any."""
-    return next((v for v, s in store.section(SECTION).items() if s == spec and v in store.versions()), None)
-
-
 def predict_into_store(
     model_dir: str | os.PathLike[str],
     store_path: str | os.PathLike[str],
@@ -125,34 +120,19 @@ def predict_into_store(
     spec = {"model": str(folder.resolve()), "weights_sha256": _weights_sha256(folder), "parent": parent,
             "splits": sorted(chosen), "predict": {k: v for k, v in asdict(config).items()
                                                   if k not in ("device", "overlays", "scores", "overwrite")}}
-    spec = json.loads(json.dumps(spec))  # as the store keeps it (tuples are lists), to compare with earlier runs
-    with store.lock(purpose=f"predict into {store.path.name}"):
-        store.refresh()
-        existing = _published(store, spec)
-        if existing is not None:
-            return {"version": existing, "parent": parent, "splits": sorted(chosen), "images": 0, "resumed": 0,
-                    "existing": True}
-        drafts = {v: d for v, d in store.drafts().items() if d.get("policy") == POLICY and d.get("spec") == spec}
-        version = next(iter(drafts), None) or store.next_version_name()
-        store.begin_version(version, parent=parent, class_ids=ids, policy=POLICY, spec=spec)
-        model = load_trained_model(folder, device=config.device)
-        lut = np.array(ids, np.uint8)  # model class index -> store id
-        todo = [(s, i) for s in store.splits() for i in store.image_ids(s) if not store.version_image_done(version, s, i)]
-        resumed = sum(len(store.image_ids(s)) for s in store.splits()) - len(todo)
-        predicted = 0
-        for split, image_id in tqdm(todo, desc=f"predict {version}", unit="img", disable=not progress):
-            if split in chosen:
-                image = store.read_image(split, image_id)
-                prediction = lut[image_scores(model, image, config).argmax(dim=0).cpu().numpy()]
-                labels, provenance = predicted_labels(store.read_labels(split, image_id, version="v1"), prediction,
-                                                      new_ids)
-                predicted += 1
-            else:
-                labels, provenance = store.read_labels_and_provenance(split, image_id, version=parent)
-            store.write_version_labels(version, split, image_id, labels, provenance)
-        specs = store.section(SECTION)
-        specs[version] = spec  # harmless if the publish below never happens: it names a draft
-        store.set_section(SECTION, specs)
-        store.publish_version(version)
-    return {"version": version, "parent": parent, "splits": sorted(chosen), "images": predicted,
-            "resumed": resumed, "existing": False}
+    lut = np.array(ids, np.uint8)  # model class index -> store id
+    model: list[Any] = []  # loaded at the first image to predict (not for a run that is already published)
+
+    def image_labels(split: str, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if split not in chosen:
+            return None
+        if not model:
+            model.append(load_trained_model(folder, device=config.device))
+        prediction = lut[image_scores(model[0], store.read_image(split, image_id), config).argmax(dim=0).cpu().numpy()]
+        return predicted_labels(store.read_labels(split, image_id, version="v1"), prediction, new_ids)
+
+    done = write_derived_version(store, section=SECTION, policy=POLICY, parent=parent, class_ids=ids, spec=spec,
+                                 image_labels=image_labels, purpose=f"predict into {store.path.name}",
+                                 progress=progress)
+    return {"version": done.version, "parent": parent, "splits": sorted(chosen), "images": done.changed,
+            "resumed": done.resumed, "existing": done.existing}

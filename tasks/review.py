@@ -35,6 +35,7 @@ import numpy as np
 
 from common.errors import InputError
 from models.hashing import file_sha256
+from storage.derived import write_derived_version
 from storage.pseudo import read_pseudo_record
 from storage.registry import PROV_PRECISE, PROV_REVIEWED
 from storage.store import LabelStore, open_label_store
@@ -76,11 +77,13 @@ def rank_images(store: LabelStore, class_name: str, *, version: str, by: Literal
         raise InputError(f"Expected --by in {RANKINGS}. Got {by!r} instead.")
     if by == "disagreement" and predict_mask is None:
         raise InputError("--by disagreement needs a trained model (--model RUN, or 'champion').")
+    if by == "score":
+        predict_mask = None
     cid = _class_id(store, class_name, version)
     rows: list[tuple[str, str, float]] = []
     for split in (s for s in splits if s in store.splits()):
         for image_id in store.image_ids(split):
-            if predict_mask is None or by == "score":
+            if predict_mask is None:  # by score
                 rows.append((split, image_id, _min_score(store, class_name, split, image_id)))
                 continue
             labels = store.read_labels(split, image_id, version=version) == cid
@@ -236,26 +239,16 @@ def import_review(store_path: str | os.PathLike[str], folder: str | os.PathLike[
     spec = {"class": name, "parent": parent, "export": str(folder.resolve()),
             "annotations_sha256": file_sha256(folder / ANNOTATIONS), "images": sorted(masks)}
     where = {e["image_id"]: e["split"] for e in manifest["images"]}
-    with store.lock(purpose=f"review import {name}"):
-        store.refresh()
-        done = next((v for v, s in store.section(SECTION).items() if s == spec and v in store.versions()), None)
-        if done is not None:
-            return {"version": done, "parent": parent, "class": name, "images": len(masks), "existing": True}
-        drafts = [v for v, d in store.drafts().items() if d.get("policy") == POLICY and d.get("spec") == spec]
-        version = drafts[0] if drafts else store.next_version_name()
-        store.begin_version(version, parent=parent, class_ids=list(store.versions()[parent].class_ids),
-                            policy=POLICY, spec=spec)
-        for split in store.splits():
-            for image_id in store.image_ids(split):
-                if store.version_image_done(version, split, image_id):
-                    continue
-                labels, provenance = store.read_labels_and_provenance(split, image_id, version=parent)
-                if image_id in masks and where[image_id] == split:
-                    labels, provenance = reviewed_labels(store.read_labels(split, image_id, version="v1"), labels,
-                                                         provenance, masks[image_id], cid)
-                store.write_version_labels(version, split, image_id, labels, provenance)
-        specs = store.section(SECTION)
-        specs[version] = spec
-        store.set_section(SECTION, specs)
-        store.publish_version(version)
-    return {"version": version, "parent": parent, "class": name, "images": len(masks), "existing": False}
+
+    def image_labels(split: str, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if where.get(image_id) != split:
+            return None
+        labels, provenance = store.read_labels_and_provenance(split, image_id, version=parent)
+        return reviewed_labels(store.read_labels(split, image_id, version="v1"), labels, provenance,
+                               masks[image_id], cid)
+
+    done = write_derived_version(store, section=SECTION, policy=POLICY, parent=parent,
+                                 class_ids=list(store.versions()[parent].class_ids), spec=spec,
+                                 image_labels=image_labels, purpose=f"review import {name}")
+    return {"version": done.version, "parent": parent, "class": name, "images": len(masks),
+            "existing": done.existing}
