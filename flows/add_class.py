@@ -26,6 +26,7 @@ from flows.params import (
     TrainingParams,
     check_splits,
     labeler_config,
+    launch,
     parse_params,
     train_config,
 )
@@ -44,7 +45,8 @@ from storage.store import LabelStore, open_label_store
 from tasks import merge as merge_tasks
 from tasks import pseudo_label as pl
 from tasks.model_registry import config_hash, register_model, resolve_init_model
-from tasks.train import TrainConfig, train
+from tasks.train import TrainConfig
+from tasks.train_launch import Launch, run_training
 
 
 # ---------------------------------------------------------------------------- thin tasks (paths and ids only)
@@ -59,9 +61,11 @@ def merge_image_task(store: str, version: str, split: str, image_id: str, spec: 
 
 
 @task(name="train")
-def train_task(config: TrainConfig) -> str:
+def train_task(config: TrainConfig, launch: Launch | None = None) -> str:
     """Trains (resuming), with progress in the run: a progress artifact ``train-progress-<run>``, about 20 log
-    lines (step, loss, lr, it/s, ETA) and the periodic validation scores (`tasks.train` log lines)."""
+    lines (step, loss, lr, it/s, ETA) and the periodic validation scores (`tasks.train` log lines). With
+    ``launch`` asking for several processes, under torchrun (`tasks.train_launch`): one task, whose logs carry
+    the processes' output."""
     logger = get_run_logger()
     # validation scores and warnings at INFO; `logs_to_run` sends them to the run's logs unless
     # PREFECT_LOGGING_EXTRA_LOGGERS already does (the addclass CLI sets it; a deployment's worker may not)
@@ -69,7 +73,7 @@ def train_task(config: TrainConfig) -> str:
     key = artifact_key("train-progress", Path(config.out_dir).name)
     progress = TrainProgress(log=logger.info, publish=ProgressArtifact(key))
     with logs_to_run("tasks"):
-        final = train(config, resume=True, progress=False, on_step=progress)
+        final = run_training(config, launch=launch, resume=True, progress=False, on_step=progress)
     progress.finish(config.iters)
     return str(final)
 
@@ -187,6 +191,7 @@ def plan_add_class(params: Mapping[str, Any]) -> AddClassPlan:
     plan = AddClassPlan(store_path=params["store"], store=st, class_name=class_name, labeling=labeling,
                         labeler=labeler, training=training, start_model=start_model, runs_dir=params["runs_dir"])
     plan.train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
+    launch(training)
     return plan
 
 
@@ -215,7 +220,7 @@ def add_class(
     """
     plan = plan_add_class(locals())  # every parameter checked before any work
     st, class_name, training = plan.store, plan.class_name, plan.training
-    runner = scale_out_runner(dask_address, mode=scale_out)
+    runner = scale_out_runner(dask_address, mode=scale_out, gpus=plan.labeling.gpus)
     logger = get_run_logger()
     pseudo: list[dict[str, Any]] = []
 
@@ -234,7 +239,7 @@ def add_class(
             logger.info("class %r already merged (version %s); continuing with training", class_name, version)
         # ---- 3. train
         tcfg = plan.train_config(version)
-        checkpoint = train_task(tcfg)
+        checkpoint = train_task(tcfg, launch(training))
         # ---- 4. evaluate
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits,
                                 training.device)

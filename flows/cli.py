@@ -137,7 +137,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     import logging
 
-    from tasks.train import TrainConfig, train
+    from tasks.train import TrainConfig
+    from tasks.train_launch import Launch, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _fill_train_sizes(a)
@@ -150,8 +151,9 @@ def cmd_train(a: argparse.Namespace) -> int:
                       ema_decay=a.ema_decay, amp=a.amp,
                       recipe=a.recipe, scale_range=tuple(a.scale_range), test_scale=a.test_scale,
                       test_ratios=tuple(a.test_ratios),
-                      test_window=a.test_window, val_every=a.val_every)
-    final = train(cfg, resume=a.resume, progress=not a.quiet)
+                      test_window=a.test_window, val_every=a.val_every, accumulate=a.accumulate)
+    launch = Launch(nproc=a.nproc, nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint)
+    final = run_training(cfg, launch=launch, resume=a.resume, progress=not a.quiet)
     print(f"model: {final}")
     return 0
 
@@ -283,6 +285,7 @@ FLOW_FLAGS_RENAMED = {
     "pseudo_batch_size": "labeling.batch_size", "pseudo_splits": "labeling.splits",
     "train_batch_size": "training.batch_size", "points": "training.num_points", "workers": "training.num_workers",
     "no_inverse_near_pseudo": "training.inverse_weight_near_pseudo", "wait": "wait_for_lock",
+    "nproc": "training.processes",
 }
 FLOW_FLAGS_NEGATED = frozenset({"no_inverse_near_pseudo"})  # store_true flags that clear their field
 FLOW_CONTROL = frozenset({"command", "deployment", "deployment_name", "timeout"})  # steer the command only

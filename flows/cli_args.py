@@ -102,6 +102,8 @@ def add_flow_labeling_args(p: argparse.ArgumentParser) -> None:
                          description="the flow's `labeling` parameter (flows.params.LabelingParams)")
     g.add_argument("--pseudo-batch-size", type=int, default=8, help="images per labelling task")
     g.add_argument("--pseudo-splits", nargs="+", default=["train", "val"], help="splits to pseudo-label")
+    g.add_argument("--gpus", type=int, nargs="+", default=None,
+                   help="label on these GPUs, one local Dask worker each (with --device cuda and a Prefect server)")
 
 
 def add_flow_training_args(p: argparse.ArgumentParser) -> None:
@@ -122,6 +124,11 @@ def add_flow_training_args(p: argparse.ArgumentParser) -> None:
                    help="steps between validations on val (default: 10 per run; 0: none)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="where the models run (labeler, training, evaluation)")
+    g.add_argument("--accumulate", type=int, default=1, help="forward/backward passes per step in each process")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="training processes on this node (torchrun, one per GPU); the batch is split over them")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes training together")
+    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="several nodes: where they meet (the first node)")
 
 
 def add_flow_run_args(p: argparse.ArgumentParser, deployment: str) -> None:
@@ -237,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-inverse-near-pseudo", action="store_true")
     tr.add_argument("--points", type=int, default=None, help=_sized_help("points"))
     tr.add_argument("--checkpoint-every", type=int, default=1000)
+    tr.add_argument("--accumulate", type=int, default=1,
+                    help="forward/backward passes per step in each process (gradient accumulation): the batch "
+                         "size stays the global one")
+    tr.add_argument("--nproc", type=int, default=1,
+                    help="training processes on this node (torchrun, one per GPU; gloo on the CPU); the batch "
+                         "is split over them")
+    tr.add_argument("--nnodes", type=int, default=1, help="nodes (run the same command on each)")
+    tr.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="several nodes: where they meet (the first node)")
     tr.add_argument("--backbone-checkpoint", help="torchvision ImageNet ResNet weights (resnet50-0676ba61.pth)")
     tr.add_argument("--init-model", help="fine-tune a trained model folder (final/ of an earlier run); "
                     "classes matched by name, new classes start untrained")

@@ -31,6 +31,7 @@ from storage.names import parse_split
 from tasks.predict import DEFAULT_TTA_SCALES, PredictConfig
 from tasks.pseudo_label import LabelerConfig
 from tasks.train import TrainConfig, run_name
+from tasks.train_launch import Launch
 
 # Field descriptions come from the attribute docstrings (Prefect's UI shows them under each field); unknown
 # fields are an error, so a typo in a JSON parameter is not silently ignored.
@@ -67,6 +68,9 @@ class LabelingParams(BaseModel):
     """Images per labelling task (the unit of scale-out and retries)."""
     splits: list[str] = ["train", "val"]
     """Splits to pseudo-label (the others keep the parent version's labels)."""
+    gpus: list[int] | None = None
+    """GPUs to label on, one local Dask worker each (pinned with CUDA_VISIBLE_DEVICES; needs device 'cuda' and a
+    Prefect server)."""
 
 
 class TrainingParams(BaseModel):
@@ -108,6 +112,14 @@ class TrainingParams(BaseModel):
     """Seed of the initialisation, data order, augmentations and loss points (and of the labeler)."""
     device: str = "cpu"
     """Where the labeler, the training and the evaluation run: 'cpu', 'cuda', 'cuda:1', 'auto'."""
+    accumulate: int = 1
+    """Forward/backward passes per step in each training process (gradient accumulation)."""
+    processes: int = 1
+    """Training processes per node (torchrun, one per GPU; >1: data-parallel, the batch split over them)."""
+    nnodes: int = 1
+    """Nodes training together (the flow runs on the first; start the same torchrun on the others)."""
+    rdzv_endpoint: str | None = None
+    """host:port where several nodes meet (the first node)."""
 
 
 class PredictionParams(BaseModel):
@@ -170,7 +182,11 @@ def check_splits(parameter: str, splits: Sequence[str]) -> list[str]:
 
 def labeler_config(labeling: LabelingParams, *, device: str, seed: int) -> LabelerConfig:
     """The pseudo-label stage's `LabelerConfig` (the fields of `LabelingParams` but the task batching)."""
-    fields = labeling.model_dump(exclude={"batch_size", "splits"})
+    if labeling.gpus is not None and (not labeling.gpus or min(labeling.gpus) < 0 or not device.startswith("cuda")):
+        raise InputError(f"Expected labeling.gpus: GPU numbers >= 0, with training.device 'cuda' (each worker's "
+                         f"'cuda' is its GPU). Got {labeling.gpus} with device {device!r} instead.")
+    fields = labeling.model_dump(exclude={"batch_size", "splits", "gpus"})
+    device = "cuda" if labeling.gpus else device  # a pinned worker sees its GPU as cuda:0
     return LabelerConfig(**fields, device=device, seed=seed)
 
 
@@ -183,11 +199,24 @@ def predict_config(prediction: PredictionParams) -> PredictConfig:
     return PredictConfig(**{**prediction.model_dump(), "tta_scales": tuple(prediction.tta_scales)})
 
 
+LAUNCH_FIELDS = {"processes", "nnodes", "rdzv_endpoint"}  # where the run trains (`launch`), not what it is
+
+
+def launch(training: TrainingParams) -> Launch:
+    """Where the training stage runs: in the flow's process, or under torchrun (`tasks.train_launch`).
+
+    Raises:
+        ValueError: naming the values.
+    """
+    return Launch(nproc=training.processes, nnodes=training.nnodes, rdzv_endpoint=training.rdzv_endpoint)
+
+
 def train_config(training: TrainingParams, *, store: str, version: str, runs_dir: str | None,
                  init_model: str | None) -> TrainConfig:
     """The training stage's `TrainConfig` (square crops) in a folder of `runs_dir` (default ``STORE.runs``)
     named by `run_name`, so that the same settings resume their run; building it checks the training
-    parameters. Every `TrainingParams` field is a `TrainConfig` field; the others keep TrainConfig's defaults.
+    parameters. Every `TrainingParams` field but `LAUNCH_FIELDS` is a `TrainConfig` field; the others keep
+    TrainConfig's defaults.
 
     Raises:
         ValueError: naming the parameter.
@@ -197,7 +226,7 @@ def train_config(training: TrainingParams, *, store: str, version: str, runs_dir
         raise InputError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. "
                          f"Got {t.iters}, {t.batch_size}, {t.crop_size}.")
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
-    fields = t.model_dump(exclude={"crop_size"})
+    fields = t.model_dump(exclude={"crop_size"} | LAUNCH_FIELDS)
     cfg = TrainConfig(**fields, crop_size=(t.crop_size, t.crop_size), store=store, version=version,
                       out_dir=str(runs), init_model=init_model)
     return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))

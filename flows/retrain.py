@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.add_class import evaluate_task, train_task
 from flows.choices import Promote
-from flows.params import TrainingParams, check_splits, parse_params, train_config
+from flows.params import TrainingParams, check_splits, launch, parse_params, train_config
 from flows.ui import publish_registry, publish_results
 from tasks.model_registry import register_model, resolve_init_model
 
@@ -43,11 +43,12 @@ def retrain(
     st.resolve_version(version)  # a bad name fails now; "latest" is resolved again under the lock
     start_model = resolve_init_model(store, init_model)  # "champion" or a model folder, checked now
     train_config(training, store=store, version=version, runs_dir=runs_dir, init_model=start_model)  # checks
+    launch(training)
     logger = get_run_logger()
     with st.lock(wait=wait_for_lock, purpose="retrain"):  # re-reads the store: another writer may have published
         version = st.resolve_version(version)
         tcfg = train_config(training, store=store, version=version, runs_dir=runs_dir, init_model=start_model)
-        checkpoint = train_task(tcfg)
+        checkpoint = train_task(tcfg, launch(training))
         results = evaluate_task(store, checkpoint, str(Path(tcfg.out_dir) / "report"), eval_splits,
                                 training.device)
         # artifacts retrain-{metrics,report,outputs,registry} (`flows.ui`)

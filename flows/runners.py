@@ -6,6 +6,8 @@
 - A real Prefect API (PREFECT_API_URL set, e.g. a deployment run): a local Dask cluster (2 workers x 1 thread).
 - Prefect's ephemeral API (no server, the CLI's default): a thread pool. Never Dask there: every Dask worker
   process would start its own temporary Prefect server (docs/design.md §7.3).
+- ``gpus`` given (a real Prefect API): a local cluster of one worker per GPU, each a process that sees only its
+  GPU (``CUDA_VISIBLE_DEVICES``), so a labeler's models load once per GPU (`gpu_cluster`).
 Worker environment: BLAS threads pinned to 1 and no `MALLOC_TRIM_THRESHOLD_` (docs/design.md §7.3). A local
 cluster's nannies live in the flow process and write that environment into it for good (distributed does
 `os.environ.update` before spawning a worker): run the stages under `restored_environ`.
@@ -14,7 +16,7 @@ cluster's nannies live in the flow process and write that environment into it fo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,10 +46,40 @@ def has_real_api() -> bool:
     return bool(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
 
 
-def scale_out_runner(dask_address: str | None = None, *, mode: str = "auto", workers: int = 2) -> Any:
-    """The task runner for the mapped stages (see module docstring); `mode` 'threads' or 'dask' forces one."""
+def gpu_worker_specs(gpus: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Dask worker specs: one nanny process per GPU, 1 thread, pinned by ``CUDA_VISIBLE_DEVICES`` (its "cuda"
+    is that GPU), with the BLAS threads of `WORKER_ENV`."""
+    from distributed import Nanny
+
+    env = {k: str(v) for k, v in WORKER_ENV.items()}
+    return {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {**env, "CUDA_VISIBLE_DEVICES": str(g)}}}
+            for g in gpus}
+
+
+def gpu_cluster(*, gpus: Sequence[int], asynchronous: bool = False) -> Any:
+    """A local Dask cluster with one worker per GPU (`gpu_worker_specs`), no dashboard."""
+    from distributed import Scheduler, SpecCluster
+
+    return SpecCluster(workers=gpu_worker_specs(gpus), asynchronous=asynchronous,
+                       scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+
+
+def scale_out_runner(dask_address: str | None = None, *, mode: str = "auto", workers: int = 2,
+                     gpus: Sequence[int] | None = None) -> Any:
+    """The task runner for the mapped stages (see module docstring); `mode` 'threads' or 'dask' forces one;
+    ``gpus``: one local Dask worker per GPU."""
     if mode not in ("auto", "threads", "dask"):
         raise InputError(f"Expected scale_out 'auto', 'threads' or 'dask'. Got {mode!r} instead.")
+    if gpus:
+        if dask_address or mode == "threads" or not has_real_api():
+            raise InputError(f"labeling.gpus {list(gpus)} starts a local Dask cluster of one worker per GPU: it needs "
+                             f"a Prefect server (PREFECT_API_URL), scale_out 'auto' or 'dask' and no dask_address "
+                             f"(on a cluster of your own, start one worker per GPU with CUDA_VISIBLE_DEVICES set).")
+        import dask
+        from prefect_dask import DaskTaskRunner
+
+        dask.config.set({"distributed.logging.distributed": "warning"})
+        return DaskTaskRunner(cluster_class=gpu_cluster, cluster_kwargs={"gpus": list(gpus)})  # type: ignore[arg-type]
     if mode == "dask" and not (dask_address or has_real_api()):
         raise InputError("scale_out='dask' needs a Prefect server (PREFECT_API_URL) or a dask_address: with the "
                          "ephemeral API every Dask worker would start its own temporary server.")

@@ -292,6 +292,7 @@ class LabelVersionDataset(Dataset[dict[str, Any]]):
             "labels": torch.from_numpy(labels.astype(np.int64)),
             "provenance": torch.from_numpy(np.ascontiguousarray(provenance)),
             "id": self.image_ids[index],
+            "sample": draw,  # the sample's position in the run (`StepSampler`): seeds its loss points too
         }
 
     def transform(
@@ -338,18 +339,23 @@ class StepSampler(Sampler[SampleKey]):
     The images are visited in epochs, each a fresh permutation seeded by ``(seed, epoch)``; epochs run on
     across batch boundaries, so every batch is full. Sample ``p`` of the run (counting from step 0) gets the
     key ``(permutation[p % n], p)``. The keys for a step are therefore the same whether a run starts at
-    step 0 or resumes at that step.
+    step 0 or resumes at that step. In a data-parallel run (``world_size`` processes) each process takes its
+    slice of every step's batch: process ``r`` the positions ``step * batch_size + r * b .. + b - 1`` with
+    ``b = batch_size / world_size``, so the batch of a step is the same whatever the number of processes.
     """
 
     def __init__(
-        self, num_images: int, *, batch_size: int, total_steps: int, start_step: int = 0, seed: int = 0
+        self, num_images: int, *, batch_size: int, total_steps: int, start_step: int = 0, seed: int = 0,
+        rank: int = 0, world_size: int = 1,
     ) -> None:
         """Args:
         num_images: Dataset length n.
-        batch_size: Samples per step.
+        batch_size: Samples per step (over all processes).
         total_steps: Steps of the whole run.
         start_step: First step to yield (resume).
         seed: Seed of the permutations.
+        rank: This process's index in ``0 .. world_size - 1``.
+        world_size: Processes sharing each batch; must divide ``batch_size``.
         """
         if num_images < 1 or batch_size < 1:
             raise InputError(f"Expected num_images, batch_size >= 1. Got {num_images}, {batch_size} instead.")
@@ -357,27 +363,35 @@ class StepSampler(Sampler[SampleKey]):
             raise InputError(
                 f"Expected 0 <= start_step <= total_steps. Got {start_step}, {total_steps} instead."
             )
+        if world_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
+            raise InputError(f"Expected world_size dividing batch_size {batch_size} and 0 <= rank < world_size. "
+                             f"Got rank {rank}, world_size {world_size} instead.")
         self.num_images = num_images
         self.batch_size = batch_size
         self.total_steps = total_steps
         self.start_step = start_step
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.batch_size
+        return (self.total_steps - self.start_step) * (self.batch_size // self.world_size)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
 
     def __iter__(self) -> Iterator[SampleKey]:
         n = self.num_images
+        share = self.batch_size // self.world_size
         epoch = -1
         perm = np.arange(n)
-        for p in range(self.start_step * self.batch_size, self.total_steps * self.batch_size):
-            if p // n != epoch:
-                epoch = p // n
-                perm = self._permutation(epoch)
-            yield int(perm[p % n]), p
+        for step in range(self.start_step, self.total_steps):
+            first = step * self.batch_size + self.rank * share
+            for p in range(first, first + share):
+                if p // n != epoch:
+                    epoch = p // n
+                    perm = self._permutation(epoch)
+                yield int(perm[p % n]), p
 
 
 # Start method of DataLoader workers. Not "fork": OpenCV's thread pool (and CUDA) do not survive a fork of a

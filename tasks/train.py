@@ -22,7 +22,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -32,11 +33,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.errors import InputError
 from models.massformer.model import MaSSFormer
 from models.massformer.weights import load_backbone_checkpoint
-from models.training.criterion import build_criterion
+from models.training.criterion import LossNormalizers, SetCriterion, build_criterion
 from models.training.ema import WeightEma
 from models.training.optim import GRAD_CLIP_NORM_TYPE, build_lr_scheduler, build_optimizer
+from models.training.sync_norm import sync_batch_norm
 from models.training.targets import build_targets
 from storage.dataset import WORKER_START_METHOD, LabelVersionDataset, StepSampler, worker_init
 from storage.registry import PROV_REVIEWED
@@ -49,6 +52,7 @@ from tasks.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from tasks.distributed import Distributed
 from tasks.model_folder import (
     FINAL_DIR,
     LATEST_FILE,
@@ -148,31 +152,63 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             classes, label version or recipe); the message names the file.
     """
     config = resolve_train_config(config)
+    ctx = Distributed.from_env(resolve_device(config.device))
+    try:
+        return _train(config, ctx, resume=resume, progress=progress, on_step=on_step)
+    finally:
+        ctx.close()
+
+
+def _train(config: TrainConfig, ctx: Distributed, *, resume: bool, progress: bool,
+           on_step: Callable[[StepInfo], None] | None) -> Path:
+    """`train` in one process of the run (``ctx``); only the main process writes."""
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    micro_batch = _micro_batch(config, ctx)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     expected = model_config(config)
-    checkpoint = _checkpoint_to_resume(out, expected, resume=resume)
-    check_train_memory(variant=config.variant, batch_size=config.batch_size, crop_size=config.crop_size,
-                       device=resolve_device(config.device))
+    checkpoint = _checkpoint_to_resume(out, expected, resume=resume, clean=ctx.is_main)
+    check_train_memory(variant=config.variant, batch_size=micro_batch, crop_size=config.crop_size,
+                       device=ctx.device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
-    run = _build_run(config, expected, checkpoint=checkpoint)
+    run = _build_run(config, expected, checkpoint=checkpoint, ctx=ctx)
     start_step = 0
     if checkpoint is not None:
         start_step = _restore_training_state(run, checkpoint)
-        _truncate_log(out / LOG_FILE, step=start_step)
+        if ctx.is_main:
+            _truncate_log(out / LOG_FILE, step=start_step)
         log.info("resuming %s at step %d", out, start_step)
-    else:
+    elif ctx.is_main:
         atomic_write_json(out / TRAIN_CONFIG_FILE, config.to_dict())
         atomic_write_bytes(out / LOG_FILE, b"")
+    if ctx.active:
+        log.info("data parallel: %d processes x %d images x %d accumulation steps = batch %d", ctx.world_size,
+                 micro_batch, config.accumulate, config.batch_size)
     if start_step < config.iters:
-        _train_steps(config, run, expected=expected, start_step=start_step, progress=progress,
-                     on_step=on_step)
-    model_cfg = {**expected, "step": config.iters}
-    final = save_model_dir(out / FINAL_DIR, model=run.kept, config=model_cfg, step=config.iters)
-    learning_curve_png(out)
+        _train_steps(config, run, expected=expected, start_step=start_step, progress=progress and ctx.is_main,
+                     on_step=on_step if ctx.is_main else None)
+    final = out / FINAL_DIR
+    if ctx.is_main:
+        model_cfg = {**expected, "step": config.iters}
+        save_model_dir(final, model=run.kept, config=model_cfg, step=config.iters)
+        learning_curve_png(out)
+    ctx.barrier()  # every process returns once final/ is written
     return final
+
+
+def _micro_batch(config: TrainConfig, ctx: Distributed) -> int:
+    """Images per forward pass in each process: the batch shared by the processes and accumulation steps.
+
+    Raises:
+        InputError: they do not divide the batch, or batch norm would see a single image.
+    """
+    parts = ctx.world_size * config.accumulate
+    if config.batch_size % parts:
+        raise InputError(f"Expected batch_size {config.batch_size} divisible by processes x accumulate = "
+                         f"{ctx.world_size} x {config.accumulate}. Got a remainder of {config.batch_size % parts}.")
+    return config.batch_size // parts
 
 
 @dataclass
@@ -180,12 +216,16 @@ class _Run:
     """What the loop updates: the model, its loss, the optimizer and schedule, and the loss points' RNG."""
 
     model: MaSSFormer
-    criterion: torch.nn.Module
+    criterion: SetCriterion
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator
-    device: torch.device
+    ctx: Distributed
+    net: torch.nn.Module  # what the step runs: the model, or its DistributedDataParallel wrapper
     ema: WeightEma | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
 
     @property
     def kept(self) -> MaSSFormer:
@@ -193,8 +233,9 @@ class _Run:
         return self.model if self.ema is None else self.ema.module  # type: ignore[return-value]
 
 
-def _checkpoint_to_resume(out: Path, expected: dict[str, Any], *, resume: bool) -> Path | None:
-    """The checkpoint a resume continues from (checked to belong to this run), None for a fresh start.
+def _checkpoint_to_resume(out: Path, expected: dict[str, Any], *, resume: bool, clean: bool = True) -> Path | None:
+    """The checkpoint a resume continues from (checked to belong to this run), None for a fresh start;
+    ``clean``: remove what a killed checkpoint write left (the main process does).
 
     Raises:
         FileExistsError: ``out`` holds a run and ``resume`` is False.
@@ -205,7 +246,7 @@ def _checkpoint_to_resume(out: Path, expected: dict[str, Any], *, resume: bool) 
                 f"{out} already holds a training run; resume it (resume=True) or pick another out_dir."
             )
         return None
-    for partial in remove_partial_writes(out):  # a kill during a checkpoint write left these
+    for partial in remove_partial_writes(out) if clean else ():  # a kill during a checkpoint write left these
         log.info("removed the partial write %s", partial)
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
@@ -213,9 +254,12 @@ def _checkpoint_to_resume(out: Path, expected: dict[str, Any], *, resume: bool) 
     return checkpoint
 
 
-def _build_run(config: TrainConfig, expected: dict[str, Any], *, checkpoint: Path | None) -> _Run:
-    """The model (from the checkpoint, ``init_model``, a backbone checkpoint or random), loss and optimizer."""
-    device = resolve_device(config.device)
+def _build_run(config: TrainConfig, expected: dict[str, Any], *, checkpoint: Path | None,
+               ctx: Distributed | None = None) -> _Run:
+    """The model (from the checkpoint, ``init_model``, a backbone checkpoint or random), loss and optimizer;
+    in a data-parallel run (``ctx``) with batch norm over all processes, wrapped in DistributedDataParallel."""
+    ctx = ctx or Distributed(device=resolve_device(config.device))
+    device = ctx.device
     model = build_model(expected)
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
@@ -223,7 +267,12 @@ def _build_run(config: TrainConfig, expected: dict[str, Any], *, checkpoint: Pat
         init_from_model(model, config.init_model, expected=expected)
     elif config.backbone_checkpoint is not None:
         load_backbone_checkpoint(model, config.backbone_checkpoint, strict=config.variant != "tiny")
+    if ctx.active:
+        model = sync_batch_norm(model, device=device)  # type: ignore[assignment]
     model.to(device).train()
+    net: torch.nn.Module = model
+    if ctx.active:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     criterion = build_criterion(
         num_classes=expected["num_classes"],
         num_points=config.num_points,
@@ -236,12 +285,10 @@ def _build_run(config: TrainConfig, expected: dict[str, Any], *, checkpoint: Pat
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
                                 backbone_lr_mult=config.backbone_lr_mult)
     scheduler = build_lr_scheduler(optimizer, max_iters=config.iters, warmup_iters=config.warmup_iters)
-    generator = torch.Generator()  # on the CPU: the loss points and their saved state do not depend on device
-    generator.manual_seed(config.seed)
     # a checkpoint's weights are the average (`_save_checkpoint`): it starts there, the trained weights are
     # restored from its training state
     ema = WeightEma(model, decay=config.ema_decay) if config.ema_decay else None
-    return _Run(model, criterion, optimizer, scheduler, generator, device, ema)
+    return _Run(model, criterion, optimizer, scheduler, ctx, net, ema)
 
 
 def _restore_training_state(run: _Run, checkpoint: Path) -> int:
@@ -256,26 +303,27 @@ def _restore_training_state(run: _Run, checkpoint: Path) -> int:
         run.scheduler.load_state_dict(state["scheduler"])
         if run.ema is not None:
             run.model.load_state_dict(state["trained_weights"])
-        set_rng_state(state["rng"], generators={"criterion": run.generator})
+        set_rng_state(state["rng"])
         return int(state["step"])
     except (KeyError, ValueError, RuntimeError) as e:
         path = checkpoint / "training_state.pt"
         raise CheckpointError(f"Cannot restore the training state {path}: {e}") from e
 
 
-def _data_loader(config: TrainConfig, *, start_step: int, device: torch.device) -> DataLoader:
-    """Augmented batches of the training split, in the seed's order from ``start_step`` on."""
+def _data_loader(config: TrainConfig, *, start_step: int, ctx: Distributed) -> DataLoader:
+    """Augmented micro-batches of this process's share of the training split, in the seed's order from
+    ``start_step`` on (`StepSampler`)."""
     dataset = LabelVersionDataset(
         config.store, version=config.version, split=config.split, augment=True, crop_size=config.crop_size,
         scale_range=config.scale_range, cat_max_ratio=config.cat_max_ratio, seed=config.seed,
     )
     sampler = StepSampler(
         len(dataset), batch_size=config.batch_size, total_steps=config.iters, start_step=start_step,
-        seed=config.seed,
+        seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
     )
     return DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-        pin_memory=device.type == "cuda", worker_init_fn=worker_init if config.num_workers else None,
+        dataset, batch_size=_micro_batch(config, ctx), sampler=sampler, num_workers=config.num_workers,
+        pin_memory=ctx.device.type == "cuda", worker_init_fn=worker_init if config.num_workers else None,
         multiprocessing_context=WORKER_START_METHOD if config.num_workers else None,
     )
 
@@ -287,14 +335,14 @@ def _train_steps(
     """Steps ``start_step + 1 .. iters``: one log line each, validation and checkpoints on their schedule."""
     out = Path(config.out_dir)
     pseudo = set(expected["pseudo_classes"])
-    loader = _data_loader(config, start_step=start_step, device=run.device)
+    batches = _step_batches(_data_loader(config, start_step=start_step, ctx=run.ctx), config.accumulate)
     head_group = next((i for i, g in enumerate(run.optimizer.param_groups) if g.get("name") == "head"), 0)
     bar = tqdm(total=config.iters, initial=start_step, desc="train", unit="it", disable=not progress)
     step = start_step
     t0 = time.perf_counter()
-    with open(out / LOG_FILE, "a") as log_file:
-        for batch in loader:
-            losses, total = _step(config, run, batch, pseudo=pseudo, step=step + 1)
+    with open(out / LOG_FILE, "a") if run.ctx.is_main else nullcontext(None) as log_file:
+        for micro_batches in batches:
+            losses, total = _step(config, run, micro_batches, pseudo=pseudo, step=step + 1)
             lr = float(run.optimizer.param_groups[head_group]["lr"])  # the rate this step used
             run.scheduler.step()
             step += 1
@@ -302,15 +350,16 @@ def _train_steps(
             seconds = time.perf_counter() - t0  # data wait + forward + backward + update (not checkpointing)
             record = {"step": step, "lr": lr, **dict(zip(losses, values[:-1], strict=True)), "total": values[-1],
                       "seconds": round(seconds, 4)}
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{values[-1]:.3f}")
-            if config.val_every and (step % config.val_every == 0 or step == config.iters):
+            if log_file is not None and config.val_every and (step % config.val_every == 0 or step == config.iters):
                 # before the checkpoint: a resume from this step keeps this step's scores in the log
                 _validate_step(config, run.kept, step=step, device=run.device, log_file=log_file)
                 run.model.train()
-            if step % config.checkpoint_every == 0 or step == config.iters:
+            if run.ctx.is_main and (step % config.checkpoint_every == 0 or step == config.iters):
                 _save_checkpoint(config, run, expected=expected, step=step)
             if on_step is not None:
                 on_step(StepInfo(step=step, iters=config.iters, total=values[-1], lr=lr, seconds=seconds,
@@ -321,37 +370,72 @@ def _train_steps(
         raise RuntimeError(f"The data loader stopped at step {step} of {config.iters}.")
 
 
+def _step_batches(loader: DataLoader, accumulate: int) -> Iterator[list[dict[str, Any]]]:
+    """The loader's micro-batches, ``accumulate`` at a time: one list per training step."""
+    group: list[dict[str, Any]] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accumulate:
+            yield group
+            group = []
+
+
+def point_generators(seed: int, samples: Any) -> list[torch.Generator]:
+    """One CPU generator per sample for its loss points, seeded by the run's seed and the sample's position in
+    the run (`storage.dataset.StepSampler`): an image's points do not depend on the process or micro-batch it
+    lands in, nor on a resume."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(p)]).generate_state(1)[0]))
+            for p in samples]
+
+
 def _step(
-    config: TrainConfig, run: _Run, batch: dict[str, torch.Tensor], *, pseudo: set[int], step: int
+    config: TrainConfig, run: _Run, micro_batches: list[dict[str, Any]], *, pseudo: set[int], step: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimisation step (step number ``step``); returns the loss terms and their sum.
+    """One optimisation step (step number ``step``) over this process's micro-batches; returns the loss terms of
+    the whole batch (all processes) and their sum.
 
     Raises:
         FloatingPointError: the loss or the gradient norm is not finite (the weights are then not updated).
     """
-    out = config.out_dir
-    images = batch["image"].to(run.device, non_blocking=True)  # B x 3 x H x W
-    labels = batch["labels"].to(run.device, non_blocking=True)  # B x H x W
-    reviewed = batch["provenance"].to(run.device, non_blocking=True) == PROV_REVIEWED  # B x H x W
-    targets = [build_targets(lab, pseudo_classes=pseudo, reviewed=rev) for lab, rev in zip(labels, reviewed,
-                                                                                            strict=True)]
+    out, ctx = config.out_dir, run.ctx
+    parts = []
+    counts = torch.zeros(3, dtype=torch.float64)
+    for batch in micro_batches:
+        images = batch["image"].to(run.device, non_blocking=True)  # b x 3 x H x W
+        labels = batch["labels"].to(run.device, non_blocking=True)  # b x H x W
+        reviewed = batch["provenance"].to(run.device, non_blocking=True) == PROV_REVIEWED  # b x H x W
+        targets = [build_targets(lab, pseudo_classes=pseudo, reviewed=rev)
+                   for lab, rev in zip(labels, reviewed, strict=True)]
+        counts += run.criterion.count(targets, num_queries=run.model.num_queries)
+        parts.append((images, targets, point_generators(config.seed, batch["sample"])))
+    # DDP averages the gradients over the processes: each one's losses are sums over its images divided by the
+    # whole batch's counts over the number of processes, so the average is the loss of the batch in one piece
+    normalizers = LossNormalizers(*(ctx.all_reduce_sum(counts) / ctx.world_size).tolist())
     use_amp = config.amp and run.device.type == "cuda"
-    with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        outputs = run.model(images)
-    losses = run.criterion(outputs, targets, generator=run.generator)
-    total = torch.stack(list(losses.values())).sum()
+    run.optimizer.zero_grad(set_to_none=True)
+    summed: dict[str, torch.Tensor] = {}
+    for i, (images, targets, generators) in enumerate(parts):
+        last = i == len(parts) - 1
+        with nullcontext() if last or not ctx.active else run.net.no_sync():  # type: ignore[operator]
+            with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = run.net(images)
+            losses = run.criterion(outputs, targets, generator=generators, normalizers=normalizers)
+            torch.stack(list(losses.values())).sum().backward()
+        for k, v in losses.items():
+            summed[k] = summed.get(k, 0.0) + v.detach().float()
+    names = list(summed)
+    values = ctx.all_reduce_sum(torch.stack([summed[k] for k in names]).cpu()) / ctx.world_size  # the batch's
+    losses, total = dict(zip(names, values, strict=True)), values.sum()
     if not torch.isfinite(total):
         raise FloatingPointError(
             f"Non-finite loss at step {step} of {out}: "
             f"{ {k: float(v) for k, v in losses.items()} }. {DIVERGED_ADVICE}"
         )
-    run.optimizer.zero_grad(set_to_none=True)
-    total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or math.inf,
                                                GRAD_CLIP_NORM_TYPE)
     if not torch.isfinite(grad_norm):  # clipping would spread it: no step, so no bad checkpoint
         raise FloatingPointError(
-            f"Non-finite gradient norm at step {step} of {out} (loss {float(total.detach()):.4g}); the weights "
+            f"Non-finite gradient norm at step {step} of {out} (loss {float(total):.4g}); the weights "
             f"were not updated. {DIVERGED_ADVICE}"
         )
     run.optimizer.step()
@@ -367,7 +451,7 @@ def _save_checkpoint(config: TrainConfig, run: _Run, *, expected: dict[str, Any]
         "step": step,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
-        "rng": get_rng_state(generators={"criterion": run.generator}),
+        "rng": get_rng_state(),
     }
     if run.ema is not None:
         state["trained_weights"] = run.model.state_dict()

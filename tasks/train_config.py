@@ -22,7 +22,7 @@ from tasks.model_folder import CONFIG_FILE, FORMAT, FORMAT_VERSION, CheckpointEr
 # TrainConfig fields that may change between a run and its resume (they do not change the result on CPU).
 RESUME_FREE_FIELDS = frozenset(
     {"out_dir", "store", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "val_every",
-     "val_max_images", "test_window", "test_ratios"}
+     "val_max_images", "test_window", "test_ratios", "accumulate"}
 )
 # TrainConfig fields added after runs were first written, with the value a run without them had: an older
 # checkpoint resumes, and an older run keeps its folder name (`run_name`), while the field keeps that value.
@@ -42,7 +42,13 @@ class TrainConfig:
         num_classes: K; derived from the version (None until resolved; a different value is an error).
         pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline).
         iters: Training steps (MaSSFormer's default: 80000).
-        batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling).
+        batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling): the global
+            batch, whatever the number of processes (`tasks.distributed`) and ``accumulate``; both must divide
+            it. The step count ``iters`` is counted in these batches too.
+        accumulate: Forward/backward passes per step in each process (gradient accumulation), so that fewer
+            devices reach the recipe's batch; each pass sees ``batch_size / (processes * accumulate)`` images.
+            The gradients equal those of the whole batch, except that batch norm statistics come from each
+            pass (over all processes), so the pass must hold >= 2 images over the processes.
         crop_size: (height, width) of training crops; the model pads to multiples of 256, so multiples of
             256 waste nothing.
         scale_range: Random resize ratio range (of the native size).
@@ -98,6 +104,7 @@ class TrainConfig:
     pixel_decoder: str = "hr"
     iters: int = 80000
     batch_size: int = 16
+    accumulate: int = 1
     crop_size: tuple[int, int] = (1024, 1024)
     scale_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
@@ -151,6 +158,11 @@ class TrainConfig:
             raise InputError(
                 f"Expected batch_size >= 2 (the pixel decoder's BatchNorm after global pooling needs more "
                 f"than one value per channel in training). Got {self.batch_size} instead."
+            )
+        if self.accumulate < 1 or self.batch_size % self.accumulate or self.batch_size // self.accumulate < 2:
+            raise InputError(
+                f"Expected accumulate >= 1 dividing batch_size {self.batch_size} into passes of >= 2 images (batch "
+                f"norm needs more than one value per channel). Got accumulate {self.accumulate} instead."
             )
         for name in ("iters", "checkpoint_every", "num_points"):
             if getattr(self, name) < 1:

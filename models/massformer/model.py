@@ -92,6 +92,11 @@ class MaSSFormer(nn.Module):
         """K, the number of semantic classes (without no-object)."""
         return self.transformer_decoder.num_classes
 
+    @property
+    def num_queries(self) -> int:
+        """Q, the number of queries (masks predicted per image)."""
+        return self.transformer_decoder.query_feat.num_embeddings
+
     def preprocess(self, images: Tensor) -> Tensor:
         """Normalizes B x 3 x H x W RGB 0..255 images; zero-pads to B x 3 x H' x W' (multiples of 256)."""
         if images.dim() != 4 or images.shape[1] != 3:

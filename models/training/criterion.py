@@ -27,13 +27,19 @@ from torch import Tensor, nn
 
 from models.training.loss_weights import ReweightMode, bce_weight_map, edge_weight_map, parse_reweight_mode
 from models.training.matcher import HungarianMatcher
-from models.training.point_sample import point_sample, uncertain_point_coords_with_randomness
+from models.training.point_sample import (
+    PointRng,
+    image_generator,
+    point_sample,
+    uncertain_point_coords_with_randomness,
+)
 from models.training.targets import EDGE_IGNORE
 
 LOSS_NAMES: tuple[str, ...] = ("labels", "masks", "edge")
 
 
-def classification_loss(pred_logits: Tensor, target_classes: Tensor, class_weights: Tensor) -> Tensor:
+def classification_loss(pred_logits: Tensor, target_classes: Tensor, class_weights: Tensor,
+                        weight_sum: float | None = None) -> Tensor:
     """Softmax cross-entropy over all queries, weighted mean by class weight.
 
     Equals ``sum_i c[y_i] * CE_i / sum_i c[y_i]``, as mmdet's ``avg_factor=class_weight[labels].sum()`` and
@@ -43,12 +49,16 @@ def classification_loss(pred_logits: Tensor, target_classes: Tensor, class_weigh
         pred_logits: B x Q x (K+1) logits.
         target_classes: B x Q int64 class ids, K (no-object) for unmatched queries.
         class_weights: (K+1) weights, the last one the no-object weight.
+        weight_sum: The denominator ``sum_i c[y_i]`` when it is counted over more than these images (a batch
+            split over processes or micro-batches, `LossNormalizers`); None: over these.
 
     Returns:
         Scalar loss (unweighted by the loss weight).
     """
     logits = pred_logits.float().transpose(1, 2)  # B x (K+1) x Q
-    return F.cross_entropy(logits, target_classes, weight=class_weights.float())
+    if weight_sum is None:
+        return F.cross_entropy(logits, target_classes, weight=class_weights.float())
+    return F.cross_entropy(logits, target_classes, weight=class_weights.float(), reduction="sum") / weight_sum
 
 
 def weighted_sigmoid_ce_loss(
@@ -93,7 +103,8 @@ def dice_loss(point_logits: Tensor, point_labels: Tensor, num_masks: float, *, e
 
 
 def edge_loss(
-    edge_logits: Tensor, edge_targets: Sequence[Tensor], *, ignore_value: int = EDGE_IGNORE
+    edge_logits: Tensor, edge_targets: Sequence[Tensor], *, ignore_value: int = EDGE_IGNORE,
+    num_pixels: float | None = None,
 ) -> Tensor:
     """BCE between upsampled edge logits and ``edge == 1``, mean over the non-ignored pixels of the batch.
 
@@ -102,6 +113,8 @@ def edge_loss(
         edge_targets: B maps H x W uint8 in {0, 1, ignore_value}; the logits are upsampled bilinearly
             (``align_corners=False``) to each map's size.
         ignore_value: Target value excluded from the mean (padding and ignore pixels).
+        num_pixels: The denominator when it is counted over more than these images (`LossNormalizers`);
+            None: the valid pixels of these.
 
     Returns:
         Scalar loss (0, with gradient, when no pixel is valid).
@@ -119,7 +132,20 @@ def edge_loss(
         bce = F.binary_cross_entropy_with_logits(up, (tgt == 1).float(), reduction="none")  # H x W
         total = total + (bce * valid).sum()
         count = count + valid.sum()
+    if num_pixels is not None:
+        return total / max(num_pixels, 1.0)
     return total / count.clamp(min=1.0)
+
+
+class LossNormalizers(NamedTuple):
+    """The denominators of the batch-mean losses. A batch split over processes (DDP) or micro-batches (gradient
+    accumulation) counts them over the whole batch (`SetCriterion.count`, summed), so that the gradients summed
+    over the parts equal those of the batch in one piece; DDP, which averages gradients over processes, passes
+    them divided by the number of processes."""
+
+    num_masks: float  # ground-truth masks (>= 1)
+    class_weight: float  # sum over queries of the class weight of their target (matched class or no-object)
+    edge_pixels: float  # valid edge-target pixels
 
 
 class PreparedTarget(NamedTuple):
@@ -208,7 +234,8 @@ class SetCriterion(nn.Module):
         outputs: Mapping[str, Any],
         targets: Sequence[Mapping[str, Tensor]],
         *,
-        generator: torch.Generator | None = None,
+        generator: PointRng = None,
+        normalizers: LossNormalizers | None = None,
     ) -> dict[str, Tensor]:
         """Computes all losses.
 
@@ -218,7 +245,9 @@ class SetCriterion(nn.Module):
                 any mask resolution) and ``pred_edge`` B x 1 x h x w or None.
             targets: B dicts from ``models.training.targets.build_targets`` on the outputs' device.
             generator: Optional RNG for the matcher's and the losses' random points, for reproducibility
-                (on any device: the points move to the outputs').
+                (on any device: the points move to the outputs'): one generator, or one per image.
+            normalizers: The batch means' denominators counted over a larger batch these images are part of
+                (`count`); None: over these images.
 
         Returns:
             ``loss_ce``, ``loss_mask``, ``loss_dice`` for the last output, the same with suffix ``_i`` for
@@ -228,18 +257,36 @@ class SetCriterion(nn.Module):
         self._check(outputs, targets)
         device_type = outputs["pred_logits"].device.type
         with torch.autocast(device_type=device_type, enabled=False):  # losses in fp32 (docs/design.md §2.7)
-            return self._losses(outputs, targets, generator)
+            return self._losses(outputs, targets, generator, normalizers)
+
+    def count(self, targets: Sequence[Mapping[str, Tensor]], *, num_queries: int) -> Tensor:
+        """This part's share of `LossNormalizers` (float64, 3), to be summed over the parts of a batch.
+
+        The class weights' sum follows from the targets: Hungarian matching gives min(Q, G) queries their
+        target's class (weight 1) and the others no-object (``no_object_weight``).
+        """
+        masks = sum(int(t["labels"].numel()) for t in targets)
+        matched = sum(min(num_queries, int(t["labels"].numel())) for t in targets)
+        class_weight = matched + (len(targets) * num_queries - matched) * self.no_object_weight
+        pixels = sum(int((t["edge"] != EDGE_IGNORE).sum()) for t in targets) if "edge" in targets[0] else 0
+        return torch.tensor([masks, class_weight, pixels], dtype=torch.float64)
 
     def _losses(
         self,
         outputs: Mapping[str, Any],
         targets: Sequence[Mapping[str, Tensor]],
-        generator: torch.Generator | None,
+        generator: PointRng,
+        normalizers: LossNormalizers | None,
     ) -> dict[str, Tensor]:
         prepared = [self._prepare_target(t) for t in targets] if "masks" in self.losses else []
-        # Mask losses are normalized by the number of ground-truth masks in the batch (single process; the
-        # reference also averages it over GPUs), not by the number of matched ones.
-        num_masks = max(sum(int(t["labels"].numel()) for t in targets), 1)
+        # Mask losses are normalized by the number of ground-truth masks in the batch (the reference averages it
+        # over GPUs: `normalizers`), not by the number of matched ones.
+        if normalizers is None:
+            num_masks: float = max(sum(int(t["labels"].numel()) for t in targets), 1)
+            weight_sum = edge_pixels = None
+        else:
+            num_masks, weight_sum, edge_pixels = max(normalizers.num_masks, 1.0), normalizers.class_weight, \
+                normalizers.edge_pixels
 
         losses: dict[str, Tensor] = {}
         layers: list[tuple[str, Mapping[str, Tensor]]] = [("", outputs)]
@@ -247,14 +294,16 @@ class SetCriterion(nn.Module):
         for suffix, layer in layers:
             indices = self.matcher(layer, targets, generator=generator)
             if "labels" in self.losses:
-                losses["loss_ce" + suffix] = self.class_weight * self._loss_labels(layer, targets, indices)
+                losses["loss_ce" + suffix] = self.class_weight * self._loss_labels(layer, targets, indices,
+                                                                                   weight_sum)
             if "masks" in self.losses:
                 loss_mask, loss_dice = self._loss_masks(layer, prepared, indices, num_masks, generator)
                 losses["loss_mask" + suffix] = self.mask_weight * loss_mask
                 losses["loss_dice" + suffix] = self.dice_weight * loss_dice
         pred_edge = outputs.get("pred_edge")
         if "edge" in self.losses and pred_edge is not None:
-            losses["loss_edge"] = self.edge_weight * edge_loss(pred_edge, [t["edge"] for t in targets])
+            losses["loss_edge"] = self.edge_weight * edge_loss(pred_edge, [t["edge"] for t in targets],
+                                                               num_pixels=edge_pixels)
         return losses
 
     def _check(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> None:
@@ -297,6 +346,7 @@ class SetCriterion(nn.Module):
         layer: Mapping[str, Tensor],
         targets: Sequence[Mapping[str, Tensor]],
         indices: list[tuple[Tensor, Tensor]],
+        weight_sum: float | None,
     ) -> Tensor:
         pred_logits = layer["pred_logits"]  # B x Q x (K+1)
         target_classes = torch.full(
@@ -306,15 +356,15 @@ class SetCriterion(nn.Module):
             if src.numel():
                 labels = targets[b]["labels"].to(pred_logits.device)
                 target_classes[b, src.to(pred_logits.device)] = labels[tgt.to(pred_logits.device)]
-        return classification_loss(pred_logits, target_classes, self.empty_weight)
+        return classification_loss(pred_logits, target_classes, self.empty_weight, weight_sum)
 
     def _loss_masks(
         self,
         layer: Mapping[str, Tensor],
         prepared: list[PreparedTarget],
         indices: list[tuple[Tensor, Tensor]],
-        num_masks: int,
-        generator: torch.Generator | None,
+        num_masks: float,
+        generator: PointRng,
     ) -> tuple[Tensor, Tensor]:
         pred_masks = layer["pred_masks"]  # B x Q x h x w
         logits_list: list[Tensor] = []
@@ -336,7 +386,7 @@ class SetCriterion(nn.Module):
                 oversample_ratio=self.oversample_ratio,
                 importance_sample_ratio=self.importance_sample_ratio,
                 uncertainty_scale=scale,
-                generator=generator,
+                generator=image_generator(generator, b),
             )  # n x P x 2
             with torch.no_grad():
                 labels_list.append(point_sample(masks, coords)[:, 0])  # n x P

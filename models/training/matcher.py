@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from models.training.point_sample import point_sample, uniform_points
+from models.training.point_sample import PointRng, image_generator, point_sample, uniform_points
 
 
 def batch_class_cost(pred_logits: Tensor, tgt_labels: Tensor) -> Tensor:
@@ -141,7 +141,7 @@ class HungarianMatcher(nn.Module):
         targets: Sequence[Mapping[str, Tensor]],
         *,
         point_coords: Sequence[Tensor] | None = None,
-        generator: torch.Generator | None = None,
+        generator: PointRng = None,
     ) -> list[tuple[Tensor, Tensor]]:
         """Matches one decoder output against the targets.
 
@@ -151,7 +151,7 @@ class HungarianMatcher(nn.Module):
             outputs: ``pred_logits`` B x Q x (K+1) and ``pred_masks`` B x Q x h x w.
             targets: B dicts with ``labels`` (G) and ``masks`` (G x H x W).
             point_coords: Optional B tensors of P x 2 points (tests); random uniform points otherwise.
-            generator: Optional RNG for the random points.
+            generator: Optional RNG for the random points: one generator, or one per image.
 
         Returns:
             B pairs ``(query_idx, target_idx)`` of int64 CPU tensors of length min(Q, G), so that query
@@ -172,7 +172,8 @@ class HungarianMatcher(nn.Module):
                 if point_coords is not None:
                     coords = point_coords[b].to(pred_masks.device)
                 else:
-                    coords = uniform_points((self.num_points, 2), device=pred_masks.device, generator=generator)
+                    coords = uniform_points((self.num_points, 2), device=pred_masks.device,
+                                            generator=image_generator(generator, b))
                 cost = matching_cost(
                     pred_logits[b], pred_masks[b], labels, tgt["masks"], coords,
                     cost_class=self.cost_class, cost_mask=self.cost_mask, cost_dice=self.cost_dice,

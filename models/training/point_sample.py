@@ -8,6 +8,8 @@ Bilinear sampling with ``align_corners=False``, as detectron2's ``point_sample``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +21,18 @@ def uniform_points(shape: tuple[int, ...], *, device: torch.device | str,
     gives the same points whatever device trains (and its saved state resumes on any device)."""
     source = generator.device if generator is not None else device
     return torch.rand(shape, device=source, generator=generator).to(device)
+
+
+# The RNG of the random points: one generator for the whole batch, one per image (the points of an image then do
+# not depend on which other images share its batch, process or micro-batch), or None for torch's global RNG.
+PointRng = torch.Generator | Sequence[torch.Generator] | None
+
+
+def image_generator(rng: PointRng, index: int) -> torch.Generator | None:
+    """The generator that draws image ``index``'s points."""
+    if rng is None or isinstance(rng, torch.Generator):
+        return rng
+    return rng[index]
 
 
 def point_sample(inputs: Tensor, point_coords: Tensor, *, align_corners: bool = False) -> Tensor:

@@ -75,6 +75,25 @@ def test_challenger_is_registered_and_promoted_only_when_allowed(store: str) -> 
     assert second["registry"]["model_id"].startswith("v1-tiny-inverse-s1-i2")  # a warm start from the champion
 
 
+def test_retrain_trains_on_two_processes_under_torchrun(store: str) -> None:
+    """`training.processes` 2: the train task launches torchrun (gloo on the CPU); Prefect sees one task whose logs
+    carry rank 0's lines, and the progress artifact follows the run's log."""
+    result = retrain(store=store, training={**TRAINING.model_dump(), "processes": 2}, eval_splits=["val"],
+                     promote="never")
+    run = Path(result["checkpoint"]).parent
+    assert (run / "final" / "model.safetensors").is_file() and Path(result["report"]["report.md"]).is_file()
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        trains = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train-")))
+        logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[t.id for t in trains])))
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[f"train-progress-{run.name}"])))
+    text = "\n".join(log.message for log in logs)
+    assert "[rank 0] INFO tasks.train: data parallel: 2 processes x 1 images x 1 accumulation steps = batch 2" in text
+    assert "train 2/2 (100 %)" in text  # the progress hook, fed from the run's log
+    assert [a.data for a in progress] == [100.0]
+
+
 def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_class(store: str) -> None:
     params = {**SMALL, "prompt": "car", "store": store, "labeling": LabelingParams(kind="simulated", batch_size=2)}
     environ = dict(os.environ)

@@ -7,10 +7,12 @@ import dataclasses
 import pytest
 
 from flows.params import (
+    LAUNCH_FIELDS,
     LabelingParams,
     PredictionParams,
     TrainingParams,
     labeler_config,
+    launch,
     parse_params,
     predict_config,
     train_config,
@@ -18,14 +20,19 @@ from flows.params import (
 from tasks.predict import PredictConfig
 from tasks.pseudo_label import LabelerConfig
 from tasks.train import TrainConfig
+from tasks.train_launch import Launch
 
 
 def test_every_parameter_field_reaches_the_task_config() -> None:
     """A field added to a parameter object must mean something to the stage it configures."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(TrainingParams.model_fields) <= train_fields
+    assert set(TrainingParams.model_fields) - train_fields == LAUNCH_FIELDS  # where it trains: `launch`
+    assert set(dataclasses.asdict(launch(TrainingParams(processes=2, nnodes=3, rdzv_endpoint="n0:1")))) == {
+        "nproc", "nnodes", "rdzv_endpoint"}
+    assert launch(TrainingParams(processes=2, nnodes=3, rdzv_endpoint="n0:1")) == Launch(2, 3, "n0:1")
     labeler_fields = {f.name for f in dataclasses.fields(LabelerConfig)}
-    assert set(LabelingParams.model_fields) - labeler_fields == {"batch_size", "splits"}  # the stage's batching
+    # the stage's batching, and the workers it runs on
+    assert set(LabelingParams.model_fields) - labeler_fields == {"batch_size", "splits", "gpus"}
     # prediction: one field each way, so the flow can set everything `addclass predict` can
     assert set(PredictionParams.model_fields) == {f.name for f in dataclasses.fields(PredictConfig)}
     assert predict_config(PredictionParams(tta=True, tta_scales=[1.0, 2.0])) == PredictConfig(tta=True,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import dask
 import distributed
 import pytest
 
-from flows.runners import check_dask_scheduler
+from flows.params import LabelingParams, labeler_config
+from flows.runners import check_dask_scheduler, gpu_cluster, scale_out_runner
 from tests.flows.prefect_server import free_port
 
 
@@ -32,3 +34,28 @@ def test_a_scheduler_that_does_not_answer_names_the_address(address: str) -> Non
         with pytest.raises(ConnectionError, match=f"No Dask scheduler answers at dask_address='{address}'"):
             check_dask_scheduler(address)
 
+
+
+def test_one_dask_worker_per_gpu_sees_only_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`labeling.gpus`: each worker process is pinned with CUDA_VISIBLE_DEVICES (checked in the workers; no GPU
+    is needed to see the pinning), and the runner refuses setups where it cannot start that cluster."""
+    with gpu_cluster(gpus=[0, 1]) as cluster, distributed.Client(cluster) as client:
+        seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")))
+        nthreads = client.nthreads()
+    assert sorted(seen.values()) == [("0", "1"), ("1", "1")]
+    assert list(nthreads.values()) == [1, 1]
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr("flows.runners.has_real_api", lambda: False)
+    with pytest.raises(ValueError, match=r"labeling.gpus \[0, 1\] .* needs a Prefect server"):
+        scale_out_runner(gpus=[0, 1])
+    monkeypatch.setattr("flows.runners.has_real_api", lambda: True)
+    with pytest.raises(ValueError, match="no dask_address"):
+        scale_out_runner("tcp://127.0.0.1:8786", gpus=[0])
+    runner = scale_out_runner(gpus=[2, 3])
+    assert runner.cluster_kwargs == {"gpus": [2, 3]}
+
+
+def test_labeling_gpus_need_a_cuda_device() -> None:
+    with pytest.raises(ValueError, match=r"labeling.gpus.*device 'cpu'"):
+        labeler_config(LabelingParams(gpus=[0]), device="cpu", seed=0)
+    assert labeler_config(LabelingParams(gpus=[3]), device="cuda:1", seed=0).device == "cuda"

@@ -11,6 +11,7 @@ import torch
 import models.training.criterion as criterion_module
 from models.training.criterion import (
     HungarianMatcher,
+    LossNormalizers,
     SetCriterion,
     build_criterion,
     classification_loss,
@@ -405,3 +406,45 @@ def test_criterion_runs_in_fp32_under_autocast() -> None:
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         losses = crit(half, targets)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def _split_outputs(outputs: dict, b: int) -> dict:
+    """Image ``b`` of a batch's outputs, as a batch of one (views: the gradients reach the batch's tensors)."""
+    part = {"pred_logits": outputs["pred_logits"][b : b + 1], "pred_masks": outputs["pred_masks"][b : b + 1],
+            "pred_edge": outputs["pred_edge"][b : b + 1]}
+    part["aux_outputs"] = [{k: v[b : b + 1] for k, v in aux.items()} for aux in outputs["aux_outputs"]]
+    return part
+
+
+def test_a_batch_in_parts_with_the_batch_normalizers_gives_the_batch_loss_and_gradients() -> None:
+    """DDP and gradient accumulation: the losses of the parts of a batch, each normalised by the whole batch's
+    counts (`SetCriterion.count` summed), add up to the batch's loss, and so do their gradients, when each image
+    draws its points from its own generator."""
+    k = 9
+    targets = [build_targets(m, pseudo_classes={7, 8}) for m in _label_maps(16, 20)]
+    crit = build_criterion(num_classes=k, num_points=48)
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]
+
+    whole_out = _random_outputs(2, 5, k, 16, 20, num_aux=2)
+    whole = crit(whole_out, targets, generator=generators())
+    sum(whole.values()).backward()
+    counts = crit.count(targets[:1], num_queries=5) + crit.count(targets[1:], num_queries=5)
+    assert torch.equal(counts, crit.count(targets, num_queries=5))
+    normalizers = LossNormalizers(*counts.tolist())
+    assert normalizers.num_masks == sum(len(t["labels"]) for t in targets)
+
+    parts_out = _random_outputs(2, 5, k, 16, 20, num_aux=2)  # the same values (seed), fresh gradients
+    gens = generators()
+    parts = [crit(_split_outputs(parts_out, b), targets[b : b + 1], generator=[gens[b]], normalizers=normalizers)
+             for b in range(2)]
+    for name in whole:
+        assert float((parts[0][name] + parts[1][name]).detach()) == pytest.approx(float(whole[name].detach()),
+                                                                                 rel=1e-5), name
+    sum(sum(p.values()) for p in parts).backward()
+    for key in ("pred_logits", "pred_masks", "pred_edge"):
+        torch.testing.assert_close(parts_out[key].grad, whole_out[key].grad, rtol=1e-5, atol=1e-7)
+    # without the batch's counts a part is normalised by its own: not the batch's loss
+    alone = crit(_split_outputs(parts_out, 0), targets[:1], generator=[generators()[0]])
+    assert float(alone["loss_mask"].detach()) != pytest.approx(float(parts[0]["loss_mask"].detach()), rel=1e-3)

@@ -46,8 +46,11 @@ CAR = 7
 
 @pytest.fixture(scope="module")
 def train_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_train_store(tmp_path_factory.mktemp("train") / "scenes.zarr")
+
+
+def make_train_store(path: Path) -> Path:
     """3 scenes of 256 x 256 (1 train); v2 adds the exact car masks as a pseudo class."""
-    path = tmp_path_factory.mktemp("train") / "scenes.zarr"
     ingest_synthetic(path, images=3, size=(256, 256), seed=0, progress=False)
     st = open_label_store(path, mode="a")
     st.begin_version("v2", parent="v1", class_ids=list(range(8)), policy="test", spec={})
