@@ -8,6 +8,7 @@ from typing import Any, cast
 import pytest
 
 from flows.cli import main
+from tasks.train_launch import Launch
 
 
 def test_cli_ingest_and_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -287,11 +288,11 @@ def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, ca
 
     seen = {}
 
-    def fake_train(config, *, resume, progress):  # type: ignore[no-untyped-def]
-        seen["config"] = config
+    def fake_train(config, *, launch, resume, progress):  # type: ignore[no-untyped-def]
+        seen["config"], seen["launch"] = config, launch
         return tmp_path / "final"
 
-    monkeypatch.setattr("tasks.train.train", fake_train)
+    monkeypatch.setattr("tasks.train_launch.run_training", fake_train)
     assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--out",
                      str(tmp_path / "run"), "--quiet"]) == 0
     c = seen["config"]
@@ -303,6 +304,11 @@ def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, ca
     assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--iters", "5",
                      "--batch-size", "4", "--ema-decay", "0", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert (seen["config"].iters, seen["config"].batch_size, seen["config"].ema_decay) == (5, 4, 0.0)  # flags win
+    assert seen["launch"].nproc == 1 and seen["config"].accumulate == 1  # one process unless asked
+    assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--batch-size", "8",
+                     "--nproc", "2", "--accumulate", "2", "--nnodes", "2", "--rdzv-endpoint", "n0:29400",
+                     "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert seen["launch"] == Launch(nproc=2, nnodes=2, rdzv_endpoint="n0:29400") and seen["config"].accumulate == 2
 
 
 

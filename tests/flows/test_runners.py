@@ -10,7 +10,7 @@ import distributed
 import pytest
 
 from flows.params import LabelingParams, labeler_config
-from flows.runners import check_dask_scheduler, gpu_cluster, scale_out_runner
+from flows.runners import check_dask_scheduler, gpu_cluster, restored_environ, scale_out_runner
 from tests.flows.prefect_server import free_port
 
 
@@ -39,11 +39,13 @@ def test_a_scheduler_that_does_not_answer_names_the_address(address: str) -> Non
 def test_one_dask_worker_per_gpu_sees_only_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """`labeling.gpus`: each worker process is pinned with CUDA_VISIBLE_DEVICES (checked in the workers; no GPU
     is needed to see the pinning), and the runner refuses setups where it cannot start that cluster."""
-    with gpu_cluster(gpus=[0, 1]) as cluster, distributed.Client(cluster) as client:
+    environ = dict(os.environ)
+    with restored_environ(), gpu_cluster(gpus=[0, 1]) as cluster, distributed.Client(cluster) as client:
         seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")))
         nthreads = client.nthreads()
     assert sorted(seen.values()) == [("0", "1"), ("1", "1")]
     assert list(nthreads.values()) == [1, 1]
+    assert dict(os.environ) == environ  # the nannies' environment did not stay here (the add-class flow does the same)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setattr("flows.runners.has_real_api", lambda: False)
     with pytest.raises(ValueError, match=r"labeling.gpus \[0, 1\] .* needs a Prefect server"):

@@ -200,7 +200,7 @@ def test_test_ratios_average_the_normalised_scores_of_each_scale() -> None:
     """With several test_ratios, scores/predict average the per-pixel class probabilities (normalised to sum
     1) at test_scale x each ratio, each in the model's own tiles; an explicit scale or window is one pass."""
     model = _build("tiny", "hr").eval()
-    x = _images(1, 70, 150, seed=7)
+    x = _images(1, 40, 90, seed=7)  # 2 x 4 tiles of 64 at scale 2, 3 x 6 at scale 3
     model.test_scale, model.test_window = 2.0, 64
     single = model.scores(x)
     model.test_ratios = (1.0, 1.5)

@@ -5,9 +5,10 @@ How equal is "the same": with batch norm over all processes (`models.training.sy
 processes x 1 image and of 1 process x 2 images have the same loss (to 1e-6) and gradients that differ by about
 0.5 % (relative L2): the one-process run uses torch's batch-norm kernel, the two-process run the float64 layer,
 and MaSSFormer's BatchNorms after global pooling normalise 2 values per channel, which amplifies rounding. The
-same layer on 1 process gives the two-process gradients to 2e-6 (measured while building this). AdamW's first
-step moves every weight by lr x sign(gradient), so weights whose gradient is at rounding level can move either way:
-the test bounds the share of weights that differ instead of the largest difference.
+same layer on 1 process gives the two-process gradients to 2e-6 (the first test checks both). AdamW moves every
+weight by about lr x sign(gradient) on its first steps, so weights whose gradient is at rounding level can move
+either way: where the number of processes changes within a run, the test bounds the share of weights that
+differ instead of the largest difference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,23 +112,6 @@ def test_two_processes_x_one_image_give_the_gradients_of_one_process_x_two(store
     assert against_torch < 2e-2
 
 
-def test_two_processes_train_as_one_and_only_rank_0_writes(store: Path, tmp_path: Path) -> None:
-    one = train(tiny_config(store, tmp_path / "one", iters=1), progress=False)
-    steps: list[int] = []
-    two = run_training(tiny_config(store, tmp_path / "two", iters=1), launch=TWO,
-                       on_step=lambda info: steps.append(info.step))
-    (loss_one,), (loss_two,) = read_log(one.parent), read_log(two.parent)
-    assert loss_two["total"] == pytest.approx(loss_one["total"], rel=1e-6)
-    # AdamW's first step moves each weight by ~lr x sign(gradient): where the two gradients differ in sign (rounding
-    # amplified by the batch norms after global pooling, module docstring) the weights differ by up to 2 lr
-    share = share_differing(one, two)
-    print(f"one step: {100 * share:.3f} % of the weights differ by > 1e-5")
-    assert share < 0.02
-    assert files(two.parent) == files(one.parent)  # rank 0 alone wrote: the files of one process,
-    assert len((two.parent / "train_log.jsonl").read_text().splitlines()) == 2  # a line per step and validation
-    assert steps == [1]  # the launcher followed the log
-
-
 DIE_AT_CHECKPOINT = """
 import os, signal, sys
 import tasks.train as tt
@@ -149,7 +132,9 @@ sys.exit(main())
 
 def test_a_killed_run_resumes_with_two_processes_or_one(store: Path, tmp_path: Path) -> None:
     config = tiny_config(store, tmp_path / "straight")  # 3 steps, checkpoints at 2 and 3
-    straight = launch_training(config, TWO)
+    steps: list[int] = []
+    straight = run_training(config, launch=TWO, on_step=lambda info: steps.append(info.step))
+    assert steps == [1, 2, 3]  # the launcher followed the run's log
     killed = tmp_path / "killed"
     script = tmp_path / "die.py"
     script.write_text(DIE_AT_CHECKPOINT)
@@ -176,6 +161,10 @@ def test_a_killed_run_resumes_with_two_processes_or_one(store: Path, tmp_path: P
     print(f"1-process resume of a 2-process run: {100 * share:.3f} % of the weights differ by > 1e-5")
     assert share < 0.005
     assert read_log(single)[-1]["total"] == pytest.approx(read_log(straight.parent)[-1]["total"], rel=1e-4)
+    # rank 0 alone wrote: the 2-process run's folder holds the files of the run finished by 1 process, and one log
+    # line per step and validation
+    assert files(straight.parent) == files(single)
+    assert len((straight.parent / "train_log.jsonl").read_text().splitlines()) == 6
 
 
 def test_gradient_accumulation_trains_in_passes_of_two_images_or_more(store: Path, tmp_path: Path) -> None:
@@ -198,13 +187,6 @@ def test_a_failed_process_is_an_error_naming_the_run(store: Path, tmp_path: Path
     cmd = torchrun_command(config, Launch(nproc=8, nnodes=2, rdzv_endpoint="node0:29400"))
     assert cmd[1:8] == ["-m", "torch.distributed.run", "--nproc-per-node=8", "--nnodes=2", "--rdzv-backend=c10d",
                         "--rdzv-endpoint=node0:29400", "-m"]
-
-
-def test_the_worker_refuses_a_bad_config_by_name() -> None:
-    proc = subprocess.run([sys.executable, "-m", "tasks.train_launch", "--config", json.dumps({"store": "x",
-                          "out_dir": "y", "bogus": 1})], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and proc.returncode != -signal.SIGKILL
-    assert "Unknown TrainConfig fields ['bogus']" in proc.stderr
 
 
 def test_batch_norm_over_processes_matches_one_batch_norm(tmp_path: Path) -> None:
