@@ -213,7 +213,7 @@ def _micro_batch(config: TrainConfig, ctx: Distributed) -> int:
 
 @dataclass
 class _Run:
-    """What the loop updates: the model, its loss, the optimizer and schedule, and the loss points' RNG."""
+    """What the loop updates: the model (and the wrapper that runs it), its loss, the optimizer and schedule."""
 
     model: MaSSFormer
     criterion: SetCriterion

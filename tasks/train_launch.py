@@ -128,31 +128,37 @@ def launch_training(config: TrainConfig, launch: Launch, *, resume: bool = False
     return Path(config.out_dir) / "final"
 
 
-def _logged_steps(path: Path) -> list[dict[str, float]]:
-    """The complete training lines of a run's log (not validation lines, not a line being written)."""
-    rows: list[dict[str, float]] = []
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return rows
-    for line in lines:
+class _LogReader:
+    """The complete training lines a run's log gains (not validation lines, not a line being written): each call
+    reads from where the previous one stopped, so following a long run does not re-read its log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new_steps(self) -> list[dict[str, float]]:
         try:
-            row = json.loads(line)
-        except ValueError:
-            break
-        if "total" in row:
-            rows.append(row)
-    return rows
+            with open(self.path, "rb") as f:
+                if f.seek(0, os.SEEK_END) < self.offset:  # rewritten shorter (a resume truncates it): start over
+                    self.offset = 0
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # a last line without its newline is still being written
+        self.offset += end
+        rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        return [row for row in rows if "total" in row]
 
 
 def _follow_log(path: Path, iters: int, on_step: Callable[[StepInfo], None] | None, done: threading.Event) -> None:
     """Calls ``on_step`` for each step the run logs after the launch, until ``done`` (then once more)."""
     if on_step is None:
         return
-    seen = max((int(r["step"]) for r in _logged_steps(path)), default=0)  # a resumed run's earlier steps
+    reader = _LogReader(path)
+    seen = max((int(r["step"]) for r in reader.new_steps()), default=0)  # a resumed run's earlier steps
     while True:
         finished = done.wait(FOLLOW_SECONDS)
-        for row in _logged_steps(path):
+        for row in reader.new_steps():
             if int(row["step"]) > seen:
                 seen = int(row["step"])
                 losses = {k: float(v) for k, v in row.items() if k.startswith("loss_")}

@@ -100,8 +100,10 @@ def test_two_processes_x_one_image_give_the_gradients_of_one_process_x_two(store
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"], "two", False)
     run([sys.executable], "one", False)
     run([sys.executable], "same", True)
-    two, two_rank1 = torch.load(tmp_path / "two.0.pt"), torch.load(tmp_path / "two.1.pt")
-    one, same = torch.load(tmp_path / "one.0.pt"), torch.load(tmp_path / "same.0.pt")
+    two, two_rank1 = torch.load(tmp_path / "two.0.pt", weights_only=True), torch.load(
+        tmp_path / "two.1.pt", weights_only=True)
+    one, same = torch.load(tmp_path / "one.0.pt", weights_only=True), torch.load(
+        tmp_path / "same.0.pt", weights_only=True)
     assert relative_difference(two["grads"], two_rank1["grads"]) == 0.0  # DDP gave both the same gradients
     assert two["total"] == pytest.approx(one["total"], rel=1e-6)
     against_same, against_torch = relative_difference(same["grads"], two["grads"]), relative_difference(
