@@ -23,11 +23,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prefect_env(home: Path, port: int) -> dict[str, str]:
+def prefect_env(home: Path, port: int, *, ui: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
         "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false", "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": str(ui).lower(), "DO_NOT_TRACK": "1",
         "PREFECT_CLI_PROMPT": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore", "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning",
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
@@ -59,10 +59,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def prefect_server(home: Path, *, startup_timeout: float = 180) -> Iterator[dict[str, str]]:
-    """Start `prefect server start` and yield the environment that points clients at it."""
+def prefect_server(home: Path, *, startup_timeout: float = 180, ui: bool = False) -> Iterator[dict[str, str]]:
+    """Start `prefect server start` (with its web UI when ``ui``) and yield the environment that points
+    clients at it."""
     port = free_port()
-    env = prefect_env(home, port)
+    env = prefect_env(home, port, ui=ui)
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
