@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 
 from flows.choices import MergePolicy, ScaleOut
 from flows.params import (
     LabelingParams,
+    ReviewParams,
     TrainingParams,
+    check_review,
     check_splits,
     labeler_config,
     launch,
@@ -76,6 +79,33 @@ def train_task(config: TrainConfig, launch: Launch | None = None) -> str:
         final = run_training(config, launch=launch, resume=True, progress=False, on_step=progress)
     progress.finish(config.iters)
     return str(final)
+
+
+@task(name="review")
+def review_task(store: str, class_name: str, version: str, review: ReviewParams) -> dict[str, str | None]:
+    """Exports the images of ``version`` most worth a look (`tasks.review.export_review`) once, and returns
+    ``{"folder", "version"}``: the version imported from that export, or None while it waits for the import
+    (the run then stops; a markdown artifact ``add-class-CLASS-review`` says what to do)."""
+    from tasks.review import default_review_folder, export_review, review_state, review_steps
+
+    logger = get_run_logger()
+    folder = Path(review.out) if review.out else default_review_folder(store, class_name, version)
+    state = review_state(open_label_store(store), folder, class_name=class_name, version=version)
+    if state not in ("none", "exported"):
+        logger.info("review: %s was imported as label version %s; training on it", folder, state)
+        return {"folder": str(folder), "version": state}
+    if state == "none":
+        manifest = export_review(store, class_name, folder, version=version, top=review.top, by=review.by,
+                                 model=review.model, fmt=review.format)
+        logger.info("review: %d images of %s (%s, by %s) exported to %s", len(manifest["images"]), class_name,
+                    version, review.by, folder)
+    steps = review_steps(store, folder, review.format)
+    logger.info("review: waiting for the reviewed labels; %s", " ".join(steps))
+    create_markdown_artifact(key=artifact_key("add-class", class_name, "review"),
+                             markdown=f"# Review of {class_name} ({version})\n\n" + "\n".join(
+                                 f"{i}. {step}" for i, step in enumerate(steps, start=1)) + "\n",
+                             description=f"add-class {class_name!r}: waiting for the review of {folder}")
+    return {"folder": str(folder), "version": None}
 
 
 PREDICTIONS_DIR = "predictions"  # the evaluated model's label PNGs, in the report folder
@@ -164,6 +194,7 @@ class AddClassPlan:
     training: TrainingParams
     start_model: str | None  # init_model resolved ("champion" -> its folder)
     runs_dir: str | None
+    review: ReviewParams | None = None  # pause after the merge for a person's review
 
     def train_config(self, version: str) -> TrainConfig:
         """The training stage's config for a label version."""
@@ -188,8 +219,10 @@ def plan_add_class(params: Mapping[str, Any]) -> AddClassPlan:
     st = open_label_store(params["store"])
     start_model = resolve_init_model(params["store"], params["init_model"])  # "champion" or a folder, checked
     class_name = pl.class_name_for(st, params["prompt"])  # resumes if this prompt's class is being added
+    review = check_review(params.get("review"), store=params["store"])
     plan = AddClassPlan(store_path=params["store"], store=st, class_name=class_name, labeling=labeling,
-                        labeler=labeler, training=training, start_model=start_model, runs_dir=params["runs_dir"])
+                        labeler=labeler, training=training, start_model=start_model, runs_dir=params["runs_dir"],
+                        review=review)
     plan.train_config("latest")  # the training parameters are checked now, not after pseudo-labelling
     launch(training)
     return plan
@@ -208,6 +241,7 @@ def add_class(
     dask_address: str | None = None,
     scale_out: ScaleOut = "auto",
     wait_for_lock: bool = False,
+    review: ReviewParams | None = None,
 ) -> dict[str, Any]:
     """Add the class named by `prompt` to the store and train, evaluate and register a model for it.
 
@@ -216,7 +250,9 @@ def add_class(
     ``"champion"``: the store's registered champion) fine-tunes that model on the new label version instead
     of training from scratch; the new class starts untrained. Models and reports go to ``runs_dir``
     (default: ``STORE.runs``); ``dask_address`` and ``scale_out`` pick the runner of the mapped stages
-    (`flows.runners.scale_out_runner`).
+    (`flows.runners.scale_out_runner`). ``review`` stops the flow after the merge with the images most worth a
+    look exported for a person (`review_task`); the same add-class run again after ``addclass review import``
+    trains on the reviewed version.
     """
     plan = plan_add_class(locals())  # every parameter checked before any work
     st, class_name, training = plan.store, plan.class_name, plan.training
@@ -237,6 +273,13 @@ def add_class(
         else:  # a rerun after the merge: train on the version that added the class, not a later one
             version = st.class_by_name(class_name).added_in or st.resolve_version("latest")
             logger.info("class %r already merged (version %s); continuing with training", class_name, version)
+        # ---- 2b. review (when asked): stop for a person, go on from the version they imported
+        if plan.review is not None:
+            reviewed = review_task(store, class_name, version, plan.review)
+            if reviewed["version"] is None:
+                return {"class": class_name, "version": version, "review": reviewed["folder"],
+                        "waiting_for_review": True, "pseudo": pseudo}
+            version = plain_str(reviewed["version"])
         # ---- 3. train
         tcfg = plan.train_config(version)
         checkpoint = train_task(tcfg, launch(training))

@@ -22,3 +22,5 @@ Promote = Literal["if-better", "always", "never"]  # tasks.model_registry.regist
 ScaleOut = Literal["auto", "threads", "dask"]  # flows.runners.scale_out_runner
 PredictMode = Literal["auto", "whole", "slide"]  # tasks.predict.PREDICT_MODES
 AutocastDtype = Literal["bfloat16", "float16"]  # the labeler's autocast on a GPU (LabelerConfig.dtype)
+ReviewRanking = Literal["score", "disagreement", "uncertainty"]  # tasks.review.RANKINGS
+ReviewFormat = Literal["coco", "labelstudio"]  # tasks.review.FORMATS

@@ -250,10 +250,9 @@ def cmd_review(a: argparse.Namespace) -> int:
 
         model = resolve_init_model(a.store, "champion")
     manifest = review.export_review(a.store, a.class_name, a.out, version=a.version, top=a.top, by=a.by,
-                                    model=model)
-    print(f"{len(manifest['images'])} images of {a.class_name} ({manifest['version']}, by {a.by}) in {a.out}: "
-          f"open annotations.json with images/ in CVAT (COCO 1.0) or any COCO tool, then "
-          f"addclass review import {a.store} {a.out}")
+                                    model=model, fmt=a.format)
+    print(f"{len(manifest['images'])} images of {a.class_name} ({manifest['version']}, by {a.by}) in {a.out}. "
+          + " ".join(review.review_steps(a.store, a.out, a.format)[:2]))
     return 0
 
 
@@ -286,10 +285,15 @@ FLOW_FLAGS_RENAMED = {
     "train_batch_size": "training.batch_size", "points": "training.num_points", "workers": "training.num_workers",
     "no_inverse_near_pseudo": "training.inverse_weight_near_pseudo", "wait": "wait_for_lock",
     "nproc": "training.processes",
+    "review_top": "review.top", "review_by": "review.by", "review_model": "review.model",
+    "review_format": "review.format", "review_out": "review.out",
 }
+# parameter objects that are None unless their switch flag is given (then the object is built from its flags)
+FLOW_OPTIONAL_GROUPS = {"review": "top"}
 FLOW_FLAGS_NEGATED = frozenset({"no_inverse_near_pseudo"})  # store_true flags that clear their field
 FLOW_CONTROL = frozenset({"command", "deployment", "deployment_name", "timeout"})  # steer the command only
-FLOW_PATHS = frozenset({"store", "runs_dir", "labeling.sam_checkpoint", "labeling.dino_checkpoint"})
+FLOW_PATHS = frozenset({"store", "runs_dir", "labeling.sam_checkpoint", "labeling.dino_checkpoint", "review.out"})
+FLOW_MODELS = frozenset({"init_model", "review.model"})  # a model folder (made absolute) or "champion"
 
 
 def flag_target(dest: str) -> str:
@@ -309,24 +313,29 @@ def flow_params(a: argparse.Namespace) -> dict[str, Any]:
     """The parameters of the flow that sub-command `a.command` runs (add-class, retrain), from the parsed flags:
     each flag sets one top-level parameter or one field of `labeling` / `training` (`flag_target`), which are
     built here. Paths go out absolute: a deployment's worker runs in another working directory."""
-    from flows.params import LabelingParams, TrainingParams, parse_params
+    from flows.params import LabelingParams, ReviewParams, TrainingParams, parse_params
 
     params: dict[str, Any] = {}
-    fields: dict[str, dict[str, Any]] = {"labeling": {}, "training": {}}
+    fields: dict[str, dict[str, Any]] = {"labeling": {}, "training": {}, "review": {}}
     for dest, value in vars(a).items():
         if dest in FLOW_CONTROL:
             continue
         target = flag_target(dest)
         if dest in FLOW_FLAGS_NEGATED:
             value = not value
-        if target in FLOW_PATHS or (target == "init_model" and value != "champion"):
+        if target in FLOW_PATHS or (target in FLOW_MODELS and value != "champion"):
             value = _absolute(value)
         if isinstance(value, list | tuple):
             value = list(value)  # JSON; and not argparse's shared default list
         group, _, name = target.rpartition(".")
         (fields[group] if group else params)[name] = value
-    for group, model in (("labeling", LabelingParams), ("training", TrainingParams)):
-        if fields[group]:  # retrain has no labeling
+    for group, model in (("labeling", LabelingParams), ("training", TrainingParams), ("review", ReviewParams)):
+        if not fields[group]:  # retrain has no labeling and no review
+            continue
+        switch = FLOW_OPTIONAL_GROUPS.get(group)
+        if switch is not None and fields[group][switch] is None:
+            params[group] = None
+        else:
             params[group] = parse_params(model, fields[group], group)
     return params
 
@@ -375,8 +384,13 @@ def cmd_add_class(a: argparse.Namespace) -> int:
     if a.dask_address is None and not has_real_api():
         print("running in-process (Prefect ephemeral API, thread pool); --deployment submits to a server")
     out = add_class(**params)
-    print(json.dumps({k: out[k] for k in ("class", "version", "checkpoint", "report", "registry")}, indent=2,
-                     default=str))
+    keys = ("class", "version", "review") if out.get("waiting_for_review") else (
+        "class", "version", "checkpoint", "report", "registry")
+    print(json.dumps({k: out[k] for k in keys}, indent=2, default=str))
+    if out.get("waiting_for_review"):
+        from tasks.review import review_steps
+
+        print("waiting for the review: " + " ".join(review_steps(a.store, out["review"], params["review"].format)))
     return 0
 
 

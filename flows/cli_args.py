@@ -15,6 +15,8 @@ from flows.choices import (
     PredictMode,
     Promote,
     RecipeChoice,
+    ReviewFormat,
+    ReviewRanking,
     SamVariant,
     ScaleOut,
 )
@@ -53,6 +55,8 @@ MERGE_POLICIES: tuple[str, ...] = get_args(MergePolicy)
 SAM_VARIANTS: tuple[str, ...] = get_args(SamVariant)
 DINO_CONFIGS: tuple[str, ...] = get_args(DinoConfig)
 PREDICT_MODES: tuple[str, ...] = get_args(PredictMode)
+REVIEW_RANKINGS: tuple[str, ...] = get_args(ReviewRanking)
+REVIEW_FORMATS: tuple[str, ...] = get_args(ReviewFormat)
 
 
 DESCRIPTION = "Teach a segmentation model a new class from a text prompt: pseudo-label, merge, train, evaluate."
@@ -129,6 +133,18 @@ def add_flow_training_args(p: argparse.ArgumentParser) -> None:
                    help="training processes on this node (torchrun, one per GPU); the batch is split over them")
     g.add_argument("--nnodes", type=int, default=1, help="nodes training together")
     g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="several nodes: where they meet (the first node)")
+
+
+def add_flow_review_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("review", "the flow's `review` parameter (flows.params.ReviewParams): pause after "
+                             "the merge for a person's review")
+    g.add_argument("--review-top", type=int, default=None,
+                   help="stop after the merge with this many images exported for review; after `addclass review "
+                        "import`, the same command trains on the reviewed version")
+    g.add_argument("--review-by", choices=REVIEW_RANKINGS, default="score", help="ranking (see review export)")
+    g.add_argument("--review-model", help="--review-by disagreement|uncertainty: a model folder, or 'champion'")
+    g.add_argument("--review-format", choices=REVIEW_FORMATS, default="coco")
+    g.add_argument("--review-out", help="export folder (default: STORE.review/CLASS-VERSION)")
 
 
 def add_flow_run_args(p: argparse.ArgumentParser, deployment: str) -> None:
@@ -316,19 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("review", help="send the labels most worth a look to a person (COCO), bring corrections "
                         "back as a label version (provenance 'reviewed')")
     rv_sub = rv.add_subparsers(dest="action", required=True)
-    rx = rv_sub.add_parser("export", help="the top images of a class by --by, with their masks, as COCO")
+    rx = rv_sub.add_parser("export", help="the top images of a class by --by, with their masks, as COCO or "
+                           "Label Studio tasks")
     rx.add_argument("store")
     rx.add_argument("out", help="a new folder: images/, annotations.json (COCO), manifest.json")
     rx.add_argument("--class", dest="class_name", required=True, help="the class to review (e.g. car)")
     rx.add_argument("--version", default="latest", help="label version whose masks are reviewed")
     rx.add_argument("--top", type=int, default=20, help="how many images")
-    rx.add_argument("--by", choices=("score", "disagreement"), default="score",
+    rx.add_argument("--by", choices=REVIEW_RANKINGS, default="score",
                     help="score: lowest labeler confidence first; disagreement: lowest IoU between the version's "
-                         "mask and --model's prediction first")
-    rx.add_argument("--model", help="--by disagreement: a run folder, or 'champion' of the store")
-    ri = rv_sub.add_parser("import", help="publish the reviewed annotations.json of an export as a label version")
+                         "mask and --model's prediction first; uncertainty: --model least sure along the "
+                         "version's boundary of the class first")
+    rx.add_argument("--model", help="--by disagreement|uncertainty: a run folder, or 'champion' of the store")
+    rx.add_argument("--format", choices=REVIEW_FORMATS, default="coco",
+                    help="coco: annotations.json (CVAT 'COCO 1.0', FiftyOne, most tools); labelstudio: tasks.json "
+                         "with brush pre-annotations and labeling_config.xml")
+    ri = rv_sub.add_parser("import", help="publish the reviewed annotations of an export (COCO annotations.json, "
+                           "or Label Studio's JSON export) as a label version")
     ri.add_argument("store")
-    ri.add_argument("folder", help="the export's folder, with the reviewed annotations.json")
+    ri.add_argument("folder", help="the export's folder, with the reviewed annotations.json (coco) or "
+                                   "the JSON Label Studio exported, saved as reviewed.json (labelstudio)")
 
     mi = sub.add_parser("model-info", help="parameter counts per component")
     mi.add_argument("variant", choices=VARIANTS)
@@ -346,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flow_run_args(ac, "add-class/add-class")
     add_flow_labeling_args(ac)
     add_flow_training_args(ac)
+    add_flow_review_args(ac)
 
     rt = sub.add_parser("retrain", help="run the retrain flow: train a challenger on a label version, evaluate, "
                         "register (in-process, or on a deployment)")

@@ -24,6 +24,8 @@ from flows.choices import (
     ModelVariant,
     PredictMode,
     RecipeChoice,
+    ReviewFormat,
+    ReviewRanking,
     SamVariant,
 )
 from models.training.loss_weights import ReweightMode
@@ -122,6 +124,25 @@ class TrainingParams(BaseModel):
     """host:port where several nodes meet (the first node)."""
 
 
+class ReviewParams(BaseModel):
+    """Stop add-class after the merge for a person's review of the new class (`tasks.review`), and train on
+    the reviewed labels once they are imported (``addclass review import``): a rerun of the same add-class
+    finds the imported version and goes on from it."""
+
+    model_config = _PARAMS_CONFIG
+
+    top: int = 20
+    """Images sent for review, the most worth a look first."""
+    by: ReviewRanking = "score"
+    """Ranking: 'score' (the labeler's lowest confidence first); 'disagreement' or 'uncertainty' need `model`."""
+    model: str | None = None
+    """A trained model folder or 'champion', for the 'disagreement' and 'uncertainty' rankings."""
+    format: ReviewFormat = "coco"
+    """'coco' (CVAT's COCO 1.0, FiftyOne, most tools) or 'labelstudio' (tasks with brush pre-annotations)."""
+    out: str | None = None
+    """Export folder (default: STORE.review/CLASS-VERSION)."""
+
+
 class PredictionParams(BaseModel):
     """How a trained model predicts new images (`tasks.predict.PredictConfig`)."""
 
@@ -178,6 +199,26 @@ def check_splits(parameter: str, splits: Sequence[str]) -> list[str]:
         return [parse_split(s) for s in splits]
     except ValueError as e:
         raise InputError(f"{parameter}: {e}") from None
+
+
+def check_review(review: ReviewParams | Mapping[str, Any] | None, *, store: str) -> ReviewParams | None:
+    """The ``review`` parameter checked (None: no pause for review); its model resolved to a folder.
+
+    Raises:
+        ValueError, FileNotFoundError: naming the field.
+    """
+    if review is None:
+        return None
+    checked = parse_params(ReviewParams, review, "review")
+    if checked.top < 1:
+        raise InputError(f"Expected review.top >= 1. Got {checked.top} instead.")
+    if checked.by != "score" and checked.model is None:
+        raise InputError(f"review.by {checked.by!r} needs review.model (a trained model folder, or 'champion').")
+    if checked.model is not None:
+        from tasks.model_registry import resolve_init_model
+
+        checked = checked.model_copy(update={"model": resolve_init_model(store, checked.model)})
+    return checked
 
 
 def labeler_config(labeling: LabelingParams, *, device: str, seed: int) -> LabelerConfig:

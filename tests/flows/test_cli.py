@@ -99,6 +99,13 @@ def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
     ranked = json.loads((Path(review + "2") / "manifest.json").read_text())["images"]
     assert [e["disagreement"] for e in ranked] == sorted((e["disagreement"] for e in ranked), reverse=True)
     capsys.readouterr()
+    assert main(["review", "export", store, review + "3", "--class", "car", "--by", "uncertainty", "--model",
+                 model, "--top", "2", "--format", "labelstudio"]) == 0  # the model's unsure car edges, for Label Studio
+    printed = capsys.readouterr().out
+    assert f"{review}3/labeling_config.xml" in printed and f"{review}3/reviewed.json" in printed
+    ranked = json.loads((Path(review + "3") / "manifest.json").read_text())["images"]
+    assert [e["uncertainty"] for e in ranked] == sorted((e["uncertainty"] for e in ranked), reverse=True)
+    assert len(json.loads((Path(review + "3") / "tasks.json").read_text())) == 2
     assert main(["predict", model, "--into-store", store, "--out", str(tmp_path / "p")]) == 2
     assert "give no INPUT and no --out" in capsys.readouterr().err
     assert main(["predict", model, str(tmp_path), "--out", str(tmp_path / "p"), "--split", "train"]) == 2
@@ -132,7 +139,13 @@ def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path
     assert kwargs["runs_dir"] == str(tmp_path / "out")
     assert labeling.sam_checkpoint == str(Path("~/w/sam.pth").expanduser())
     champion = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--init-model", "champion"])
-    assert flow_params(champion)["init_model"] == "champion"
+    assert flow_params(champion)["init_model"] == "champion" and flow_params(champion)["review"] is None
+    paused = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--review-top", "5",
+                                        "--review-by", "uncertainty", "--review-model", "champion",
+                                        "--review-format", "labelstudio", "--review-out", "rev"])
+    review = flow_params(paused)["review"]
+    assert (review.top, review.by, review.model, review.format) == (5, "uncertainty", "champion", "labelstudio")
+    assert review.out == str(tmp_path / "rev")
 
 
 def _flag_default(action: argparse.Action) -> Any:
@@ -152,18 +165,24 @@ def test_every_flow_parameter_and_field_has_one_flag_with_its_default(command: s
     flag that reaches no parameter or field, or a flag whose default is not the flow's, fails here."""
     import importlib
     import inspect
+    from typing import get_args
 
     from pydantic import BaseModel
 
-    from flows.cli import FLOW_CONTROL, FLOW_PATHS, flag_target
+    from flows.cli import FLOW_CONTROL, FLOW_OPTIONAL_GROUPS, FLOW_PATHS, flag_target
 
     flow = getattr(importlib.import_module(flow_module), flow_name)
-    params = inspect.signature(flow.fn).parameters
+    params = inspect.signature(flow.fn, eval_str=True).parameters
     expected: dict[str, Any] = {}  # every top-level parameter and every field of the parameter objects
     for name, param in params.items():
         if isinstance(param.default, BaseModel):
             for field, info in type(param.default).model_fields.items():
                 expected[f"{name}.{field}"] = info.get_default(call_default_factory=True)
+        elif name in FLOW_OPTIONAL_GROUPS:  # None unless its switch flag (default None) is given
+            model = next(t for t in get_args(param.annotation) if isinstance(t, type) and issubclass(t, BaseModel))
+            for field, info in model.model_fields.items():
+                switch = field == FLOW_OPTIONAL_GROUPS[name]
+                expected[f"{name}.{field}"] = None if switch else info.get_default(call_default_factory=True)
         else:
             expected[name] = param.default
     actions = [a for a in _subparser(command)._actions if a.dest not in FLOW_CONTROL and a.dest != "help"]
@@ -185,9 +204,10 @@ def test_flag_choices_are_the_parameter_choices(command: str, flow_module: str, 
     from typing import get_args
 
     from flows.cli import flag_target
-    from flows.params import LabelingParams, TrainingParams
+    from flows.params import LabelingParams, ReviewParams, TrainingParams
 
-    hints = {"labeling": LabelingParams.model_fields, "training": TrainingParams.model_fields}
+    hints = {"labeling": LabelingParams.model_fields, "training": TrainingParams.model_fields,
+             "review": ReviewParams.model_fields}
     flow = inspect.signature(getattr(importlib.import_module(flow_module), flow_name).fn, eval_str=True).parameters
     for action in _subparser(command)._actions:
         if action.choices is None or action.dest == "help":
@@ -268,14 +288,17 @@ def _owner_choices() -> dict[str, tuple[str, ...]]:
     from models.training.optim import RECIPE_CHOICES
     from tasks.merge_plan import POLICIES
     from tasks.predict import PREDICT_MODES
+    from tasks.review import FORMATS, RANKINGS
 
     return {"RECIPE_CHOICES": RECIPE_CHOICES, "VARIANTS": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
             "REWEIGHT_MODES": REWEIGHT_MODES, "MERGE_POLICIES": POLICIES, "SAM_VARIANTS": tuple(SAM_CHECKPOINT_FILES),
-            "DINO_CONFIGS": tuple(DINO_VARIANTS), "PREDICT_MODES": PREDICT_MODES}
+            "DINO_CONFIGS": tuple(DINO_VARIANTS), "PREDICT_MODES": PREDICT_MODES, "REVIEW_RANKINGS": RANKINGS,
+            "REVIEW_FORMATS": FORMATS}
 
 
 @pytest.mark.parametrize("name", ["RECIPE_CHOICES", "VARIANTS", "PIXEL_DECODERS", "REWEIGHT_MODES", "MERGE_POLICIES",
-                                  "SAM_VARIANTS", "DINO_CONFIGS", "PREDICT_MODES"])
+                                  "SAM_VARIANTS", "DINO_CONFIGS", "PREDICT_MODES", "REVIEW_RANKINGS",
+                                  "REVIEW_FORMATS"])
 def test_cli_choices_are_their_owners_lists(name: str) -> None:
     import flows.cli_args as cli_args
 

@@ -4,6 +4,7 @@ champion; bad parameters fail before any work) and an add-class rerun after its 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,12 @@ from prefect.logging.handlers import APILogHandler
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.add_class import add_class
-from flows.params import LabelingParams, TrainingParams
+from flows.params import LabelingParams, ReviewParams, TrainingParams
 from flows.retrain import retrain
 from storage.registry import ClassInfo
 from storage.store import open_label_store
 from tasks.ingest import ingest_synthetic
+from tasks.review import import_review
 
 TRAINING = TrainingParams(variant="tiny", iters=2, batch_size=2, crop_size=64, num_points=64, num_workers=0)
 SMALL = {"training": TRAINING, "eval_splits": ["val"]}
@@ -116,6 +118,27 @@ def test_add_class_rerun_after_the_merge_trains_on_the_version_that_added_the_cl
     ids = open_label_store(store).image_ids("val")
     assert sorted(p.stem for p in predictions.glob("*.png")) == sorted(ids)
     assert f"Predicted labels: `{predictions.parent}`" in Path(again["report"]["report.md"]).read_text()
+
+
+def test_add_class_pauses_for_review_and_trains_on_the_reviewed_version(store: str, tmp_path: Path) -> None:
+    folder = tmp_path / "review"
+    params = {**SMALL, "prompt": "car", "store": store, "scale_out": "threads",
+              "labeling": LabelingParams(kind="simulated", batch_size=2),
+              "review": ReviewParams(top=2, out=str(folder))}
+    first = add_class(**params)  # pseudo-label, merge, export for review, stop
+    assert first["waiting_for_review"] and (first["version"], first["review"]) == ("v2", str(folder))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (manifest["class"], manifest["version"], len(manifest["images"])) == ("car", "v2", 2)
+    assert not Path(f"{store}.runs").exists() and not open_label_store(store).section("models")  # no training
+    exported_at = (folder / "manifest.json").stat().st_mtime_ns
+    again = add_class(**params)  # not imported yet: still waiting, the export untouched
+    assert again["waiting_for_review"] and (folder / "manifest.json").stat().st_mtime_ns == exported_at
+    assert import_review(store, folder)["version"] == "v3"  # the reviewer's work (here: the masks unchanged)
+    done = add_class(**params)
+    assert not done.get("waiting_for_review") and done["version"] == "v3"
+    assert json.loads((Path(done["checkpoint"]).parent / "train_config.json").read_text())["version"] == "v3"
+    models = open_label_store(store).section("models")["models"]
+    assert models[done["registry"]["model_id"]]["label_version"] == "v3"
 
 
 def check_what_the_ui_shows(run_name: str) -> None:

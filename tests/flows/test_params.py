@@ -10,7 +10,9 @@ from flows.params import (
     LAUNCH_FIELDS,
     LabelingParams,
     PredictionParams,
+    ReviewParams,
     TrainingParams,
+    check_review,
     labeler_config,
     launch,
     parse_params,
@@ -80,3 +82,18 @@ def test_json_objects_become_parameter_objects() -> None:
     assert parse_params(TrainingParams, {"iters": 600}, "training") == TrainingParams(iters=600)
     params = LabelingParams()
     assert parse_params(LabelingParams, params, "labeling") is params
+
+
+def test_review_parameter_is_checked_before_any_work(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from common.errors import InputError
+
+    assert check_review(None, store=str(tmp_path)) is None
+    assert check_review({"top": 3}, store=str(tmp_path)) == ReviewParams(top=3)
+    with pytest.raises(InputError, match="review.top >= 1"):
+        check_review({"top": 0}, store=str(tmp_path))
+    with pytest.raises(InputError, match="review.by 'uncertainty' needs review.model"):
+        check_review({"by": "uncertainty"}, store=str(tmp_path))
+    with pytest.raises(ValueError, match="review"):
+        check_review({"top": 3, "ranking": "score"}, store=str(tmp_path))  # an unknown field
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        check_review({"by": "disagreement", "model": str(tmp_path / "nothing")}, store=str(tmp_path))
