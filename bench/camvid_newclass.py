@@ -34,7 +34,10 @@ Rows (``--rows``, ids in brackets):
 - Pseudo only [``pseudo_only``]; Mixed, no reweight [``mixed_none``]; Mixed + edge reweight [``mixed_edge``,
   ``1 + 5W`` for every class]; Mixed + inverse reweight [``mixed_inverse``, docs/design.md §2.8: ``1 - W`` on
   car masks and on the 2-px band of precise masks next to car]; Mixed + inverse w/o band
-  [``mixed_inverse_noband``].
+  [``mixed_inverse_noband``]; Mixed + inverse, top 10 % reviewed [``mixed_inverse_reviewed``: the mixed version
+  after a person reviewed the 10 % of train images the labeler was least sure of (lowest detection score):
+  their car hand masks replace the pseudo masks inside "others" with provenance ``reviewed``, as ``addclass
+  review import`` writes them, and training gives them the precise classes' edge weights].
 
 Outputs in ``--out`` (default ``runs/camvid_newclass``): ``results.md`` (the table), ``results.json`` (every
 number, the settings, the per-row wall times and the machine), ``store/`` (the label store) and
@@ -101,6 +104,7 @@ from tasks.ingest import ingest_camvid  # noqa: E402
 from tasks.merge import merge  # noqa: E402
 from tasks.pseudo_label import LabelerConfig, pseudo_label, validate_labeler  # noqa: E402
 from tasks.report import format_fraction, format_percent  # noqa: E402
+from tasks.review import rank_images, reviewed_labels  # noqa: E402
 from tasks.train import TrainConfig, train  # noqa: E402
 from tasks.validation import read_log  # noqa: E402
 
@@ -141,8 +145,10 @@ ROWS: dict[str, Row] = {r.id: r for r in (
     Row("mixed_edge", "Mixed + edge reweight", "train", "mixed", "edge"),
     Row("mixed_inverse", "Mixed + inverse reweight", "train", "mixed", "inverse", True),
     Row("mixed_inverse_noband", "Mixed + inverse w/o band", "train", "mixed", "inverse", False),
+    Row("mixed_inverse_reviewed", "Mixed + inverse, top 10 % reviewed", "train", "reviewed", "inverse", True),
     Row("hand_car", "Hand-labelled car (oracle)", "train", "hand_car", "none"),
 )}
+REVIEW_SHARE = 0.1  # of the train images, the labeler's least sure first (`tasks.review.rank_images`, by score)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,6 +266,25 @@ def build_hand_car_version(store_path: Path, *, parent: str) -> str:
     return publish_derived_version(store_path, parent=parent, policy="hand-car", relabel=relabel)
 
 
+def build_reviewed_version(store_path: Path, *, parent: str, share: float = REVIEW_SHARE) -> str:
+    """Publish the mixed version after a person reviewed the ``share`` of the train images the labeler was
+    least sure of (`tasks.review.rank_images`, by score): on those, the car hand mask replaces the pseudo mask
+    inside "others" with provenance ``reviewed`` (`tasks.review.reviewed_labels`, as ``addclass review import``
+    writes it); every other image keeps ``parent``'s labels."""
+    st = open_label_store(store_path)
+    ranked = rank_images(st, CLASS, version=parent, by="score", splits=("train",))
+    chosen = {image_id for _, image_id, _ in ranked[:max(1, math.ceil(share * len(ranked)))]}
+
+    def relabel(store: LabelStore, split: str, image_id: str, car: int) -> tuple[np.ndarray, np.ndarray]:
+        labels, prov = store.read_labels_and_provenance(split, image_id, version=parent)
+        if split != "train" or image_id not in chosen:
+            return labels, prov
+        hand = store.read_hand_mask("reference", CLASS, image_id).astype(bool)
+        return reviewed_labels(store.read_labels(split, image_id, version="v1"), labels, prov, hand, car)
+
+    return publish_derived_version(store_path, parent=parent, policy="reviewed", relabel=relabel)
+
+
 def prepare_store(args: argparse.Namespace, out: Path, labeler: LabelerConfig) -> dict[str, Any]:
     """Ingest, pseudo-label, merge and build the pseudo-only version; reused when the data settings match."""
     data_settings = {
@@ -273,6 +298,9 @@ def prepare_store(args: argparse.Namespace, out: Path, labeler: LabelerConfig) -
         saved = json.loads(marker.read_text())
         if saved.get("data") == data_settings:
             print(f"reusing the label store {store} (same data settings)", flush=True)
+            if "reviewed" not in saved["versions"]:  # a store made before the reviewed row
+                saved["versions"]["reviewed"] = build_reviewed_version(store, parent=saved["versions"]["mixed"])
+                marker.write_text(json.dumps(saved, indent=2) + "\n")
             return saved
     validate_labeler(labeler)  # a missing checkpoint fails here, before the old store is removed
     shutil.rmtree(store, ignore_errors=True)
@@ -295,12 +323,13 @@ def prepare_store(args: argparse.Namespace, out: Path, labeler: LabelerConfig) -
                   progress=args.progress)
     pseudo_only = build_pseudo_only_version(store, parent=mixed)
     hand_car = build_hand_car_version(store, parent="v1")
+    reviewed = build_reviewed_version(store, parent=mixed)
     times["merge_s"] = time.perf_counter() - t
     st = open_label_store(store)
     info = {
         "data": data_settings,
         "store": str(store),
-        "versions": {"mixed": mixed, "pseudo_only": pseudo_only, "hand_car": hand_car},
+        "versions": {"mixed": mixed, "pseudo_only": pseudo_only, "hand_car": hand_car, "reviewed": reviewed},
         "images": {s: len(st.image_ids(s)) for s in st.splits()},
         "pseudo_labelled_splits": splits,
         "times": {k: round(v, 2) for k, v in times.items()},

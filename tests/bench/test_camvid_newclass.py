@@ -124,6 +124,24 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
         hand = store.read_hand_mask("reference", "car", image_id).astype(bool)
         h = store.read_labels("train", image_id, version=hand_car)
         np.testing.assert_array_equal(h, np.where(hand & (v1 == 0), car, v1))  # the oracle: hand car carved
+    # the reviewed version: the one least sure train image of 4 (10 %, at least one) has its hand car mask,
+    # with provenance reviewed; every other image is the mixed version's
+    from storage.registry import PROV_REVIEWED
+    from tasks.review import rank_images
+
+    reviewed = results["store"]["versions"]["reviewed"]
+    worst = rank_images(store, "car", version=mixed, by="score", splits=("train",))[0][1]
+    for split in store.splits():
+        for image_id in store.image_ids(split):
+            r, r_prov = store.read_labels_and_provenance(split, image_id, version=reviewed)
+            m, m_prov = store.read_labels_and_provenance(split, image_id, version=mixed)
+            if image_id != worst:
+                assert np.array_equal(r, m) and np.array_equal(r_prov, m_prov), image_id
+                continue
+            v1 = store.read_labels(split, image_id, version="v1")
+            hand = store.read_hand_mask("reference", "car", image_id).astype(bool)
+            np.testing.assert_array_equal(r, np.where(hand & (v1 == 0), car, v1))
+            np.testing.assert_array_equal(r_prov == PROV_REVIEWED, hand & (v1 == 0))
     for image_id in store.image_ids("test"):  # never trained on: the parent's labels
         np.testing.assert_array_equal(store.read_labels("test", image_id, version=pseudo_only),
                                       store.read_labels("test", image_id, version=mixed))
