@@ -62,6 +62,7 @@ def labeler_config_from_args(a: argparse.Namespace) -> Any:
         kind=a.labeler, sam_variant=a.sam, sam_checkpoint=a.sam_checkpoint, dino_config=a.dino,
         dino_checkpoint=a.dino_checkpoint, device=a.device, dtype=a.dtype, box_threshold=a.box_threshold,
         text_threshold=a.text_threshold, max_boxes=a.max_boxes, random_weights=a.random_weights, seed=a.seed,
+        tile_size=a.tile_size, tile_overlap=a.tile_overlap, min_region_area=a.min_region_area,
     )
 
 

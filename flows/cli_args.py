@@ -92,6 +92,11 @@ def add_labeler_args(p: argparse.ArgumentParser, *, device_and_seed: bool = True
     g.add_argument("--box-threshold", type=float, default=0.35)
     g.add_argument("--text-threshold", type=float, default=0.25)
     g.add_argument("--max-boxes", type=int, default=20)
+    g.add_argument("--tile-size", type=int, default=None,
+                   help="also detect on overlapping tiles of this many px (large images, small objects)")
+    g.add_argument("--tile-overlap", type=int, default=128, help="overlap of neighbouring detection tiles, px")
+    g.add_argument("--min-region-area", type=int, default=0,
+                   help="remove mask islands and fill holes smaller than this many px")
     g.add_argument("--random-weights", action="store_true", help="smoke tests only: random model weights")
     if device_and_seed:
         g.add_argument("--seed", type=int, default=0)

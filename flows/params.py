@@ -66,6 +66,12 @@ class LabelingParams(BaseModel):
     """Boxes kept per image, best first (null: all)."""
     dtype: AutocastDtype | None = None
     """Autocast on a GPU (null: fp32)."""
+    tile_size: int | None = None
+    """Also detect on overlapping tiles of this many px (large images, small objects; null: whole image only)."""
+    tile_overlap: int = 128
+    """Minimum overlap of neighbouring detection tiles, px."""
+    min_region_area: int = 0
+    """Remove mask islands and fill holes smaller than this many px (0: masks as SAM gives them)."""
     batch_size: int = 8
     """Images per labelling task (the unit of scale-out and retries)."""
     splits: list[str] = ["train", "val"]

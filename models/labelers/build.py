@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 LabelerKind = Literal["grounded-sam", "simulated"]  # the keys of LABELERS (a test checks they agree)
 
 
+def check_tiles(tile: int, overlap: int) -> None:
+    """Raises InputError unless ``tile >= 64`` and ``0 <= overlap <= tile / 2`` (detection tiles, px)."""
+    if tile < 64 or not 0 <= overlap <= tile // 2:
+        raise InputError(f"Expected tile_size >= 64 and 0 <= tile_overlap <= tile_size / 2. "
+                         f"Got {tile}, {overlap} instead.")
+
+
 @dataclass(frozen=True)
 class LabelerConfig:
     """Which labeler and how (the flow parameter; every field that applies to the kind but ``device`` is part
@@ -44,6 +51,9 @@ class LabelerConfig:
     random_weights: bool = False
     seed: int = 0
     simulated: dict[str, Any] = field(default_factory=dict)  # SimulatedLabeler keyword overrides
+    tile_size: int | None = None  # GroundingDINO also on overlapping tiles of this many px (None: whole image)
+    tile_overlap: int = 128
+    min_region_area: int = 0  # px: mask islands and holes smaller than this are removed / filled (0: none)
 
     def __post_init__(self) -> None:
         if self.kind not in LABELERS:
@@ -53,6 +63,10 @@ class LabelerConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise InputError(f"Expected {name} in [0, 1]. Got {v} instead.")
+        if self.tile_size is not None:
+            check_tiles(self.tile_size, self.tile_overlap)
+        if self.min_region_area < 0:
+            raise InputError(f"Expected min_region_area >= 0. Got {self.min_region_area} instead.")
 
     @property
     def entry(self) -> LabelerEntry:
@@ -66,8 +80,17 @@ class LabelerConfig:
         return d if fields is None else {name: d[name] for name in fields}
 
     def resume_settings(self) -> dict[str, Any]:
-        """The settings that decide the labels (the resume key's): all but the device."""
-        return {k: v for k, v in self.to_dict().items() if k != "device"}
+        """The settings that decide the labels (the resume key's): all but the device. Options that are off
+        are left out (``OFF_WHEN``), so runs made before an option existed keep their key."""
+        d = self.to_dict()
+        off = {k for k, (switch, value) in OFF_WHEN.items() if k in d and d.get(switch) == value}
+        return {k: v for k, v in d.items() if k != "device" and k not in off}
+
+
+# option -> (the field that switches it, the value meaning "off"): left out of the resume key when off
+OFF_WHEN: dict[str, tuple[str, Any]] = {
+    "tile_size": ("tile_size", None), "tile_overlap": ("tile_size", None), "min_region_area": ("min_region_area", 0),
+}
 
 
 class LabelerBuilder(Protocol):
@@ -122,6 +145,7 @@ def build_grounded_sam_labeler(
         box_threshold=config.box_threshold, text_threshold=config.text_threshold, nms_iou=config.nms_iou,
         max_boxes=config.max_boxes, dino_image_size=config.dino_image_size,
         random_weights=config.random_weights, seed=config.seed, embedding_cache=embedding_cache,
+        tile_size=config.tile_size, tile_overlap=config.tile_overlap, min_region_area=config.min_region_area,
     )  # fmt: skip
 
 

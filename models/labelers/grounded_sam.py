@@ -49,7 +49,12 @@ from models.labelers.grounded_sam_detect import detect_boxes, dino_preprocess
 from models.labelers.grounded_sam_ops import (
     autocast_context,
     build_caption,
+    check_tiles,
+    cut_edges,
+    merge_tiled_boxes,
     parse_dtype,
+    remove_small_regions,
+    tile_windows,
     upsample_mask_logits,
 )
 from models.labelers.grounded_sam_weights import (
@@ -94,9 +99,17 @@ class GroundedSamLabeler:
         seed: Seed of the random weights.
         embedding_cache: Optional SAM image-embedding cache (see ``models.labelers.embedding_cache``).
         mask_chunk_bytes: Memory budget of the full-resolution float masks upsampled at once.
+        tile_size: Also run GroundingDINO on overlapping tiles of at most this many px (``tile_windows``), each
+            resized to its input size, so small objects of a large image are seen closer; the boxes of the whole
+            image and of the tiles are merged (``merge_tiled_boxes``: one box for an object split across tiles).
+            None: the whole image only (the reference).
+        tile_overlap: Minimum overlap of neighbouring tiles, px.
+        min_region_area: Per instance mask, islands smaller than this many px are removed and holes smaller than
+            that filled (``remove_small_regions``); 0: masks as SAM gives them.
     """
 
-    _RUNTIME_OPTIONS = ("box_threshold", "text_threshold", "nms_iou", "max_boxes", "embedding_cache", "dtype")
+    _RUNTIME_OPTIONS = ("box_threshold", "text_threshold", "nms_iou", "max_boxes", "embedding_cache", "dtype",
+                        "tile_size", "tile_overlap", "min_region_area")
 
     def __init__(
         self,
@@ -117,6 +130,9 @@ class GroundedSamLabeler:
         seed: int = 0,
         embedding_cache: EmbeddingCache | None = None,
         mask_chunk_bytes: int = 64 << 20,
+        tile_size: int | None = None,
+        tile_overlap: int = 128,
+        min_region_area: int = 0,
     ) -> None:
         from segment_anything import SamPredictor
 
@@ -143,6 +159,9 @@ class GroundedSamLabeler:
             max_boxes=max_boxes,
             embedding_cache=embedding_cache,
             dtype=dtype,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            min_region_area=min_region_area,
         )
 
         sam_path = dino_path = None
@@ -177,6 +196,9 @@ class GroundedSamLabeler:
         max_boxes: int | None,
         embedding_cache: EmbeddingCache | None,
         dtype: str | None,
+        tile_size: int | None,
+        tile_overlap: int,
+        min_region_area: int,
     ) -> None:
         for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not 0.0 <= float(value) < 1.0:
@@ -191,12 +213,19 @@ class GroundedSamLabeler:
         self.max_boxes = None if max_boxes is None else int(max_boxes)
         self.embedding_cache = embedding_cache
         self.dtype = parse_dtype(dtype, self.device)
+        if tile_size is not None:
+            check_tiles(int(tile_size), int(tile_overlap))
+        if int(min_region_area) < 0:
+            raise InputError(f"min_region_area must be >= 0. Got {min_region_area} instead.")
+        self.tile_size = None if tile_size is None else int(tile_size)
+        self.tile_overlap = int(tile_overlap)
+        self.min_region_area = int(min_region_area)
 
     def with_options(self, **options: Any) -> GroundedSamLabeler:
         """A labeler sharing this one's models with other run-time options.
 
         Accepted keys: ``box_threshold``, ``text_threshold``, ``nms_iou``, ``max_boxes``, ``embedding_cache``,
-        ``dtype``.
+        ``dtype``, ``tile_size``, ``tile_overlap``, ``min_region_area``.
         """
         from segment_anything import SamPredictor
 
@@ -234,6 +263,9 @@ class GroundedSamLabeler:
             "multimask_output": False,
             "mask_threshold": float(self.sam.mask_threshold),
             "caption_format": "<prompt> . <prompt> .",
+            # options left out while off, so the keys of runs made before they existed stay the same
+            **({"tile_size": self.tile_size, "tile_overlap": self.tile_overlap} if self.tile_size else {}),
+            **({"min_region_area": self.min_region_area} if self.min_region_area else {}),
         }
 
     # -- stages --------------------------------------------------------------------------------
@@ -254,10 +286,36 @@ class GroundedSamLabeler:
             Per prompt: ``boxes`` K x 4 pixel xyxy, ``scores`` K, ``phrases`` list of K str, best first.
         """
         height, width = image_rgb.shape[:2]
+        windows = [] if self.tile_size is None else tile_windows(height, width, tile=self.tile_size,
+                                                                  overlap=self.tile_overlap)
+        if not windows:
+            return self._detect_view(image_rgb, prompts, max_boxes=self.max_boxes)
+        views = [((0, 0, height, width), self._detect_view(image_rgb, prompts, max_boxes=None))]
+        for window in windows:
+            y0, x0, y1, x1 = window
+            found = self._detect_view(image_rgb[y0:y1, x0:x1], prompts, max_boxes=None)
+            for d in found:
+                d["boxes"] = d["boxes"] + torch.tensor([x0, y0, x0, y0], dtype=d["boxes"].dtype)
+            views.append((window, found))
+        results = []
+        for p in range(len(prompts)):
+            boxes = torch.cat([v[p]["boxes"] for _, v in views])
+            scores = torch.cat([v[p]["scores"] for _, v in views])
+            phrases = [ph for _, v in views for ph in v[p]["phrases"]]
+            cut = torch.cat([cut_edges(v[p]["boxes"], w, height=height, width=width) for w, v in views])
+            merged, merged_scores, index = merge_tiled_boxes(boxes, scores, cut, nms_iou=self.nms_iou)
+            keep = slice(None) if self.max_boxes is None else slice(0, self.max_boxes)
+            results.append({"boxes": merged[keep], "scores": merged_scores[keep],
+                            "phrases": [phrases[i] for i in index.tolist()][keep]})
+        return results
+
+    def _detect_view(self, image_rgb: np.ndarray, prompts: Sequence[str], *,
+                     max_boxes: int | None) -> list[dict[str, Any]]:
+        height, width = image_rgb.shape[:2]
         return detect_boxes(
             self.dino, self.tokenizer, self.dino_preprocess(image_rgb).to(self.device), prompts,
             original_size=(height, width), box_threshold=self.box_threshold, text_threshold=self.text_threshold,
-            nms_iou=self.nms_iou, max_boxes=self.max_boxes, dtype=self.dtype,
+            nms_iou=self.nms_iou, max_boxes=max_boxes, dtype=self.dtype,
         )  # fmt: skip
 
     def embedding_cache_key(self, image_sha: str) -> str:
@@ -377,9 +435,13 @@ class GroundedSamLabeler:
                 img_size=self.sam.image_encoder.img_size, threshold=float(self.sam.mask_threshold),
                 chunk_bytes=self.mask_chunk_bytes,
             )  # fmt: skip
+            instance_masks, union_mask = instances.numpy(), union.numpy()
+            if self.min_region_area and len(instance_masks):
+                instance_masks = np.stack([remove_small_regions(m, self.min_region_area) for m in instance_masks])
+                union_mask = np.asarray(instance_masks.any(axis=0))
             records[prompt] = LabelRecord(
-                mask=union.numpy(),
-                instance_masks=instances.numpy(),
+                mask=union_mask,
+                instance_masks=instance_masks,
                 boxes=det["boxes"].numpy().astype(np.float32),
                 scores=det["scores"].numpy().astype(np.float32),
                 phrases=det["phrases"],

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import InputError
+from models.labelers.build import check_tiles
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -171,4 +172,117 @@ def token_prompt_index(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple
             if start >= s and end <= e:
                 out[t] = p
                 break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tiled detection
+
+
+def tile_windows(height: int, width: int, *, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """``(y0, x0, y1, x1)`` windows of at most ``tile`` x ``tile`` px covering an H x W image, neighbours
+    overlapping by at least ``overlap`` px, spread evenly; none when the image fits in one tile (the whole-image
+    pass sees it all).
+
+    Raises:
+        InputError: as `check_tiles`.
+    """
+    check_tiles(tile, overlap)
+    if height <= tile and width <= tile:
+        return []
+
+    def starts(n: int) -> list[int]:
+        if n <= tile:
+            return [0]
+        count = -(-(n - overlap) // (tile - overlap))  # ceil: enough tiles for the overlap wanted
+        step = (n - tile) / (count - 1)
+        return [round(i * step) for i in range(count)]
+
+    return [(y, x, min(y + tile, height), min(x + tile, width)) for y in starts(height) for x in starts(width)]
+
+
+def cut_edges(boxes: torch.Tensor, window: tuple[int, int, int, int], *, height: int, width: int,
+              margin: float = 2.0) -> torch.Tensor:
+    """N bool: the boxes (pixel xyxy in the image) that touch an edge of ``window`` lying inside the image,
+    i.e. that the tile may have cut off."""
+    y0, x0, y1, x1 = window
+    cut = torch.zeros(len(boxes), dtype=torch.bool)
+    for edge, side, inside in ((x0, 0, x0 > 0), (y0, 1, y0 > 0), (x1, 2, x1 < width), (y1, 3, y1 < height)):
+        if inside:
+            cut |= (boxes[:, side] - edge).abs() <= margin
+    return cut
+
+
+def merge_tiled_boxes(
+    boxes: torch.Tensor, scores: torch.Tensor, cut: torch.Tensor, *, nms_iou: float | None, ios: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One set of boxes from the whole-image pass and the tiles' (all in image pixels).
+
+    NMS (IoU ``nms_iou``) first removes the same object seen by several passes; then every box that a tile edge
+    cut (``cut``), weakest first, is merged into the kept box it overlaps most by intersection over the smaller
+    box (``>= ios``): the kept box grows to the union, keeps its score and phrase. So an object split across
+    tiles comes back as one box, and two objects side by side stay two.
+
+    Returns:
+        (M x 4 boxes, M scores, M indices into the inputs of each box's representative), best first.
+    """
+    from torchvision.ops import nms
+
+    order = torch.argsort(scores, descending=True, stable=True)
+    keep = order if nms_iou is None or not len(order) else nms(boxes.float(), scores.float(), nms_iou)
+    kept = [int(i) for i in keep]
+    merged = {i: boxes[i].clone() for i in kept}
+    for i in sorted((i for i in kept if bool(cut[i])), key=lambda i: float(scores[i])):
+        others = [j for j in kept if j != i]
+        if not others:
+            continue
+        b = merged[i]
+        inter = torch.stack([_intersection(b, merged[j]) for j in others])
+        smaller = torch.stack([torch.minimum(_area(b), _area(merged[j])) for j in others]).clamp_min(1e-6)
+        best = int(torch.argmax(inter / smaller))
+        if float(inter[best] / smaller[best]) >= ios:
+            j = others[best]
+            merged[j] = torch.cat([torch.minimum(merged[j][:2], b[:2]), torch.maximum(merged[j][2:], b[2:])])
+            kept.remove(i)
+    index = torch.tensor(kept, dtype=torch.int64)
+    out = torch.stack([merged[i] for i in kept]) if kept else boxes[:0]
+    return out, scores[index], index
+
+
+def _area(b: torch.Tensor) -> torch.Tensor:
+    return (b[2] - b[0]).clamp_min(0) * (b[3] - b[1]).clamp_min(0)
+
+
+def _intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    w = torch.minimum(a[2], b[2]) - torch.maximum(a[0], b[0])
+    h = torch.minimum(a[3], b[3]) - torch.maximum(a[1], b[1])
+    return w.clamp_min(0) * h.clamp_min(0)
+
+
+# ----------------------------------------------------------------------------------------------- mask clean-up
+
+
+def remove_small_regions(mask: Any, min_area: int) -> Any:
+    """H x W bool ``mask`` without its islands smaller than ``min_area`` px and with its holes smaller than that
+    filled (4-connected regions; segment-anything's ``remove_small_regions`` does the same in two calls). A
+    mask whose every island is small keeps its largest one, so a small object is not erased."""
+    import cv2
+    import numpy as np
+
+    mask = np.asarray(mask, bool)
+    if min_area <= 0 or not mask.any():
+        return mask
+    out = mask.copy()
+    n, regions, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    for r in range(1, n):  # holes: background regions not touching the border
+        x, y, w, h, area = stats[r]
+        touches = x == 0 or y == 0 or x + w == mask.shape[1] or y + h == mask.shape[0]
+        if area < min_area and not touches:
+            out[regions == r] = True
+    n, regions, stats, _ = cv2.connectedComponentsWithStats(out.astype(np.uint8), connectivity=4)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    small = [r + 1 for r, a in enumerate(areas) if a < min_area]
+    if len(small) == len(areas):  # all small: keep the largest
+        small.remove(int(np.argmax(areas)) + 1)
+    if small:
+        out[np.isin(regions, small)] = False
     return out

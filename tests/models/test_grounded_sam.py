@@ -30,9 +30,13 @@ from models.labelers.embedding_cache import (
 from models.labelers.grounded_sam import GroundedSamLabeler, parse_dtype
 from models.labelers.grounded_sam_ops import (
     build_caption,
+    cut_edges,
     cxcywh_to_xyxy,
     dino_input_size,
+    merge_tiled_boxes,
+    remove_small_regions,
     select_boxes,
+    tile_windows,
     token_prompt_index,
     upsample_mask_logits,
 )
@@ -371,6 +375,84 @@ def test_thresholds_topk_and_nms(labeler: GroundedSamLabeler, images: list[np.nd
         # text threshold 0: every prompt token is in the phrase (never [CLS]/[SEP]/'.')
         assert picked["phrases"] == ["car"] * len(expected)
     assert len(picked["scores"]) == 2
+
+
+def test_tile_windows_cover_the_image_with_the_overlap_asked() -> None:
+    assert tile_windows(300, 500, tile=512, overlap=64) == []  # fits: the whole-image pass sees it all
+    windows = tile_windows(700, 1500, tile=512, overlap=128)
+    covered = np.zeros((700, 1500), bool)
+    for y0, x0, y1, x1 in windows:
+        assert 0 < y1 - y0 <= 512 and 0 < x1 - x0 <= 512
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    xs = sorted({(x0, x1) for _, x0, _, x1 in windows})
+    assert all(a[1] - b[0] >= 128 for a, b in zip(xs, xs[1:], strict=False))  # neighbours overlap >= 128 px
+    with pytest.raises(ValueError, match="tile_overlap <= tile_size / 2"):
+        tile_windows(700, 1500, tile=512, overlap=300)
+
+
+def test_a_box_split_across_tiles_comes_back_as_one_box() -> None:
+    """Constructed detections on a 512 x 1024 image, tiles [0, 512) and [384, 896) and [512, 1024) wide: a car
+    at x 300-600 is cut by both tiles (the whole image missed it); a car at x 700-760 is seen whole by two tiles
+    and the whole image; a car at x 40-120 by one tile only."""
+    height, width = 512, 1024
+    windows = [(0, 0, 512, 512), (0, 384, 512, 896), (0, 512, 512, 1024)]
+    views = [  # (window, boxes in image pixels, scores)
+        ((0, 0, 512, 1024), [[700, 200, 760, 260]], [0.6]),
+        (windows[0], [[300, 50, 512, 150], [40, 300, 120, 380]], [0.5, 0.7]),
+        (windows[1], [[384, 52, 600, 150], [701, 201, 760, 259]], [0.55, 0.65]),
+        (windows[2], [[700, 199, 761, 260]], [0.62]),
+    ]
+    boxes = torch.cat([torch.tensor(b, dtype=torch.float32) for _, b, _ in views])
+    scores = torch.cat([torch.tensor(s) for _, _, s in views])
+    cut = torch.cat([cut_edges(torch.tensor(b, dtype=torch.float32), w, height=height, width=width)
+                     for w, b, _ in views])
+    assert cut.tolist() == [False, True, False, True, False, False]  # the two halves touch inner tile edges
+    merged, merged_scores, index = merge_tiled_boxes(boxes, scores, cut, nms_iou=0.5)
+    assert merged.tolist() == [[40, 300, 120, 380], [701, 201, 760, 259], [300, 50, 600, 150]]
+    assert merged_scores.tolist() == pytest.approx([0.7, 0.65, 0.55]) and index.tolist() == [2, 4, 3]
+    side_by_side = torch.tensor([[300, 50, 512, 150], [520, 50, 700, 150]], dtype=torch.float32)
+    two, _, _ = merge_tiled_boxes(side_by_side, torch.tensor([0.5, 0.6]), torch.tensor([True, False]), nms_iou=0.5)
+    assert len(two) == 2  # two cars next to each other, one cut: not merged (they do not overlap)
+
+
+def test_remove_small_regions_drops_islands_and_fills_holes() -> None:
+    mask = np.zeros((40, 40), bool)
+    mask[5:30, 5:30] = True
+    mask[10:12, 10:12] = False  # a 4-px hole
+    mask[35:37, 35:37] = True  # a 4-px island
+    out = remove_small_regions(mask, 10)
+    expected = np.zeros((40, 40), bool)
+    expected[5:30, 5:30] = True
+    assert np.array_equal(out, expected)
+    assert np.array_equal(remove_small_regions(mask, 0), mask)
+    lone = np.zeros((40, 40), bool)
+    lone[2:4, 2:4] = True  # every island small: the largest stays (a small object is not erased)
+    assert np.array_equal(remove_small_regions(lone, 10), lone)
+
+
+def test_tiled_detection_and_cleanup_on_the_real_models(labeler: GroundedSamLabeler, images: list[np.ndarray]) -> None:
+    image = np.ascontiguousarray(np.concatenate([images[0], images[0][:, ::-1]], axis=1))  # 240 x 640: many tiles
+    tiled = labeler.with_options(tile_size=128, tile_overlap=32, min_region_area=20)
+    windows = tile_windows(*image.shape[:2], tile=128, overlap=32)
+    counter = _CallCounter(labeler.dino)
+    try:
+        detections = tiled.detect(image, ["car"])
+    finally:
+        counter.remove()
+    assert counter.calls == 1 + len(windows) and len(windows) > 1  # the whole image, then each tile
+    boxes = detections[0]["boxes"]
+    assert len(boxes) <= MAX_BOXES and len(detections[0]["phrases"]) == len(boxes)
+    assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= image.shape[1]).all()
+    assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= image.shape[0]).all()
+    record = tiled.label(image, "car")
+    for m in record.instance_masks:  # clean already: cleaning again changes nothing
+        assert np.array_equal(remove_small_regions(m, 20), m)
+    if len(record.instance_masks):
+        assert np.array_equal(record.mask, record.instance_masks.any(axis=0))
+    settings = tiled.settings()
+    assert (settings["tile_size"], settings["tile_overlap"], settings["min_region_area"]) == (128, 32, 20)
+    assert not {"tile_size", "tile_overlap", "min_region_area"} & set(labeler.settings())  # off: keys unchanged
 
 
 def test_settings_json_and_with_options(labeler: GroundedSamLabeler) -> None:

@@ -121,3 +121,18 @@ def test_simulated_config_keys_only_its_fields() -> None:
     assert config.resume_settings() == config.to_dict()
     gs = LabelerConfig(kind="grounded-sam", device="cuda")
     assert "device" in gs.to_dict() and "device" not in gs.resume_settings() and "simulated" in gs.to_dict()
+
+
+def test_detection_tiles_and_mask_cleanup_key_the_run_only_when_on() -> None:
+    """Runs labelled before these options existed keep their resume key; turning one on changes it."""
+    plain = LabelerConfig(kind="grounded-sam")
+    assert not {"tile_size", "tile_overlap", "min_region_area"} & set(plain.resume_settings())
+    tiled = LabelerConfig(kind="grounded-sam", tile_size=512, tile_overlap=64)
+    assert {k: tiled.resume_settings()[k] for k in ("tile_size", "tile_overlap")} == {"tile_size": 512,
+                                                                                      "tile_overlap": 64}
+    assert LabelerConfig(kind="grounded-sam", min_region_area=50).resume_settings()["min_region_area"] == 50
+    assert "tile_size" not in LabelerConfig(kind="simulated", tile_size=512).resume_settings()
+    with pytest.raises(ValueError, match="tile_overlap <= tile_size / 2"):
+        LabelerConfig(kind="grounded-sam", tile_size=256, tile_overlap=200)
+    with pytest.raises(ValueError, match="min_region_area >= 0"):
+        LabelerConfig(kind="grounded-sam", min_region_area=-1)
