@@ -21,6 +21,7 @@ Examples::
     prompts python bench/pseudo_label.py --sam tiny --images 6    # quick
     python bench/pseudo_label.py --dino swint_ogc --dino-size 800 --images 4   # the shipped GD layout (slow
     on CPU) python bench/pseudo_label.py --rss-4k                 # peak RSS for one 4K image (vit_b)
+    python bench/pseudo_label.py --options-4k --sam tiny          # tiles and mask clean-up: cost ratios, 4K
 """
 
 from __future__ import annotations
@@ -305,6 +306,41 @@ def run_rss_4k(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_options_4k(args: argparse.Namespace) -> dict[str, Any]:
+    """The cost of the labeler's options on one 2160 x 3840 image (random weights), as ratios to the plain
+    path measured in the same run: detection tiles (``--tile-size``) and mask clean-up (``--min-region-area``).
+    Each variant labels the image once to warm up, then ``--repeats`` times (the median counts); the SAM
+    embedding is not cached, so every call pays the image encoder."""
+    base = GroundedSamLabeler(
+        sam_variant=args.sam, dino_config=args.dino, random_weights=True, seed=args.seed,
+        dino_image_size=args.dino_size, max_boxes=args.max_boxes, box_threshold=args.box_threshold,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    image = np.repeat(np.repeat((rng.random((135, 240, 3)) * 255).astype(np.uint8), 16, axis=0), 16, axis=1)
+    variants = {
+        "plain": base,
+        f"tiles_{args.tile_size}": base.with_options(tile_size=args.tile_size, tile_overlap=args.tile_overlap),
+        f"min_region_area_{args.min_region_area}": base.with_options(min_region_area=args.min_region_area),
+    }
+    out: dict[str, Any] = {"image": [2160, 3840], "sam": args.sam, "dino": args.dino, "dino_size": args.dino_size,
+                           "box_threshold": args.box_threshold, "repeats": args.repeats, "variants": {}}
+    for name, labeler in variants.items():
+        labeler.label(image, "car")  # warm-up
+        _reset_peak_rss()
+        times, boxes = [], 0
+        for _ in range(args.repeats):
+            seconds, record = _timed(lambda labeler=labeler: labeler.label(image, "car"))
+            times.append(seconds)
+            boxes = record.num_instances
+        out["variants"][name] = {"seconds": round(float(np.median(times)), 2), "boxes": boxes,
+                                 "peak_rss_mb": round(_vm_kb("VmHWM") / 1024, 1)}
+    plain = out["variants"]["plain"]
+    for v in out["variants"].values():
+        v["time_ratio_to_plain"] = round(v["seconds"] / plain["seconds"], 2)
+        v["peak_rss_ratio_to_plain"] = round(v["peak_rss_mb"] / plain["peak_rss_mb"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -328,10 +364,21 @@ def main() -> None:
     parser.add_argument(
         "--naive-postprocess", action="store_true", help="with --rss-4k: also predict_torch at once"
     )
+    parser.add_argument("--options-4k", action="store_true",
+                        help="only the cost of --tile-size and --min-region-area on one 2160x3840 image, as ratios")
+    parser.add_argument("--tile-size", type=int, default=1024)
+    parser.add_argument("--tile-overlap", type=int, default=128)
+    parser.add_argument("--min-region-area", type=int, default=100)
+    parser.add_argument("--box-threshold", type=float, default=0.35)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.rss_4k:
+    if args.options_4k:
+        if args.dino_size == 256:
+            args.dino_size = 800
+        print(json.dumps(run_options_4k(args), indent=1))
+    elif args.rss_4k:
         if args.max_boxes == 5:
             args.max_boxes = 20
         if args.dino_size == 256:
