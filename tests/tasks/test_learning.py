@@ -6,8 +6,10 @@ scratch with the default (scratch) recipe for `ITERS` steps and must reach `CAR_
 against the exact masks. Measured on the 2-core machines (README "Training recipes"): the scratch recipe reaches
 52.5 % in 200 steps on one, 46.5 % in 200 and in 120 steps (48.5 % in 150) on another, whose steps are 2.3x
 slower (46.3 % in 120 with a weight average, `ema_decay` 0.99); the paper recipe (meant for pretrained backbones)
-0.05 % in 200. The floor sits between them with room for another CPU's rounding, so a recipe or model change
-that stops learning fails here. 120 steps: 109 s of
+0.05 % in 200. At 120 steps from random weights the score depends on the CPU's rounding: the same code and
+seed reached 41.0 % on one 2-core AMD EPYC machine and 19.8 % on another (ef020de and its successor, both
+checked). The floor (10 %) sits 200x above the paper recipe's 0.05 % and at half the lowest learning run seen,
+so a recipe or model change that stops learning fails here on any of them. 120 steps: 109 s of
 training and evaluation on the slower machine (~50 s on the faster one).
 """
 
@@ -25,7 +27,7 @@ from tasks.pseudo_label import LabelerConfig, pseudo_label
 from tasks.train import TrainConfig, train
 
 ITERS = 120
-CAR_IOU_FLOOR = 0.30
+CAR_IOU_FLOOR = 0.10
 SECONDS_BUDGET = 240  # the test's own training and evaluation; generous for a loaded CI machine
 
 
