@@ -432,9 +432,9 @@ def test_remove_small_regions_drops_islands_and_fills_holes() -> None:
 
 
 def test_tiled_detection_and_cleanup_on_the_real_models(labeler: GroundedSamLabeler, images: list[np.ndarray]) -> None:
-    image = np.ascontiguousarray(np.concatenate([images[0], images[0][:, ::-1]], axis=1))  # 240 x 640: many tiles
-    tiled = labeler.with_options(tile_size=128, tile_overlap=32, min_region_area=20)
-    windows = tile_windows(*image.shape[:2], tile=128, overlap=32)
+    image = np.ascontiguousarray(np.concatenate([images[0], images[0][:, ::-1]], axis=1))  # 240 x 640: 3 tiles
+    tiled = labeler.with_options(tile_size=256, tile_overlap=64, min_region_area=20)
+    windows = tile_windows(*image.shape[:2], tile=256, overlap=64)
     counter = _CallCounter(labeler.dino)
     try:
         detections = tiled.detect(image, ["car"])
@@ -451,7 +451,7 @@ def test_tiled_detection_and_cleanup_on_the_real_models(labeler: GroundedSamLabe
     if len(record.instance_masks):
         assert np.array_equal(record.mask, record.instance_masks.any(axis=0))
     settings = tiled.settings()
-    assert (settings["tile_size"], settings["tile_overlap"], settings["min_region_area"]) == (128, 32, 20)
+    assert (settings["tile_size"], settings["tile_overlap"], settings["min_region_area"]) == (256, 64, 20)
     assert not {"tile_size", "tile_overlap", "min_region_area"} & set(labeler.settings())  # off: keys unchanged
 
 
