@@ -35,7 +35,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -49,8 +49,8 @@ from tasks.review_formats import FORMATS, READERS, WRITERS, reviewed_file
 
 SECTION = "review"
 POLICY = "reviewed"
-RANKINGS = ("score", "disagreement", "uncertainty")
 Ranking = Literal["score", "disagreement", "uncertainty"]
+RANKINGS: tuple[str, ...] = get_args(Ranking)
 BAND = 2  # px each side of the label's boundary that the uncertainty ranking looks at
 # image RGB -> (H x W bool: the model's argmax is the class, H x W float: its probability of the class)
 ModelView = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -187,7 +187,7 @@ def default_review_folder(store_path: str | os.PathLike[str], class_name: str, v
 
 
 def review_state(store: LabelStore, folder: str | os.PathLike[str], *, class_name: str,
-                 version: str) -> Literal["none", "exported", "imported"] | str:
+                 version: str) -> str:
     """Where the review of ``class_name`` in ``version`` exported to ``folder`` stands: ``"none"`` (no folder),
     ``"exported"`` (waiting for its import), or the name of the newest version imported from it.
 

@@ -262,27 +262,16 @@ def _intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def remove_small_regions(mask: Any, min_area: int) -> Any:
-    """H x W bool ``mask`` without its islands smaller than ``min_area`` px and with its holes smaller than that
-    filled (4-connected regions; segment-anything's ``remove_small_regions`` does the same in two calls). A
-    mask whose every island is small keeps its largest one, so a small object is not erased."""
-    import cv2
+    """H x W bool ``mask`` with its holes smaller than ``min_area`` px filled and its islands smaller than that
+    removed: segment-anything's ``remove_small_regions`` (8-connected regions, what SAM's automatic mask
+    generator uses), holes first, then islands. A mask whose every island is small keeps its largest one, so a
+    small object is not erased."""
     import numpy as np
+    from segment_anything.utils.amg import remove_small_regions as sam_remove_small_regions
 
     mask = np.asarray(mask, bool)
     if min_area <= 0 or not mask.any():
         return mask
-    out = mask.copy()
-    n, regions, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
-    for r in range(1, n):  # holes: background regions not touching the border
-        x, y, w, h, area = stats[r]
-        touches = x == 0 or y == 0 or x + w == mask.shape[1] or y + h == mask.shape[0]
-        if area < min_area and not touches:
-            out[regions == r] = True
-    n, regions, stats, _ = cv2.connectedComponentsWithStats(out.astype(np.uint8), connectivity=4)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    small = [r + 1 for r, a in enumerate(areas) if a < min_area]
-    if len(small) == len(areas):  # all small: keep the largest
-        small.remove(int(np.argmax(areas)) + 1)
-    if small:
-        out[np.isin(regions, small)] = False
-    return out
+    for mode in ("holes", "islands"):
+        mask, _ = sam_remove_small_regions(mask, min_area, mode)
+    return np.asarray(mask, bool)
