@@ -1,9 +1,15 @@
-"""Builders for the MaSSFormer variants (segment-anything style) and a parameter-count summary.
+"""Builders for the MaSSFormer variants and the Mask2Former / MaskFormer baselines (segment-anything style), and a
+parameter-count summary.
 
 ``r50`` is the released configuration (docs/design.md §1.6). ``lite_r18`` is an inferred Lite configuration
 (docs/design.md §1.6: C = 64, D = 128, 6 layers, FFN 1024). ``tiny`` is a small configuration of the same code
-for CPU tests and the demo. Every builder takes ``pixel_decoder="fpn"`` for the mask-classification baseline
-(ablation row #1). Builders return untrained models; `models.massformer.weights` loads weights into them.
+for CPU tests and the demo. Every MaSSFormer builder takes ``pixel_decoder="fpn"`` for the mask-classification
+baseline (ablation row #1).
+
+``mask2former_r50`` and ``maskformer_r50`` are the baselines of the MaSS13K paper's Tab. 2 (docs/design.md §1.8),
+``mask2former_tiny`` and ``maskformer_tiny`` small versions of them for CPU tests and quick runs. They have their
+own pixel decoders (``"msdeform"``, ``"fpn"``) and take no other. Builders return untrained models;
+`models.massformer.weights` loads weights into them (ImageNet ResNets into every variant's backbone).
 """
 
 from __future__ import annotations
@@ -17,15 +23,25 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from common.errors import InputError
 from models.massformer.backbone import ResNetBackbone
+from models.massformer.detr_decoder import StandardTransformerDecoder
 from models.massformer.fpn_decoder import FPNPixelDecoder
 from models.massformer.model import MaSSFormer
+from models.massformer.msdeform_decoder import MSDeformAttnPixelDecoder
 from models.massformer.pixel_decoder import HRPixelDecoder
 from models.massformer.transformer_decoder import MaskedTransformerDecoder
 
-PIXEL_DECODERS = ("hr", "fpn")
+PIXEL_DECODERS = ("hr", "fpn", "msdeform")  # every pixel decoder name (the CLI's choices)
+MASSFORMER_PIXEL_DECODERS = ("hr", "fpn")  # what the MaSSFormer variants take; "hr" is their own
+# The baselines' own pixel decoders; a baseline takes no other.
+BASELINE_PIXEL_DECODERS = {
+    "mask2former_r50": "msdeform",
+    "mask2former_tiny": "msdeform",
+    "maskformer_r50": "fpn",
+    "maskformer_tiny": "fpn",
+}
 
 
-def build_massformer_r50(num_classes: int, *, pixel_decoder: str = "hr") -> MaSSFormer:
+def build_massformer_r50(num_classes: int, *, pixel_decoder: str | None = "hr") -> MaSSFormer:
     """MaSSFormer R50: ResNet-50, C = 128, D = 256, 6 layers, 100 queries, FFN 2048 (37.58M at K = 7)."""
     return _build_massformer(
         num_classes=num_classes,
@@ -42,7 +58,7 @@ def build_massformer_r50(num_classes: int, *, pixel_decoder: str = "hr") -> MaSS
     )
 
 
-def build_massformer_lite_r18(num_classes: int, *, pixel_decoder: str = "hr") -> MaSSFormer:
+def build_massformer_lite_r18(num_classes: int, *, pixel_decoder: str | None = "hr") -> MaSSFormer:
     """MaSSFormer Lite: ResNet-18, C = 64, D = 128, 6 layers, 100 queries, FFN 1024 (docs/design.md §1.6)."""
     return _build_massformer(
         num_classes=num_classes,
@@ -59,7 +75,7 @@ def build_massformer_lite_r18(num_classes: int, *, pixel_decoder: str = "hr") ->
     )
 
 
-def build_massformer_tiny(num_classes: int, *, pixel_decoder: str = "hr") -> MaSSFormer:
+def build_massformer_tiny(num_classes: int, *, pixel_decoder: str | None = "hr") -> MaSSFormer:
     """Tiny MaSSFormer for CPU tests and the demo.
 
     ResNet (BasicBlock, one block per stage), C = 16, D = 64, 3 layers, 16 queries, 4 heads, FFN 128.
@@ -80,17 +96,199 @@ def build_massformer_tiny(num_classes: int, *, pixel_decoder: str = "hr") -> MaS
     )
 
 
+def build_mask2former_r50(num_classes: int, *, pixel_decoder: str | None = None) -> MaSSFormer:
+    """Mask2Former R50 (semantic config): ResNet-50, MSDeformAttn pixel decoder (6 layers, 8 heads, 4 points, FFN
+    1024), masked-attention decoder with 9 layers, 100 queries, D = 256, FFN 2048 (44.00M at K = 7)."""
+    _check_own_pixel_decoder("mask2former_r50", pixel_decoder)
+    return _build_mask2former(
+        num_classes=num_classes,
+        backbone_block=Bottleneck,
+        backbone_layers=(3, 4, 6, 3),
+        hidden_dim=256,
+        encoder_layers=6,
+        encoder_ffn_dim=1024,
+        num_points=4,
+        num_queries=100,
+        num_heads=8,
+        ffn_dim=2048,
+        num_layers=9,
+    )
+
+
+def build_mask2former_tiny(num_classes: int, *, pixel_decoder: str | None = None) -> MaSSFormer:
+    """Tiny Mask2Former for CPU tests and quick runs: the tiny ResNet, D = 64 (GroupNorm 32), 2 encoder layers
+    (4 heads, 2 points, FFN 128), 3 decoder layers, 16 queries, 4 heads, FFN 128."""
+    _check_own_pixel_decoder("mask2former_tiny", pixel_decoder)
+    return _build_mask2former(
+        num_classes=num_classes,
+        backbone_block=BasicBlock,
+        backbone_layers=(1, 1, 1, 1),
+        hidden_dim=64,
+        encoder_layers=2,
+        encoder_ffn_dim=128,
+        num_points=2,
+        num_queries=16,
+        num_heads=4,
+        ffn_dim=128,
+        num_layers=3,
+    )
+
+
+def build_maskformer_r50(num_classes: int, *, pixel_decoder: str | None = None) -> MaSSFormer:
+    """MaskFormer R50 (semantic config): ResNet-50, FPN pixel decoder (256 channels, masks at s4), DETR decoder
+    on C5 with 6 layers, 100 queries, D = 256, FFN 2048, dropout 0.1 (41.27M at K = 7)."""
+    _check_own_pixel_decoder("maskformer_r50", pixel_decoder)
+    return _build_maskformer(
+        num_classes=num_classes,
+        backbone_block=Bottleneck,
+        backbone_layers=(3, 4, 6, 3),
+        hidden_dim=256,
+        num_queries=100,
+        num_heads=8,
+        ffn_dim=2048,
+        num_layers=6,
+    )
+
+
+def build_maskformer_tiny(num_classes: int, *, pixel_decoder: str | None = None) -> MaSSFormer:
+    """Tiny MaskFormer for CPU tests and quick runs: the tiny ResNet, D = 64 (GroupNorm 32), 3 decoder layers,
+    16 queries, 4 heads, FFN 128."""
+    _check_own_pixel_decoder("maskformer_tiny", pixel_decoder)
+    return _build_maskformer(
+        num_classes=num_classes,
+        backbone_block=BasicBlock,
+        backbone_layers=(1, 1, 1, 1),
+        hidden_dim=64,
+        num_queries=16,
+        num_heads=4,
+        ffn_dim=128,
+        num_layers=3,
+    )
+
+
 MODEL_BUILDERS: dict[str, Callable[..., MaSSFormer]] = {
     "r50": build_massformer_r50,
     "lite_r18": build_massformer_lite_r18,
     "tiny": build_massformer_tiny,
+    "mask2former_r50": build_mask2former_r50,
+    "mask2former_tiny": build_mask2former_tiny,
+    "maskformer_r50": build_maskformer_r50,
+    "maskformer_tiny": build_maskformer_tiny,
 }
+
+
+def default_pixel_decoder(variant: str) -> str:
+    """The pixel decoder a variant builds when none is named: a baseline's own, ``"hr"`` for MaSSFormer."""
+    return BASELINE_PIXEL_DECODERS.get(variant, "hr")
+
+
+def pixel_decoder_problem(variant: str, pixel_decoder: str | None) -> str | None:
+    """Why ``variant`` cannot be built with ``pixel_decoder`` (one line), or None (None means the default)."""
+    if variant not in MODEL_BUILDERS:
+        return f"variant must be one of {sorted(MODEL_BUILDERS)}. Got {variant!r} instead."
+    if pixel_decoder is None:
+        return None
+    own = BASELINE_PIXEL_DECODERS.get(variant)
+    if own is not None:
+        if pixel_decoder != own:
+            return (
+                f"pixel_decoder applies to the MaSSFormer variants only: {variant} has its own {own!r} "
+                f"decoder. Got {pixel_decoder!r} instead."
+            )
+        return None
+    if pixel_decoder not in MASSFORMER_PIXEL_DECODERS:
+        return f"pixel_decoder must be one of {MASSFORMER_PIXEL_DECODERS}. Got {pixel_decoder!r} instead."
+    return None
+
+
+def _check_own_pixel_decoder(variant: str, pixel_decoder: str | None) -> None:
+    problem = pixel_decoder_problem(variant, pixel_decoder)
+    if problem is not None:
+        raise InputError(problem)
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 1:
+        raise InputError(f"num_classes must be >= 1. Got {num_classes} instead.")
+
+
+def _build_mask2former(
+    *,
+    num_classes: int,
+    backbone_block: type[BasicBlock] | type[Bottleneck],
+    backbone_layers: Sequence[int],
+    hidden_dim: int,
+    encoder_layers: int,
+    encoder_ffn_dim: int,
+    num_points: int,
+    num_queries: int,
+    num_heads: int,
+    ffn_dim: int,
+    num_layers: int,
+) -> MaSSFormer:
+    _check_num_classes(num_classes)
+    backbone = ResNetBackbone(block=backbone_block, layers=backbone_layers)
+    return MaSSFormer(
+        backbone=backbone,
+        pixel_decoder=MSDeformAttnPixelDecoder(
+            in_channels=backbone.out_channels,
+            channels=hidden_dim,
+            out_channels=hidden_dim,
+            num_layers=encoder_layers,
+            num_heads=num_heads,
+            num_points=num_points,
+            ffn_dim=encoder_ffn_dim,
+        ),
+        transformer_decoder=MaskedTransformerDecoder(
+            num_classes=num_classes,
+            hidden_dim=hidden_dim,
+            num_queries=num_queries,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            activation="relu",
+            init="xavier_uniform",
+        ),
+        size_divisor=32,
+    )
+
+
+def _build_maskformer(
+    *,
+    num_classes: int,
+    backbone_block: type[BasicBlock] | type[Bottleneck],
+    backbone_layers: Sequence[int],
+    hidden_dim: int,
+    num_queries: int,
+    num_heads: int,
+    ffn_dim: int,
+    num_layers: int,
+) -> MaSSFormer:
+    _check_num_classes(num_classes)
+    backbone = ResNetBackbone(block=backbone_block, layers=backbone_layers)
+    return MaSSFormer(
+        backbone=backbone,
+        pixel_decoder=FPNPixelDecoder(
+            in_channels=backbone.out_channels, channels=hidden_dim, out_channels=hidden_dim, memory_source="res5"
+        ),
+        transformer_decoder=StandardTransformerDecoder(
+            num_classes=num_classes,
+            in_channels=backbone.out_channels[-1],
+            hidden_dim=hidden_dim,
+            num_queries=num_queries,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            mask_dim=hidden_dim,
+        ),
+        size_divisor=32,
+    )
 
 
 def _build_massformer(
     *,
     num_classes: int,
-    pixel_decoder: str,
+    pixel_decoder: str | None,
     backbone_block: type[BasicBlock] | type[Bottleneck],
     backbone_layers: Sequence[int],
     decoder_channels: int,
@@ -101,10 +299,12 @@ def _build_massformer(
     num_layers: int,
     attn_ffn_dim: int,
 ) -> MaSSFormer:
-    if num_classes < 1:
-        raise InputError(f"num_classes must be >= 1. Got {num_classes} instead.")
-    if pixel_decoder not in PIXEL_DECODERS:
-        raise InputError(f"pixel_decoder must be one of {PIXEL_DECODERS}. Got {pixel_decoder!r} instead.")
+    _check_num_classes(num_classes)
+    pixel_decoder = "hr" if pixel_decoder is None else pixel_decoder
+    if pixel_decoder not in MASSFORMER_PIXEL_DECODERS:
+        raise InputError(
+            f"pixel_decoder must be one of {MASSFORMER_PIXEL_DECODERS}. Got {pixel_decoder!r} instead."
+        )
     backbone = ResNetBackbone(block=backbone_block, layers=backbone_layers)
     decoder: HRPixelDecoder | FPNPixelDecoder
     if pixel_decoder == "hr":
@@ -139,7 +339,7 @@ def _count(module: nn.Module | Sequence[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def model_info(variant: str, *, num_classes: int, pixel_decoder: str = "hr") -> dict[str, Any]:
+def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = None) -> dict[str, Any]:
     """Parameter counts per component (all parameters incl. frozen BN affines; buffers excluded).
 
     Builds the model on the meta device, so it is instant and allocates nothing.
@@ -147,19 +347,25 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str = "hr") -> 
     Args:
         variant: a `MODEL_BUILDERS` key.
         num_classes: K.
-        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (baseline).
+        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (baseline) for the MaSSFormer variants; a baseline's
+            own (``"msdeform"``, ``"fpn"``) or None for the baselines; None: the variant's default.
 
     Returns:
         JSON-serialisable dict: ``variant``, ``pixel_decoder``, ``num_classes``, ``components`` (backbone,
-        pixel_decoder, transformer_decoder = layers + post-norm, heads = queries + level embedding + class and
-        mask heads), ``pixel_decoder_parts`` (per-block counts), ``total`` and ``trainable``.
+        pixel_decoder, transformer_decoder, heads), ``pixel_decoder_parts`` (per-block counts), ``total`` and
+        ``trainable``. With a masked-attention decoder, transformer_decoder = layers + post-norm and heads =
+        queries + level embedding + class and mask heads; with MaskFormer's decoder, transformer_decoder =
+        input projection of C5 + layers + decoder norm and heads = query embedding + class and mask heads.
     """
-    if variant not in MODEL_BUILDERS:
-        raise InputError(f"variant must be one of {sorted(MODEL_BUILDERS)}. Got {variant!r} instead.")
+    problem = pixel_decoder_problem(variant, pixel_decoder)
+    if problem is not None:
+        raise InputError(problem)
+    pixel_decoder = default_pixel_decoder(variant) if pixel_decoder is None else pixel_decoder
     with torch.device("meta"):
         model = MODEL_BUILDERS[variant](num_classes, pixel_decoder=pixel_decoder)
     td = model.transformer_decoder
     pd = model.pixel_decoder
+    parts: dict[str, int]
     if isinstance(pd, HRPixelDecoder):
         parts = {
             "in_projections": _count(pd.in_projections),
@@ -171,17 +377,32 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str = "hr") -> 
             "egf": _count([pd.erm, pd.edge_head]),
             "out_convs": _count(pd.out),
         }
+    elif isinstance(pd, MSDeformAttnPixelDecoder):
+        parts = {
+            "input_projections": _count(pd.input_proj),
+            "encoder": _count(pd.encoder),
+            "level_embed": pd.level_embed.numel(),
+            "lateral": _count(pd.lateral),
+            "output": _count(pd.output),
+            "mask_features": _count(pd.mask_features),
+        }
     else:
         parts = {
             "lateral": _count(pd.lateral),
             "output": _count(pd.output),
             "mask_features": _count(pd.mask_features),
         }
+    if isinstance(td, StandardTransformerDecoder):
+        transformer = _count([td.input_proj, td.layers, td.decoder_norm])
+        heads = _count([td.query_embed, td.class_embed, td.mask_embed])
+    else:
+        transformer = _count([td.layers, td.post_norm])
+        heads = _count([td.query_feat, td.query_embed, td.level_embed, td.class_embed, td.mask_embed])
     components = {
         "backbone": _count(model.backbone),
         "pixel_decoder": _count(pd),
-        "transformer_decoder": _count([td.layers, td.post_norm]),
-        "heads": _count([td.query_feat, td.query_embed, td.level_embed, td.class_embed, td.mask_embed]),
+        "transformer_decoder": transformer,
+        "heads": heads,
     }
     total = _count(model)
     assert sum(components.values()) == total, "a parameter is not assigned to any component"

@@ -1,8 +1,15 @@
-"""MaSSFormer: backbone + pixel decoder + masked-attention transformer decoder, with semantic inference.
+"""MaSSFormer, the mask-classification container: backbone + pixel decoder + transformer decoder, with semantic
+inference.
+
+The same container holds MaSSFormer (HR pixel decoder, masked-attention decoder) and the baselines built from it:
+the FPN ablation, Mask2Former (deformable-attention pixel decoder, masked-attention decoder) and MaskFormer (FPN,
+standard DETR decoder); see `models.massformer.build` and docs/design.md §1.8. The class keeps its name, which
+saved models and other code refer to.
 
 The model takes RGB images in 0..255 of any size, normalizes them (ImageNet mean/std), pads bottom/right with
-0 in normalized space to multiples of 256 (the CST windows tile the stride-16 grid in 16 x 16 windows) and
-crops every output back at its own stride (``ceil(H / s) x ceil(W / s)``); see docs/interfaces.md.
+0 in normalized space to multiples of ``size_divisor`` (256 for MaSSFormer: the CST windows tile the stride-16
+grid in 16 x 16 windows; 32 for the baselines) and crops every output back at its own stride
+(``ceil(H / s) x ceil(W / s)``); see docs/interfaces.md.
 
 Inference can run at another scale (``test_scale``, mmseg's test-time ``Resize``): the image is resized by that
 factor, scored, and the class scores are resized back to the input size. The final masks live at half the
@@ -32,9 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.massformer.backbone import ResNetBackbone
+from models.massformer.detr_decoder import StandardTransformerDecoder
 from models.massformer.fpn_decoder import FPNPixelDecoder
+from models.massformer.msdeform_decoder import MSDeformAttnPixelDecoder
 from models.massformer.pixel_decoder import HRPixelDecoder, PixelDecoderOutput
 from models.massformer.transformer_decoder import MaskedTransformerDecoder
+
+PixelDecoder = HRPixelDecoder | FPNPixelDecoder | MSDeformAttnPixelDecoder
+TransformerDecoder = MaskedTransformerDecoder | StandardTransformerDecoder
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -43,7 +55,8 @@ CHUNK_BYTES = 128 * 2**20
 
 
 class MaSSFormer(nn.Module):
-    """Mask-classification semantic segmentation model (MaSSFormer, or the FPN baseline)."""
+    """Mask-classification semantic segmentation model: MaSSFormer, or a baseline in the same container (the FPN
+    ablation, Mask2Former, MaskFormer); the name is kept for saved models and callers."""
 
     pixel_mean: Tensor  # 1 x 3 x 1 x 1 buffer
     pixel_std: Tensor  # 1 x 3 x 1 x 1 buffer
@@ -52,8 +65,8 @@ class MaSSFormer(nn.Module):
         self,
         *,
         backbone: ResNetBackbone,
-        pixel_decoder: HRPixelDecoder | FPNPixelDecoder,
-        transformer_decoder: MaskedTransformerDecoder,
+        pixel_decoder: PixelDecoder,
+        transformer_decoder: TransformerDecoder,
         size_divisor: int = 256,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
@@ -95,10 +108,11 @@ class MaSSFormer(nn.Module):
     @property
     def num_queries(self) -> int:
         """Q, the number of queries (masks predicted per image)."""
-        return self.transformer_decoder.query_feat.num_embeddings
+        return self.transformer_decoder.num_queries
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """Normalizes B x 3 x H x W RGB 0..255 images; zero-pads to B x 3 x H' x W' (multiples of 256)."""
+        """Normalizes B x 3 x H x W RGB 0..255 images; zero-pads to B x 3 x H' x W' (multiples of
+        ``size_divisor``)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be B x 3 x H x W. Got shape {tuple(images.shape)} instead.")
         if not images.is_floating_point():
@@ -131,8 +145,10 @@ class MaSSFormer(nn.Module):
 
         Returns:
             ``pred_logits`` B x Q x (K+1); ``pred_masks`` B x Q x ceil(H/2) x ceil(W/2) logits (last layer);
-            ``aux_outputs``: list of ``{pred_logits, pred_masks}`` for the initial queries and layers 1..L-1,
-            masks B x Q x ceil(H/4) x ceil(W/4); ``pred_edge`` B x 1 x ceil(H/2) x ceil(W/2) logits or None.
+            ``aux_outputs``: list of ``{pred_logits, pred_masks}`` for the earlier predictions (masked-attention
+            decoders: the initial queries and layers 1..L-1; MaskFormer: layers 1..L-1), masks
+            B x Q x ceil(H/4) x ceil(W/4); ``pred_edge`` B x 1 x ceil(H/2) x ceil(W/2) logits, or None for
+            pixel decoders without an edge head.
         """
         h, w = images.shape[-2:]
         h2, w2, h4, w4 = math.ceil(h / 2), math.ceil(w / 2), math.ceil(h / 4), math.ceil(w / 4)

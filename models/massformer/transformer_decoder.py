@@ -10,17 +10,24 @@ from torch import Tensor, nn
 
 from models.massformer.position_encoding import sine_position_encoding
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+
 
 class MaskedAttentionLayer(nn.Module):
-    """Post-norm decoder layer: masked cross-attention -> norm -> self-attention -> norm -> FFN -> norm."""
+    """Post-norm decoder layer: masked cross-attention -> norm -> self-attention -> norm -> FFN -> norm.
 
-    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int) -> None:
+    The FFN activation is GELU in MaSSFormer (MaSS13K's config) and ReLU in Mask2Former.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, activation: str = "gelu") -> None:
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.cross_norm = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.self_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}. Got {activation!r} instead.")
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), ACTIVATIONS[activation](), nn.Linear(ffn_dim, dim))
         self.ffn_norm = nn.LayerNorm(dim)
 
     def forward(
@@ -78,6 +85,8 @@ class MaskedTransformerDecoder(nn.Module):
         ffn_dim: int = 2048,
         num_layers: int = 6,
         num_feature_levels: int = 3,
+        activation: str = "gelu",
+        init: str = "xavier_normal",
     ) -> None:
         """Builds the decoder.
 
@@ -89,13 +98,16 @@ class MaskedTransformerDecoder(nn.Module):
             ffn_dim: FFN hidden width.
             num_layers: decoder layers (6 in MaSSFormer, 9 in Mask2Former).
             num_feature_levels: memory levels cycled through (layer i attends level i % levels).
+            activation: FFN activation, ``"gelu"`` (MaSSFormer) or ``"relu"`` (Mask2Former).
+            init: init of the layers' matrices, ``"xavier_normal"`` (mmdet's Mask2FormerHead, as MaSSFormer) or
+                ``"xavier_uniform"`` (the Mask2Former repository's layers).
         """
         super().__init__()
         self.num_classes = num_classes
         self.num_heads = num_heads
         self.num_feature_levels = num_feature_levels
         self.layers = nn.ModuleList(
-            MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim)
+            MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, activation=activation)
             for _ in range(num_layers)
         )
         self.post_norm = nn.LayerNorm(hidden_dim)
@@ -104,9 +116,19 @@ class MaskedTransformerDecoder(nn.Module):
         self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=hidden_dim, num_layers=3)
+        if init not in ("xavier_normal", "xavier_uniform"):
+            raise ValueError(f"init must be 'xavier_normal' or 'xavier_uniform'. Got {init!r} instead.")
         for p in self.layers.parameters():
             if p.dim() > 1:
-                nn.init.xavier_normal_(p)  # mmdet Mask2FormerHead.init_weights
+                if init == "xavier_normal":
+                    nn.init.xavier_normal_(p)  # mmdet Mask2FormerHead.init_weights
+                else:
+                    nn.init.xavier_uniform_(p)  # Mask2Former's SelfAttentionLayer/... _reset_parameters
+
+    @property
+    def num_queries(self) -> int:
+        """Q."""
+        return self.query_feat.num_embeddings
 
     def _predict(
         self, query: Tensor, mask_features: Tensor, attn_size: tuple[int, int] | None
