@@ -12,7 +12,10 @@ from typing import Literal
 
 from models.labelers.build import LabelerKind as LabelerKind  # the keys of models.labelers.build.LABELERS
 
-ModelVariant = Literal["tiny", "lite_r18", "r50"]  # models.massformer.build.MODEL_BUILDERS
+# models.massformer.build.MODEL_BUILDERS: MaSSFormer, then the Mask2Former / MaskFormer baselines
+ModelVariant = Literal[
+    "tiny", "lite_r18", "r50", "mask2former_r50", "mask2former_tiny", "maskformer_r50", "maskformer_tiny"
+]
 # models.labelers.grounded_sam_weights.SAM_CHECKPOINT_FILES
 SamVariant = Literal["vit_b", "vit_l", "vit_h", "tiny"]
 DinoConfig = Literal["swint_ogc", "swinb", "test"]  # models.labelers.grounded_sam_weights.DINO_VARIANTS

@@ -261,6 +261,12 @@ def cmd_model_info(a: argparse.Namespace) -> int:
     from models.massformer.build import model_info
 
     info = model_info(a.variant, num_classes=a.num_classes, pixel_decoder=a.pixel_decoder)
+    if a.macs_size:
+        from models.massformer.macs import count_macs
+
+        h, w = a.macs_size
+        macs = count_macs(a.variant, height=h, width=w, num_classes=a.num_classes, pixel_decoder=a.pixel_decoder)
+        info["macs"] = {"input_hw": [h, w], **macs}
     if a.json:
         _print_json(info)
     else:

@@ -49,7 +49,9 @@ def _sized_help(field: str) -> str:
 # it (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
 RECIPE_CHOICES: tuple[str, ...] = get_args(RecipeChoice)
 VARIANTS: tuple[str, ...] = get_args(ModelVariant)
-PIXEL_DECODERS = ("hr", "fpn")  # models.massformer.build.PIXEL_DECODERS
+PIXEL_DECODERS = ("hr", "fpn", "msdeform")  # models.massformer.build.PIXEL_DECODERS
+PIXEL_DECODER_HELP = ("MaSSFormer variants: hr (default) or fpn (ablation); the mask2former_* / maskformer_* "
+                      "variants have their own (msdeform / fpn) and take no other")
 REWEIGHT_MODES = ("none", "edge", "inverse")  # models.training.loss_weights.REWEIGHT_MODES
 MERGE_POLICIES: tuple[str, ...] = get_args(MergePolicy)
 SAM_VARIANTS: tuple[str, ...] = get_args(SamVariant)
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("store")
     tr.add_argument("--version", default="latest")
     tr.add_argument("--variant", choices=VARIANTS, default="r50")
-    tr.add_argument("--pixel-decoder", choices=PIXEL_DECODERS, default="hr")
+    tr.add_argument("--pixel-decoder", choices=PIXEL_DECODERS, default=None, help=PIXEL_DECODER_HELP)
     tr.add_argument("--iters", type=int, default=None, help=_sized_help("iters"))
     tr.add_argument("--batch-size", type=int, default=None, help=_sized_help("batch_size"))
     tr.add_argument("--crop-size", type=int, default=None, help=_sized_help("crop_size"))
@@ -358,10 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("folder", help="the export's folder, with the reviewed annotations.json (coco) or "
                                    "the JSON Label Studio exported, saved as reviewed.json (labelstudio)")
 
-    mi = sub.add_parser("model-info", help="parameter counts per component")
+    mi = sub.add_parser("model-info", help="parameter counts per component (and MACs with --macs-size)")
     mi.add_argument("variant", choices=VARIANTS)
     mi.add_argument("--num-classes", type=int, default=7)
-    mi.add_argument("--pixel-decoder", choices=PIXEL_DECODERS, default="hr")
+    mi.add_argument("--pixel-decoder", choices=PIXEL_DECODERS, default=None, help=PIXEL_DECODER_HELP)
+    mi.add_argument("--macs-size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                    help="also count the MACs of one forward at H x W (meta device, no memory)")
     mi.add_argument("--json", action="store_true")
 
     ac = sub.add_parser("add-class", help="run the add-class flow (in-process, or on a deployment)")

@@ -36,7 +36,7 @@ from torch import nn
 
 from common.errors import InputError, UserError
 from models.hashing import bytes_sha256, file_sha256
-from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
+from models.massformer.build import MODEL_BUILDERS, default_pixel_decoder, pixel_decoder_problem
 from models.massformer.model import MaSSFormer
 from models.massformer.weights import load_checkpoint, load_with_new_classes
 
@@ -188,11 +188,14 @@ def verify_dir(
 
 def _config_problem(config: Mapping[str, Any]) -> str | None:
     """What keeps `build_model` and the class matching from using ``config``, or None."""
-    variant, decoder = config.get("variant"), config.get("pixel_decoder", "hr")
+    variant, decoder = config.get("variant"), config.get("pixel_decoder")
     if not isinstance(variant, str) or variant not in MODEL_BUILDERS:
         return f"variant {variant!r}; this addclass builds {sorted(MODEL_BUILDERS)}"
-    if not isinstance(decoder, str) or decoder not in PIXEL_DECODERS:
-        return f"pixel_decoder {decoder!r}; this addclass builds {list(PIXEL_DECODERS)}"
+    if decoder is not None and not isinstance(decoder, str):
+        return f"pixel_decoder {decoder!r}, not a name"
+    problem = pixel_decoder_problem(variant, decoder)
+    if problem is not None:
+        return problem
     k, names = config.get("num_classes"), config.get("class_names")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         return f"num_classes {k!r}, not an integer >= 1"
@@ -261,7 +264,8 @@ def build_model(config: Mapping[str, Any]) -> MaSSFormer:
     variant = config["variant"]
     if variant not in MODEL_BUILDERS:
         raise InputError(f"Unknown model variant {variant!r}; this addclass knows {sorted(MODEL_BUILDERS)}.")
-    pixel_decoder = config.get("pixel_decoder", "hr")
+    # Folders from before the key are MaSSFormer's ("hr"), which is also the default of those variants.
+    pixel_decoder = config.get("pixel_decoder") or default_pixel_decoder(variant)
     model = MODEL_BUILDERS[variant](int(config["num_classes"]), pixel_decoder=pixel_decoder)
     model.test_scale = float(config.get("test_scale", 1.0))  # folders from before test_scale: 1
     model.test_ratios = tuple(float(r) for r in config.get("test_ratios", [1.0]))  # from before: one scale

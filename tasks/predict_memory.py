@@ -17,7 +17,10 @@ estimate with the measured peak)::
     lite_r18   120 MB   650 B                            1.84 GB
     r50        200 MB   1400 B                           3.00 GB
 
-so r50 on a whole 4096 x 3072 image is estimated at 22.6 GiB (margin included), and at 3.8 GiB in 1024 tiles.
+The Mask2Former / MaskFormer baselines were not measured: they take the constants of the MaSSFormer variant with
+the same backbone (r50 / tiny), which should over-estimate them (their decoders work at stride 4, not 2).
+
+So r50 on a whole 4096 x 3072 image is estimated at 22.6 GiB (margin included), and at 3.8 GiB in 1024 tiles.
 
 ``ADDCLASS_MEMORY_CHECK=0`` turns the check off, as for training (`tasks.train_memory`).
 """
@@ -38,6 +41,10 @@ VARIANT_PREDICT_MEMORY: dict[str, VariantMemory] = {
     "lite_r18": VariantMemory(120 * 2**20, 650),
     "r50": VariantMemory(200 * 2**20, 1400),
 }
+# Not measured: the MaSSFormer constants of the same backbone (module docstring).
+for _baseline, _like in (("mask2former_r50", "r50"), ("maskformer_r50", "r50"),
+                         ("mask2former_tiny", "tiny"), ("maskformer_tiny", "tiny")):
+    VARIANT_PREDICT_MEMORY[_baseline] = VARIANT_PREDICT_MEMORY[_like]
 
 
 def forward_pixels(height: int, width: int, *, scale: float, window: int | None) -> int:

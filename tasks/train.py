@@ -266,7 +266,7 @@ def _build_run(config: TrainConfig, expected: dict[str, Any], *, checkpoint: Pat
     elif config.init_model is not None:
         init_from_model(model, config.init_model, expected=expected)
     elif config.backbone_checkpoint is not None:
-        load_backbone_checkpoint(model, config.backbone_checkpoint, strict=config.variant != "tiny")
+        load_backbone_checkpoint(model, config.backbone_checkpoint, strict=not config.variant.endswith("tiny"))
     if ctx.active:
         model = sync_batch_norm(model, device=device)  # type: ignore[assignment]
     model.to(device).train()

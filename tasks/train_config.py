@@ -13,7 +13,7 @@ from typing import Any
 
 from common.errors import InputError
 from models.hashing import json_hash
-from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
+from models.massformer.build import MODEL_BUILDERS, default_pixel_decoder, pixel_decoder_problem
 from models.training.loss_weights import parse_reweight_mode
 from models.training.optim import RECIPE_CHOICES, choose_recipe
 from storage.store import LabelStore, open_label_store
@@ -38,9 +38,12 @@ class TrainConfig:
         store: Label store path.
         out_dir: Run folder (checkpoints, log, ``final/``).
         version: Label version to train on (``"latest"`` is resolved by `resolve_train_config`).
-        variant: A ``models.massformer.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``).
+        variant: A ``models.massformer.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``, or a
+            baseline: ``mask2former_r50``, ``maskformer_r50`` and their ``_tiny`` versions).
         num_classes: K; derived from the version (None until resolved; a different value is an error).
-        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline).
+        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline) for the MaSSFormer
+            variants; the baselines have their own (``"msdeform"``, ``"fpn"``) and take no other. None (the
+            default) is resolved to the variant's own.
         iters: Training steps (MaSSFormer's default: 80000).
         batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling): the global
             batch, whatever the number of processes (`tasks.distributed`) and ``accumulate``; both must divide
@@ -101,7 +104,7 @@ class TrainConfig:
     version: str = "latest"
     variant: str = "r50"
     num_classes: int | None = None
-    pixel_decoder: str = "hr"
+    pixel_decoder: str | None = None
     iters: int = 80000
     batch_size: int = 16
     accumulate: int = 1
@@ -150,10 +153,11 @@ class TrainConfig:
         set_(self, "test_ratios", tuple(float(v) for v in self.test_ratios))
         if self.variant not in MODEL_BUILDERS:
             raise InputError(f"Expected variant in {sorted(MODEL_BUILDERS)}. Got {self.variant!r} instead.")
-        if self.pixel_decoder not in PIXEL_DECODERS:
-            raise InputError(
-                f"Expected pixel_decoder in {PIXEL_DECODERS}. Got {self.pixel_decoder!r} instead."
-            )
+        problem = pixel_decoder_problem(self.variant, self.pixel_decoder)
+        if problem is not None:
+            raise InputError(problem)
+        if self.pixel_decoder is None:
+            set_(self, "pixel_decoder", default_pixel_decoder(self.variant))
         if self.batch_size < 2:
             raise InputError(
                 f"Expected batch_size >= 2 (the pixel decoder's BatchNorm after global pooling needs more "
