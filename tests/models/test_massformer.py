@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS, build_massformer_tiny
+from models.massformer.build import MASSFORMER_PIXEL_DECODERS, MODEL_BUILDERS, build_massformer_tiny
 from models.massformer.deform import DeformLayer, deform_conv2d
 from models.massformer.model import IMAGENET_MEAN, MaSSFormer
 from models.massformer.pixel_decoder import SEB, window_partition, window_reverse
@@ -35,13 +35,17 @@ def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(b, 3, h, w, generator=g) * 255.0
 
 
-def _build(variant: str, pixel_decoder: str) -> MaSSFormer:
+# The MaSSFormer variants; the baselines have their own tests (tests/models/test_baselines.py).
+MASSFORMER_VARIANTS = sorted(VARIANT_LAYERS)
+
+
+def _build(variant: str, pixel_decoder: str | None) -> MaSSFormer:
     torch.manual_seed(0)
     return MODEL_BUILDERS[variant](NUM_CLASSES, pixel_decoder=pixel_decoder)
 
 
-@pytest.mark.parametrize("pixel_decoder", PIXEL_DECODERS)
-@pytest.mark.parametrize("variant", sorted(MODEL_BUILDERS))
+@pytest.mark.parametrize("pixel_decoder", MASSFORMER_PIXEL_DECODERS)
+@pytest.mark.parametrize("variant", MASSFORMER_VARIANTS)
 def test_forward_backward_odd_input(variant: str, pixel_decoder: str) -> None:
     model = _build(variant, pixel_decoder).train()
     h, w = 67, 93  # pads to 256 x 256
@@ -78,8 +82,11 @@ def test_forward_backward_odd_input(variant: str, pixel_decoder: str) -> None:
         assert grads["pixel_decoder.rfb.branches.3.offset_conv.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("pixel_decoder", PIXEL_DECODERS)
-@pytest.mark.parametrize("variant", sorted(MODEL_BUILDERS))
+@pytest.mark.parametrize(
+    ("variant", "pixel_decoder"),
+    [(v, d) for v in MASSFORMER_VARIANTS for d in MASSFORMER_PIXEL_DECODERS]
+    + [("mask2former_tiny", None), ("maskformer_tiny", None)],  # the r50 baselines are only built on meta
+)
 def test_eval_deterministic(variant: str, pixel_decoder: str) -> None:
     model = _build(variant, pixel_decoder).eval()
     x = _images(1, 45, 70, seed=1)
@@ -99,7 +106,7 @@ def test_running_stats_update_in_train_mode() -> None:
     assert not torch.equal(before, model.backbone.bn1.running_mean)
 
 
-@pytest.mark.parametrize("pixel_decoder", PIXEL_DECODERS)
+@pytest.mark.parametrize("pixel_decoder", MASSFORMER_PIXEL_DECODERS)
 def test_internal_padding_is_zero_in_normalized_space(pixel_decoder: str) -> None:
     """Cropped outputs of an odd image equal the top-left of a run on the image padded with the mean."""
     model = _build("tiny", pixel_decoder).eval()
