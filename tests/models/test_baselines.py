@@ -301,3 +301,27 @@ def test_model_folder_of_a_baseline_builds_and_reloads(tmp_path: Path, variant: 
     bad = save_model_dir(tmp_path / "bad", model=model, config={**config, "pixel_decoder": "hr"}, step=1)
     with pytest.raises(ValueError, match="pixel_decoder"):
         read_model_config(bad)
+
+
+def test_model_info_cli_reports_components_and_macs(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from flows import cli
+
+    assert cli.main(["model-info", "maskformer_r50", "--macs-size", "256", "320", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total"] == R50_COUNTS["maskformer_r50"]["total"] and info["pixel_decoder"] == "fpn"
+    assert info["macs"]["input_hw"] == [256, 320] and info["macs"]["grid_sample_macs_g"] == 0
+    assert sum(info["macs"]["per_component_g"].values()) == pytest.approx(info["macs"]["macs_g"], abs=0.01)
+    assert cli.main(["model-info", "maskformer_r50", "--pixel-decoder", "hr"]) == 2
+    err = capsys.readouterr().err
+    assert "pixel_decoder applies to the MaSSFormer variants only" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("variant", "paper_g"), [("mask2former_r50", 3123.0), ("maskformer_r50", 2396.0)])
+def test_r50_macs_at_4k_near_the_paper(variant: str, paper_g: float) -> None:
+    from models.massformer.macs import count_macs
+
+    macs = count_macs(variant, height=4096, width=3072)  # meta device: no memory, no compute
+    # The paper's figures are fvcore MACs, which skip the deformable-attention sampling (a custom op there).
+    assert abs(macs["macs_excluding_sampling_g"] - paper_g) / paper_g < 0.01
