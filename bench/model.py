@@ -1,26 +1,31 @@
-"""MACs and forward time of MaSSFormer R50 against the FPN mask-classification baseline, in one run.
+"""Parameters, MACs, forward time and peak memory of MaSSFormer R50 against its baselines, in one run.
 
-MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (no memory, no compute)
-at the paper's test size 4096 x 3072; MACs = FLOPs / 2. Counted ops: convolutions, linear/matmul/bmm (einsums
-and attention lower to these) and torchvision's deformable convolution (custom formula, C_out * C_in * k^2 per
-output pixel). The paper's 2036G "FLOPs" are fvcore MACs (docs/design.md §1.6); fvcore skips custom autograd
-ops such as mmcv's modulated deformable conv, so the comparable figure is ``macs_excluding_deform_g``.
-fvcore's small elementwise extras (batch norm, upsampling: ~1-2 %) are not counted here.
+Rows: MaSSFormer R50 (``r50``), its FPN ablation (``r50`` with ``pixel_decoder="fpn"``), Mask2Former R50
+(``mask2former_r50``) and MaskFormer R50 (``maskformer_r50``); docs/design.md §1.6 and §1.8.
 
-Forward time is measured on CPU at ``--size`` (default 768 x 512, about a minute in all) in
-eval mode under ``torch.no_grad()``, alternating the two models so load changes hit both alike; the median is
-reported. ``--predict-size H W`` additionally times ``MaSSFormer.predict`` (whole-image, chunked) and reports
-its peak RSS.
+MACs are counted by `models.massformer.macs.count_macs` on the meta device (no memory, no compute) at the paper's
+test size 4096 x 3072 (``--macs-size``); see that module for what is counted. The paper's figures (Tab. 2) are
+fvcore MACs, which skip the deformable sampling ops (mmcv's DCN in MaSSFormer, MSDeformAttn in Mask2Former), so
+the comparable column is ``macs_excluding_sampling_g``.
+
+Forward time is measured on CPU at each ``--size`` (default 1024 x 1024 and 2048 x 2048) in eval mode under
+``torch.no_grad()``, alternating the models so load changes hit them alike; the median is reported. Peak memory
+is the rise of the process's peak resident set over one forward of each model alone (``/proc/self/clear_refs``
+resets the peak; Linux only). Both are reported as ratios MaSSFormer / baseline. ``--predict-size H W``
+additionally times ``MaSSFormer.predict`` (whole-image, chunked) and reports its peak RSS. ``--macs-only`` skips
+all timing.
 
 Usage::
 
-    python bench/model.py                       # MACs at 4096 x 3072 + timing at 768 x 512
+    python bench/model.py --macs-only             # parameters + MACs at 4096 x 3072, a few seconds
+    python bench/model.py                         # + timing and peak memory at 1024^2 and 2048^2 (long on CPU)
     python bench/model.py --size 512 512 --repeats 5 --threads 1 --predict-size 2048 1536
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -29,54 +34,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from models.massformer.build import build_massformer_r50
+from models.massformer.build import MODEL_BUILDERS, model_info
+from models.massformer.macs import count_macs
 
-PAPER_MACS_G = 2036.0  # MaSSFormer R50 at 4096 x 3072 (docs/design.md §1.6, fvcore MACs)
 NUM_CLASSES = 7
+# Row name -> (variant, pixel decoder); None: the variant's own.
+ROWS: dict[str, tuple[str, str | None]] = {
+    "massformer": ("r50", "hr"),
+    "fpn_ablation": ("r50", "fpn"),
+    "mask2former": ("mask2former_r50", None),
+    "maskformer": ("maskformer_r50", None),
+}
+# The MaSS13K paper's Tab. 2 at 4096 x 3072 (fvcore MACs) and its parameter counts; the ablation is not in it.
+PAPER = {
+    "massformer": {"macs_g": 2036.0, "params_m": 37.42},
+    "mask2former": {"macs_g": 3123.0, "params_m": 44.01},
+    "maskformer": {"macs_g": 2396.0, "params_m": 41.31},
+}
+PAPER_MACS_G = PAPER["massformer"]["macs_g"]
 
 
-def _deform_conv2d_flops(
-    input_shape: Any, weight_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
-) -> int:
-    b, c_out, h, w = out_shape
-    _, c_in_per_group, kh, kw = weight_shape
-    return 2 * b * c_out * c_in_per_group * kh * kw * h * w
+def _build(row: str) -> torch.nn.Module:
+    variant, decoder = ROWS[row]
+    return MODEL_BUILDERS[variant](NUM_CLASSES, pixel_decoder=decoder).eval()
 
 
-def count_macs(pixel_decoder: str, height: int, width: int) -> dict[str, Any]:
-    """MACs (in G) of one ``model(images)`` forward, total and per component, on the meta device."""
-    with torch.device("meta"):
-        model = build_massformer_r50(NUM_CLASSES, pixel_decoder=pixel_decoder).eval()
-        images = torch.empty(1, 3, height, width)
-    counter = FlopCounterMode(
-        display=False, depth=2, custom_mapping={torch.ops.torchvision.deform_conv2d: _deform_conv2d_flops}
-    )
-    with counter:  # no torch.no_grad(): the module tracker needs autograd; on meta it costs nothing
-        model(images)
-    counts = counter.get_flop_counts()
-    glob = counts["Global"]
-    deform = sum(v for k, v in glob.items() if "deform_conv2d" in str(k))
-    total = sum(glob.values())
-    per_component = {
-        name: round(sum(counts.get(f"MaSSFormer.{name}", {}).values()) / 2e9, 3)
-        for name in ("backbone", "pixel_decoder", "transformer_decoder")
-    }
-    return {
-        "macs_g": round(total / 2e9, 3),
-        "macs_excluding_deform_g": round((total - deform) / 2e9, 3),
-        "deform_conv_macs_g": round(deform / 2e9, 3),
-        "per_component_g": per_component,
-        "by_op_g": {str(k): round(v / 2e9, 3) for k, v in glob.items()},
-    }
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _rss_mb("VmHWM")
 
 
 def _reset_peak_rss() -> bool:
@@ -87,27 +79,65 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def time_forward(height: int, width: int, repeats: int) -> dict[str, Any]:
-    """Median eval forward time of both models at one input size, runs interleaved."""
+def static_rows(height: int, width: int) -> dict[str, Any]:
+    """Parameters and MACs of every row (meta device), with the paper's figures and ratios to them."""
+    out: dict[str, Any] = {}
+    for row, (variant, decoder) in ROWS.items():
+        info = model_info(variant, num_classes=NUM_CLASSES, pixel_decoder=decoder)
+        macs = count_macs(variant, height=height, width=width, num_classes=NUM_CLASSES, pixel_decoder=decoder)
+        rec: dict[str, Any] = {
+            "variant": variant,
+            "pixel_decoder": info["pixel_decoder"],
+            "params": info["total"],
+            "params_components": info["components"],
+            "macs": macs,
+        }
+        if row in PAPER:
+            rec["paper"] = PAPER[row]
+            rec["params_ratio_to_paper"] = round(info["total"] / (PAPER[row]["params_m"] * 1e6), 4)
+            rec["macs_ratio_to_paper"] = round(macs["macs_excluding_sampling_g"] / PAPER[row]["macs_g"], 4)
+        out[row] = rec
+    return out
+
+
+def time_forward(height: int, width: int, repeats: int, rows: list[str]) -> dict[str, Any]:
+    """Median eval forward time and peak-memory rise of each row at one input size; ratios MaSSFormer / row."""
     torch.manual_seed(0)
-    models = {name: build_massformer_r50(NUM_CLASSES, pixel_decoder=name).eval() for name in ("hr", "fpn")}
+    models = {row: _build(row) for row in rows}
     images = torch.rand(1, 3, height, width) * 255
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[str, list[float]] = {row: [] for row in models}
+    peak_rise: dict[str, float] = {}
     with torch.no_grad():
-        for model in models.values():  # warm-up (oneDNN primitive creation, allocator)
+        for model in models.values():  # warm-up (oneDNN primitives, allocator), then the memory pass
             model(images)
+        reset = True
+        for row, model in models.items():
+            gc.collect()
+            reset = _reset_peak_rss() and reset
+            before = _rss_mb("VmRSS")
+            model(images)
+            peak_rise[row] = round(_peak_rss_mb() - before, 1)
         for _ in range(repeats):
-            for name, model in models.items():
+            for row, model in models.items():
                 start = time.perf_counter()
                 model(images)
-                times[name].append(time.perf_counter() - start)
-    hr, fpn = statistics.median(times["hr"]), statistics.median(times["fpn"])
+                times[row].append(time.perf_counter() - start)
+    median = {row: statistics.median(v) for row, v in times.items()}
+    ref = "massformer"
     return {
         "input_hw": [height, width],
         "repeats": repeats,
-        "massformer_s": round(hr, 3),
-        "baseline_s": round(fpn, 3),
-        "ratio_massformer_over_baseline": round(hr / fpn, 3),
+        "forward_s": {row: round(t, 3) for row, t in median.items()},
+        "peak_rss_rise_mb": peak_rise,
+        "peak_reset": reset,
+        "time_ratio_massformer_over": {
+            row: round(median[ref] / median[row], 3) for row in models if row != ref and ref in median
+        },
+        "memory_ratio_massformer_over": {
+            row: round(peak_rise[ref] / peak_rise[row], 3)
+            for row in models
+            if row != ref and ref in peak_rise and peak_rise[row] > 0
+        },
         "all_runs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
     }
 
@@ -115,7 +145,7 @@ def time_forward(height: int, width: int, repeats: int) -> dict[str, Any]:
 def time_predict(height: int, width: int) -> dict[str, Any]:
     """Whole-image ``predict`` of MaSSFormer R50 (eval, CPU): time and peak resident memory."""
     torch.manual_seed(0)
-    model = build_massformer_r50(NUM_CLASSES).eval()
+    model = MODEL_BUILDERS["r50"](NUM_CLASSES).eval()
     images = torch.rand(1, 3, height, width) * 255
     reset = _reset_peak_rss()
     base = _peak_rss_mb()
@@ -135,40 +165,42 @@ def time_predict(height: int, width: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--size", nargs=2, type=int, default=[768, 512], metavar=("H", "W"), help="timing input"
+        "--size", nargs=2, type=int, action="append", default=None, metavar=("H", "W"),
+        help="timing input, repeatable (default: 1024 1024 and 2048 2048)",
     )
     parser.add_argument("--macs-size", nargs=2, type=int, default=[4096, 3072], metavar=("H", "W"))
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to time")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--predict-size", nargs=2, type=int, default=None, metavar=("H", "W"))
+    parser.add_argument("--macs-only", action="store_true", help="parameters and MACs only, no timing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    sizes = args.size or [[1024, 1024], [2048, 2048]]
+    rows = list(dict.fromkeys(["massformer", *args.rows]))  # the ratios need MaSSFormer
 
     mh, mw = args.macs_size
-    hr = count_macs("hr", mh, mw)
-    fpn = count_macs("fpn", mh, mw)
+    static = static_rows(mh, mw)
     result: dict[str, Any] = {
-        "model": "massformer_r50",
         "num_classes": NUM_CLASSES,
-        "macs": {
-            "input_hw": [mh, mw],
-            "massformer": hr,
-            "baseline_fpn": fpn,
-            "ratio_massformer_over_baseline": round(hr["macs_g"] / fpn["macs_g"], 3),
-            "paper_macs_g": PAPER_MACS_G,
-            "ratio_to_paper": round(hr["macs_g"] / PAPER_MACS_G, 3),
-            "ratio_to_paper_excluding_deform": round(hr["macs_excluding_deform_g"] / PAPER_MACS_G, 3),
+        "macs_input_hw": [mh, mw],
+        "rows": static,
+        "macs_ratio_massformer_over": {
+            row: round(static["massformer"]["macs"]["macs_g"] / rec["macs"]["macs_g"], 3)
+            for row, rec in static.items()
+            if row != "massformer"
         },
-        "timing": time_forward(args.size[0], args.size[1], args.repeats),
         "env": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
         },
     }
-    if args.predict_size:
-        result["predict"] = time_predict(args.predict_size[0], args.predict_size[1])
+    if not args.macs_only:
+        result["timing"] = [time_forward(h, w, args.repeats, rows) for h, w in sizes]
+        if args.predict_size:
+            result["predict"] = time_predict(args.predict_size[0], args.predict_size[1])
     print(json.dumps(result, indent=2))
     return result
 

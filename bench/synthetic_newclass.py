@@ -18,7 +18,8 @@ scratch does reach them:
 Rows: Pseudo Label; Pseudo only (car/others from the raw pseudo masks, no precise labels); Mixed, no
 reweight; Mixed + edge reweight (``1 + 5W`` on every class); Mixed + inverse reweight (``1 - W`` on car and
 the band of precise classes next to it); Oracle (exact car, no reweight). Every model row trains the tiny
-MaSSFormer from scratch with the ``scratch`` recipe (`models.training.optim.SCRATCH_RECIPE`), for each of
+MaSSFormer (``--variant``, default ``tiny``; e.g. ``mask2former_tiny`` or ``maskformer_tiny`` for the baselines)
+from scratch with the ``scratch`` recipe (`models.training.optim.SCRATCH_RECIPE`), for each of
 ``--seeds`` (the seed of the initialisation, data order and loss points; the data and pseudo labels stay
 fixed), and is scored on val and test: car IoU / BIoU / BF1 class vs rest against the exact masks and the
 7-class mIoU against the precise labels. The table gives mean ± sample sd over the seeds.
@@ -57,6 +58,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import camvid_newclass as common  # noqa: E402  (derived label versions and score helpers)
 
+from models.massformer.build import MODEL_BUILDERS  # noqa: E402
 from storage.store import open_label_store  # noqa: E402
 from tasks.demo import pseudo_label_scores  # noqa: E402
 from tasks.evaluate import evaluate_model, evaluate_pseudo  # noqa: E402
@@ -109,7 +111,7 @@ def train_row(args: argparse.Namespace, row: common.Row, info: dict[str, Any], o
     run_dir = out / "runs" / f"{row.id}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = TrainConfig(
-        store=info["store"], out_dir=str(run_dir), version=info["versions"][row.version], variant="tiny",
+        store=info["store"], out_dir=str(run_dir), version=info["versions"][row.version], variant=args.variant,
         iters=args.iters, batch_size=args.batch_size, crop_size=(args.crop, args.crop), scale_range=tuple(args.scale),
         reweight=row.reweight, inverse_weight_near_pseudo=row.inverse_weight_near_pseudo, num_points=args.points,
         checkpoint_every=args.iters, keep_checkpoints=1, seed=seed, device="cpu", num_workers=0, val_every=0,
@@ -182,6 +184,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--test-ratios", type=float, nargs="+", default=[1.0],
                     help="scales the model averages, as ratios of --test-scale (the demo's: 1 1.5)")
     ap.add_argument("--points", type=int, default=2048)
+    ap.add_argument("--variant", choices=sorted(MODEL_BUILDERS), default="tiny",
+                    help="model variant every row trains (e.g. mask2former_tiny, maskformer_tiny)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 images, 1 seed, 20 iters")
     args = ap.parse_args(argv)
@@ -205,7 +209,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     info = prepare_store(args, out)
     settings = {k: getattr(args, k) for k in ("images", "size", "data_seed", "iters", "batch_size", "crop", "scale",
                                               "test_scale", "test_ratios", "points", "threads", "seeds", "rows",
-                                              "quick")}
+                                              "quick", "variant")}
     results: dict[str, Any] = {
         "experiment": "synthetic_newclass", "class": CLASS, "settings": settings, "store": info, "rows": [],
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -228,7 +232,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     s = results["settings"]
-    note = (f"\nMean ± sd over training seeds {s['seeds']}; tiny MaSSFormer from scratch (scratch recipe), "
+    note = (f"\nMean ± sd over training seeds {s['seeds']}; {s.get('variant', 'tiny')} from scratch (scratch recipe), "
             f"{s['iters']} iters, batch {s['batch_size']}, crop {s['crop']}, scale {s['scale'][0]}-{s['scale'][1]}, "
             f"test scale {s['test_scale']} x ratios {s.get('test_ratios', [1.0])}, "
             f"{s['points']} points; {s['images']} scenes of {s['size'][0]}x{s['size'][1]} "
