@@ -325,3 +325,25 @@ def test_r50_macs_at_4k_near_the_paper(variant: str, paper_g: float) -> None:
     macs = count_macs(variant, height=4096, width=3072)  # meta device: no memory, no compute
     # The paper's figures are fvcore MACs, which skip the deformable-attention sampling (a custom op there).
     assert abs(macs["macs_excluding_sampling_g"] - paper_g) / paper_g < 0.01
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tasks.test_train import make_train_store
+
+    return make_train_store(tmp_path_factory.mktemp("baselines") / "scenes.zarr")
+
+
+@pytest.mark.parametrize("variant", TINY)
+def test_train_task_trains_and_reloads_a_baseline(train_store: Path, tmp_path: Path, variant: str) -> None:
+    from tasks.model_folder import load_trained_model, read_model_config
+    from tasks.train import train
+    from tests.tasks.test_train import tiny_config
+
+    config = tiny_config(train_store, tmp_path / "run", variant=variant, iters=2, checkpoint_every=2)
+    assert config.pixel_decoder == BASELINE_PIXEL_DECODERS[variant]
+    final = train(config, progress=False)
+    saved = read_model_config(final)
+    assert saved["variant"] == variant and saved["pixel_decoder"] == BASELINE_PIXEL_DECODERS[variant]
+    model = load_trained_model(final)
+    assert model.predict(_images(1, 48, 64)).shape == (1, 48, 64)
