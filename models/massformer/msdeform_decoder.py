@@ -122,10 +122,10 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(b, nq, heads, levels, points, 2)
         weights = self.attention_weights(query).view(b, nq, heads, levels * points).softmax(dim=-1)
         weights = weights.view(b, nq, heads, levels, points)
-        # Offsets are in pixels of each level: normalise by that level's (w, h).
-        normaliser = torch.tensor(
-            [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
-        )  # L x 2
+        # Offsets are in pixels of each level: normalise by that level's (w, h). Built with as_tensor/stack, not
+        # torch.tensor, so that an ONNX trace keeps the sizes symbolic (torch.tensor would freeze them).
+        sides = [torch.as_tensor(s, dtype=query.dtype, device=query.device) for h, w in spatial_shapes for s in (w, h)]
+        normaliser = torch.stack(sides).view(len(spatial_shapes), 2)  # L x 2
         locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn_sample(v, spatial_shapes, locations, weights))
 
