@@ -17,10 +17,20 @@ estimate with the measured peak)::
     lite_r18   120 MB   650 B                            1.84 GB
     r50        200 MB   1400 B                           3.00 GB
 
-The Mask2Former / MaskFormer baselines were not measured: they take the constants of the MaSSFormer variant with
-the same backbone (r50 / tiny), which should over-estimate them (their decoders work at stride 4, not 2).
+The baselines were measured the same way (one thread) on another 2-core machine, next to r50 and tiny in the
+same session, where r50 peaked at 1276 / 2180 / 2786 MiB (512², 1024², 1024 x 1536; slopes 1207 / 1211 B per
+pixel) and tiny at 833 / 1120 / 1314 MiB: Mask2Former R50 peaked at 1269 / 1511 / 2103 MiB (slopes 323 / 1185
+B), MaskFormer R50 at 1200 / 1409 / 1646 MiB (278 / 475 B), the tiny baselines at or below 1105 MiB with
+slopes below 280 B. So ``mask2former_r50`` takes r50's constants and the tiny baselines tiny's (they bound
+them); ``maskformer_r50`` takes r50's fixed part and its larger slope scaled by r50's table-to-session ratio
+(1400 / 1211), rounded up::
 
-So r50 on a whole 4096 x 3072 image is estimated at 22.6 GiB (margin included), and at 3.8 GiB in 1024 tiles.
+    mask2former_r50    200 MB   1400 B                          2.05 GB (this session; r50: 2.72)
+    maskformer_r50     200 MB    600 B                          1.61 GB
+    mask2former_tiny    60 MB    450 B                          1.08 GB (tiny: 1.28)
+    maskformer_tiny     60 MB    450 B                          1.03 GB
+
+so r50 on a whole 4096 x 3072 image is estimated at 22.6 GiB (margin included), and at 3.8 GiB in 1024 tiles.
 
 ``ADDCLASS_MEMORY_CHECK=0`` turns the check off, as for training (`tasks.train_memory`).
 """
@@ -40,11 +50,11 @@ VARIANT_PREDICT_MEMORY: dict[str, VariantMemory] = {
     "tiny": VariantMemory(60 * 2**20, 450),
     "lite_r18": VariantMemory(120 * 2**20, 650),
     "r50": VariantMemory(200 * 2**20, 1400),
+    "mask2former_r50": VariantMemory(200 * 2**20, 1400),
+    "maskformer_r50": VariantMemory(200 * 2**20, 600),
+    "mask2former_tiny": VariantMemory(60 * 2**20, 450),
+    "maskformer_tiny": VariantMemory(60 * 2**20, 450),
 }
-# Not measured: the MaSSFormer constants of the same backbone (module docstring).
-for _baseline, _like in (("mask2former_r50", "r50"), ("maskformer_r50", "r50"),
-                         ("mask2former_tiny", "tiny"), ("maskformer_tiny", "tiny")):
-    VARIANT_PREDICT_MEMORY[_baseline] = VARIANT_PREDICT_MEMORY[_like]
 
 
 def forward_pixels(height: int, width: int, *, scale: float, window: int | None) -> int:

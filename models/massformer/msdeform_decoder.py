@@ -52,15 +52,18 @@ def ms_deform_attn_sample(
     _, nq, _, levels, points, _ = locations.shape
     per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
     grids = 2 * locations - 1  # grid_sample's [-1, 1] with align_corners=False
-    sampled = []
+    w_ = weights.transpose(1, 2).reshape(b * heads, 1, nq, levels, points)  # (B heads) x 1 x Nq x L x P
+    # Level by level, weighted and summed at once: only one level's samples are alive at a time (Deformable
+    # DETR stacks all levels first; the sums agree to float rounding).
+    out: Tensor | None = None
     for level, (h, w) in enumerate(spatial_shapes):
         v = per_level[level].flatten(2).transpose(1, 2).reshape(b * heads, dh, h, w)  # (B heads) x Dh x h x w
         g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B heads) x Nq x P x 2
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (B heads) x Dh x Nq x (L P)
-    w_ = weights.transpose(1, 2).reshape(b * heads, 1, nq, levels * points)  # (B heads) x 1 x Nq x (L P)
-    out = (stacked * w_).sum(dim=-1).view(b, heads * dh, nq)  # B x (heads Dh) x Nq
-    return out.transpose(1, 2)  # B x Nq x (heads Dh)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # .. x Nq x P
+        term = (sampled * w_[..., level, :]).sum(dim=-1)  # (B heads) x Dh x Nq
+        out = term if out is None else out + term
+    assert out is not None, "spatial_shapes is empty"
+    return out.view(b, heads * dh, nq).transpose(1, 2)  # B x Nq x (heads Dh)
 
 
 class MSDeformAttn(nn.Module):
