@@ -49,7 +49,7 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
     return (big.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def _detections(table: dict[str, list[tuple[list[float], float]]]) -> Any:
+def _detections(table: dict[str, Any]) -> Any:
     """A `detect` stand-in: phrase -> [(xyxy box, score)], best first, as GroundingDINO's stage returns them."""
     calls: list[list[str]] = []
 
@@ -83,7 +83,8 @@ def test_every_mask_model_labels_and_caches_its_features(variant: str) -> None:
     labeler.detect = _detections({"car": [([10, 20, 90, 100], 0.9), ([100, 30, 170, 110], 0.6)],  # type: ignore[method-assign]
                                   "bus": [([5, 5, 60, 50], 0.7)]})
     calls: list[int] = []
-    hook = labeler.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    encoder: Any = labeler.sam.image_encoder
+    hook = encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
         first = labeler.label(image, "car")
         assert calls == [1]
@@ -158,7 +159,7 @@ def test_missing_checkpoint_names_the_released_file_and_where_to_get_it(monkeypa
         with pytest.raises(FileNotFoundError) as err:
             LABELERS["grounded-sam"].check(config)
         message = str(err.value)
-        assert SAM_VARIANTS[variant].checkpoint_file in message and url in message and "\n" not in message
+        assert str(SAM_VARIANTS[variant].checkpoint_file) in message and url in message and "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------- phrases, negatives
