@@ -288,3 +288,18 @@ def test_refine_window_and_large_boxes_keep_the_whole_image_mask() -> None:
     labeler.detect = _detections({"car": [([10, 10, 150, 110], 0.9)]})  # type: ignore[method-assign]
     record = labeler.label(_image(120, 160, 3), "car")
     assert record.extra["refined"] == [False]  # its crop is the whole image: nothing finer to gain
+
+
+def test_each_mask_model_and_option_has_its_own_resume_key() -> None:
+    from tasks.pseudo_label import settings_key
+
+    def key(**fields: Any) -> str:
+        return settings_key({"prompt": "car", **LabelerConfig(**fields).resume_settings()})
+
+    plain = key()
+    keys = [key(sam_variant=v) for v in ("vit_b", "hq_vit_b", "sam2.1_hiera_t", "sam2.1_hiera_l")]
+    keys += [key(sam_variant="hq_vit_b", hq_token_only=True), key(refine=True), key(refine=True, refine_margin=0.5),
+             key(negative_phrases=("toy car",)), key(negative_phrases=("toy car",), negative_iou=0.3)]
+    assert keys[0] == plain and len(set(keys)) == len(keys)
+    # options that are off leave the key of runs made before they existed unchanged
+    assert key(refine_margin=0.5, negative_iou=0.3) == plain
