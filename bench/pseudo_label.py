@@ -21,7 +21,8 @@ Examples::
     prompts python bench/pseudo_label.py --sam tiny --images 6    # quick
     python bench/pseudo_label.py --dino swint_ogc --dino-size 800 --images 4   # the shipped GD layout (slow
     on CPU) python bench/pseudo_label.py --rss-4k                 # peak RSS for one 4K image (vit_b)
-    python bench/pseudo_label.py --options-4k --sam tiny          # tiles and mask clean-up: cost ratios, 4K
+    python bench/pseudo_label.py --options-4k --sam tiny          # every labeler option: cost ratios, 4K
+    python bench/pseudo_label.py --options-4k --options refine mask_models --repeats 1   # vit_b
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.labelers.embedding_cache import InMemoryEmbeddingCache
 from models.labelers.grounded_sam import GroundedSamLabeler
 from models.labelers.grounded_sam_ops import select_boxes
-from models.labelers.grounded_sam_weights import build_dino, build_sam
+from models.labelers.grounded_sam_weights import build_dino
+from models.labelers.sam_engines import SAM_VARIANTS, build_sam_model
 
 
 def _vm_kb(field: str) -> int:
@@ -92,7 +94,7 @@ class NaiveGroundedSam:
         self.dino = dino or build_dino(
             config=args.dino, checkpoint=None, device=torch.device("cpu"), seed=args.seed
         )
-        self.sam = sam or build_sam(variant=args.sam, checkpoint=None, seed=args.seed)
+        self.sam = sam or build_sam_model(args.sam, checkpoint=None, seed=args.seed)
         self.predictor = SamPredictor(self.sam)
 
     @torch.no_grad()
@@ -291,14 +293,15 @@ def run_rss_4k(args: argparse.Namespace) -> dict[str, Any]:
         _reset_peak_rss()
         baseline = _vm_kb("VmRSS")
         instances, union = upsample_mask_logits(
-            low_res, input_size=labeler.predictor.input_size, original_size=image.shape[:2]
+            low_res, input_size=labeler.engine.input_size(image.shape[:2]), original_size=image.shape[:2]
         )
         out["upsample_ours_peak_minus_before_mb"] = round((_vm_kb("VmHWM") - baseline) / 1024, 1)
         del instances, union
         # ... vs Sam.postprocess_masks + threshold, as predict_torch does: all boxes at once as float masks.
         _reset_peak_rss()
         baseline = _vm_kb("VmRSS")
-        masks = labeler.sam.postprocess_masks(low_res, labeler.predictor.input_size, image.shape[:2]) > 0
+        sam: Any = labeler.sam  # SAM's own postprocessing (the sam family)
+        masks = sam.postprocess_masks(low_res, labeler.engine.input_size(image.shape[:2]), image.shape[:2]) > 0
         out["upsample_predict_torch_style_peak_minus_before_mb"] = round(
             (_vm_kb("VmHWM") - baseline) / 1024, 1
         )
@@ -306,33 +309,65 @@ def run_rss_4k(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+OPTIONS = ("tiles", "cleanup", "refine", "phrases", "negatives", "mask_models")
+
+
 def run_options_4k(args: argparse.Namespace) -> dict[str, Any]:
     """The cost of the labeler's options on one 2160 x 3840 image (random weights), as ratios to the plain
-    path measured in the same run: detection tiles (``--tile-size``) and mask clean-up (``--min-region-area``).
-    Each variant labels the image once to warm up, then ``--repeats`` times (the median counts); the SAM
-    embedding is not cached, so every call pays the image encoder."""
+    path measured in the same run (``--options``): detection tiles (``--tile-size``), mask clean-up
+    (``--min-region-area``), per-box refinement (one encoder pass per refined box), three phrases for the class
+    (``"car . van . truck"``), a negative phrase, and the other mask models (``--mask-models``, each with the
+    same GroundingDINO). Each variant labels the image once to warm up, then ``--repeats`` times (the median
+    counts); the embedding is not cached, so every call pays the image encoder."""
     base = GroundedSamLabeler(
         sam_variant=args.sam, dino_config=args.dino, random_weights=True, seed=args.seed,
         dino_image_size=args.dino_size, max_boxes=args.max_boxes, box_threshold=args.box_threshold,
     )  # fmt: skip
     rng = np.random.default_rng(0)
     image = np.repeat(np.repeat((rng.random((135, 240, 3)) * 255).astype(np.uint8), 16, axis=0), 16, axis=1)
-    variants = {
-        "plain": base,
-        f"tiles_{args.tile_size}": base.with_options(tile_size=args.tile_size, tile_overlap=args.tile_overlap),
-        f"min_region_area_{args.min_region_area}": base.with_options(min_region_area=args.min_region_area),
-    }
+    variants: dict[str, tuple[GroundedSamLabeler, str]] = {"plain": (base, "car")}
+    if "tiles" in args.options:
+        variants[f"tiles_{args.tile_size}"] = (
+            base.with_options(tile_size=args.tile_size, tile_overlap=args.tile_overlap), "car")
+    if "cleanup" in args.options:
+        variants[f"min_region_area_{args.min_region_area}"] = (
+            base.with_options(min_region_area=args.min_region_area), "car")
+    if "refine" in args.options:
+        # Random-weight boxes are mostly large (nothing to refine): both rows get the same car-sized boxes.
+        def car_boxes(image: np.ndarray, phrases: Any) -> list[dict[str, Any]]:
+            xs = np.linspace(100, 3300, args.max_boxes)
+            boxes = torch.tensor([[x, 1500, x + 400, 1750] for x in xs], dtype=torch.float32)
+            return [{"boxes": boxes, "scores": torch.full((len(xs),), 0.5), "phrases": ["car"] * len(xs)}
+                    for _ in phrases]
+
+        for refine in (False, True):
+            fixed = base.with_options(refine=refine)
+            fixed.detect = car_boxes  # type: ignore[method-assign,assignment]
+            variants[f"{'refine' if refine else 'plain'}_car_boxes_400x250"] = (fixed, "car")
+    if "phrases" in args.options:
+        variants["phrases_car_van_truck"] = (base, "car . van . truck")
+    if "negatives" in args.options:
+        variants["negative_toy_car"] = (base.with_options(negative_phrases=("toy car",)), "car")
+    if "mask_models" in args.options:
+        for name in args.mask_models:
+            other = GroundedSamLabeler(
+                sam_variant=name, dino_config=args.dino, random_weights=True, seed=args.seed,
+                dino_image_size=args.dino_size, max_boxes=args.max_boxes, box_threshold=args.box_threshold,
+            )  # fmt: skip
+            other.dino = base.dino  # the same detector weights: only the mask model differs
+            variants[f"mask_model_{name}"] = (other, "car")
     out: dict[str, Any] = {"image": [2160, 3840], "sam": args.sam, "dino": args.dino, "dino_size": args.dino_size,
-                           "box_threshold": args.box_threshold, "repeats": args.repeats, "variants": {}}
-    for name, labeler in variants.items():
-        labeler.label(image, "car")  # warm-up
+                           "box_threshold": args.box_threshold, "max_boxes": args.max_boxes,
+                           "repeats": args.repeats, "variants": {}}
+    for name, (labeler, prompt) in variants.items():
+        labeler.label(image, prompt)  # warm-up
         _reset_peak_rss()
-        times, boxes = [], 0
+        times, boxes, refined = [], 0, 0
         for _ in range(args.repeats):
-            seconds, record = _timed(lambda labeler=labeler: labeler.label(image, "car"))
+            seconds, record = _timed(lambda labeler=labeler, prompt=prompt: labeler.label(image, prompt))
             times.append(seconds)
-            boxes = record.num_instances
-        out["variants"][name] = {"seconds": round(float(np.median(times)), 2), "boxes": boxes,
+            boxes, refined = record.num_instances, int(sum(record.extra.get("refined", [])))
+        out["variants"][name] = {"seconds": round(float(np.median(times)), 2), "boxes": boxes, "refined": refined,
                                  "peak_rss_mb": round(_vm_kb("VmHWM") / 1024, 1)}
     plain = out["variants"]["plain"]
     for v in out["variants"].values():
@@ -345,7 +380,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sam", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
+    parser.add_argument("--sam", default="vit_b", choices=list(SAM_VARIANTS))
     parser.add_argument("--dino", default="test", choices=["test", "swint_ogc", "swinb"])
     parser.add_argument(
         "--dino-size", type=int, default=256, help="GroundingDINO input short side (reference 800)"
@@ -366,6 +401,10 @@ def main() -> None:
     )
     parser.add_argument("--options-4k", action="store_true",
                         help="only the cost of --tile-size and --min-region-area on one 2160x3840 image, as ratios")
+    parser.add_argument("--options", nargs="+", choices=OPTIONS, default=list(OPTIONS),
+                        help="with --options-4k: which options to measure against the plain path")
+    parser.add_argument("--mask-models", nargs="+", default=["hq_vit_b", "sam2.1_hiera_t"],
+                        choices=list(SAM_VARIANTS), help="with --options mask_models")
     parser.add_argument("--tile-size", type=int, default=1024)
     parser.add_argument("--tile-overlap", type=int, default=128)
     parser.add_argument("--min-region-area", type=int, default=100)

@@ -16,8 +16,10 @@ from models.labelers.build import LabelerKind as LabelerKind  # the keys of mode
 ModelVariant = Literal[
     "tiny", "lite_r18", "r50", "mask2former_r50", "mask2former_tiny", "maskformer_r50", "maskformer_tiny"
 ]
-# models.labelers.grounded_sam_weights.SAM_CHECKPOINT_FILES
-SamVariant = Literal["vit_b", "vit_l", "vit_h", "tiny"]
+SamVariant = Literal[  # models.labelers.sam_engines.SAM_VARIANTS
+    "vit_b", "vit_l", "vit_h", "tiny", "hq_vit_b", "hq_vit_l", "hq_vit_h", "hq_vit_tiny", "hq_tiny",
+    "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "sam2_tiny",
+]
 DinoConfig = Literal["swint_ogc", "swinb", "test"]  # models.labelers.grounded_sam_weights.DINO_VARIANTS
 RecipeChoice = Literal["auto", "paper", "scratch"]  # models.training.optim.RECIPE_CHOICES
 MergePolicy = Literal["carve-others", "overwrite"]  # tasks.merge_plan.POLICIES

@@ -63,6 +63,8 @@ def labeler_config_from_args(a: argparse.Namespace) -> Any:
         dino_checkpoint=a.dino_checkpoint, device=a.device, dtype=a.dtype, box_threshold=a.box_threshold,
         text_threshold=a.text_threshold, max_boxes=a.max_boxes, random_weights=a.random_weights, seed=a.seed,
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, min_region_area=a.min_region_area,
+        negative_phrases=tuple(a.negative_phrases), negative_iou=a.negative_iou, refine=a.refine,
+        refine_margin=a.refine_margin, hq_token_only=a.hq_token_only,
     )
 
 

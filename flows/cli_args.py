@@ -61,6 +61,7 @@ REVIEW_RANKINGS: tuple[str, ...] = get_args(ReviewRanking)
 REVIEW_FORMATS: tuple[str, ...] = get_args(ReviewFormat)
 
 
+PROMPT_HELP = "the class prompt; phrases of one class separated by ' . ' ('car . van . truck'), named after the first"
 DESCRIPTION = "Teach a segmentation model a new class from a text prompt: pseudo-label, merge, train, evaluate."
 
 
@@ -99,6 +100,13 @@ def add_labeler_args(p: argparse.ArgumentParser, *, device_and_seed: bool = True
     g.add_argument("--tile-overlap", type=int, default=128, help="overlap of neighbouring detection tiles, px")
     g.add_argument("--min-region-area", type=int, default=0,
                    help="remove mask islands and fill holes smaller than this many px")
+    g.add_argument("--negative-phrases", nargs="+", default=[], metavar="PHRASE",
+                   help="phrases whose boxes remove the prompt's boxes they overlap (e.g. 'toy car')")
+    g.add_argument("--negative-iou", type=float, default=0.5, help="IoU at which a negative box removes a box")
+    g.add_argument("--refine", action="store_true",
+                   help="decode every box again on a crop around it (finer masks; one encoder pass per box)")
+    g.add_argument("--refine-margin", type=float, default=0.25, help="context around a refined box, x its side")
+    g.add_argument("--hq-token-only", action="store_true", help="HQ-SAM: the HQ token's mask alone")
     g.add_argument("--random-weights", action="store_true", help="smoke tests only: random model weights")
     if device_and_seed:
         g.add_argument("--seed", type=int, default=0)
@@ -199,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pseudo-label", help="pseudo-label a prompt over a split (Grounded-SAM or simulated)")
     pl.add_argument("store")
-    pl.add_argument("--prompt", required=True)
+    pl.add_argument("--prompt", required=True, help=PROMPT_HELP)
     pl.add_argument("--split", default="train")
     add_labeler_args(pl)
     pl.add_argument("--batch-size", type=int, default=8, help="images per batch (one task per batch)")
@@ -369,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--json", action="store_true")
 
     ac = sub.add_parser("add-class", help="run the add-class flow (in-process, or on a deployment)")
-    ac.add_argument("--prompt", required=True)
+    ac.add_argument("--prompt", required=True, help=PROMPT_HELP)
     ac.add_argument("--store", required=True)
     ac.add_argument("--policy", choices=MERGE_POLICIES, default="carve-others")
     ac.add_argument("--dask-address", help="tcp://host:port of a running dask scheduler")

@@ -72,6 +72,16 @@ class LabelingParams(BaseModel):
     """Minimum overlap of neighbouring detection tiles, px."""
     min_region_area: int = 0
     """Remove mask islands and fill holes smaller than this many px (0: masks as SAM gives them)."""
+    negative_phrases: list[str] = []
+    """Phrases whose boxes remove the prompt's boxes they overlap (e.g. ["toy car"]); they label nothing."""
+    negative_iou: float = 0.5
+    """IoU at which a negative phrase's box removes a prompt box."""
+    refine: bool = False
+    """Decode every box again on a crop around it: finer masks of small objects, one encoder pass per box."""
+    refine_margin: float = 0.25
+    """Context around a refined box, as a fraction of its side."""
+    hq_token_only: bool = False
+    """HQ-SAM variants only: the HQ token's mask alone (default: added to SAM's mask)."""
     batch_size: int = 8
     """Images per labelling task (the unit of scale-out and retries)."""
     splits: list[str] = ["train", "val"]

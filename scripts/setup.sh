@@ -18,6 +18,7 @@ PIP=(pip_quiet install --disable-pip-version-check -q)
 # this machine's pip config lists local package folders; hide pip's warnings about the ones it skips
 pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 export PIP_NO_WARN_SCRIPT_LOCATION=1
+export SAM2_BUILD_CUDA=0  # sam2 builds from source; its optional CUDA extension is not needed
 # 1. torch first: an unpinned torch pulls a multi-GB CUDA build from PyPI.
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
 # 2. groundingdino-py pins supervision==0.6.0 and drags in its own deps: install it without deps,
@@ -34,7 +35,7 @@ fi
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 for name in ("torch", "torchvision", "prefect", "prefect-dask", "distributed", "zarr", "numpy", "transformers",
-             "segment-anything", "groundingdino-py", "opencv-python", "onnx", "onnxruntime"):
+             "segment-anything", "segment-anything-hq", "sam2", "groundingdino-py", "opencv-python", "onnx", "onnxruntime"):
     print(f"  {name}=={md.version(name)}")
 PY
 # 4. bytecode: imports are several seconds slower without it (docs/design.md §8).

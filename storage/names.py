@@ -22,12 +22,14 @@ def parse_split(split: str) -> str:
 def class_name_from_prompt(prompt: str) -> str:
     """Turn a free-text prompt into a safe class name: 'Traffic light' -> 'traffic_light'.
 
-    Anything that is not a lower-case letter or digit becomes '_', so a prompt such as '../x' can never
-    escape the store ('x'). Raises ValueError for prompts that leave nothing usable.
+    A prompt of several phrases (GroundingDINO's separator: 'car . van . truck') is named after its first
+    phrase ('car'). Anything that is not a lower-case letter or digit becomes '_', so a prompt such as '../x'
+    can never escape the store ('x'). Raises ValueError for prompts that leave nothing usable.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"Expected a non-empty text prompt. Got {prompt!r} instead.")
-    name = re.sub(r"[^a-z0-9]+", "_", prompt.strip().lower()).strip("_")
+    first = prompt.strip().split(" . ")[0]
+    name = re.sub(r"[^a-z0-9]+", "_", first.lower()).strip("_")
     if name and name[0].isdigit():
         name = f"c_{name}"
     return parse_class_name(name[:48], what=f"prompt {prompt!r}")

@@ -54,6 +54,11 @@ class LabelerConfig:
     tile_size: int | None = None  # GroundingDINO also on overlapping tiles of this many px (None: whole image)
     tile_overlap: int = 128
     min_region_area: int = 0  # px: mask islands and holes smaller than this are removed / filled (0: none)
+    negative_phrases: tuple[str, ...] = ()  # their boxes remove overlapping prompt boxes ("toy car")
+    negative_iou: float = 0.5
+    refine: bool = False  # decode every box again on a crop around it (finer masks of small objects)
+    refine_margin: float = 0.25  # context around a refined box, fraction of its side
+    hq_token_only: bool = False  # HQ-SAM: the HQ token's mask alone
 
     def __post_init__(self) -> None:
         if self.kind not in LABELERS:
@@ -67,6 +72,19 @@ class LabelerConfig:
             check_tiles(self.tile_size, self.tile_overlap)
         if self.min_region_area < 0:
             raise InputError(f"Expected min_region_area >= 0. Got {self.min_region_area} instead.")
+        if isinstance(self.negative_phrases, str):
+            raise InputError(f"Expected negative_phrases as a list. Got the string {self.negative_phrases!r}.")
+        object.__setattr__(self, "negative_phrases", tuple(self.negative_phrases))
+        if not 0.0 < self.negative_iou <= 1.0:
+            raise InputError(f"Expected negative_iou in (0, 1]. Got {self.negative_iou} instead.")
+        if not 0.0 <= self.refine_margin <= 4.0:
+            raise InputError(f"Expected refine_margin in [0, 4]. Got {self.refine_margin} instead.")
+        if self.kind == "grounded-sam":
+            from models.labelers.sam_engines import sam_variant
+
+            if self.hq_token_only and sam_variant(self.sam_variant).family != "hq":
+                raise InputError(f"hq_token_only applies to HQ-SAM variants (hq_*). Got sam_variant "
+                                 f"{self.sam_variant!r}.")
 
     @property
     def entry(self) -> LabelerEntry:
@@ -90,6 +108,8 @@ class LabelerConfig:
 # option -> (the field that switches it, the value meaning "off"): left out of the resume key when off
 OFF_WHEN: dict[str, tuple[str, Any]] = {
     "tile_size": ("tile_size", None), "tile_overlap": ("tile_size", None), "min_region_area": ("min_region_area", 0),
+    "negative_phrases": ("negative_phrases", ()), "negative_iou": ("negative_phrases", ()),
+    "refine": ("refine", False), "refine_margin": ("refine", False), "hq_token_only": ("hq_token_only", False),
 }
 
 
@@ -146,6 +166,8 @@ def build_grounded_sam_labeler(
         max_boxes=config.max_boxes, dino_image_size=config.dino_image_size,
         random_weights=config.random_weights, seed=config.seed, embedding_cache=embedding_cache,
         tile_size=config.tile_size, tile_overlap=config.tile_overlap, min_region_area=config.min_region_area,
+        negative_phrases=config.negative_phrases, negative_iou=config.negative_iou, refine=config.refine,
+        refine_margin=config.refine_margin, hq_token_only=config.hq_token_only,
     )  # fmt: skip
 
 
@@ -154,10 +176,11 @@ def check_grounded_sam_weights(config: LabelerConfig) -> None:
     if config.random_weights:
         return
     from models.labelers import grounded_sam_weights as w
+    from models.labelers.sam_engines import FAMILY_URLS, sam_variant
 
-    w.resolve_checkpoint(explicit=config.sam_checkpoint, env_var=w.SAM_ENV, url=w.SAM_URL,
-                         file_name=w.SAM_CHECKPOINT_FILES[config.sam_variant],
-                         what=f"SAM {config.sam_variant}")
+    variant = sam_variant(config.sam_variant)
+    w.resolve_checkpoint(explicit=config.sam_checkpoint, env_var=w.SAM_ENV, url=FAMILY_URLS[variant.family],
+                         file_name=variant.checkpoint_file, what=f"SAM {config.sam_variant}")
     w.resolve_checkpoint(explicit=config.dino_checkpoint, env_var=w.DINO_ENV, url=w.DINO_URL,
                          file_name=w.DINO_VARIANTS[config.dino_config].checkpoint_file,
                          what=f"GroundingDINO {config.dino_config}")

@@ -12,6 +12,8 @@ Weights (nothing is downloaded; random weights only with ``random_weights=True``
 
 - SAM ``vit_b``: ``sam_vit_b_01ec64.pth``; ``vit_l``: ``sam_vit_l_0b3195.pth``; ``vit_h``:
   ``sam_vit_h_4b8939.pth``. Download: https://github.com/facebookresearch/segment-anything#model-checkpoints
+- HQ-SAM (``hq_vit_b`` ...: ``sam_hq_vit_b.pth`` ...) and SAM 2.1 (``sam2.1_hiera_t`` ...:
+  ``sam2.1_hiera_tiny.pt`` ...): ``models.labelers.sam_engines.SAM_VARIANTS``, which also says where to get them.
 - GroundingDINO ``swint_ogc``: ``groundingdino_swint_ogc.pth``; ``swinb``:
   ``groundingdino_swinb_cogcoor.pth``. Download: https://github.com/IDEA-Research/GroundingDINO/releases
 
@@ -20,7 +22,8 @@ environment variables ``ADDCLASS_SAM_CHECKPOINT`` / ``ADDCLASS_DINO_CHECKPOINT``
 ``~/.cache/addclass/weights/`` (``$ADDCLASS_CACHE_DIR/weights`` when that is set) with the file names above.
 
 Stages: the image input (``models.labelers.image_input``), GroundingDINO's boxes
-(``models.labelers.grounded_sam_detect``), SAM's masks (``GroundedSamLabeler.set_image`` / ``segment_boxes``),
+(``models.labelers.grounded_sam_detect``), the mask model's masks (``models.labelers.sam_engines``, through
+``GroundedSamLabeler.set_image`` / ``segment_boxes``, optionally refined per box on crops),
 pure ops (``models.labelers.grounded_sam_ops``) and weights (``models.labelers.grounded_sam_weights``).
 
 Test-only variants (random weights or a checkpoint saved from them): ``sam_variant="tiny"`` (a 2-block,
@@ -40,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou, nms
 
 from common.errors import InputError
 from models.hashing import file_sha256
@@ -49,11 +53,14 @@ from models.labelers.grounded_sam_detect import detect_boxes, dino_preprocess
 from models.labelers.grounded_sam_ops import (
     autocast_context,
     build_caption,
+    check_phrases,
     check_tiles,
     cut_edges,
     merge_tiled_boxes,
     parse_dtype,
+    refine_window,
     remove_small_regions,
+    split_phrases,
     tile_windows,
     upsample_mask_logits,
 )
@@ -61,15 +68,14 @@ from models.labelers.grounded_sam_weights import (
     DINO_ENV,
     DINO_URL,
     DINO_VARIANTS,
-    SAM_CHECKPOINT_FILES,
     SAM_ENV,
-    SAM_URL,
     build_dino,
-    build_sam,
     resolve_checkpoint,
 )
 from models.labelers.image_input import ImageInput, load_image_rgb, prefetch_images
 from models.labelers.label_record import LabelRecord
+from models.labelers.sam_engines import FAMILY_URLS, build_engine, build_sam_model
+from models.labelers.sam_engines import sam_variant as sam_variant_entry
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +87,8 @@ class GroundedSamLabeler:
     worker.
 
     Args:
-        sam_variant: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (tests).
+        sam_variant: A ``sam_engines.SAM_VARIANTS`` key: SAM ``vit_b``/``vit_l``/``vit_h``, HQ-SAM ``hq_vit_*``,
+            SAM 2.1 ``sam2.1_hiera_t/s/b+/l``; ``tiny``, ``hq_tiny``, ``sam2_tiny`` for tests.
         sam_checkpoint: SAM checkpoint path (else ``$ADDCLASS_SAM_CHECKPOINT``, else the default folder).
         dino_config: ``swint_ogc``, ``swinb`` or ``test``.
         dino_checkpoint: GroundingDINO checkpoint path (else ``$ADDCLASS_DINO_CHECKPOINT``, else the default
@@ -106,10 +113,20 @@ class GroundedSamLabeler:
         tile_overlap: Minimum overlap of neighbouring tiles, px.
         min_region_area: Per instance mask, islands smaller than this many px are removed and holes smaller than
             that filled (``remove_small_regions``); 0: masks as SAM gives them.
+        negative_phrases: Phrases detected with the prompts (``"toy car"``) whose boxes remove every prompt box
+            they overlap by IoU >= ``negative_iou``; they label nothing themselves.
+        negative_iou: IoU at which a negative phrase's box removes a prompt's box.
+        refine: Decode every box again on a crop around it (the box plus ``refine_margin`` of its size on each
+            side), so a small object fills the mask model's input instead of a few of its 256 x 256 logits;
+            the crop's mask replaces the whole-image mask inside the crop (`_refine`). Costs one image-encoder
+            pass per refined box.
+        refine_margin: Context around a refined box, as a fraction of its side.
+        hq_token_only: HQ-SAM variants: the HQ token's mask alone (default: added to SAM's mask).
     """
 
     _RUNTIME_OPTIONS = ("box_threshold", "text_threshold", "nms_iou", "max_boxes", "embedding_cache", "dtype",
-                        "tile_size", "tile_overlap", "min_region_area")
+                        "tile_size", "tile_overlap", "min_region_area", "negative_phrases", "negative_iou",
+                        "refine", "refine_margin")
 
     def __init__(
         self,
@@ -133,13 +150,13 @@ class GroundedSamLabeler:
         tile_size: int | None = None,
         tile_overlap: int = 128,
         min_region_area: int = 0,
+        negative_phrases: Sequence[str] = (),
+        negative_iou: float = 0.5,
+        refine: bool = False,
+        refine_margin: float = 0.25,
+        hq_token_only: bool = False,
     ) -> None:
-        from segment_anything import SamPredictor
-
-        if sam_variant not in SAM_CHECKPOINT_FILES:
-            raise InputError(
-                f"sam_variant must be one of {sorted(SAM_CHECKPOINT_FILES)}. Got {sam_variant!r} instead."
-            )
+        variant = sam_variant_entry(sam_variant)
         if dino_config not in DINO_VARIANTS:
             raise InputError(
                 f"dino_config must be one of {sorted(DINO_VARIANTS)}. Got {dino_config!r} instead."
@@ -162,13 +179,17 @@ class GroundedSamLabeler:
             tile_size=tile_size,
             tile_overlap=tile_overlap,
             min_region_area=min_region_area,
+            negative_phrases=negative_phrases,
+            negative_iou=negative_iou,
+            refine=refine,
+            refine_margin=refine_margin,
         )
 
         sam_path = dino_path = None
         if not random_weights or sam_checkpoint is not None:
             sam_path = resolve_checkpoint(
-                explicit=sam_checkpoint, env_var=SAM_ENV, file_name=SAM_CHECKPOINT_FILES[sam_variant],
-                url=SAM_URL, what=f"SAM {sam_variant}",
+                explicit=sam_checkpoint, env_var=SAM_ENV, file_name=variant.checkpoint_file,
+                url=FAMILY_URLS[variant.family], what=f"SAM {sam_variant}",
             )  # fmt: skip
         if not random_weights or dino_checkpoint is not None:
             dino_path = resolve_checkpoint(
@@ -179,11 +200,14 @@ class GroundedSamLabeler:
         self.sam_weights = file_sha256(sam_path) if sam_path else f"random-{self.seed}"
         self.dino_weights = file_sha256(dino_path) if dino_path else f"random-{self.seed}"
 
-        self.sam = build_sam(variant=sam_variant, checkpoint=sam_path, seed=self.seed).to(self.device)
+        self.hq_token_only = bool(hq_token_only)
+        self.sam = build_sam_model(sam_variant, checkpoint=sam_path, seed=self.seed).to(self.device)
+        self.engine = build_engine(sam_variant, self.sam, device=self.device, hq_token_only=self.hq_token_only)
         self.dino = build_dino(config=dino_config, checkpoint=dino_path, device=self.device, seed=self.seed)
         self.dino = self.dino.to(self.device)
         self.tokenizer = self.dino.tokenizer
-        self.predictor = SamPredictor(self.sam)
+        self.features: dict[str, torch.Tensor] | None = None  # the current image's (set_image)
+        self.original_size: tuple[int, int] = (0, 0)
 
     # -- configuration --------------------------------------------------------------------------------
 
@@ -199,6 +223,10 @@ class GroundedSamLabeler:
         tile_size: int | None,
         tile_overlap: int,
         min_region_area: int,
+        negative_phrases: Sequence[str],
+        negative_iou: float,
+        refine: bool,
+        refine_margin: float,
     ) -> None:
         for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not 0.0 <= float(value) < 1.0:
@@ -220,22 +248,29 @@ class GroundedSamLabeler:
         self.tile_size = None if tile_size is None else int(tile_size)
         self.tile_overlap = int(tile_overlap)
         self.min_region_area = int(min_region_area)
+        self.negative_phrases = check_phrases(negative_phrases, what="negative_phrases")
+        if not 0.0 < float(negative_iou) <= 1.0:
+            raise InputError(f"negative_iou must be in (0, 1]. Got {negative_iou} instead.")
+        if not 0.0 <= float(refine_margin) <= 4.0:
+            raise InputError(f"refine_margin must be in [0, 4]. Got {refine_margin} instead.")
+        self.negative_iou = float(negative_iou)
+        self.refine = bool(refine)
+        self.refine_margin = float(refine_margin)
 
     def with_options(self, **options: Any) -> GroundedSamLabeler:
         """A labeler sharing this one's models with other run-time options.
 
         Accepted keys: ``box_threshold``, ``text_threshold``, ``nms_iou``, ``max_boxes``, ``embedding_cache``,
-        ``dtype``, ``tile_size``, ``tile_overlap``, ``min_region_area``.
+        ``dtype``, ``tile_size``, ``tile_overlap``, ``min_region_area``, ``negative_phrases``, ``negative_iou``,
+        ``refine``, ``refine_margin``.
         """
-        from segment_anything import SamPredictor
-
         unknown = sorted(set(options) - set(self._RUNTIME_OPTIONS))
         if unknown:
             raise InputError(f"with_options accepts {self._RUNTIME_OPTIONS}. Got {unknown} instead.")
         other = copy.copy(self)
         current = {name: getattr(self, name) for name in self._RUNTIME_OPTIONS}
         other._set_options(**{**current, **options})
-        other.predictor = SamPredictor(self.sam)  # the predictor holds per-image state
+        other.features = None  # per-image state
         return other
 
     def settings(self) -> dict[str, Any]:
@@ -261,11 +296,15 @@ class GroundedSamLabeler:
             "dino_max_size": self.dino_max_size,
             "dtype": self.dtype or "float32",
             "multimask_output": False,
-            "mask_threshold": float(self.sam.mask_threshold),
+            "mask_threshold": self.engine.mask_threshold,
             "caption_format": "<prompt> . <prompt> .",
             # options left out while off, so the keys of runs made before they existed stay the same
             **({"tile_size": self.tile_size, "tile_overlap": self.tile_overlap} if self.tile_size else {}),
             **({"min_region_area": self.min_region_area} if self.min_region_area else {}),
+            **({"negative_phrases": list(self.negative_phrases), "negative_iou": self.negative_iou}
+               if self.negative_phrases else {}),
+            **({"refine": True, "refine_margin": self.refine_margin} if self.refine else {}),
+            **({"hq_token_only": True} if self.hq_token_only else {}),
         }
 
     # -- stages --------------------------------------------------------------------------------
@@ -325,36 +364,28 @@ class GroundedSamLabeler:
 
     @torch.no_grad()
     def set_image(self, image_rgb: np.ndarray, *, image_sha256: str | None = None) -> bool:
-        """Give SAM the image's embedding, from the cache when present. Returns True on a cache hit."""
-        original_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
-        img_size = self.sam.image_encoder.img_size
-        key = None
-        cache = self.embedding_cache
+        """Give the mask model the image's features (``self.features``), from the cache when every part is
+        there (the first part under the key itself, others under ``<key>.<part>``). Returns True on a hit."""
+        self.original_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+        cache, parts = self.embedding_cache, self.engine.parts
+        keys: list[str] = []
         if cache is not None:
             key = self.embedding_cache_key(image_sha256 or compute_image_sha256(image_rgb))
-            cached = cache.get(key)
-            if cached is not None:
-                # What SamPredictor.set_torch_image sets, without running the image encoder.
-                self.predictor.reset_image()
-                self.predictor.features = cached.to(self.device)  # 1 x 256 x 64 x 64
-                self.predictor.original_size = original_size
-                self.predictor.input_size = self.predictor.transform.get_preprocess_shape(
-                    *original_size, img_size
-                )
-                self.predictor.is_image_set = True
+            keys = [key] + [f"{key}.{part}" for part in parts[1:]]
+            cached = [cache.get(k) for k in keys]
+            if all(c is not None for c in cached):
+                self.features = {part: c.to(self.device) for part, c in zip(parts, cached, strict=True)}  # type: ignore[union-attr]
                 return True
         with self._autocast():
-            self.predictor.set_image(image_rgb, image_format="RGB")
-        if cache is not None and key is not None:
-            cache.put(key, self.predictor.features)
+            self.features = self.engine.encode(image_rgb)
+        if cache is not None:
+            for k, part in zip(keys, parts, strict=True):
+                cache.put(k, self.features[part])
         return False
 
     @torch.no_grad()
     def segment_boxes(self, boxes_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All boxes of the current image through SAM's decoder in one batched call.
-
-        The decoder part of ``SamPredictor.predict_torch``, without its all-boxes-at-once full-resolution
-        postprocessing (see ``upsample_mask_logits``).
+        """All boxes of the current image (`set_image`) through the mask decoder in one batched call.
 
         Args:
             boxes_xyxy: N x 4 pixel boxes at the original size.
@@ -362,17 +393,50 @@ class GroundedSamLabeler:
         Returns:
             (low-res logits N x 1 x 256 x 256 float32, predicted IoU N), on CPU.
         """
-        boxes = self.predictor.transform.apply_boxes_torch(boxes_xyxy.float(), self.predictor.original_size)
+        if self.features is None:
+            raise RuntimeError("Call set_image before segment_boxes.")
         with self._autocast():
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes.to(self.device), masks=None)
-            low_res, iou = self.sam.mask_decoder(
-                image_embeddings=self.predictor.features,  # 1 x 256 x 64 x 64
-                image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,  # N x 2 x 256
-                dense_prompt_embeddings=dense,  # N x 256 x 64 x 64
-                multimask_output=False,
-            )  # N x 1 x 256 x 256, N x 1
-        return low_res.float().cpu(), iou[:, 0].float().cpu()
+            low_res, iou = self.engine.decode(self.features, boxes_xyxy, self.original_size)
+        return low_res.float().cpu(), iou.float().cpu()
+
+    def _segment_view(
+        self, image_rgb: np.ndarray, boxes_xyxy: torch.Tensor, *, image_sha256: str | None = None,
+        cached: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks of ``boxes_xyxy`` (pixels of ``image_rgb``) at ``image_rgb``'s resolution.
+
+        Returns:
+            (instances N x h x w bool, predicted IoU N), on CPU.
+        """
+        if cached:
+            self.set_image(image_rgb, image_sha256=image_sha256)
+        else:  # refinement crops: features of one box's surroundings, never reused
+            self.original_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+            with torch.no_grad(), self._autocast():
+                self.features = self.engine.encode(image_rgb)
+        low_res, iou = self.segment_boxes(boxes_xyxy)
+        instances, _ = upsample_mask_logits(
+            low_res, input_size=self.engine.input_size(self.original_size), original_size=self.original_size,
+            img_size=self.engine.img_size, threshold=self.engine.mask_threshold, chunk_bytes=self.mask_chunk_bytes,
+        )  # fmt: skip
+        return instances, iou
+
+    def _refine(self, image_rgb: np.ndarray, boxes: torch.Tensor, instances: torch.Tensor) -> list[bool]:
+        """Replace, per box, the mask inside its `refine_window` by the mask decoded on that crop alone (the
+        crop fills the model's input, so a small object gets many more logits). Boxes whose window is more
+        than half the image's long side keep the whole-image mask. Returns, per box, whether it was refined."""
+        height, width = image_rgb.shape[:2]
+        refined = [False] * len(boxes)
+        for i, box in enumerate(boxes.tolist()):
+            window = refine_window(box, height=height, width=width, margin=self.refine_margin)
+            y0, x0, y1, x1 = window
+            if max(y1 - y0, x1 - x0) * 2 > max(height, width):
+                continue
+            local = torch.tensor([[box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]], dtype=torch.float32)
+            crop_masks, _ = self._segment_view(image_rgb[y0:y1, x0:x1], local, cached=False)
+            instances[i, y0:y1, x0:x1] = crop_masks[0]
+            refined[i] = True
+        return refined
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -388,7 +452,7 @@ class GroundedSamLabeler:
 
         Args:
             image_rgb: The image (required).
-            prompt: The text prompt.
+            prompt: The text prompt; several phrases of one class are separated by " . " (``"car . van"``).
             image_sha256: The image file's sha256 (the embedding cache key; else a hash of the pixels).
             reference_mask: Must be None: Grounded-SAM reads no hand mask.
         """
@@ -398,17 +462,49 @@ class GroundedSamLabeler:
             raise InputError("GroundedSamLabeler reads no reference mask. Got one instead.")
         return self.label_prompts(image_rgb, [prompt], image_sha256=image_sha256)[prompt]
 
+    def _class_detections(self, image_rgb: np.ndarray, prompts: Sequence[str]) -> list[dict[str, Any]]:
+        """Per prompt, its phrases' detections merged (best first, class-agnostic NMS across phrases, top-k),
+        minus the boxes a negative phrase's box overlaps by IoU >= ``negative_iou``."""
+        phrase_lists = [split_phrases(p) for p in prompts]
+        flat = [ph for phrases in phrase_lists for ph in phrases]
+        negatives = list(self.negative_phrases)
+        if len(set(flat + negatives)) != len(flat) + len(negatives):
+            raise InputError(f"A phrase appears twice among the prompts {list(prompts)} and negative phrases "
+                             f"{negatives}.")
+        found = self.detect(image_rgb, flat + negatives)
+        negative_boxes = torch.cat([d["boxes"] for d in found[len(flat):]] or [torch.zeros(0, 4)])
+        results, start = [], 0
+        for phrases in phrase_lists:
+            group, start = found[start : start + len(phrases)], start + len(phrases)
+            if len(group) == 1:
+                det = group[0]
+            else:
+                boxes, scores = torch.cat([d["boxes"] for d in group]), torch.cat([d["scores"] for d in group])
+                names = [ph for d in group for ph in d["phrases"]]
+                order = torch.argsort(scores, descending=True, stable=True)
+                if self.nms_iou is not None and len(order):
+                    order = order[nms(boxes[order], scores[order], self.nms_iou)]
+                order = order[: self.max_boxes]
+                det = {"boxes": boxes[order], "scores": scores[order], "phrases": [names[i] for i in order.tolist()]}
+            if len(negative_boxes) and len(det["boxes"]):
+                keep = box_iou(det["boxes"], negative_boxes).max(dim=1).values < self.negative_iou
+                det = {"boxes": det["boxes"][keep], "scores": det["scores"][keep],
+                       "phrases": [ph for ph, k in zip(det["phrases"], keep.tolist(), strict=True) if k]}
+            results.append(det)
+        return results
+
     def label_prompts(
         self, image_rgb: np.ndarray, prompts: Sequence[str], *, image_sha256: str | None = None
     ) -> dict[str, LabelRecord]:
         """Pseudo-label several prompts on one image.
 
-        One GroundingDINO pass with the joint caption ``"p1 . p2 ."``, one SAM embedding and one decoder call
-        for all boxes.
+        One GroundingDINO pass with the joint caption of every prompt's phrases and the negative phrases
+        (``"car . van . bicycle . toy car ."``), one image embedding and one decoder call for all boxes (plus
+        one encoder and decoder call per refined box with ``refine``).
 
         Returns:
-            prompt -> ``LabelRecord`` (boxes best first; ``extra`` holds the prompt, caption and SAM IoU
-            predictions).
+            prompt -> ``LabelRecord`` (boxes best first; ``extra`` holds the prompt, caption and the mask
+            model's IoU predictions).
         """
         image_rgb = load_image_rgb(image_rgb)
         if len(set(prompts)) != len(prompts) or not prompts:
@@ -416,36 +512,35 @@ class GroundedSamLabeler:
                 f"Prompts must be a non-empty list without duplicates. Got {list(prompts)} instead."
             )
         height, width = image_rgb.shape[:2]
-        caption, _ = build_caption(prompts)
-        detections = self.detect(image_rgb, prompts)
+        caption, _ = build_caption([ph for p in prompts for ph in split_phrases(p)] + list(self.negative_phrases))
+        detections = self._class_detections(image_rgb, prompts)
         counts = [len(d["phrases"]) for d in detections]
         records: dict[str, LabelRecord] = {}
         if sum(counts) == 0:
             for prompt in prompts:
-                extra = {"prompt": prompt, "caption": caption, "sam_iou": []}
-                records[prompt] = LabelRecord.empty(height=height, width=width, extra=extra)
+                records[prompt] = LabelRecord.empty(
+                    height=height, width=width, extra={"prompt": prompt, "caption": caption, "sam_iou": []}
+                )
             return records
-        self.set_image(image_rgb, image_sha256=image_sha256)
-        low_res, iou = self.segment_boxes(torch.cat([d["boxes"] for d in detections]))
-        input_size = self.predictor.input_size
+        all_boxes = torch.cat([d["boxes"] for d in detections])
+        instances, iou = self._segment_view(image_rgb, all_boxes, image_sha256=image_sha256)
+        refined = self._refine(image_rgb, all_boxes, instances) if self.refine else None
         start = 0
         for prompt, det, n in zip(prompts, detections, counts, strict=True):
-            instances, union = upsample_mask_logits(
-                low_res[start : start + n], input_size=input_size, original_size=(height, width),
-                img_size=self.sam.image_encoder.img_size, threshold=float(self.sam.mask_threshold),
-                chunk_bytes=self.mask_chunk_bytes,
-            )  # fmt: skip
-            instance_masks, union_mask = instances.numpy(), union.numpy()
+            instance_masks = instances[start : start + n].numpy()
             if self.min_region_area and len(instance_masks):
                 instance_masks = np.stack([remove_small_regions(m, self.min_region_area) for m in instance_masks])
-                union_mask = np.asarray(instance_masks.any(axis=0))
+            union_mask = np.asarray(instance_masks.any(axis=0)) if n else np.zeros((height, width), bool)
+            extra: dict[str, Any] = {"prompt": prompt, "caption": caption, "sam_iou": iou[start : start + n].tolist()}
+            if refined is not None:
+                extra["refined"] = refined[start : start + n]  # per box: decoded again on its crop
             records[prompt] = LabelRecord(
                 mask=union_mask,
                 instance_masks=instance_masks,
                 boxes=det["boxes"].numpy().astype(np.float32),
                 scores=det["scores"].numpy().astype(np.float32),
                 phrases=det["phrases"],
-                extra={"prompt": prompt, "caption": caption, "sam_iou": iou[start : start + n].tolist()},
+                extra=extra,
             )
             start += n
         return records

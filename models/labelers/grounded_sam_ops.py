@@ -4,6 +4,7 @@ upsampling, the caption/token bookkeeping of several prompts, and the autocast d
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -275,3 +276,40 @@ def remove_small_regions(mask: Any, min_area: int) -> Any:
     for mode in ("holes", "islands"):
         mask, _ = sam_remove_small_regions(mask, min_area, mode)
     return np.asarray(mask, bool)
+
+
+# ------------------------------------------------------------------------------------------ phrases, refinement
+
+
+def split_phrases(prompt: str) -> list[str]:
+    """The phrases of one class prompt, GroundingDINO's caption separator: ``"car . van . truck"`` ->
+    ``["car", "van", "truck"]`` (one phrase for a plain prompt; empty pieces are an InputError)."""
+    phrases = [p.strip() for p in prompt.strip().rstrip(".").split(" . ")]
+    if not all(phrases):
+        raise InputError(f"Expected phrases separated by ' . ' (e.g. 'car . van'). Got {prompt!r} instead.")
+    return phrases
+
+
+def check_phrases(phrases: Sequence[str], *, what: str) -> tuple[str, ...]:
+    """``phrases`` as a tuple of non-empty, distinct strings without the ' . ' separator; else InputError
+    naming ``what``."""
+    if isinstance(phrases, str):
+        raise InputError(f"{what} must be a list of phrases. Got the string {phrases!r} instead.")
+    out = tuple(str(p).strip() for p in phrases)
+    if not all(out) or len(set(out)) != len(out) or any(" . " in p or p.endswith(".") for p in out):
+        raise InputError(f"{what} must be distinct, non-empty phrases without ' . '. Got {list(phrases)} instead.")
+    return out
+
+
+def refine_window(
+    box: Sequence[float], *, height: int, width: int, margin: float, min_side: int = 64
+) -> tuple[int, int, int, int]:
+    """``(y0, x0, y1, x1)`` crop around an xyxy pixel ``box``: the box grown by ``margin`` x its side on each
+    side (at least ``min_side`` px in all), clipped to the H x W image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    bw, bh = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    pad_x = max(margin * bw, (min_side - bw) / 2, 0.0)
+    pad_y = max(margin * bh, (min_side - bh) / 2, 0.0)
+    left, top = max(0, math.floor(x0 - pad_x)), max(0, math.floor(y0 - pad_y))
+    right, bottom = min(width, math.ceil(x1 + pad_x)), min(height, math.ceil(y1 + pad_y))
+    return top, left, max(bottom, top + 1), max(right, left + 1)

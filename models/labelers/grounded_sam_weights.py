@@ -1,13 +1,12 @@
-"""Grounded-SAM weights: where checkpoints come from, how they are checked, and the SAM / GroundingDINO builders.
+"""Grounded-SAM weights: where checkpoints come from, how they are checked, and the GroundingDINO builder
+(the mask models' builder and file names are in ``models.labelers.sam_engines``).
 
 Nothing is downloaded; random weights only when the caller asks (``checkpoint=None``). Default file names:
 
-- SAM ``vit_b``: ``sam_vit_b_01ec64.pth``; ``vit_l``: ``sam_vit_l_0b3195.pth``; ``vit_h``:
-  ``sam_vit_h_4b8939.pth``. Download: https://github.com/facebookresearch/segment-anything#model-checkpoints
 - GroundingDINO ``swint_ogc``: ``groundingdino_swint_ogc.pth``; ``swinb``:
   ``groundingdino_swinb_cogcoor.pth``. Download: https://github.com/IDEA-Research/GroundingDINO/releases
 
-Test-only variants: ``"tiny"`` SAM (`build_tiny_sam`) and the ``"test"`` GroundingDINO layout.
+Test-only variant: the ``"test"`` GroundingDINO layout.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,20 +25,12 @@ from models.labelers.bert_offline import OFFLINE_BERT_PREFIX, cache_root, instal
 
 if TYPE_CHECKING:
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
-    from segment_anything.modeling import Sam
 
 logger = logging.getLogger(__name__)
 
-SAM_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
 DINO_URL = "https://github.com/IDEA-Research/GroundingDINO/releases"
 SAM_ENV = "ADDCLASS_SAM_CHECKPOINT"
 DINO_ENV = "ADDCLASS_DINO_CHECKPOINT"
-SAM_CHECKPOINT_FILES: dict[str, str | None] = {
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_h": "sam_vit_h_4b8939.pth",
-    "tiny": None,
-}
 
 
 @dataclass(frozen=True)
@@ -174,56 +164,6 @@ def check_state_dict(
 # ----------------------------------------------------------------------------------------------------------
 # Model builders
 # ----------------------------------------------------------------------------------------------------------
-
-
-def build_tiny_sam() -> Sam:
-    """SAM with a tiny ViT encoder (2 windowed blocks, width 64) for tests; same 1024 input and 64 x 64 x 256
-    embedding, and SAM's real prompt encoder and mask decoder."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=2,
-            embed_dim=64,
-            img_size=1024,
-            mlp_ratio=2,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=2,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=False,  # window attention only: global attention over 4096 tokens dominates the time
-            global_attn_indexes=(),
-            window_size=14,
-            out_chans=256,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-    return sam.eval()
-
-
-def build_sam(*, variant: str, checkpoint: Path | None, seed: int = 0) -> Sam:
-    """Build SAM ``variant`` (vit_b, vit_l, vit_h, tiny): load ``checkpoint`` strictly, else seeded random."""
-    from segment_anything import sam_model_registry
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sam = build_tiny_sam() if variant == "tiny" else sam_model_registry[variant](checkpoint=None)
-    if checkpoint is not None:
-        state = load_state_dict_file(checkpoint)
-        check_state_dict(sam, state, path=checkpoint, strict=True)
-        sam.load_state_dict(state, strict=True)
-    return sam.eval()
 
 
 def build_dino(

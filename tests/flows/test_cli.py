@@ -282,7 +282,8 @@ def test_add_class_parameter_errors_come_before_prefect_starts(synthetic_store: 
 
 
 def _owner_choices() -> dict[str, tuple[str, ...]]:
-    from models.labelers.grounded_sam_weights import DINO_VARIANTS, SAM_CHECKPOINT_FILES
+    from models.labelers.grounded_sam_weights import DINO_VARIANTS
+    from models.labelers.sam_engines import SAM_VARIANTS
     from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
     from models.training.loss_weights import REWEIGHT_MODES
     from models.training.optim import RECIPE_CHOICES
@@ -291,7 +292,7 @@ def _owner_choices() -> dict[str, tuple[str, ...]]:
     from tasks.review import FORMATS, RANKINGS
 
     return {"RECIPE_CHOICES": RECIPE_CHOICES, "VARIANTS": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
-            "REWEIGHT_MODES": REWEIGHT_MODES, "MERGE_POLICIES": POLICIES, "SAM_VARIANTS": tuple(SAM_CHECKPOINT_FILES),
+            "REWEIGHT_MODES": REWEIGHT_MODES, "MERGE_POLICIES": POLICIES, "SAM_VARIANTS": tuple(SAM_VARIANTS),
             "DINO_CONFIGS": tuple(DINO_VARIANTS), "PREDICT_MODES": PREDICT_MODES, "REVIEW_RANKINGS": RANKINGS,
             "REVIEW_FORMATS": FORMATS}
 

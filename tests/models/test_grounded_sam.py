@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from segment_anything import SamPredictor
 from torchvision.ops import box_convert, box_iou, nms
 
 from models.labelers.embedding_cache import (
@@ -42,13 +43,13 @@ from models.labelers.grounded_sam_ops import (
 )
 from models.labelers.grounded_sam_weights import (
     DINO_URL,
-    SAM_URL,
     CheckpointMismatchError,
     MissingCheckpointError,
     build_dino,
     check_state_dict,
 )
 from models.labelers.label_record import LabelRecord
+from models.labelers.sam_engines import FAMILY_URLS
 
 MAX_BOXES = 3
 
@@ -218,12 +219,12 @@ def test_missing_checkpoint_names_path_and_url(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(MissingCheckpointError) as err:
         GroundedSamLabeler(sam_variant="vit_b", dino_config="swint_ogc")
     default_sam = tmp_path / "cache" / "weights" / "sam_vit_b_01ec64.pth"
-    assert str(default_sam) in str(err.value) and SAM_URL in str(err.value)
+    assert str(default_sam) in str(err.value) and FAMILY_URLS["sam"] in str(err.value)
     # Explicit argument.
     missing = tmp_path / "nowhere" / "sam.pth"
     with pytest.raises(MissingCheckpointError) as err:
         GroundedSamLabeler(sam_checkpoint=missing, dino_config="test", random_weights=False)
-    assert str(missing) in str(err.value) and SAM_URL in str(err.value)
+    assert str(missing) in str(err.value) and FAMILY_URLS["sam"] in str(err.value)
     # Environment variable, GroundingDINO side (SAM resolved from an existing file first).
     sam_file = tmp_path / "sam.pth"
     sam_file.write_bytes(b"not read before GroundingDINO is resolved")
@@ -342,9 +343,10 @@ def test_label_matches_reference_pipeline(labeler: GroundedSamLabeler, images: l
     np.testing.assert_allclose(record.scores, scores[idx].numpy(), rtol=0, atol=1e-6)
     assert all(p in ("", "car") for p in record.phrases)
 
-    labeler.predictor.set_image(image)
-    transformed = labeler.predictor.transform.apply_boxes_torch(boxes[idx], (height, width))
-    masks, _, _ = labeler.predictor.predict_torch(None, None, boxes=transformed, multimask_output=False)
+    predictor = SamPredictor(labeler.sam)  # the package's own path, for reference
+    predictor.set_image(image)
+    transformed = predictor.transform.apply_boxes_torch(boxes[idx], (height, width))
+    masks, _, _ = predictor.predict_torch(None, None, boxes=transformed, multimask_output=False)
     assert np.array_equal(record.instance_masks, masks[:, 0].numpy())
 
 
@@ -469,7 +471,7 @@ def test_settings_json_and_with_options(labeler: GroundedSamLabeler) -> None:
     assert settings["simulated"] is False and settings["multimask_output"] is False
     other = labeler.with_options(box_threshold=0.5, nms_iou=None)
     assert other.settings() == {**settings, "box_threshold": 0.5, "nms_iou": None}
-    assert other.sam is labeler.sam and other.predictor is not labeler.predictor
+    assert other.sam is labeler.sam and other.engine is labeler.engine
     with pytest.raises(ValueError, match="with_options accepts"):
         labeler.with_options(sam_variant="vit_h")
     with pytest.raises(ValueError, match="box_threshold"):
@@ -568,7 +570,8 @@ def test_bfloat16_autocast_sam_decoder_on_cpu(labeler: GroundedSamLabeler, image
     """
     image = images[1]
     labeler.set_image(image)  # float32 embedding (fixture cache or encoder)
-    features = labeler.predictor.features.clone()
+    assert labeler.features is not None
+    features = labeler.features["image_embed"].clone()
     box = torch.tensor([[20.0, 30.0, 150.0, 260.0]])
     fp32_logits, _ = labeler.segment_boxes(box)
     cache = InMemoryEmbeddingCache()
@@ -609,5 +612,5 @@ def test_vit_b_end_to_end(images: list[np.ndarray]) -> None:
     record = labeler.label(image, "person")
     assert record.num_instances == 2 and record.instance_masks.shape == (2, 120, 160)
     assert np.array_equal(record.mask, record.instance_masks.any(axis=0))
-    assert labeler.predictor.features.shape == (1, 256, 64, 64)
+    assert labeler.features is not None and labeler.features["image_embed"].shape == (1, 256, 64, 64)
     assert labeler.settings()["sam_variant"] == "vit_b"
