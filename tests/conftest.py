@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +44,36 @@ def fresh_store(tmp_path: Path) -> Path:
     path = tmp_path / "fresh.zarr"
     ingest_synthetic(path, images=5, size=(64, 80), seed=5, progress=False)
     return path
+
+
+# mypy takes about a minute of one core. When the session includes tests/test_static_checks.py::test_mypy, it
+# starts at collection in the background at the lowest CPU priority, so it runs in the time the other tests
+# leave idle (server starts, subprocess waits) and hardly slows them; test_mypy then waits for its result.
+MYPY_KEY = pytest.StashKey[dict[str, Any]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if not any(item.nodeid.endswith("test_static_checks.py::test_mypy") for item in session.items):
+        return
+    cache = tempfile.mkdtemp(prefix="addclass-mypy-")  # a fresh cache, as on CI
+    proc = subprocess.Popen([sys.executable, "-m", "mypy", "--cache-dir", cache], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(19))
+    session.config.stash[MYPY_KEY] = {"proc": proc, "cache": cache}
+
+
+def background_mypy(config: pytest.Config, *, timeout: float) -> tuple[int, str, str] | None:
+    """(exit code, stdout, stderr) of the background mypy, waiting for it; None when none was started."""
+    started = config.stash.get(MYPY_KEY, None)
+    if started is None:
+        return None
+    out, err = started["proc"].communicate(timeout=timeout)
+    return started["proc"].returncode, out, err
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    started = session.config.stash.get(MYPY_KEY, None)
+    if started is not None:
+        if started["proc"].poll() is None:  # the session stopped before test_mypy (-x, a deselection)
+            started["proc"].kill()
+            started["proc"].wait()
+        shutil.rmtree(started["cache"], ignore_errors=True)

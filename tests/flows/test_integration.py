@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +17,7 @@ from storage.pseudo import missing_pseudo
 from storage.store import open_label_store
 from tasks.ingest import ingest_synthetic
 from tests.crash import die_after_writes
-from tests.flows.prefect_server import BIN, REPO, free_port, prefect_server, run, stop
+from tests.flows.prefect_server import BIN, REPO, free_port, run, stop
 
 pytestmark = pytest.mark.integration
 
@@ -27,39 +27,22 @@ TINY = {"labeling": {"kind": "simulated"}, "eval_splits": ["test"],
 TINY_BY_IMAGE = {**TINY, "labeling": {"kind": "simulated", "batch_size": 1}}  # one labelling task per image
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("prefect_home")
-    with prefect_server(home) as env:
-        yield env
+@pytest.fixture
+def server(deployment_run: dict[str, Any]) -> dict[str, str]:
+    """The session's server (tests/flows/conftest.py), after its add-class deployment run."""
+    return dict(deployment_run["env"])
 
 
 def _store(tmp: Path, name: str, images: int = 6) -> Path:
     return ingest_synthetic(tmp / f"{name}.zarr", images=images, size=(64, 96), seed=11, progress=False)
 
 
-def test_deployment_run_add_class(server: dict[str, str], tmp_path: Path) -> None:
-    store = _store(tmp_path, "dep")
-    prefect = str(BIN / "prefect")
-    run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], server)
-    run([prefect, "--no-prompt", "deploy", "--all"], server)
-    params = ["--param", "prompt=car", "--param", f"store={store}"]
-    for k, v in TINY.items():
-        params += ["--param", f"{k}={json.dumps(v)}"]  # e.g. training='{"iters": 4, ...}'
-    out = run([prefect, "deployment", "run", "add-class/add-class", *params], server)
-    flow_run_id = next(w for w in out.split() if len(w) == 36 and w.count("-") == 4)
-    run([prefect, "worker", "start", "--pool", "local", "--run-once"], server, timeout=600)
-    state = run([sys.executable, "-c", (
-        "import asyncio, sys\n"
-        "from prefect.client.orchestration import get_client\n"
-        "async def main():\n"
-        "    async with get_client() as c:\n"
-        "        fr = await c.read_flow_run(sys.argv[1])\n"
-        "        arts = await c.read_artifacts()\n"
-        "        print(fr.state.type.value, sorted({a.key for a in arts if a.key}))\n"
-        "asyncio.run(main())\n"), flow_run_id], server)
-    assert state.startswith("COMPLETED"), state
-    assert "add-class-car-metrics" in state and "add-class-car-report" in state
+def test_deployment_run_add_class(deployment_run: dict[str, Any]) -> None:
+    """The add-class deployment, run by a worker (the session's run): completed, artifacts published, the store
+    holds the new class's version and the registered champion with its report."""
+    assert deployment_run["flow_run"]["state"]["type"] == "COMPLETED", deployment_run["flow_run"]["state"]
+    assert {"add-class-car-metrics", "add-class-car-report"} <= set(deployment_run["artifacts"])
+    store = deployment_run["store"]
     st = open_label_store(store)
     assert st.resolve_version("latest") == "v2" and st.class_by_name("car").source == "pseudo"
     models = st.section("models")

@@ -10,19 +10,14 @@ the README shows).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tasks.ingest import ingest_synthetic
-from tests.flows.prefect_server import BIN, prefect_server, run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -32,41 +27,12 @@ pytestmark = [
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (scripts/setup.sh installs it)")
 
-# 20 steps: the progress artifact is created early and updated to 100 % at the end
-TINY = {"labeling": {"kind": "simulated"}, "eval_splits": ["test"],
-        "training": {"variant": "tiny", "iters": 20, "crop_size": 128, "num_points": 256, "num_workers": 0}}
-
-
-def api(env: dict[str, str], path: str, body: dict[str, Any] | None = None) -> Any:
-    """A JSON call to the server's REST API (POST when ``body`` is given)."""
-    url = env["PREFECT_API_URL"] + path
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The add-class deployment run to completion by a worker, on a server whose UI is on."""
-    home = tmp_path_factory.mktemp("prefect_home_ui")
-    with prefect_server(home, ui=True) as env:
-        store = ingest_synthetic(home / "ui.zarr", images=6, size=(64, 96), seed=11, progress=False)
-        prefect = str(BIN / "prefect")
-        run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], env)
-        run([prefect, "--no-prompt", "deploy", "--all"], env)
-        params = ["--param", "prompt=car", "--param", f"store={store}"]
-        for k, v in TINY.items():
-            params += ["--param", f"{k}={json.dumps(v)}"]
-        out = run([prefect, "deployment", "run", "add-class/add-class", *params], env)
-        flow_run_id = next(w for w in out.split() if len(w) == 36 and w.count("-") == 4)
-        run([prefect, "worker", "start", "--pool", "local", "--run-once"], env, timeout=600)
-        flow_run = api(env, f"/flow_runs/{flow_run_id}")
-        assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
-        task_runs = api(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
-        artifacts = api(env, "/artifacts/filter", {})
-        yield {"env": env, "base": env["PREFECT_API_URL"].removesuffix("/api"), "flow_run": flow_run,
-               "task_runs": task_runs, "artifacts": {a["key"]: a for a in artifacts if a["key"]}}
+def finished_run(deployment_run: dict[str, Any]) -> dict[str, Any]:
+    """The session's add-class deployment run, by a worker, on the server whose UI is on
+    (tests/flows/conftest.py)."""
+    assert deployment_run["flow_run"]["state"]["type"] == "COMPLETED", deployment_run["flow_run"]["state"]
+    return deployment_run
 
 
 @pytest.fixture(scope="module")
