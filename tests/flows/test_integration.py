@@ -53,8 +53,7 @@ def test_deployment_run_add_class(deployment_run: dict[str, Any]) -> None:
 
 def test_missing_prompt_is_rejected_by_the_server(server: dict[str, str]) -> None:
     prefect = str(BIN / "prefect")
-    run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], server)
-    run([prefect, "--no-prompt", "deploy", "--all"], server)
+    # the pool and the deployments exist: the session's deployment run made them (tests/flows/conftest.py)
     out = run([prefect, "deployment", "run", "add-class/add-class"], server, check=False)
     assert "prompt" in out and "required" in out
 
@@ -62,9 +61,7 @@ def test_missing_prompt_is_rejected_by_the_server(server: dict[str, str]) -> Non
 def test_cli_deployment_run_names_the_run_at_once_and_does_not_wait_forever(server: dict[str, str],
                                                                             tmp_path: Path) -> None:
     store = _store(tmp_path, "nowork", images=3)
-    prefect = str(BIN / "prefect")
-    run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], server)
-    run([prefect, "--no-prompt", "deploy", "--all"], server)
+    # the pool and the deployments exist: the session's deployment run made them (tests/flows/conftest.py)
     t0 = time.monotonic()
     out = run([str(BIN / "addclass"), "add-class", "--prompt", "car", "--store", str(store), "--labeler",
                "simulated", "--deployment", "--timeout", "5"], server, check=False)  # no worker polls the pool

@@ -1,11 +1,11 @@
 """Grounded-SAM labeler: coordinates, selection, upsampling, checkpoints, cache, end to end (random weights).
 
 The heavy models are built once per module: GroundingDINO's test config (Swin-T, 2-layer BERT, enc 1 / dec 1,
-100 queries) at 256 px and SAM with a tiny ViT encoder. One test runs the real SAM vit_b (random weights).
+100 queries) at 256 px and SAM with a tiny ViT encoder (the real vit_b runs in bench/pseudo_label.py, ~15 s
+per encoder pass here; tests/models/test_sam_engines.py runs every mask-model family at test size).
 
 Tests on the small models run with one intra-op thread: they are dominated by many small ops, and two OpenMP
-threads on a shared 2-vCPU machine made GroundingDINO up to 9x slower (5.3 s vs 0.6 s per pass). The vit_b
-test, which is compute-bound, keeps the default.
+threads on a shared 2-vCPU machine made GroundingDINO up to 9x slower (5.3 s vs 0.6 s per pass).
 """
 
 from __future__ import annotations
@@ -599,18 +599,3 @@ def test_no_detection_skips_sam(
         counter.remove()
     assert counter.calls == 0
     assert record.num_instances == 0 and record.mask.shape == images[1].shape[:2] and not record.mask.any()
-
-
-@pytest.mark.slow  # SAM vit_b's image encoder: ~16 s on 2 quiet cores, 45-90 s on a loaded shared machine
-def test_vit_b_end_to_end(images: list[np.ndarray]) -> None:
-    """The real SAM vit_b architecture (random weights) on one small image."""
-    labeler = GroundedSamLabeler(
-        sam_variant="vit_b", dino_config="test", random_weights=True, dino_image_size=256, max_boxes=2,
-        embedding_cache=InMemoryEmbeddingCache(),
-    )  # fmt: skip
-    image = images[0][:120, :160]
-    record = labeler.label(image, "person")
-    assert record.num_instances == 2 and record.instance_masks.shape == (2, 120, 160)
-    assert np.array_equal(record.mask, record.instance_masks.any(axis=0))
-    assert labeler.features is not None and labeler.features["image_embed"].shape == (1, 256, 64, 64)
-    assert labeler.settings()["sam_variant"] == "vit_b"
