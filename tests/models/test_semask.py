@@ -292,3 +292,34 @@ def test_swint_loads_the_real_file_layout_on_meta(tmp_path: Path) -> None:
     with torch.device("meta"):
         model = MODEL_BUILDERS["semask_fpn_swint"](7)
     assert load_backbone_checkpoint(model, path) == ([], [])
+
+
+def test_model_folder_builds_and_reloads(tmp_path: Path) -> None:
+    from tasks.model_folder import (
+        FORMAT,
+        FORMAT_VERSION,
+        load_trained_model,
+        read_model_config,
+        save_model_dir,
+    )
+
+    model = _build().eval()
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": VARIANT,
+              "pixel_decoder": "semantic_fpn", "num_classes": K, "class_names": [f"c{i}" for i in range(K)]}
+    folder = save_model_dir(tmp_path / "final", model=model, config=config, step=1)
+    assert read_model_config(folder)["pixel_decoder"] == "semantic_fpn"
+    x = _images(1, 40, 72, seed=3)
+    assert torch.equal(load_trained_model(folder).predict(x), model.predict(x))
+
+
+def test_train_task_trains_and_reloads(tmp_path: Path) -> None:
+    from tasks.model_folder import load_trained_model, read_model_config
+    from tasks.train import train
+    from tests.tasks.test_train import make_train_store, tiny_config
+
+    store = make_train_store(tmp_path / "scenes.zarr")
+    config = tiny_config(store, tmp_path / "run", variant=VARIANT, iters=2, checkpoint_every=2)
+    assert config.pixel_decoder == "semantic_fpn"
+    final = train(config, progress=False)
+    assert read_model_config(final)["variant"] == VARIANT
+    assert load_trained_model(final).predict(_images(1, 48, 64)).shape == (1, 48, 64)
