@@ -1,7 +1,8 @@
 """Parameters, MACs, forward time and peak memory of MaSSFormer R50 against its baselines, in one run.
 
 Rows: MaSSFormer R50 (``r50``), its FPN ablation (``r50`` with ``pixel_decoder="fpn"``), Mask2Former R50
-(``mask2former_r50``) and MaskFormer R50 (``maskformer_r50``); docs/design.md §1.6 and §1.8.
+(``mask2former_r50``), MaskFormer R50 (``maskformer_r50``) and SeMask FPN Swin-T (``semask_fpn_swint``);
+docs/design.md §1.6, §1.8 and §1.9.
 
 MACs are counted by `models.massformer.macs.count_macs` on the meta device (no memory, no compute) at the paper's
 test size 4096 x 3072 (``--macs-size``); see that module for what is counted. The paper's figures (Tab. 2) are
@@ -45,6 +46,7 @@ ROWS: dict[str, tuple[str, str | None]] = {
     "fpn_ablation": ("r50", "fpn"),
     "mask2former": ("mask2former_r50", None),
     "maskformer": ("maskformer_r50", None),
+    "semask_fpn": ("semask_fpn_swint", None),  # SeMask FPN Swin-T (docs/design.md §1.9); not in the MaSS13K paper
 }
 # The MaSS13K paper's Tab. 2 at 4096 x 3072 (fvcore MACs) and its parameter counts; the ablation is not in it.
 PAPER = {

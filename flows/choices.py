@@ -12,9 +12,10 @@ from typing import Literal
 
 from models.labelers.build import LabelerKind as LabelerKind  # the keys of models.labelers.build.LABELERS
 
-# models.massformer.build.MODEL_BUILDERS: MaSSFormer, then the Mask2Former / MaskFormer baselines
+# models.massformer.build.MODEL_BUILDERS: MaSSFormer, then the Mask2Former / MaskFormer / SeMask FPN baselines
 ModelVariant = Literal[
-    "tiny", "lite_r18", "r50", "mask2former_r50", "mask2former_tiny", "maskformer_r50", "maskformer_tiny"
+    "tiny", "lite_r18", "r50", "mask2former_r50", "mask2former_tiny", "maskformer_r50", "maskformer_tiny",
+    "semask_fpn_swint", "semask_fpn_tiny",
 ]
 SamVariant = Literal[  # models.labelers.sam_engines.SAM_VARIANTS
     "vit_b", "vit_l", "vit_h", "tiny", "hq_vit_b", "hq_vit_l", "hq_vit_h", "hq_vit_tiny", "hq_tiny",

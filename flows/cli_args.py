@@ -49,9 +49,9 @@ def _sized_help(field: str) -> str:
 # it (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
 RECIPE_CHOICES: tuple[str, ...] = get_args(RecipeChoice)
 VARIANTS: tuple[str, ...] = get_args(ModelVariant)
-PIXEL_DECODERS = ("hr", "fpn", "msdeform")  # models.massformer.build.PIXEL_DECODERS
+PIXEL_DECODERS = ("hr", "fpn", "msdeform", "semantic_fpn")  # models.massformer.build.PIXEL_DECODERS
 PIXEL_DECODER_HELP = ("MaSSFormer variants: hr (default) or fpn (ablation); the mask2former_* / maskformer_* "
-                      "variants have their own (msdeform / fpn) and take no other")
+                      "/ semask_fpn_* variants have their own (msdeform / fpn / semantic_fpn) and take no other")
 REWEIGHT_MODES = ("none", "edge", "inverse")  # models.training.loss_weights.REWEIGHT_MODES
 MERGE_POLICIES: tuple[str, ...] = get_args(MergePolicy)
 SAM_VARIANTS: tuple[str, ...] = get_args(SamVariant)

@@ -97,7 +97,7 @@ class TrainingParams(BaseModel):
     model_config = _PARAMS_CONFIG
 
     variant: ModelVariant = "tiny"
-    """Model variant: MaSSFormer (tiny, lite_r18, r50) or a baseline (mask2former_*, maskformer_*)."""
+    """Model variant: MaSSFormer (tiny, lite_r18, r50) or a baseline (mask2former_*, maskformer_*, semask_fpn_*)."""
     iters: int = 300
     """Training steps."""
     batch_size: int = 2

@@ -30,6 +30,7 @@ them); ``maskformer_r50`` takes r50's fixed part and its larger slope scaled by 
     mask2former_tiny    60 MB    450 B                          1.08 GB (tiny: 1.28)
     maskformer_tiny     60 MB    450 B                          1.03 GB
 
+The SeMask FPN variants take r50's and tiny's constants unmeasured (estimates, docs/design.md §1.9),
 so r50 on a whole 4096 x 3072 image is estimated at 22.6 GiB (margin included), and at 3.8 GiB in 1024 tiles.
 
 ``ADDCLASS_MEMORY_CHECK=0`` turns the check off, as for training (`tasks.train_memory`).
@@ -54,6 +55,9 @@ VARIANT_PREDICT_MEMORY: dict[str, VariantMemory] = {
     "maskformer_r50": VariantMemory(200 * 2**20, 600),
     "mask2former_tiny": VariantMemory(60 * 2**20, 450),
     "maskformer_tiny": VariantMemory(60 * 2**20, 450),
+    # Not measured yet (estimates): r50's and tiny's constants.
+    "semask_fpn_swint": VariantMemory(200 * 2**20, 1400),
+    "semask_fpn_tiny": VariantMemory(60 * 2**20, 450),
 }
 
 

@@ -39,10 +39,12 @@ class TrainConfig:
         out_dir: Run folder (checkpoints, log, ``final/``).
         version: Label version to train on (``"latest"`` is resolved by `resolve_train_config`).
         variant: A ``models.massformer.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``, or a
-            baseline: ``mask2former_r50``, ``maskformer_r50`` and their ``_tiny`` versions).
+            baseline: ``mask2former_r50``, ``maskformer_r50``, ``semask_fpn_swint`` and their ``_tiny``
+            versions).
         num_classes: K; derived from the version (None until resolved; a different value is an error).
         pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline) for the MaSSFormer
-            variants; the baselines have their own (``"msdeform"``, ``"fpn"``) and take no other. None (the
+            variants; the baselines have their own (``"msdeform"``, ``"fpn"``, ``"semantic_fpn"``) and take no
+            other. None (the
             default) is resolved to the variant's own.
         iters: Training steps (MaSSFormer's default: 80000).
         batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling): the global

@@ -17,7 +17,9 @@ steps with 2048 points; the points change the peak by < 2 %)::
     mask2former_tiny   120 MB   1.2 kB                          0.99 / 1.13 GB
     maskformer_tiny    130 MB   0.9 kB                          0.97 / 1.07 GB
 
-(the four baselines measured later on another 2-core machine, with one thread, where tiny gave 1.13 / 1.39 GB),
+(the four baselines measured later on another 2-core machine, with one thread, where tiny gave 1.13 / 1.39 GB;
+the SeMask FPN constants are estimates, not measurements: ``semask_fpn_swint`` 560 MB + 6.0 kB, ``semask_fpn_tiny``
+tiny's),
 so the paper's setting (r50, batch 16, crop 1024) needs ~160 GB on one device: it is meant for 8 GPUs of 2
 images each (~20 GB each). ``ADDCLASS_MEMORY_CHECK=0`` turns the check off (e.g. with swap you accept).
 """
@@ -53,6 +55,10 @@ VARIANT_MEMORY: dict[str, VariantMemory] = {
     "maskformer_r50": VariantMemory(510 * 2**20, 4800),
     "mask2former_tiny": VariantMemory(120 * 2**20, 1200),
     "maskformer_tiny": VariantMemory(130 * 2**20, 900),
+    # Not measured yet (estimates, docs/design.md §1.9): r50-like weights and optimiser state, a generous slope for
+    # Swin's window attention and the Semantic FPN head at stride 4.
+    "semask_fpn_swint": VariantMemory(560 * 2**20, 6000),
+    "semask_fpn_tiny": VariantMemory(130 * 2**20, 2200),
 }
 
 

@@ -8,8 +8,10 @@ baseline (ablation row #1).
 
 ``mask2former_r50`` and ``maskformer_r50`` are the baselines of the MaSS13K paper's Tab. 2 (docs/design.md §1.8),
 ``mask2former_tiny`` and ``maskformer_tiny`` small versions of them for CPU tests and quick runs. They have their
-own pixel decoders (``"msdeform"``, ``"fpn"``) and take no other. Builders return untrained models;
-`models.massformer.weights` loads weights into them (ImageNet ResNets into every variant's backbone).
+own pixel decoders (``"msdeform"``, ``"fpn"``) and take no other. ``semask_fpn_swint`` is the SeMask FPN baseline
+(Swin-T, docs/design.md §1.9) in the same container, ``semask_fpn_tiny`` a small version; their pixel decoder is
+``"semantic_fpn"``. Builders return untrained models; `models.massformer.weights` loads weights into them (ImageNet
+ResNets into the ResNet backbones, an ImageNet Swin-T into SeMask's).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from models.massformer.fpn_decoder import FPNPixelDecoder
 from models.massformer.model import MaSSFormer
 from models.massformer.msdeform_decoder import MSDeformAttnPixelDecoder
 from models.massformer.pixel_decoder import HRPixelDecoder
+from models.massformer.semask import FixedClassHead, SemanticFPNDecoder, SeMaskSwinBackbone, SwinStage
 from models.massformer.transformer_decoder import MaskedTransformerDecoder
 
-PIXEL_DECODERS = ("hr", "fpn", "msdeform")  # every pixel decoder name (the CLI's choices)
+PIXEL_DECODERS = ("hr", "fpn", "msdeform", "semantic_fpn")  # every pixel decoder name (the CLI's choices)
 MASSFORMER_PIXEL_DECODERS = ("hr", "fpn")  # what the MaSSFormer variants take; "hr" is their own
 # The baselines' own pixel decoders; a baseline takes no other.
 BASELINE_PIXEL_DECODERS = {
@@ -38,6 +41,8 @@ BASELINE_PIXEL_DECODERS = {
     "mask2former_tiny": "msdeform",
     "maskformer_r50": "fpn",
     "maskformer_tiny": "fpn",
+    "semask_fpn_swint": "semantic_fpn",
+    "semask_fpn_tiny": "semantic_fpn",
 }
 
 
@@ -166,6 +171,23 @@ def build_maskformer_tiny(num_classes: int, *, pixel_decoder: str | None = None)
     )
 
 
+def build_semask_fpn_swint(num_classes: int, *, pixel_decoder: str | None = None) -> MaSSFormer:
+    """SeMask FPN Swin-T (ADE20K config): Swin-T (patch 4, window 7, C = 96, depths 2/2/6/2, heads 3/6/12/24,
+    drop path 0.3) with a SeMask semantic layer after each stage, Semantic FPN head of width 256 on the backbone
+    outputs (no neck), fixed per-class head (docs/design.md §1.9; 34.21M at K = 7, 34.66M at K = 150)."""
+    _check_own_pixel_decoder("semask_fpn_swint", pixel_decoder)
+    return _build_semask_fpn(num_classes=num_classes, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                             channels=256)
+
+
+def build_semask_fpn_tiny(num_classes: int, *, pixel_decoder: str | None = None) -> MaSSFormer:
+    """Tiny SeMask FPN for CPU tests and quick runs: Swin with C = 32, two blocks per stage (one shifted),
+    heads 1/2/4/8, window 7, head width 32."""
+    _check_own_pixel_decoder("semask_fpn_tiny", pixel_decoder)
+    return _build_semask_fpn(num_classes=num_classes, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                             channels=32)
+
+
 MODEL_BUILDERS: dict[str, Callable[..., MaSSFormer]] = {
     "r50": build_massformer_r50,
     "lite_r18": build_massformer_lite_r18,
@@ -174,6 +196,8 @@ MODEL_BUILDERS: dict[str, Callable[..., MaSSFormer]] = {
     "mask2former_tiny": build_mask2former_tiny,
     "maskformer_r50": build_maskformer_r50,
     "maskformer_tiny": build_maskformer_tiny,
+    "semask_fpn_swint": build_semask_fpn_swint,
+    "semask_fpn_tiny": build_semask_fpn_tiny,
 }
 
 
@@ -285,6 +309,24 @@ def _build_maskformer(
     )
 
 
+def _build_semask_fpn(
+    *,
+    num_classes: int,
+    embed_dim: int,
+    depths: Sequence[int],
+    num_heads: Sequence[int],
+    channels: int,
+) -> MaSSFormer:
+    _check_num_classes(num_classes)
+    backbone = SeMaskSwinBackbone(num_classes=num_classes, embed_dim=embed_dim, depths=depths, num_heads=num_heads)
+    return MaSSFormer(
+        backbone=backbone,
+        pixel_decoder=SemanticFPNDecoder(in_channels=backbone.out_channels, num_classes=num_classes, channels=channels),
+        transformer_decoder=FixedClassHead(num_classes=num_classes),
+        size_divisor=32,
+    )
+
+
 def _build_massformer(
     *,
     num_classes: int,
@@ -348,14 +390,17 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = No
         variant: a `MODEL_BUILDERS` key.
         num_classes: K.
         pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (baseline) for the MaSSFormer variants; a baseline's
-            own (``"msdeform"``, ``"fpn"``) or None for the baselines; None: the variant's default.
+            own (``"msdeform"``, ``"fpn"``, ``"semantic_fpn"``) or None for the baselines; None: the variant's
+            default.
 
     Returns:
         JSON-serialisable dict: ``variant``, ``pixel_decoder``, ``num_classes``, ``components`` (backbone,
         pixel_decoder, transformer_decoder, heads), ``pixel_decoder_parts`` (per-block counts), ``total`` and
         ``trainable``. With a masked-attention decoder, transformer_decoder = layers + post-norm and heads =
         queries + level embedding + class and mask heads; with MaskFormer's decoder, transformer_decoder =
-        input projection of C5 + layers + decoder norm and heads = query embedding + class and mask heads.
+        input projection of C5 + layers + decoder norm and heads = query embedding + class and mask heads. SeMask
+        FPN: backbone = Swin + semantic layers + output norms (``backbone_parts``), pixel_decoder = Semantic FPN
+        head incl. the 1x1 classifier, transformer_decoder = heads = 0 (the fixed class head has no parameters).
     """
     problem = pixel_decoder_problem(variant, pixel_decoder)
     if problem is not None:
@@ -386,13 +431,17 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = No
             "output": _count(pd.output),
             "mask_features": _count(pd.mask_features),
         }
+    elif isinstance(pd, SemanticFPNDecoder):
+        parts = {"scale_heads": _count(pd.scale_heads), "cls_seg": _count(pd.cls_seg)}
     else:
         parts = {
             "lateral": _count(pd.lateral),
             "output": _count(pd.output),
             "mask_features": _count(pd.mask_features),
         }
-    if isinstance(td, StandardTransformerDecoder):
+    if isinstance(td, FixedClassHead):
+        transformer = heads = 0
+    elif isinstance(td, StandardTransformerDecoder):
         transformer = _count([td.input_proj, td.layers, td.decoder_norm])
         heads = _count([td.query_embed, td.class_embed, td.mask_embed])
     else:
@@ -406,12 +455,23 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = No
     }
     total = _count(model)
     assert sum(components.values()) == total, "a parameter is not assigned to any component"
+    extra: dict[str, Any] = {}
+    if isinstance(model.backbone, SeMaskSwinBackbone):
+        bb = model.backbone
+        semantic = _count([stage.semantic_layer for stage in bb.layers if isinstance(stage, SwinStage)])
+        out_norms = _count([bb.norm0, bb.norm1, bb.norm2, bb.norm3])
+        extra["backbone_parts"] = {
+            "swin": _count(bb) - semantic - out_norms,
+            "semantic_layers": semantic,
+            "out_norms": out_norms,
+        }
     return {
         "variant": variant,
         "pixel_decoder": pixel_decoder,
         "num_classes": num_classes,
         "components": components,
         "pixel_decoder_parts": parts,
+        **extra,
         "total": total,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }

@@ -2,9 +2,10 @@
 inference.
 
 The same container holds MaSSFormer (HR pixel decoder, masked-attention decoder) and the baselines built from it:
-the FPN ablation, Mask2Former (deformable-attention pixel decoder, masked-attention decoder) and MaskFormer (FPN,
-standard DETR decoder); see `models.massformer.build` and docs/design.md §1.8. The class keeps its name, which
-saved models and other code refer to.
+the FPN ablation, Mask2Former (deformable-attention pixel decoder, masked-attention decoder), MaskFormer (FPN,
+standard DETR decoder) and SeMask FPN (SeMask Swin backbone, Semantic FPN, a fixed per-class head); see
+`models.massformer.build` and docs/design.md §1.8-1.9. The class keeps its name, which saved models and other
+code refer to.
 
 The model takes RGB images in 0..255 of any size, normalizes them (ImageNet mean/std), pads bottom/right with
 0 in normalized space to multiples of ``size_divisor`` (256 for MaSSFormer: the CST windows tile the stride-16
@@ -43,10 +44,12 @@ from models.massformer.detr_decoder import StandardTransformerDecoder
 from models.massformer.fpn_decoder import FPNPixelDecoder
 from models.massformer.msdeform_decoder import MSDeformAttnPixelDecoder
 from models.massformer.pixel_decoder import HRPixelDecoder, PixelDecoderOutput
+from models.massformer.semask import FixedClassHead, SemanticFPNDecoder, SeMaskSwinBackbone
 from models.massformer.transformer_decoder import MaskedTransformerDecoder
 
-PixelDecoder = HRPixelDecoder | FPNPixelDecoder | MSDeformAttnPixelDecoder
-TransformerDecoder = MaskedTransformerDecoder | StandardTransformerDecoder
+Backbone = ResNetBackbone | SeMaskSwinBackbone
+PixelDecoder = HRPixelDecoder | FPNPixelDecoder | MSDeformAttnPixelDecoder | SemanticFPNDecoder
+TransformerDecoder = MaskedTransformerDecoder | StandardTransformerDecoder | FixedClassHead
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -56,7 +59,7 @@ CHUNK_BYTES = 128 * 2**20
 
 class MaSSFormer(nn.Module):
     """Mask-classification semantic segmentation model: MaSSFormer, or a baseline in the same container (the FPN
-    ablation, Mask2Former, MaskFormer); the name is kept for saved models and callers."""
+    ablation, Mask2Former, MaskFormer, SeMask FPN); the name is kept for saved models and callers."""
 
     pixel_mean: Tensor  # 1 x 3 x 1 x 1 buffer
     pixel_std: Tensor  # 1 x 3 x 1 x 1 buffer
@@ -64,7 +67,7 @@ class MaSSFormer(nn.Module):
     def __init__(
         self,
         *,
-        backbone: ResNetBackbone,
+        backbone: Backbone,
         pixel_decoder: PixelDecoder,
         transformer_decoder: TransformerDecoder,
         size_divisor: int = 256,
@@ -74,7 +77,7 @@ class MaSSFormer(nn.Module):
         """Assembles built submodules.
 
         Args:
-            backbone: returns (normalized image, C2..C5).
+            backbone: returns (normalized image, C2..C5) (the SeMask backbone: and its semantic maps).
             pixel_decoder: returns a `PixelDecoderOutput`.
             transformer_decoder: predicts class and mask logits per decoder output.
             size_divisor: inputs are padded to multiples of this; must be a multiple of the pixel decoder's.
@@ -148,14 +151,16 @@ class MaSSFormer(nn.Module):
             ``aux_outputs``: list of ``{pred_logits, pred_masks}`` for the earlier predictions (masked-attention
             decoders: the initial queries and layers 1..L-1; MaskFormer: layers 1..L-1), masks
             B x Q x ceil(H/4) x ceil(W/4); ``pred_edge`` B x 1 x ceil(H/2) x ceil(W/2) logits, or None for
-            pixel decoders without an edge head.
+            pixel decoders without an edge head. SeMask FPN only (docs/design.md §1.9): ``aux_semantic``
+            B x K x ceil(H/4) x ceil(W/4) semantic-prior logits and ``query_classes`` (Q = K int64, query q
+            predicts class ``query_classes[q]``: segments are assigned by class, not by Hungarian matching).
         """
         h, w = images.shape[-2:]
         h2, w2, h4, w4 = math.ceil(h / 2), math.ceil(w / 2), math.ceil(h / 4), math.ceil(w / 4)
         predictions, decoded = self._decode(images, keep_aux=True)
         logits, masks = predictions[-1]
         edge = decoded.edge_logits
-        return {
+        out: dict[str, Any] = {
             "pred_logits": logits,
             "pred_masks": masks[..., :h2, :w2],
             "aux_outputs": [
@@ -164,6 +169,11 @@ class MaSSFormer(nn.Module):
             ],
             "pred_edge": None if edge is None else edge[..., :h2, :w2],
         }
+        if decoded.aux_semantic is not None:
+            out["aux_semantic"] = decoded.aux_semantic[..., :h4, :w4]
+        if isinstance(self.transformer_decoder, FixedClassHead):
+            out["query_classes"] = torch.arange(self.num_classes, device=logits.device)
+        return out
 
     def _at_scale(self, images: Tensor, scale: float | None) -> tuple[Tensor, float]:
         """(images resized by ``scale``, default `test_scale`; the scale used)."""

@@ -35,12 +35,14 @@ class PixelDecoderOutput:
             each B x D x h x w.
         edge_logits: B x 1 x H/2 x W/2 edge logits, or None for decoders without an edge head.
         mask_stride: stride of ``mask_features`` (2 for the HR decoder, 4 for the FPN baseline).
+        aux_semantic: B x K x H/4 x W/4 semantic-prior logits (SeMask's semantic decoder), or None.
     """
 
     mask_features: Tensor
     memories: list[Tensor]
     edge_logits: Tensor | None
     mask_stride: int
+    aux_semantic: Tensor | None = None
 
 
 class ConvBNReLU(nn.Sequential):

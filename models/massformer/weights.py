@@ -2,7 +2,8 @@
 
 Nothing here downloads. MaSSFormer weights are the output of your own ``addclass train`` run (the MaSS13K
 release has no checkpoints); the ImageNet backbone weights are torchvision's ``resnet50-0676ba61.pth`` /
-``resnet18-f37072fd.pth`` from https://download.pytorch.org/models/, fetched by you. Files are read with
+``resnet18-f37072fd.pth`` from https://download.pytorch.org/models/, and for SeMask FPN the Swin-T of the Microsoft
+release, ``swin_tiny_patch4_window7_224.pth`` (github.com/microsoft/Swin-Transformer), fetched by you. Files are read with
 ``torch.load(..., weights_only=True)`` or safetensors.
 """
 
@@ -25,6 +26,14 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Top-level keys under which training checkpoints nest the model's state dict.
 _NESTED_KEYS = ("model", "state_dict", "model_state_dict")
 TORCHVISION_RESNET_FILES = {"resnet50": "resnet50-0676ba61.pth", "resnet18": "resnet18-f37072fd.pth"}
+SWIN_TINY_FILE = "swin_tiny_patch4_window7_224.pth"
+# Keys of the Microsoft Swin release that the SeMask backbone does not hold: the classifier (``head``), the final
+# norm (SeMask has one norm per output instead), and buffers it derives itself (shift masks, position indices).
+_SWIN_DROPPED_PREFIXES = ("head.", "norm.")
+_SWIN_DROPPED_SUFFIXES = ("attn_mask", "relative_position_index")
+# Parameters of the SeMask backbone that an ImageNet Swin does not have: they keep their initialisation.
+_SEMASK_OWN_PART = ".semantic_layer."
+_SEMASK_OWN_PREFIXES = ("norm0.", "norm1.", "norm2.", "norm3.")  # top-level output norms only
 
 
 def remap_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -181,6 +190,10 @@ def load_backbone_checkpoint(
         ValueError: the file is not a weights file, or (``strict=False``) none of its tensors fits.
         RuntimeError: ``strict`` and keys are missing or unexpected.
     """
+    from models.massformer.semask import SeMaskSwinBackbone  # here: weights is imported by light modules
+
+    if isinstance(getattr(model, "backbone", model), SeMaskSwinBackbone):
+        return load_swin_backbone_checkpoint(model, path, strict=strict)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -206,6 +219,62 @@ def load_backbone_checkpoint(
     result = backbone.load_state_dict(state_dict, strict=False)
     return _report_keys(f"loading backbone {path}", list(result.missing_keys),
                         list(result.unexpected_keys) + dropped, strict=strict)
+
+
+def load_swin_backbone_checkpoint(
+    model: nn.Module, path: str | Path, *, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Initialises a SeMask backbone's Swin parts from an ImageNet Swin of the Microsoft release.
+
+    The file is ``{"model": state_dict}`` with keys such as ``layers.0.blocks.0.attn.relative_position_bias_table``
+    (`SWIN_TINY_FILE` for ``semask_fpn_swint``; timm's own files use other names and are refused). The classifier,
+    the final norm and the derived buffers are dropped; the SeMask parts (semantic layers, output norms) keep
+    their initialisation and are not reported missing. `load_backbone_checkpoint` calls this for SeMask models.
+
+    Args:
+        model: a `models.massformer.model.MaSSFormer` with a `SeMaskSwinBackbone`, or the backbone itself.
+        path: the ``.pth`` (or a ``.safetensors`` with the same names).
+        strict: raise when a Swin parameter is missing from the file or the file has a tensor the backbone
+            lacks; when False, tensors that do not fit (name or shape) are dropped and reported.
+
+    Returns:
+        (missing Swin keys, unexpected or dropped file keys).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        InputError: shapes differ (strict), or no tensor fits (not strict).
+        StateError: ``strict`` and keys are missing or unexpected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ImageNet Swin checkpoint not found: {path}. Get {SWIN_TINY_FILE} of the Microsoft release "
+            "(github.com/microsoft/Swin-Transformer) yourself; nothing is downloaded."
+        )
+    backbone = getattr(model, "backbone", model)
+    state_dict = {
+        k: v for k, v in remap_keys(read_state_dict(path)).items()
+        if not k.startswith(_SWIN_DROPPED_PREFIXES) and not k.endswith(_SWIN_DROPPED_SUFFIXES)
+    }
+    expected = {k: v for k, v in backbone.state_dict().items()
+                if _SEMASK_OWN_PART not in k and not k.startswith(_SEMASK_OWN_PREFIXES)}
+    dropped: list[str] = []
+    if strict:
+        _check_shapes(backbone, state_dict, path)
+    else:
+        dropped = [k for k, v in state_dict.items() if k not in expected or v.shape != expected[k].shape]
+        state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+        if not state_dict:
+            raise InputError(
+                f"No tensor of {path} fits the SeMask Swin backbone ({len(dropped)} tensors, e.g. {dropped[:3]}): "
+                f"expected an ImageNet Swin of the Microsoft release ({SWIN_TINY_FILE})."
+            )
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if strict and (missing or unexpected):
+        return _report_keys(f"loading Swin backbone {path}", missing, unexpected, strict=True)
+    backbone.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    return _report_keys(f"loading Swin backbone {path}", missing, unexpected + dropped, strict=strict)
 
 
 CLASS_HEAD_KEYS = ("transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias")

@@ -10,7 +10,11 @@ docs/design.md §2:
   excluded from the mean (the released code's target is the constant 1, docs/design.md §2.6);
 - BCE point weights from ``models.training.loss_weights`` (``reweight`` = ``"none"`` / ``"edge"`` /
   ``"inverse"``), and importance sampling on ``-|logit| * (1 - W)`` (docs/design.md §2.5; plain ``-|logit|``
-  when ``reweight="none"``).
+  when ``reweight="none"``);
+- SeMask FPN only (docs/design.md §1.9), keys other models' outputs do not have: with ``query_classes`` the
+  segment of class k goes to the query of class k (no Hungarian matching) and the class loss, a constant of the
+  fixed class head, is left out; with ``aux_semantic``, once, softmax CE x0.4 of those logits against the class
+  map (unweighted by the point weights), mean over the labelled pixels.
 
 Ground-truth masks stay at full target resolution; the predicted masks (1/2 or 1/4) and the targets are
 read at the same normalized points, as in the reference.
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.errors import InputError
 from models.training.loss_weights import ReweightMode, bce_weight_map, edge_weight_map, parse_reweight_mode
 from models.training.matcher import HungarianMatcher
 from models.training.point_sample import (
@@ -35,7 +40,7 @@ from models.training.point_sample import (
 )
 from models.training.targets import EDGE_IGNORE
 
-LOSS_NAMES: tuple[str, ...] = ("labels", "masks", "edge")
+LOSS_NAMES: tuple[str, ...] = ("labels", "masks", "edge", "semantic")
 
 
 def classification_loss(pred_logits: Tensor, target_classes: Tensor, class_weights: Tensor,
@@ -137,6 +142,67 @@ def edge_loss(
     return total / count.clamp(min=1.0)
 
 
+def semantic_loss(
+    logits: Tensor, targets: Sequence[Mapping[str, Tensor]], *, num_pixels: float | None = None
+) -> Tensor:
+    """Softmax cross-entropy of per-pixel class logits against each target's class map, mean over the labelled
+    pixels of the batch (SeMask's semantic-prior loss; mmseg's CE with ``ignore_index``).
+
+    The class map is rebuilt from ``labels`` and ``masks``: pixels in no mask (ignore, padding) are left out.
+
+    Args:
+        logits: B x K x h x w; upsampled bilinearly (``align_corners=False``) to each target's size.
+        targets: B target dicts with ``labels`` (G) and ``masks`` (G x H x W).
+        num_pixels: The denominator when it is counted over more than these images (`LossNormalizers`: the
+            edge target's valid pixels, which are exactly the labelled ones); None: the labelled pixels of these.
+
+    Returns:
+        Scalar loss (0, with gradient, when no pixel is labelled).
+    """
+    if len(targets) != logits.shape[0]:
+        raise ValueError(f"Expected {logits.shape[0]} targets. Got {len(targets)} instead.")
+    total = logits.new_zeros((), dtype=torch.float32)
+    count = 0
+    for b, tgt in enumerate(targets):
+        masks = tgt["masks"].to(logits.device)  # G x H x W
+        labels = tgt["labels"].to(logits.device)  # G
+        class_map = torch.full(masks.shape[-2:], -100, dtype=torch.int64, device=logits.device)  # H x W
+        for g in range(masks.shape[0]):
+            class_map[masks[g] > 0.5] = labels[g]
+        up = F.interpolate(
+            logits[b : b + 1].float(), size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False
+        )  # 1 x K x H x W
+        total = total + F.cross_entropy(up, class_map[None], ignore_index=-100, reduction="sum")
+        count += int((class_map != -100).sum())
+    if num_pixels is not None:
+        return total / max(num_pixels, 1.0)
+    return total / max(count, 1)
+
+
+def class_assignment(
+    query_classes: Tensor, targets: Sequence[Mapping[str, Tensor]]
+) -> list[tuple[Tensor, Tensor]]:
+    """Assigns each target segment to the query of its class (fixed per-class heads, `query_classes`).
+
+    Args:
+        query_classes: Q int64, the class of each query.
+        targets: B dicts with ``labels`` (G, distinct class ids).
+
+    Returns:
+        B pairs ``(query_idx, target_idx)`` of int64 CPU tensors, sorted by query index, as the matcher's.
+    """
+    owner = {int(c): q for q, c in enumerate(query_classes.tolist())}
+    indices = []
+    for tgt in targets:
+        labels = [int(c) for c in tgt["labels"].tolist()]
+        if len(set(labels)) != len(labels) or any(c not in owner for c in labels):
+            raise InputError(f"Expected distinct target labels, each owned by a query. Got {labels} instead.")
+        pairs = sorted((owner[c], g) for g, c in enumerate(labels))
+        indices.append((torch.tensor([q for q, _ in pairs], dtype=torch.int64),
+                        torch.tensor([g for _, g in pairs], dtype=torch.int64)))
+    return indices
+
+
 class LossNormalizers(NamedTuple):
     """The denominators of the batch-mean losses. A batch split over processes (DDP) or micro-batches (gradient
     accumulation) counts them over the whole batch (`SetCriterion.count`, summed), so that the gradients summed
@@ -167,8 +233,9 @@ class SetCriterion(nn.Module):
         dice_weight: Weight of the dice loss (MaSSFormer's default: 5).
         edge_weight: Weight of the edge loss (MaSSFormer's default: 10), applied once.
         no_object_weight: CE class weight of the no-object class (MaSSFormer's default: 0.1).
-        losses: Subset of ``("labels", "masks", "edge")``. ``"edge"`` is skipped for outputs whose
-            ``pred_edge`` is None (the fpn baseline).
+        losses: Subset of ``("labels", "masks", "edge", "semantic")``. ``"edge"`` is skipped for outputs whose
+            ``pred_edge`` is None (the fpn baseline), ``"semantic"`` for outputs without ``aux_semantic`` (all
+            but SeMask FPN).
         num_points: Points per matched mask P (MaSSFormer's default: 12544; tests and the CPU demo use fewer).
         oversample_ratio: Candidates per point for importance sampling (MaSSFormer's default: 3).
         importance_sample_ratio: Fraction of points chosen by uncertainty (MaSSFormer's default: 0.75).
@@ -178,6 +245,7 @@ class SetCriterion(nn.Module):
             only).
         near_pseudo_radius: Chessboard radius of that band (2 px).
         weight_kernel_size: Average-pool window of W (MaSSFormer's default: 5).
+        semantic_weight: Weight of the semantic-prior loss on ``aux_semantic`` (SeMask's config: 0.4).
     """
 
     def __init__(
@@ -199,6 +267,7 @@ class SetCriterion(nn.Module):
         inverse_weight_near_pseudo: bool = True,
         near_pseudo_radius: int = 2,
         weight_kernel_size: int = 5,
+        semantic_weight: float = 0.4,
     ) -> None:
         super().__init__()
         unknown = [name for name in losses if name not in LOSS_NAMES]
@@ -224,6 +293,7 @@ class SetCriterion(nn.Module):
         self.inverse_weight_near_pseudo = inverse_weight_near_pseudo
         self.near_pseudo_radius = near_pseudo_radius
         self.weight_kernel_size = weight_kernel_size
+        self.semantic_weight = semantic_weight
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.empty_weight: Tensor
@@ -252,7 +322,8 @@ class SetCriterion(nn.Module):
         Returns:
             ``loss_ce``, ``loss_mask``, ``loss_dice`` for the last output, the same with suffix ``_i`` for
             ``aux_outputs[i]``, and ``loss_edge``; each already multiplied by its weight, so the total loss is
-            ``sum(losses.values())``.
+            ``sum(losses.values())``. Outputs with ``query_classes`` have no ``loss_ce``; outputs with
+            ``aux_semantic`` add ``loss_semantic``.
         """
         self._check(outputs, targets)
         device_type = outputs["pred_logits"].device.type
@@ -291,9 +362,13 @@ class SetCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
         layers: list[tuple[str, Mapping[str, Tensor]]] = [("", outputs)]
         layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
+        query_classes = outputs.get("query_classes")
         for suffix, layer in layers:
-            indices = self.matcher(layer, targets, generator=generator)
-            if "labels" in self.losses:
+            if query_classes is not None:  # fixed per-class queries: by class; their class logits are constant
+                indices = class_assignment(query_classes, targets)
+            else:
+                indices = self.matcher(layer, targets, generator=generator)
+            if "labels" in self.losses and query_classes is None:
                 losses["loss_ce" + suffix] = self.class_weight * self._loss_labels(layer, targets, indices,
                                                                                    weight_sum)
             if "masks" in self.losses:
@@ -304,6 +379,10 @@ class SetCriterion(nn.Module):
         if "edge" in self.losses and pred_edge is not None:
             losses["loss_edge"] = self.edge_weight * edge_loss(pred_edge, [t["edge"] for t in targets],
                                                                num_pixels=edge_pixels)
+        aux_semantic = outputs.get("aux_semantic")
+        if "semantic" in self.losses and aux_semantic is not None:
+            losses["loss_semantic"] = self.semantic_weight * semantic_loss(aux_semantic, targets,
+                                                                           num_pixels=edge_pixels)
         return losses
 
     def _check(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> None:

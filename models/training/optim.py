@@ -18,7 +18,8 @@ anti-pattern #8):
   GroupNorm, LocalResponseNorm, RMSNorm) and of ``nn.Embedding`` modules (Mask2Former's ``query_feat``,
   ``query_embed`` and ``level_embed`` are embeddings), plus, for implementations that hold them as bare
   ``nn.Parameter`` or other modules, whatever a module exposes under the attributes ``query_embed``,
-  ``query_feat`` and ``level_embed``;
+  ``query_feat`` and ``level_embed``, and Swin's relative position bias tables (attribute
+  ``relative_position_bias_table``, SeMask FPN; its config's ``decay_mult=0``);
 - everything else (conv/linear weights and biases) decays, as in the mmseg config where only the norms and
   the three embeddings have ``decay_mult=0``.
 
@@ -107,7 +108,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
     nn.RMSNorm,
 )
-NO_DECAY_ATTRIBUTES: tuple[str, ...] = ("query_embed", "query_feat", "level_embed")
+NO_DECAY_ATTRIBUTES: tuple[str, ...] = ("query_embed", "query_feat", "level_embed", "relative_position_bias_table")
 
 
 def no_decay_parameters(model: nn.Module) -> set[int]:
