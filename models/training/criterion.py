@@ -12,8 +12,9 @@ docs/design.md §2:
   ``"inverse"``), and importance sampling on ``-|logit| * (1 - W)`` (docs/design.md §2.5; plain ``-|logit|``
   when ``reweight="none"``);
 - SeMask FPN only (docs/design.md §1.9), keys other models' outputs do not have: with ``query_classes`` the
-  segment of class k goes to the query of class k (no Hungarian matching) and the class loss, a constant of the
-  fixed class head, is left out; with ``aux_semantic``, once, softmax CE x0.4 of those logits against the class
+  segment of class k goes to the query of class k (no Hungarian matching), the query of a class absent from the
+  image gets an empty target mask (`with_every_class`), and the class loss, a constant of the fixed class head,
+  is left out; with ``aux_semantic``, once, softmax CE x0.4 of those logits against the class
   map (unweighted by the point weights), mean over the labelled pixels.
 
 Ground-truth masks stay at full target resolution; the predicted masks (1/2 or 1/4) and the targets are
@@ -203,6 +204,29 @@ def class_assignment(
     return indices
 
 
+def with_every_class(target: Mapping[str, Tensor], query_classes: Tensor) -> dict[str, Tensor]:
+    """``target`` with an empty segment (all-zero mask, not pseudo) for every query class it lacks, so that the
+    fixed per-class queries of a class absent from the image are trained towards an empty mask (a per-class
+    sigmoid segmentation loss: what softmax CE over the classes does for a per-pixel model). Other keys are
+    unchanged; segments stay sorted by class."""
+    labels = target["labels"]
+    present = set(labels.tolist())
+    absent = [int(c) for c in query_classes.tolist() if int(c) not in present]
+    if not absent:
+        return dict(target)
+    masks = target["masks"]  # G x H x W
+    all_labels = torch.cat([labels, torch.tensor(absent, dtype=labels.dtype, device=labels.device)])
+    order = torch.argsort(all_labels)
+    empty = masks.new_zeros((len(absent), *masks.shape[-2:]))  # A x H x W
+    is_pseudo = target["is_pseudo"]
+    return {
+        **target,
+        "labels": all_labels[order],
+        "masks": torch.cat([masks, empty])[order],  # K x H x W
+        "is_pseudo": torch.cat([is_pseudo, is_pseudo.new_zeros(len(absent))])[order],
+    }
+
+
 class LossNormalizers(NamedTuple):
     """The denominators of the batch-mean losses. A batch split over processes (DDP) or micro-batches (gradient
     accumulation) counts them over the whole batch (`SetCriterion.count`, summed), so that the gradients summed
@@ -349,7 +373,6 @@ class SetCriterion(nn.Module):
         generator: PointRng,
         normalizers: LossNormalizers | None,
     ) -> dict[str, Tensor]:
-        prepared = [self._prepare_target(t) for t in targets] if "masks" in self.losses else []
         # Mask losses are normalized by the number of ground-truth masks in the batch (the reference averages it
         # over GPUs: `normalizers`), not by the number of matched ones.
         if normalizers is None:
@@ -358,11 +381,14 @@ class SetCriterion(nn.Module):
         else:
             num_masks, weight_sum, edge_pixels = max(normalizers.num_masks, 1.0), normalizers.class_weight, \
                 normalizers.edge_pixels
+        query_classes = outputs.get("query_classes")
+        if query_classes is not None:  # fixed per-class queries: absent classes learn an empty mask
+            targets = [with_every_class(t, query_classes) for t in targets]
+        prepared = [self._prepare_target(t) for t in targets] if "masks" in self.losses else []
 
         losses: dict[str, Tensor] = {}
         layers: list[tuple[str, Mapping[str, Tensor]]] = [("", outputs)]
         layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
-        query_classes = outputs.get("query_classes")
         for suffix, layer in layers:
             if query_classes is not None:  # fixed per-class queries: by class; their class logits are constant
                 indices = class_assignment(query_classes, targets)

@@ -26,7 +26,7 @@ from models.massformer.semask import (
     shifted_window_mask,
 )
 from models.massformer.weights import load_backbone_checkpoint
-from models.training.criterion import SetCriterion, build_criterion, class_assignment
+from models.training.criterion import SetCriterion, build_criterion, class_assignment, with_every_class
 from models.training.matcher import HungarianMatcher
 from models.training.targets import build_targets
 
@@ -323,3 +323,26 @@ def test_train_task_trains_and_reloads(tmp_path: Path) -> None:
     final = train(config, progress=False)
     assert read_model_config(final)["variant"] == VARIANT
     assert load_trained_model(final).predict(_images(1, 48, 64)).shape == (1, 48, 64)
+
+
+def test_the_query_of_an_absent_class_learns_an_empty_mask() -> None:
+    # One image holding classes 0 and 2 only: with fixed per-class queries, query 1 (absent class) still gets a
+    # mask loss, towards an empty mask (BCE and dice push its logits down); the real segments keep theirs.
+    labels = torch.zeros(16, 16, dtype=torch.long)
+    labels[:, 8:] = 2
+    target = {"labels": torch.tensor([0, 2]), "masks": torch.stack([(labels == 0).float(), (labels == 2).float()]),
+              "is_pseudo": torch.tensor([False, True])}
+    full = with_every_class(target, torch.arange(3))
+    assert full["labels"].tolist() == [0, 1, 2] and full["is_pseudo"].tolist() == [False, False, True]
+    assert torch.equal(full["masks"][0], target["masks"][0]) and not full["masks"][1].any()
+    assert torch.equal(full["masks"][2], target["masks"][1])
+    pred = torch.zeros(1, 3, 16, 16, requires_grad=True)  # 0 logits: every class at probability 0.5
+    outputs = {"pred_logits": torch.zeros(1, 3, 4), "pred_masks": pred, "query_classes": torch.arange(3)}
+    criterion = SetCriterion(num_classes=3, matcher=HungarianMatcher(num_points=64), num_points=64,
+                             losses=("labels", "masks"))
+    targets = [{**target, "pseudo_region": labels == 2, "reviewed": torch.zeros(16, 16, dtype=torch.bool)}]
+    losses = criterion(outputs, targets, generator=torch.Generator().manual_seed(0))
+    assert "loss_ce" not in losses
+    sum(losses.values()).backward()
+    assert pred.grad is not None
+    assert (pred.grad[0, 1] >= 0).all() and pred.grad[0, 1].sum() > 0  # descent lowers the absent class
