@@ -23,13 +23,15 @@ from torch import Tensor, nn
 from models.massformer.pixel_decoder import PixelDecoderOutput
 
 
-def _conv_norm(
+def conv_norm(
     in_channels: int,
     out_channels: int,
     kernel_size: int,
     norm_layer: Callable[[int], nn.Module],
     relu: bool,
 ) -> nn.Sequential:
+    """detectron2's Conv2d(bias=False, norm) [+ ReLU] with c2_xavier_fill (MaskFormer's and Mask2Former's
+    decoder block)."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
     nn.init.kaiming_uniform_(conv.weight, a=1)  # c2_xavier_fill, as in detectron2
     layers: list[nn.Module] = [conv, norm_layer(out_channels)]
@@ -68,9 +70,9 @@ class FPNPixelDecoder(nn.Module):
         self.memory_source = memory_source
         norm = partial(nn.GroupNorm, num_groups)
         # Index 0 = C2 (s4) ... 3 = C5 (s32); C5 has no lateral conv (MaskFormer).
-        self.lateral = nn.ModuleList(_conv_norm(c, channels, 1, norm, relu=False) for c in in_channels[:-1])
+        self.lateral = nn.ModuleList(conv_norm(c, channels, 1, norm, relu=False) for c in in_channels[:-1])
         self.output = nn.ModuleList(
-            _conv_norm(in_channels[-1] if i == 3 else channels, channels, 3, norm, relu=True)
+            conv_norm(in_channels[-1] if i == 3 else channels, channels, 3, norm, relu=True)
             for i in range(4)
         )
         self.mask_features = nn.Conv2d(channels, out_channels, 3, padding=1)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.massformer.fpn_decoder import conv_norm
 from models.massformer.pixel_decoder import PixelDecoderOutput
 from models.massformer.position_encoding import sine_position_encoding
 
@@ -178,13 +180,8 @@ def encoder_reference_points(
 
 
 def _conv_gn(in_channels: int, out_channels: int, kernel_size: int, *, relu: bool) -> nn.Sequential:
-    """detectron2's Conv2d(bias=False, norm=GN(32)) [+ ReLU] with c2_xavier_fill."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-    nn.init.kaiming_uniform_(conv.weight, a=1)  # c2_xavier_fill
-    layers: list[nn.Module] = [conv, nn.GroupNorm(32, out_channels)]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    """detectron2's Conv2d(bias=False, norm=GN(32)) [+ ReLU] with c2_xavier_fill (the FPN decoder's block)."""
+    return conv_norm(in_channels, out_channels, kernel_size, partial(nn.GroupNorm, 32), relu=relu)
 
 
 class MSDeformAttnPixelDecoder(nn.Module):

@@ -20,7 +20,8 @@ def test_rows_ratios_and_paper_columns(monkeypatch: pytest.MonkeyPatch, capsys: 
     tiny = {"massformer": ("tiny", "hr"), "fpn_ablation": ("tiny", "fpn"),
             "mask2former": ("mask2former_tiny", None), "maskformer": ("maskformer_tiny", None)}
     monkeypatch.setattr(bench_model, "ROWS", tiny)
-    result = bench_model.main(["--macs-size", "512", "512", "--size", "64", "64", "--repeats", "1", "--threads", "1"])
+    # no --threads: it would set torch's thread count for the rest of the test session
+    result = bench_model.main(["--macs-size", "512", "512", "--size", "64", "64", "--repeats", "1"])
     assert set(result["rows"]) == set(tiny)
     m2f = result["rows"]["mask2former"]
     assert m2f["variant"] == "mask2former_tiny" and m2f["pixel_decoder"] == "msdeform"

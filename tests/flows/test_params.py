@@ -69,7 +69,8 @@ def test_labeler_config_takes_the_training_device_and_seed() -> None:
 
 @pytest.mark.parametrize(("value", "message"), [
     ({"iter": 600}, r"^training\.iter: Extra inputs are not permitted\. Got 600 instead\.$"),
-    ({"variant": "r101"}, r"^training\.variant: Input should be 'tiny', 'lite_r18' or 'r50'\. Got 'r101'"),
+    ({"variant": "r101"}, r"^training\.variant: Input should be 'tiny', 'lite_r18', 'r50', 'mask2former_r50', .* or 'semask_fpn_tiny'\. "
+                         r"Got 'r101'"),
     ({"scale_range": [1.0]}, r"^training\.scale_range\.1: Field required"),
     ({"iters": "x", "seed": "y"}, r"^training\.iters: .* \(1 more\)\.$"),
 ])
