@@ -18,9 +18,13 @@ PIP=(pip_quiet install --disable-pip-version-check -q)
 # this machine's pip config lists local package folders; hide pip's warnings about the ones it skips
 pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 export PIP_NO_WARN_SCRIPT_LOCATION=1
-export SAM2_BUILD_CUDA=0  # sam2 builds from source; its optional CUDA extension is not needed
+export SAM2_BUILD_CUDA=0  # sam2 builds from source (step 1b); its optional CUDA extension is not needed
 # 1. torch first: an unpinned torch pulls a multi-GB CUDA build from PyPI.
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
+# 1b. sam2 is an sdist that asks for torch at build time: build it against the torch above (an isolated build
+#     would pull the newest torch), without its optional CUDA extension (SAM2_BUILD_CUDA=0 above).
+"${PIP[@]}" "setuptools>=70"
+"${PIP[@]}" --no-build-isolation "sam2==1.1.0"
 # 2. groundingdino-py pins supervision==0.6.0 and drags in its own deps: install it without deps,
 #    plus its real dependencies (docs/design.md §8).
 "${PIP[@]}" --no-deps "groundingdino-py==0.4.0"
