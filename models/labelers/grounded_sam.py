@@ -462,9 +462,11 @@ class GroundedSamLabeler:
             raise InputError("GroundedSamLabeler reads no reference mask. Got one instead.")
         return self.label_prompts(image_rgb, [prompt], image_sha256=image_sha256)[prompt]
 
-    def _class_detections(self, image_rgb: np.ndarray, prompts: Sequence[str]) -> list[dict[str, Any]]:
-        """Per prompt, its phrases' detections merged (best first, class-agnostic NMS across phrases, top-k),
-        minus the boxes a negative phrase's box overlaps by IoU >= ``negative_iou``."""
+    def _class_detections(
+        self, image_rgb: np.ndarray, prompts: Sequence[str]
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """The joint caption and, per prompt, its phrases' detections merged (best first, class-agnostic NMS
+        across phrases, top-k), minus the boxes a negative phrase's box overlaps by IoU >= ``negative_iou``."""
         phrase_lists = [split_phrases(p) for p in prompts]
         flat = [ph for phrases in phrase_lists for ph in phrases]
         negatives = list(self.negative_phrases)
@@ -491,7 +493,7 @@ class GroundedSamLabeler:
                 det = {"boxes": det["boxes"][keep], "scores": det["scores"][keep],
                        "phrases": [ph for ph, k in zip(det["phrases"], keep.tolist(), strict=True) if k]}
             results.append(det)
-        return results
+        return build_caption(flat + negatives)[0], results
 
     def label_prompts(
         self, image_rgb: np.ndarray, prompts: Sequence[str], *, image_sha256: str | None = None
@@ -512,8 +514,7 @@ class GroundedSamLabeler:
                 f"Prompts must be a non-empty list without duplicates. Got {list(prompts)} instead."
             )
         height, width = image_rgb.shape[:2]
-        caption, _ = build_caption([ph for p in prompts for ph in split_phrases(p)] + list(self.negative_phrases))
-        detections = self._class_detections(image_rgb, prompts)
+        caption, detections = self._class_detections(image_rgb, prompts)
         counts = [len(d["phrases"]) for d in detections]
         records: dict[str, LabelRecord] = {}
         if sum(counts) == 0:

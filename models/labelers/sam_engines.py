@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -153,7 +154,7 @@ def build_sam_model(name: str, *, checkpoint: Path | None, seed: int = 0) -> nn.
 # ---------------------------------------------------------------------------------------------------- engines
 
 
-class SamEngine:
+class SamEngine(ABC):
     """Encode an image, decode boxes: what the labeler needs from a mask model (see the module docstring).
 
     Attributes:
@@ -175,12 +176,12 @@ class SamEngine:
         self.mask_threshold = 0.0
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) the image takes inside the ``img_size`` square network input."""
+        """(h, w) the image takes inside the ``img_size`` square network input (segment-anything's resize)."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
         if not self.keeps_aspect:
             return self.img_size, self.img_size
-        h, w = original_size
-        scale = self.img_size / max(h, w)
-        return int(h * scale + 0.5), int(w * scale + 0.5)
+        return ResizeLongestSide.get_preprocess_shape(*original_size, self.img_size)
 
     def boxes_to_input(self, boxes_xyxy: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         """N x 4 pixel boxes at the original size -> the network input's frame."""
@@ -189,10 +190,11 @@ class SamEngine:
         scale = torch.tensor([iw / w, ih / h, iw / w, ih / h], dtype=torch.float32)
         return boxes_xyxy.float() * scale
 
+    @abstractmethod
     def encode(self, image_rgb: np.ndarray) -> dict[str, torch.Tensor]:
         """H x W x 3 uint8 RGB -> the features (``parts``), on the engine's device."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(
         self, features: dict[str, torch.Tensor], boxes_xyxy: torch.Tensor, original_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +203,6 @@ class SamEngine:
         Returns:
             (low-res logits N x 1 x 256 x 256, predicted IoU N), on the engine's device.
         """
-        raise NotImplementedError
 
 
 class Sam1Engine(SamEngine):

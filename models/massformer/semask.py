@@ -168,10 +168,7 @@ class SwinBlock(nn.Module):
         Returns: B x hw x C."""
         b, _, c = x.shape
         ws = self.window
-        y = self.norm1(x).view(b, h, w, c)  # B x h x w x C
-        pad_b, pad_r = -h % ws, -w % ws
-        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # B x Hp x Wp x C
-        hp, wp = h + pad_b, w + pad_r
+        y, hp, wp = _pad_to_windows(self.norm1(x).view(b, h, w, c), ws)  # B x Hp x Wp x C
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
         y = self.attn(window_partition(y, ws), mask if self.shift else None)  # (B * nW) x ws² x C
@@ -181,6 +178,13 @@ class SwinBlock(nn.Module):
         y = y[:, :h, :w].reshape(b, h * w, c)  # B x hw x C
         x = x + drop_path(y, self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def _pad_to_windows(y: Tensor, window: int) -> tuple[Tensor, int, int]:
+    """B x h x w x C zero-padded bottom/right to multiples of ``window``: (B x Hp x Wp x C, Hp, Wp)."""
+    h, w = y.shape[1:3]
+    pad_b, pad_r = -h % window, -w % window
+    return F.pad(y, (0, 0, 0, pad_r, 0, pad_b)), h + pad_b, w + pad_r
 
 
 class SemanticAttention(nn.Module):
@@ -223,10 +227,7 @@ class SemanticLayer(nn.Module):
         Returns: (semantic maps B x K x h x w logits, features B x hw x C)."""
         b, _, c = x.shape
         ws = self.window
-        y = self.norm1(x).view(b, h, w, c)  # B x h x w x C
-        pad_b, pad_r = -h % ws, -w % ws
-        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # B x Hp x Wp x C
-        hp, wp = h + pad_b, w + pad_r
+        y, hp, wp = _pad_to_windows(self.norm1(x).view(b, h, w, c), ws)  # B x Hp x Wp x C
         sem, y = self.attn(window_partition(y, ws))  # (B * nW) x ws² x K, (B * nW) x ws² x C
         y = window_reverse(y, ws, hp, wp)[:, :h, :w].reshape(b, h * w, c)  # B x hw x C
         sem = window_reverse(sem, ws, hp, wp)[:, :h, :w].permute(0, 3, 1, 2)  # B x K x h x w
