@@ -3,8 +3,7 @@
 Each setting trains the tiny MaSSFormer from random weights on the demo's data (40 synthetic 256 x 384 scenes,
 simulated Grounded-SAM car labels merged with carve-others: label version v2) and scores car IoU / BIoU
 (class vs rest, against the exact masks) and the 7-class mIoU at inference scales 1 and 2 (`--test-scales`).
-Settings are chosen on **val**; test is reported alongside. `SETTINGS` lists the ones in README "Training
-recipes"; ``--only`` runs a subset, ``--set KEY=VALUE`` adds an ad-hoc one. Prints one JSON line per run and
+Settings are chosen on **val**; test is reported alongside. `SETTINGS` lists the ones in docs/recipes.md; ``--only`` runs a subset, ``--set KEY=VALUE`` adds an ad-hoc one. Prints one JSON line per run and
 writes them to ``--out``/results.jsonl. One run of 600 steps takes ~3.5 min on 2 idle cores.
 
 Example::

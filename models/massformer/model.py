@@ -21,12 +21,12 @@ what makes pixel-exact boundaries possible at all.
 A model can also average several inference scales (``test_ratios``, ratios of ``test_scale``, mmseg's
 ``img_ratios``): its per-pixel class probabilities, normalised at each scale, are averaged before the argmax.
 The demo's tiny model predicts at scales 2 and 3: the finer scale places edges better, the coarser one keeps the
-context that large regions need (README "Training recipes").
+context that large regions need (docs/recipes.md).
 
 A model trained on crops predicts, by default, in tiles of the size it was trained on (``test_window``, in the
 network's pixels, mmseg's ``mode='slide'``): its global-context branches (pooled features, CST windows) then
 see what they saw in training. Whole-image inference on inputs much larger than the training crops can collapse
-whole classes (measured on the demo's data: README "Training recipes").
+whole classes (measured on the demo's data: docs/recipes.md).
 """
 
 from __future__ import annotations

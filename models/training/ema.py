@@ -5,7 +5,7 @@ statistics included) of the average moves towards the trained model's: ``ema = d
 with ``d = min(decay, (1 + step) / (10 + step))``, so the first steps, whose weights are still random, are
 forgotten quickly. Integer buffers (BatchNorm's batch counters) are copied. Short, high-learning-rate runs (the
 scratch recipe) end on weights that jump from step to step; their average is smoother and scores steadier
-(README "Training recipes").
+(docs/recipes.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ without warm-up; gradient clipping by global L2 norm at 0.01 (done by the traine
 
 The **scratch recipe** is for randomly initialised models, which the paper recipe barely moves (its backbone
 learns at a tenth of the rate and its clip holds every step to a norm of 0.01): see `SCRATCH_RECIPE` for the
-values and README "Training recipes" for the measurements that chose them. `Recipe` holds one recipe's
+values and docs/recipes.md for the measurements that chose them. `Recipe` holds one recipe's
 optimisation settings; `RECIPES` is the table of the named ones.
 
 Groups are built from module types and object identity, not from parameter-name strings (style
@@ -78,10 +78,10 @@ class Recipe:
 
 PAPER_RECIPE = Recipe(name="paper", lr=DEFAULT_LR, backbone_lr_mult=DEFAULT_BACKBONE_LR_MULT, warmup_frac=0.0,
                       max_warmup_iters=0, grad_clip=GRAD_CLIP_MAX_NORM)
-# Chosen on the validation split of synthetic scenes (README "Training recipes"): from 300 steps of the paper
+# Chosen on the validation split of synthetic scenes (docs/recipes.md): from 300 steps of the paper
 # recipe (car IoU ~50 %) to ~87 % in 600 steps; lr 2e-3 beat 1e-3, the backbone at the full rate beat x0.1.
 # A weight average (``ema_decay`` 0.99) was measured on it and made no difference beyond the spread between
-# seeds (README "Training recipes"): it is an option, not part of the recipe.
+# seeds (docs/recipes.md): it is an option, not part of the recipe.
 SCRATCH_RECIPE = Recipe(name="scratch", lr=2e-3, backbone_lr_mult=1.0, warmup_frac=0.1, max_warmup_iters=1500,
                         grad_clip=1.0)
 RECIPES: dict[str, Recipe] = {r.name: r for r in (PAPER_RECIPE, SCRATCH_RECIPE)}

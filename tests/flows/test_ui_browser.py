@@ -5,7 +5,7 @@ task's page and the run's Task Runs tab list the tasks, the progress artifact re
 table shows percentages.
 
 ``ADDCLASS_UI_SCREENSHOTS=DIR`` also saves the run page and the report artifact there (docs/ holds the ones
-the README shows).
+docs/pipeline.md shows).
 """
 
 from __future__ import annotations

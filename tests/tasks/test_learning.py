@@ -3,7 +3,7 @@
 A fixed synthetic store (`tasks.synthetic_scenes`, small scenes) gets simulated Grounded-SAM pseudo labels of
 car on train and val, merged with carve-others, exactly as the demo does. The tiny MaSSFormer trains from
 scratch with the default (scratch) recipe for `ITERS` steps and must reach `CAR_IOU_FLOOR` car IoU on val
-against the exact masks. Measured on the 2-core machines (README "Training recipes"): the scratch recipe reaches
+against the exact masks. Measured on the 2-core machines (docs/recipes.md): the scratch recipe reaches
 52.5 % in 200 steps on one, 46.5 % in 200 and in 120 steps (48.5 % in 150) on another, whose steps are 2.3x
 slower (46.3 % in 120 with a weight average, `ema_decay` 0.99); the paper recipe (meant for pretrained backbones)
 0.05 % in 200. At 120 steps from random weights the score depends on the CPU's rounding: the same code and
