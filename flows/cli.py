@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -469,31 +470,63 @@ def main(argv: Sequence[str] | None = None) -> int:
 IN_PROCESS_FLOWS = ("demo", "add-class", "retrain")  # they start Prefect's temporary server in-process
 
 
-def passive_threads(*, load: float | None = None, cpus: int | None = None) -> bool:
-    """On a busy machine, makes torch's OpenMP threads sleep, not spin, while they wait for work; returns
-    whether it did. Must run before torch is imported.
+def busy_cores(window: float = 0.25, *, stat: str = "/proc/stat") -> float | None:
+    """Cores that other processes keep busy, measured now: the share of non-idle CPU time in the kernel's
+    counters (``/proc/stat``) over ``window`` seconds, times the number of cores, while this process sleeps.
+
+    Unlike the load average (a 1-minute mean), it does not remember a job that just ended: right after
+    ``scripts/setup.sh`` the load average still says "busy" for a minute. None where there is no
+    ``/proc/stat`` (not Linux).
+    """
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open(stat) as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total
+
+
+def passive_threads(*, busy: float | None = None, cpus: int | None = None) -> str:
+    """On a busy machine, makes torch's OpenMP threads sleep, not spin, while they wait for work; returns the
+    decision as a line for the log. Must run before torch is imported.
 
     Spinning threads take whole cores from every other job: with two busy processes on 2 cores a tiny training
     step took 9.3 s instead of 0.81 s idle, 2.1 s with passive waiting, which costs 25 % on an idle machine
-    (1.02 s; README "What addclass refuses, and what it guarantees"). So the policy is passive when the 1-minute
-    load average (``load``, default `os.getloadavg`) is at least half the cores (``cpus``) as the command
-    starts, and left to OpenMP otherwise; a user who set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` decides.
+    (1.02 s; docs/reliability.md). So the policy is passive when other processes keep at least half the cores
+    busy right now (``busy``, default `busy_cores`; the 1-minute load average where that cannot be measured)
+    and left to OpenMP otherwise; a user who set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` decides.
     """
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        return False
-    load = os.getloadavg()[0] if load is None else load
+        return "threads: OpenMP wait policy as set in the environment"
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    if load < cpus / 2:
-        return False
+    measure = "busy now"
+    if busy is None:
+        busy = busy_cores()
+    if busy is None:
+        busy, measure = os.getloadavg()[0], "1-minute load average"
+    if busy < cpus / 2:
+        return f"threads: active waiting (other processes: {busy:.1f} of {cpus} cores {measure})"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return True
+    return f"threads: passive waiting, a shared machine (other processes: {busy:.1f} of {cpus} cores {measure})"
 
 
 def console_main() -> int:
     """The `addclass` console script: `main`, with in-process flow commands supervised (`flows.supervise`) so
     that the temporary Prefect server they start ends with them, however they end; on a busy machine torch
     threads wait passively (`passive_threads`)."""
-    passive_threads()
+    os.environ["ADDCLASS_THREADS"] = passive_threads()  # the training log and the demo print it
     argv = sys.argv[1:]
     args = build_parser().parse_args(argv)  # --help and usage errors stay in the user's process
     if args.command in IN_PROCESS_FLOWS and not getattr(args, "deployment", False):

@@ -347,21 +347,42 @@ def test_every_sub_command_has_a_handler() -> None:
 
 
 def test_torch_threads_wait_passively_on_a_busy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Passive OpenMP waiting when the load is at least half the cores, OpenMP's default on an idle machine,
-    and the user's own choice always."""
+    """Passive OpenMP waiting when other processes keep at least half the cores busy, OpenMP's default on an
+    idle machine, and the user's own choice always; the decision is a line that says which and why."""
     import os
 
     from flows.cli import passive_threads
 
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
-    assert not passive_threads(load=0.9, cpus=2) and "OMP_WAIT_POLICY" not in os.environ
-    assert passive_threads(load=1.0, cpus=2) and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    line = passive_threads(busy=0.9, cpus=2)
+    assert line.startswith("threads: active") and "0.9 of 2 cores" in line and "OMP_WAIT_POLICY" not in os.environ
+    assert passive_threads(busy=1.0, cpus=2).startswith("threads: passive")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert not passive_threads(load=9.0, cpus=2) and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "as set in the environment" in passive_threads(busy=9.0, cpus=2)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     monkeypatch.delenv("OMP_WAIT_POLICY")
     monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
-    assert not passive_threads(load=9.0, cpus=2) and "OMP_WAIT_POLICY" not in os.environ
+    assert "as set in the environment" in passive_threads(busy=9.0, cpus=2) and "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_busy_cores_sees_a_process_that_spins_now() -> None:
+    """`busy_cores` measures the cores other processes use now (not a 1-minute average): a process spinning
+    beside it counts as most of a core."""
+    import os
+    import subprocess
+    import sys
+
+    from flows.cli import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = busy_cores(window=1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and 0.6 <= busy <= (os.cpu_count() or 1) + 0.01
 
 
 def test_the_console_script_sets_the_policy_before_torch_loads() -> None:
@@ -371,10 +392,10 @@ def test_the_console_script_sets_the_policy_before_torch_loads() -> None:
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = ("import os, sys; from flows import cli; os.getloadavg = lambda: (64.0, 64.0, 64.0); "
+    code = ("import os, sys; from flows import cli; cli.busy_cores = lambda: 64.0; "
             "sys.argv = ['addclass', 'model-info', 'tiny', '--num-classes', '7', '--json']; "
             "assert 'torch' not in sys.modules; rc = cli.console_main(); "
-            "print(os.environ.get('OMP_WAIT_POLICY'), rc)")
+            "print(os.environ.get('ADDCLASS_THREADS').split()[1], os.environ.get('OMP_WAIT_POLICY'), rc)")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
                          capture_output=True, text=True, timeout=300, check=True).stdout.split()
-    assert out[-2:] == ["PASSIVE", "0"]
+    assert out[-3:] == ["passive", "PASSIVE", "0"]
