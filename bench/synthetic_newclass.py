@@ -26,7 +26,7 @@ fixed), and is scored on val and test: car IoU / BIoU / BF1 class vs rest agains
 
 Outputs in ``--out`` (default ``runs/synthetic_newclass``): ``results.md``, ``results.json`` (every run's
 numbers, the settings, wall times, the machine), ``store/`` and ``runs/<row>-s<seed>/``. Measured on the
-2-core machine: see README "New-class experiment (synthetic)"; ``--quick`` is a ~2-minute smoke run.
+2-core machine: see docs/experiments.md "New-class experiment (synthetic)"; ``--quick`` is a ~2-minute smoke run.
 
 Example::
 
@@ -115,7 +115,8 @@ def train_row(args: argparse.Namespace, row: common.Row, info: dict[str, Any], o
         iters=args.iters, batch_size=args.batch_size, crop_size=(args.crop, args.crop), scale_range=tuple(args.scale),
         reweight=row.reweight, inverse_weight_near_pseudo=row.inverse_weight_near_pseudo, num_points=args.points,
         checkpoint_every=args.iters, keep_checkpoints=1, seed=seed, device="cpu", num_workers=0, val_every=0,
-        test_scale=args.test_scale, test_ratios=tuple(args.test_ratios),
+        test_scale=args.test_scale, test_ratios=tuple(args.test_ratios), init_model=args.init_model,
+        recipe=args.recipe, lr=args.lr,
     )
     t0 = time.perf_counter()
     final = train(config, progress=False)
@@ -186,6 +187,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--points", type=int, default=2048)
     ap.add_argument("--variant", choices=sorted(MODEL_BUILDERS), default="tiny",
                     help="model variant every row trains (e.g. mask2former_tiny, maskformer_tiny)")
+    ap.add_argument("--init-model", default=None, metavar="MODEL",
+                    help="fine-tune this 7-class model folder (e.g. models/pretrained/demo_tiny_7class, the demo's "
+                         "base) instead of training from scratch, as a user adding a class would")
+    ap.add_argument("--recipe", choices=("auto", "paper", "scratch"), default="auto",
+                    help="optimiser recipe (auto: scratch from random weights, paper from --init-model)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 images, 1 seed, 20 iters")
     args = ap.parse_args(argv)
@@ -209,7 +216,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     info = prepare_store(args, out)
     settings = {k: getattr(args, k) for k in ("images", "size", "data_seed", "iters", "batch_size", "crop", "scale",
                                               "test_scale", "test_ratios", "points", "threads", "seeds", "rows",
-                                              "quick", "variant")}
+                                              "quick", "variant", "init_model", "recipe", "lr")}
     results: dict[str, Any] = {
         "experiment": "synthetic_newclass", "class": CLASS, "settings": settings, "store": info, "rows": [],
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -232,7 +239,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     s = results["settings"]
-    note = (f"\nMean ± sd over training seeds {s['seeds']}; {s.get('variant', 'tiny')} from scratch (scratch recipe), "
+    start = (f"fine-tuned from {s['init_model']}" if s.get("init_model") else "from scratch")
+    note = (f"\nMean ± sd over training seeds {s['seeds']}; {s.get('variant', 'tiny')} {start} "
+            f"(recipe {s.get('recipe', 'auto')}, lr {s.get('lr') or 'the recipe default'}), "
             f"{s['iters']} iters, batch {s['batch_size']}, crop {s['crop']}, scale {s['scale'][0]}-{s['scale'][1]}, "
             f"test scale {s['test_scale']} x ratios {s.get('test_ratios', [1.0])}, "
             f"{s['points']} points; {s['images']} scenes of {s['size'][0]}x{s['size'][1]} "

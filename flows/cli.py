@@ -419,11 +419,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from flows.demo import run_demo
     from tasks.demo import DemoConfig
 
-    result = run_demo(DemoConfig(out=a.out, images=a.images, size=(a.size[0], a.size[1]), iters=a.iters,
+    base = None if a.base_model in (None, "none") else a.base_model
+    result = run_demo(DemoConfig(out=a.out, images=a.images, size=(a.size[0], a.size[1]), base_model=base,
+                                 iters=a.iters, lr=a.lr,
                                  crop=a.crop, points=a.points, test_scale=a.test_scale,
                                  test_ratios=tuple(a.test_ratios), val_every=a.val_every,
                                  seed=a.seed, progress=not a.quiet))
-    print(f"\ndemo finished in {result['seconds']:.0f} s")
+    print(f"\ndemo finished in {result['seconds']:.0f} s ({os.environ.get('ADDCLASS_THREADS', 'threads: default')})")
     print(f"label store: {result['store']}  (addclass inspect {result['store']})")
     print(f"model:       {result['checkpoint']}")
     print(f"report:      {result['report']['report.md']}\n")

@@ -68,6 +68,7 @@ DESCRIPTION = "Teach a segmentation model a new class from a text prompt: pseudo
 def add_recipe_args(p: argparse._ActionsContainer) -> None:
     p.add_argument("--recipe", choices=RECIPE_CHOICES, default="auto",
                    help="auto: 'scratch' for a random start, 'paper' from ImageNet weights or --init-model")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
     p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
                    help="random resize ratio of the training images")
     p.add_argument("--test-scale", type=float, default=1.0,
@@ -264,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=None, help=_sized_help("batch_size"))
     tr.add_argument("--crop-size", type=int, default=None, help=_sized_help("crop_size"))
     add_recipe_args(tr)
-    tr.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
     tr.add_argument("--ema-decay", type=float, default=None,
                     help="decay of the weight average the run keeps, 0 for none (default: the recipe's)")
     tr.add_argument("--val-every", type=int, default=None,
@@ -397,14 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flow_run_args(rt, "retrain/retrain")
     add_flow_training_args(rt)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, no downloads (~6-8 min on 2 cores)")
+    demo = sub.add_parser("demo", help="add car to the shipped 7-class tiny model on synthetic data, no downloads "
+                                       "(~4 min on 2 cores)")
     from tasks.demo import DemoConfig
 
     d = DemoConfig()
     demo.add_argument("--out", default=d.out)
     demo.add_argument("--images", type=int, default=d.images)
     demo.add_argument("--size", type=int, nargs=2, default=d.size, metavar=("H", "W"))
-    demo.add_argument("--iters", type=int, default=d.iters)
+    demo.add_argument("--base-model", default=d.base_model, metavar="MODEL",
+                      help="the 7-class model car is added to ('none': train every class from scratch)")
+    demo.add_argument("--iters", type=int, default=d.iters, help="fine-tuning steps (from scratch: ~600)")
+    demo.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: the recipe's)")
     demo.add_argument("--crop", type=int, default=d.crop)
     demo.add_argument("--points", type=int, default=d.points,
                       help="sampled points per mask (MaSSFormer's default: 12544)")

@@ -17,7 +17,8 @@ from tasks.pseudo_label import LabelerConfig
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Ingest, add "car", compare; returns the add-class result plus ``comparison`` and ``seconds``."""
+    """Ingest, add "car" to the base model (`DemoConfig.base_model`), compare; returns the add-class result plus
+    ``comparison`` and ``seconds``."""
     t0 = time.time()
     out = Path(config.out)
     store = out / "store.zarr"
@@ -30,14 +31,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     training = TrainingParams(variant="tiny", iters=config.iters, batch_size=2, crop_size=config.crop,
                               num_points=config.points, num_workers=0, seed=config.seed,
                               scale_range=config.scale_range, test_scale=config.test_scale,
-                              test_ratios=config.test_ratios,
+                              test_ratios=config.test_ratios, lr=config.lr,
                               val_every=config.val_every)
     result = add_class(prompt="car", store=str(store), labeling=LabelingParams(kind="simulated"),
-                       training=training, eval_splits=["val", "test"])
+                       training=training, init_model=config.base_model, eval_splits=["val", "test"])
     evaluation = ModelEvaluation.from_dict(json.loads(Path(result["report"]["metrics.json"]).read_text())["model"])
     model_test = evaluation.split("test").new_classes["car"]
     labeler = LabelerConfig(kind="simulated", seed=config.seed)
     pseudo_test = pseudo_label_scores(store, class_name="car", split="test", labeler=labeler)
-    lines = comparison_lines(model=model_test, pseudo=pseudo_test, split="test", class_name="car")
+    model_name = "model (7-class base + car, fine-tuned)" if config.base_model else "model (tiny, trained from scratch)"
+    lines = comparison_lines(model=model_test, pseudo=pseudo_test, split="test", class_name="car",
+                             model_name=model_name)
     return {**result, "store": str(store), "comparison": {"model": model_test, "pseudo": pseudo_test,
                                                           "lines": lines}, "seconds": time.time() - t0}

@@ -114,6 +114,8 @@ class TrainingParams(BaseModel):
     """Data-loader processes (0: load in the training process)."""
     recipe: RecipeChoice = "auto"
     """Optimiser recipe; 'auto': 'scratch' for a random start, 'paper' from init_model."""
+    lr: float | None = None
+    """Base learning rate (null: the recipe's)."""
     scale_range: tuple[float, float] = (0.5, 2.0)
     """Random resize ratio of the training images (low, high)."""
     test_scale: float = 1.0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from common.errors import InputError
+from models.pretrained import DEMO_BASE
 
 if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults without loading torch
     from tasks.evaluation_results import ClassResult
@@ -22,29 +23,34 @@ if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults wi
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's settings (``addclass demo``): data, training length and sizes.
+    """The demo's settings (``addclass demo``): data, the model it starts from, training length and sizes.
 
-    The tiny model trains from scratch (the scratch recipe) on crops of the scenes resized by
-    ``scale_range`` and predicts at scales 2 and 3 (``test_scale`` 2, ``test_ratios`` 1 and 1.5), in tiles of
-    its 256 crops, averaging the class probabilities: its masks, at half the network's input resolution, fall
-    on the scenes' pixel grid at scale 2 and 1.5x finer at 3 (`models.massformer.model`). Over five training
-    seeds the two scales scored car BIoU 10 points above scale 2 alone on val (55.9 against 45.5) and the
-    7-class mIoU 1.2 below (scale 3 alone: 5.9 below; README "Training recipes"). They cost 3.25x the inference
-    of scale 2, so validation during training (every ``val_every`` steps: 3 times) predicts at scale 2 alone. The
-    defaults finish in about 6 to 8 minutes on 2 idle cores, by the CPU (README "Quick start"); tests use fewer
-    iterations.
+    The demo starts from the shipped 7-class tiny MaSSFormer (``base_model``, `models.pretrained.DEMO_BASE`:
+    trained on these scenes' precise classes by ``bench/make_demo_base.py``) and fine-tunes it on the label
+    version that adds car, as ``addclass add-class --init-model`` does for a user's model: every weight is
+    kept, the class head gets a car row, and the 'paper' recipe (the fine-tuning one) trains ``iters`` steps.
+    ``base_model`` None trains every class from random weights instead (the scratch recipe; it needs ~600
+    steps: docs/quickstart.md "The from-scratch demo").
+
+    Training crops are the scenes resized by ``scale_range``; the model predicts at scales 2 and 3
+    (``test_scale`` 2, ``test_ratios`` 1 and 1.5), in tiles of its 256 crops, averaging the class
+    probabilities: its masks, at half the network's input resolution, fall on the scenes' pixel grid at scale 2
+    and 1.5x finer at 3 (`models.massformer.model`; docs/recipes.md "Inference at scales 2 and 3"). The steps,
+    learning rate and scales were chosen on val (docs/quickstart.md "How the demo's settings were chosen").
     """
 
     out: str = "demo-out"
     images: int = 40
     size: tuple[int, int] = (256, 384)
-    iters: int = 600
+    base_model: str | None = str(DEMO_BASE)
+    iters: int = 200
+    lr: float | None = None
     crop: int = 256
     scale_range: tuple[float, float] = (0.75, 1.5)
     test_scale: float = 2.0
     test_ratios: tuple[float, ...] = (1.0, 1.5)
     points: int = 8192
-    val_every: int = 200
+    val_every: int = 100
     seed: int = 0
     progress: bool = True
 
@@ -84,7 +90,8 @@ def pseudo_label_scores(store_path: str | os.PathLike[str], *, class_name: str, 
     return binary_summary(total, num_images=len(ids), name=class_name, hand_mask_kind=[kind])
 
 
-def comparison_lines(*, model: ClassResult, pseudo: ClassResult, split: str, class_name: str) -> list[str]:
+def comparison_lines(*, model: ClassResult, pseudo: ClassResult, split: str, class_name: str,
+                     model_name: str = "model (trained on them)") -> list[str]:
     """The demo's closing lines: model vs pseudo labels on ``split`` (IoU and BIoU in %, BF1; an undefined
     score counts as 0)."""
     def row(name: str, m: ClassResult) -> str:
@@ -95,7 +102,7 @@ def comparison_lines(*, model: ClassResult, pseudo: ClassResult, split: str, cla
         f"{class_name} on the {model.summary.num_images} {split} images, against their exact masks:",
         f"  {'':<44} {'IoU':>6} {'BIoU':>6} {'BF1':>7}",
         row("pseudo labels (simulated Grounded-SAM)*", pseudo),
-        row("model (tiny MaSSFormer, trained on them)", model),
+        row(model_name, model),
         f"  model BIoU {'>' if better else '<='} pseudo-label BIoU: the model's {class_name} edges are "
         f"{'sharper than' if better else 'not sharper than'} its labels'",
         f"  * made on {split} for this comparison only; they trained nothing",

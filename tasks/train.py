@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -183,6 +184,9 @@ def _train(config: TrainConfig, ctx: Distributed, *, resume: bool, progress: boo
     elif ctx.is_main:
         atomic_write_json(out / TRAIN_CONFIG_FILE, config.to_dict())
         atomic_write_bytes(out / LOG_FILE, b"")
+    if ctx.is_main:
+        log.info("%s; torch threads: %d", os.environ.get("ADDCLASS_THREADS", "threads: OpenMP's default wait policy"),
+                 torch.get_num_threads())
     if ctx.active:
         log.info("data parallel: %d processes x %d images x %d accumulation steps = batch %d", ctx.world_size,
                  micro_batch, config.accumulate, config.batch_size)

@@ -1,0 +1,14 @@
+"""Model folders shipped with addclass.
+
+``demo_tiny_7class/``: the tiny MaSSFormer trained on the demo's synthetic scenes with their 7 precise classes
+(car still inside "others"). The demo adds "car" to it as ``addclass add-class --init-model`` adds a class to
+a user's trained model. It is made by ``bench/make_demo_base.py`` (docs/demo.md gives the command, its
+settings, its scores and the file's sha256); its weights are stored in float16 and widened to float32 when
+loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_BASE = Path(__file__).resolve().parent / "demo_tiny_7class"
