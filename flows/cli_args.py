@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
+from pydantic import BaseModel
+
 from flows.choices import MergePolicy, ModelVariant, Promote, ScaleOut
 from flows.cli_fields import add_model_flags
 from flows.settings import (
@@ -43,7 +45,8 @@ def add_labeler_args(p: argparse.ArgumentParser) -> None:
 # The flow sub-commands (add-class, retrain): one flag per top-level flow parameter, and one generated flag per
 # field of its `labeling` / `training` / `review` parameter (flows.settings); `flows.cli.flow_params` builds
 # them, and tests/flows/test_settings_single_source.py checks every field has exactly one flag.
-FLOW_GROUPS = {"labeling": LabelingParams, "training": TrainingParams, "review": ReviewParams}
+FLOW_GROUPS: dict[str, type[BaseModel]] = {"labeling": LabelingParams, "training": TrainingParams,
+                                           "review": ReviewParams}
 
 
 def add_flow_settings_args(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:

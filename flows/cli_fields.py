@@ -100,7 +100,7 @@ def add_model_flags(container: argparse._ActionsContainer, model: type[BaseModel
         if name in defaults:
             default = defaults[name]
             kwargs["default"] = list(default) if isinstance(default, tuple) else default
-            shown = _shown(default)
+            shown: str | None = _shown(default)
         else:
             kwargs["default"] = argparse.SUPPRESS
             default = info.get_default(call_default_factory=True)

@@ -98,13 +98,13 @@ class LabelingParams(BaseModel):
 
     model_config = _PARAMS_CONFIG
 
-    kind: LabelerKind = Field(LabelerConfig.kind, json_schema_extra=_cli("--labeler"))
+    kind: LabelerKind = Field(default=LabelerConfig.kind, json_schema_extra=_cli("--labeler"))
     """Labeler; 'simulated' (degraded reference masks) is for experiments and the demo only."""
-    sam_variant: SamVariant = Field(options.SAM_VARIANT, json_schema_extra=_cli("--sam"))
+    sam_variant: SamVariant = Field(default=options.SAM_VARIANT, json_schema_extra=_cli("--sam"))
     """SAM image encoder."""
     sam_checkpoint: str | None = None
     """SAM weights (default: $ADDCLASS_SAM_CHECKPOINT, else ~/.cache/addclass/weights/)."""
-    dino_config: DinoConfig = Field(options.DINO_CONFIG, json_schema_extra=_cli("--dino"))
+    dino_config: DinoConfig = Field(default=options.DINO_CONFIG, json_schema_extra=_cli("--dino"))
     """GroundingDINO model."""
     dino_checkpoint: str | None = None
     """GroundingDINO weights (default: $ADDCLASS_DINO_CHECKPOINT, else ~/.cache/addclass/weights/)."""
@@ -124,7 +124,7 @@ class LabelingParams(BaseModel):
     """Minimum overlap of neighbouring detection tiles, px."""
     min_region_area: int = 0
     """Remove mask islands and fill holes smaller than this many px (0: masks as SAM gives them)."""
-    negative_phrases: list[str] = Field([], json_schema_extra={"metavar": "PHRASE"})
+    negative_phrases: list[str] = Field(default=[], json_schema_extra={"metavar": "PHRASE"})
     """Phrases whose boxes remove the prompt's boxes they overlap (e.g. ["toy car"]); they label nothing."""
     negative_iou: float = options.NEGATIVE_IOU
     """IoU at which a negative phrase's box removes a prompt box."""
@@ -134,9 +134,9 @@ class LabelingParams(BaseModel):
     """Context around a refined box, as a fraction of its side."""
     hq_token_only: bool = False
     """HQ-SAM variants only: the HQ token's mask alone (default: added to SAM's mask)."""
-    batch_size: int = Field(8, json_schema_extra={"flow_cli": "--pseudo-batch-size"})
+    batch_size: int = Field(default=8, json_schema_extra={"flow_cli": "--pseudo-batch-size"})
     """Images per labelling task (the unit of scale-out and retries)."""
-    splits: list[str] = Field(["train", "val"], json_schema_extra={"flow_cli": "--pseudo-splits"})
+    splits: list[str] = Field(default=["train", "val"], json_schema_extra={"flow_cli": "--pseudo-splits"})
     """Splits to pseudo-label (the others keep the parent version's labels)."""
     gpus: list[int] | None = None
     """GPUs to label on, one local Dask worker each (pinned with CUDA_VISIBLE_DEVICES; needs device 'cuda' and a
@@ -154,29 +154,29 @@ class TrainingParams(BaseModel):
 
     variant: ModelVariant = "tiny"
     """Model variant: MaSSFormer or a baseline (Mask2Former, MaskFormer, SeMask FPN)."""
-    iters: int = Field(300, ge=1)
+    iters: int = Field(default=300, ge=1)
     """Training steps."""
-    batch_size: int = Field(_CPU.batch_size, ge=2, json_schema_extra={"flow_cli": "--train-batch-size"})
+    batch_size: int = Field(default=_CPU.batch_size, ge=2, json_schema_extra={"flow_cli": "--train-batch-size"})
     """Images per step, >= 2."""
-    crop_size: int = Field(_CPU.crop_size, ge=64)
+    crop_size: int = Field(default=_CPU.crop_size, ge=64)
     """Side of the square training crops, >= 64."""
     reweight: ReweightChoice = "inverse"
     """Point weights of the mask loss: 'inverse' trusts pseudo-label edges less."""
-    inverse_weight_near_pseudo: bool = Field(True, json_schema_extra=_cli("--inverse-near-pseudo"))
+    inverse_weight_near_pseudo: bool = Field(default=True, json_schema_extra=_cli("--inverse-near-pseudo"))
     """Precise pixels next to the new class get the inverse weight too (reweight 'inverse' only)."""
-    num_points: int = Field(_CPU.num_points, json_schema_extra=_cli("--points"))
+    num_points: int = Field(default=_CPU.num_points, json_schema_extra=_cli("--points"))
     """Sampled points per mask (MaSSFormer's release: 12544)."""
-    num_workers: int = Field(2, json_schema_extra=_cli("--workers"))
+    num_workers: int = Field(default=2, json_schema_extra=_cli("--workers"))
     """Data-loader processes (0: load in the training process)."""
     recipe: RecipeChoice = "auto"
     """Optimiser recipe; 'auto': 'scratch' for a random start, 'paper' from init_model or ImageNet weights."""
-    scale_range: tuple[float, float] = Field((0.5, 2.0), json_schema_extra={"metavar": ["LOW", "HIGH"]})
+    scale_range: tuple[float, float] = Field(default=(0.5, 2.0), json_schema_extra={"metavar": ["LOW", "HIGH"]})
     """Random resize ratio of the training images (low, high)."""
     test_scale: float = 1.0
     """The trained model's inference scale (e.g. 2 with scale_range [0.75, 1.5] on small images)."""
-    test_ratios: tuple[float, ...] = Field((1.0,), json_schema_extra={"metavar": "R"})
+    test_ratios: tuple[float, ...] = Field(default=(1.0,), json_schema_extra={"metavar": "R"})
     """Scales the model averages at inference, as ratios of test_scale (e.g. [1, 1.5])."""
-    test_window: int | None = Field(None, json_schema_extra={"metavar": "N"})
+    test_window: int | None = Field(default=None, json_schema_extra={"metavar": "N"})
     """Tile side (network pixels) the model predicts larger images in; None: crop_size; 0: whole images."""
     checkpoint_every: int = 100
     """Steps between checkpoints: a stopped run resumes from the last one."""
@@ -188,11 +188,11 @@ class TrainingParams(BaseModel):
     """Where the labeler, the training and the evaluation run: 'cpu', 'cuda', 'cuda:1', 'auto'."""
     accumulate: int = 1
     """Forward/backward passes per step in each training process (gradient accumulation)."""
-    processes: int = Field(1, json_schema_extra=_cli("--nproc"))
+    processes: int = Field(default=1, json_schema_extra=_cli("--nproc"))
     """Training processes per node (torchrun, one per GPU; >1: data-parallel, the batch split over them)."""
     nnodes: int = 1
     """Nodes training together (the flow runs on the first; start the same torchrun on the others)."""
-    rdzv_endpoint: str | None = Field(None, json_schema_extra={"metavar": "HOST:PORT"})
+    rdzv_endpoint: str | None = Field(default=None, json_schema_extra={"metavar": "HOST:PORT"})
     """host:port where several nodes meet (the first node)."""
 
 

@@ -10,13 +10,13 @@ other labeler module (the labeler modules form no import cycle; tests/test_impor
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from common.errors import InputError
 
 # The options' defaults, for `LabelerConfig` (whose defaults the flows' `LabelingParams` take) and the labeler.
-SAM_VARIANT = "vit_b"
-DINO_CONFIG = "swint_ogc"
+SAM_VARIANT: Final = "vit_b"
+DINO_CONFIG: Final = "swint_ogc"
 BOX_THRESHOLD = 0.35
 TEXT_THRESHOLD = 0.25
 NMS_IOU = 0.8

@@ -260,6 +260,7 @@ def test_add_class_parameter_errors_come_before_prefect_starts(synthetic_store: 
 def _owner_choices() -> dict[str, tuple[str, ...]]:
     """The lists of the modules that own the choices (they load torch), by the `flows.choices` Literal or the
     `flows.cli_args` tuple that must equal them."""
+    from models.labelers.build import LABELER_KINDS
     from models.labelers.grounded_sam_weights import DINO_VARIANTS
     from models.labelers.sam_engines import SAM_VARIANTS
     from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
@@ -268,8 +269,6 @@ def _owner_choices() -> dict[str, tuple[str, ...]]:
     from tasks.merge_plan import POLICIES
     from tasks.predict import PREDICT_MODES
     from tasks.review import FORMATS, RANKINGS
-
-    from models.labelers.build import LABELER_KINDS
 
     return {"RecipeChoice": RECIPE_CHOICES, "ModelVariant": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
             "ReweightChoice": REWEIGHT_MODES, "MergePolicy": POLICIES, "SamVariant": tuple(SAM_VARIANTS),
