@@ -19,6 +19,7 @@ from flows.settings import (
     ReviewParams,
     TrainingParams,
 )
+from models import release
 
 # The choices of the flags not generated from a settings model (`flows.cli_fields` takes those from the
 # fields' Literals). Each is equal to the list of the module that owns it
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iters", type=int, default=d.iters)
     demo.add_argument("--crop", type=int, default=d.crop)
     demo.add_argument("--points", type=int, default=d.points,
-                      help="sampled points per mask (MaSSFormer's default: 12544)")
+                      help=f"sampled points per mask (MaSSFormer's release: {release.NUM_POINTS})")
     demo.add_argument("--test-scale", type=float, default=d.test_scale,
                       help="the model's inference scale (masks at test_scale / 2 of the image's resolution)")
     demo.add_argument("--test-ratios", type=float, nargs="+", default=list(d.test_ratios), metavar="R",

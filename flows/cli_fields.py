@@ -87,7 +87,7 @@ def add_model_flags(container: argparse._ActionsContainer, model: type[BaseModel
         defaults: This command's own defaults for some fields (the flag then has that default); the others
             have none, so an unset field takes the model's.
         default_help: How the help says the default of fields whose default the command computes later
-            (``"80000 on a GPU, 2000 on the CPU"``).
+            (``"N on a GPU, M on the CPU"``).
     """
     defaults, default_help = defaults or {}, default_help or {}
     names = list(only) if only is not None else [n for n in model.model_fields if n not in exclude]

@@ -13,8 +13,8 @@ setting                                    flows (add-class,       ``addclass tr
                                            retrain)
 =========================================  ======================  ======================  ======================
 ``iters``                                  300                     `RUN_SIZES` of the      a flow's default is a
-                                                                   device: 2000 on the     quick first run (a few
-                                                                   CPU, 80000 on a GPU     minutes on a laptop);
+                                                                   device (the CPU's: a    quick first run (a few
+                                                                   few times longer)       minutes on a laptop);
                                                                                            ``train`` is asked for
                                                                                            a model that learns
 ``batch_size``, ``crop_size``,             ``RUN_SIZES["cpu"]``    `RUN_SIZES` of the      the flows are
@@ -165,7 +165,7 @@ class TrainingParams(BaseModel):
     inverse_weight_near_pseudo: bool = Field(default=True, json_schema_extra=_cli("--inverse-near-pseudo"))
     """Precise pixels next to the new class get the inverse weight too (reweight 'inverse' only)."""
     num_points: int = Field(default=_CPU.num_points, json_schema_extra=_cli("--points"))
-    """Sampled points per mask (MaSSFormer's release: 12544)."""
+    """Sampled points per mask, of the matcher and the mask losses."""
     num_workers: int = Field(default=2, json_schema_extra=_cli("--workers"))
     """Data-loader processes (0: load in the training process)."""
     recipe: RecipeChoice = "auto"

@@ -1,8 +1,7 @@
 """The sizes of MaSSFormer's released recipe that several modules default to, written once.
 
 Light on purpose (no torch): the CLI reads them to print its defaults. The release trains on 8 GPUs x 2 images
-of 1024 x 1024 crops for 80k steps, samples 12544 points per mask for the matcher and the mask losses, and
-tests at six scales.
+of square crops; the points are sampled per mask by the matcher and the mask losses.
 """
 
 from __future__ import annotations

@@ -39,9 +39,8 @@ class TrainConfig:
         store: Label store path.
         out_dir: Run folder (checkpoints, log, ``final/``).
         version: Label version to train on (``"latest"`` is resolved by `resolve_train_config`).
-        variant: A ``models.massformer.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``, or a
-            baseline: ``mask2former_r50``, ``maskformer_r50``, ``semask_fpn_swint`` and their ``_tiny``
-            versions).
+        variant: A ``models.massformer.build.MODEL_BUILDERS`` key: MaSSFormer or a baseline (the CLI's and the
+            flows' choices are `flows.choices.ModelVariant`, checked against it by a test).
         num_classes: K; derived from the version (None until resolved; a different value is an error).
         pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline) for the MaSSFormer
             variants; the baselines have their own (``"msdeform"``, ``"fpn"``, ``"semantic_fpn"``) and take no

@@ -1,7 +1,7 @@
 """Grounded-SAM pseudo-labeler: GroundingDINO boxes for a text prompt, SAM masks for the boxes.
 
 Behaviour follows the reference demos (docs/design.md §5.1, §5.2): caption ``"<prompt> ."``; a
-query is kept when its max-over-tokens sigmoid score is > ``box_threshold`` (0.35); its phrase is the tokens
+query is kept when its max-over-tokens sigmoid score is > ``box_threshold``; its phrase is the tokens
 scoring > ``text_threshold`` (0.25); optional class-agnostic NMS (IoU 0.8) and a top-k cap; every box of an
 image goes through SAM in one batched decoder call on one image embedding, ``multimask_output=False``; mask
 logits are upsampled to the original resolution (bilinear 256 -> 1024, crop the padding, bilinear to H x W)
