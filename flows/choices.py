@@ -1,9 +1,8 @@
 """The choices of the flow parameters and of the CLI flags that set them, spelled once.
 
 Light on purpose (`flows.cli_args` imports it, so ``addclass --help`` loads no torch). A choice whose owner
-exports a Literal alias is re-exported from it (`LabelerKind`; `ReweightMode` is imported by `flows.params`
-from `models.training.loss_weights`, which loads torch); the others are equal to the list of the module that
-owns them (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
+exports a Literal alias and loads no torch is re-exported from it (`LabelerKind`); the others are equal to
+the list of the module that owns them (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ SamVariant = Literal[  # models.labelers.sam_engines.SAM_VARIANTS
 ]
 DinoConfig = Literal["swint_ogc", "swinb", "test"]  # models.labelers.grounded_sam_weights.DINO_VARIANTS
 RecipeChoice = Literal["auto", "paper", "scratch"]  # models.training.optim.RECIPE_CHOICES
+ReweightChoice = Literal["none", "edge", "inverse"]  # models.training.loss_weights.ReweightMode (loads torch)
 MergePolicy = Literal["carve-others", "overwrite"]  # tasks.merge_plan.POLICIES
 Promote = Literal["if-better", "always", "never"]  # tasks.model_registry.register_model
 ScaleOut = Literal["auto", "threads", "dask"]  # flows.runners.scale_out_runner

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from common.errors import InputError, UserError
-from flows.cli_args import TRAIN_SIZES, build_parser
+from flows.cli_args import FLOW_GROUPS, build_parser
+from flows.cli_fields import model_values
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -57,23 +58,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- pseudo labels
 def labeler_config_from_args(a: argparse.Namespace) -> Any:
-    from tasks.pseudo_label import LabelerConfig
+    """`addclass pseudo-label`'s `LabelerConfig`: its labeling flags, on the device and with the seed of its
+    --device / --seed, as the flows build theirs (`flows.params.labeler_config`)."""
+    from flows.params import LabelingParams, TrainingParams, labeler_config, parse_params
 
-    return LabelerConfig(
-        kind=a.labeler, sam_variant=a.sam, sam_checkpoint=a.sam_checkpoint, dino_config=a.dino,
-        dino_checkpoint=a.dino_checkpoint, device=a.device, dtype=a.dtype, box_threshold=a.box_threshold,
-        text_threshold=a.text_threshold, max_boxes=a.max_boxes, random_weights=a.random_weights, seed=a.seed,
-        tile_size=a.tile_size, tile_overlap=a.tile_overlap, min_region_area=a.min_region_area,
-        negative_phrases=tuple(a.negative_phrases), negative_iou=a.negative_iou, refine=a.refine,
-        refine_margin=a.refine_margin, hq_token_only=a.hq_token_only,
-    )
+    labeling = parse_params(LabelingParams, model_values(a, "labeling"), "labeling")
+    training = parse_params(TrainingParams, model_values(a, "training"), "training")
+    return labeler_config(labeling, device=training.device, seed=training.seed)
 
 
 def cmd_pseudo_label(a: argparse.Namespace) -> int:
+    from flows.params import LabelingParams, parse_params
     from tasks.pseudo_label import pseudo_label
 
+    batch_size = parse_params(LabelingParams, model_values(a, "labeling"), "labeling").batch_size
     out = pseudo_label(a.store, prompt=a.prompt, split=a.split, labeler=labeler_config_from_args(a),
-                       batch_size=a.batch_size, progress=not a.quiet, wait_for_lock=a.wait)
+                       batch_size=batch_size, progress=not a.quiet, wait_for_lock=a.wait)
     _print_json(out) if a.json else print(
         f"pseudo-labelled {out['class']!r} on {out['split']}: {out['detections']} detections, "
         f"{out['detections_new']} of them new ({out['already_done']} images were already done)")
@@ -141,38 +141,30 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     import logging
 
-    from tasks.train import TrainConfig
-    from tasks.train_launch import Launch, run_training
+    from flows.params import TrainingParams, launch, parse_params, task_train_config
+    from tasks.train_launch import run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _fill_train_sizes(a)
-    cfg = TrainConfig(store=a.store, out_dir=a.out, version=a.version, variant=a.variant,
-                      pixel_decoder=a.pixel_decoder, iters=a.iters, batch_size=a.batch_size,
-                      crop_size=(a.crop_size, a.crop_size), reweight=a.reweight,
-                      inverse_weight_near_pseudo=not a.no_inverse_near_pseudo, num_points=a.points,
-                      checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device, num_workers=a.workers,
-                      backbone_checkpoint=a.backbone_checkpoint, init_model=a.init_model, lr=a.lr,
-                      ema_decay=a.ema_decay, amp=a.amp,
-                      recipe=a.recipe, scale_range=tuple(a.scale_range), test_scale=a.test_scale,
-                      test_ratios=tuple(a.test_ratios),
-                      test_window=a.test_window, val_every=a.val_every, accumulate=a.accumulate)
-    launch = Launch(nproc=a.nproc, nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint)
-    final = run_training(cfg, launch=launch, resume=a.resume, progress=not a.quiet)
+    training = parse_params(TrainingParams, with_sized_defaults(model_values(a, "training")), "training")
+    cfg = task_train_config(training, store=a.store, version=a.version, out_dir=a.out, init_model=a.init_model,
+                            pixel_decoder=a.pixel_decoder, ema_decay=a.ema_decay, amp=a.amp,
+                            backbone_checkpoint=a.backbone_checkpoint)
+    final = run_training(cfg, launch=launch(training), resume=a.resume, progress=not a.quiet)
     print(f"model: {final}")
     return 0
 
 
-def _fill_train_sizes(a: argparse.Namespace) -> None:
-    """Flags left unset take the device's defaults (`flows.cli_args.TRAIN_SIZES`), said in one line."""
+def with_sized_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with the sizes left unset at the defaults of its device (`flows.settings.sized_defaults`),
+    said in one line."""
+    from flows.settings import sized_defaults
     from tasks.train import resolve_device
 
-    kind = "cuda" if resolve_device(a.device).type == "cuda" else "cpu"
-    sizes = TRAIN_SIZES[kind]
-    filled = {k: getattr(sizes, k) for k in ("iters", "batch_size", "crop_size", "points") if getattr(a, k) is None}
-    for key, value in filled.items():
-        setattr(a, key, value)
+    kind = "cuda" if resolve_device(values["device"]).type == "cuda" else "cpu"
+    filled = sized_defaults(values, device_kind=kind)
     if filled:
         print(f"{kind} defaults: " + ", ".join(f"{k} {v}" for k, v in filled.items()), flush=True)
+    return {**values, **filled}
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -189,7 +181,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from tasks.predict import DEFAULT_TTA_SCALES, PredictConfig, predict_images
+    from flows.params import PredictionParams, parse_params, predict_config
+    from tasks.predict import predict_images
 
     if a.into_store and (a.inputs or a.out):
         raise InputError("--into-store predicts the store's own images: give no INPUT and no --out with it.")
@@ -204,11 +197,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
         from tasks.model_registry import resolve_init_model
 
         model = resolve_init_model(a.store or a.into_store, "champion")
-    config = PredictConfig(mode=a.mode, window=a.window, stride=a.stride, tta=a.tta, device=a.device,
-                           tta_scales=tuple(a.tta_scales or DEFAULT_TTA_SCALES), bf16=not a.no_bf16,
-                           overlays=a.overlays, scores=a.scores, overwrite=a.overwrite)
+    prediction = parse_params(PredictionParams, model_values(a, "prediction"), "prediction")
+    config = predict_config(prediction)
     if a.into_store:
-        if a.overlays or a.scores or a.overwrite:
+        if prediction.overlays or prediction.scores or prediction.overwrite:
             raise InputError("--overlays, --scores and --overwrite apply to files, not to --into-store.")
         from tasks.predict_store import predict_into_store
 
@@ -248,15 +240,18 @@ def cmd_review(a: argparse.Namespace) -> int:
         what = "already published from the same file" if done["existing"] else f"{done['images']} images reviewed"
         print(f"label version {done['version']} (parent {done['parent']}, class {done['class']}): {what}")
         return 0
-    model = a.model
+    from flows.params import ReviewParams, parse_params
+
+    r = parse_params(ReviewParams, model_values(a, "review"), "review")
+    model = r.model
     if model == "champion":
         from tasks.model_registry import resolve_init_model
 
         model = resolve_init_model(a.store, "champion")
-    manifest = review.export_review(a.store, a.class_name, a.out, version=a.version, top=a.top, by=a.by,
-                                    model=model, fmt=a.format)
-    print(f"{len(manifest['images'])} images of {a.class_name} ({manifest['version']}, by {a.by}) in {a.out}. "
-          + " ".join(review.review_steps(a.store, a.out, a.format)[:2]))
+    manifest = review.export_review(a.store, a.class_name, a.out, version=a.version, top=r.top, by=r.by,
+                                    model=model, fmt=r.format)
+    print(f"{len(manifest['images'])} images of {a.class_name} ({manifest['version']}, by {r.by}) in {a.out}. "
+          + " ".join(review.review_steps(a.store, a.out, r.format)[:2]))
     return 0
 
 
@@ -284,69 +279,37 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-# Flags of the flow sub-commands (add-class, retrain) whose names differ from what they set: a field of the
-# flow's `labeling` / `training` parameter ("training.num_points") or a top-level parameter. Any other flag
-# sets the field of its name of `labeling`, else of `training`, else the top-level parameter of its name
-# (`flag_target`; tests/flows/test_cli.py checks that every parameter and field has exactly one flag, with its
-# default).
-FLOW_FLAGS_RENAMED = {
-    "labeler": "labeling.kind", "sam": "labeling.sam_variant", "dino": "labeling.dino_config",
-    "pseudo_batch_size": "labeling.batch_size", "pseudo_splits": "labeling.splits",
-    "train_batch_size": "training.batch_size", "points": "training.num_points", "workers": "training.num_workers",
-    "no_inverse_near_pseudo": "training.inverse_weight_near_pseudo", "wait": "wait_for_lock",
-    "nproc": "training.processes",
-    "review_top": "review.top", "review_by": "review.by", "review_model": "review.model",
-    "review_format": "review.format", "review_out": "review.out",
-}
-# parameter objects that are None unless their switch flag is given (then the object is built from its flags)
-FLOW_OPTIONAL_GROUPS = {"review": "top"}
-FLOW_FLAGS_NEGATED = frozenset({"no_inverse_near_pseudo"})  # store_true flags that clear their field
-FLOW_CONTROL = frozenset({"command", "deployment", "deployment_name", "timeout"})  # steer the command only
+# The flow sub-commands' flags (add-class, retrain) have destination PARAMETER, or GROUP.FIELD for a field of
+# the flow's `labeling` / `training` / `review` parameter (generated: `flows.cli_fields`).
+FLOW_OPTIONAL_GROUPS = frozenset({"review"})  # None unless one of its flags is given
+FLOW_CONTROL = frozenset({"command", "deployment", "deployment_name", "timeout", "flow_groups"})  # steer the command
 FLOW_PATHS = frozenset({"store", "runs_dir", "labeling.sam_checkpoint", "labeling.dino_checkpoint", "review.out"})
 FLOW_MODELS = frozenset({"init_model", "review.model"})  # a model folder (made absolute) or "champion"
 
 
-def flag_target(dest: str) -> str:
-    """What the flag with destination `dest` sets: ``labeling.FIELD``, ``training.FIELD`` or a top-level flow
-    parameter."""
-    from flows.params import LabelingParams, TrainingParams
-
-    if dest in FLOW_FLAGS_RENAMED:
-        return FLOW_FLAGS_RENAMED[dest]
-    for name, model in (("labeling", LabelingParams), ("training", TrainingParams)):
-        if dest in model.model_fields:
-            return f"{name}.{dest}"
-    return dest
-
-
 def flow_params(a: argparse.Namespace) -> dict[str, Any]:
     """The parameters of the flow that sub-command `a.command` runs (add-class, retrain), from the parsed flags:
-    each flag sets one top-level parameter or one field of `labeling` / `training` (`flag_target`), which are
-    built here. Paths go out absolute: a deployment's worker runs in another working directory."""
-    from flows.params import LabelingParams, ReviewParams, TrainingParams, parse_params
+    each flag sets one top-level parameter or one field of `labeling` / `training` / `review`, which are built
+    here from the fields the user set (the models' own defaults fill the rest). Paths go out absolute: a
+    deployment's worker runs in another working directory."""
+    from flows.params import parse_params
 
     params: dict[str, Any] = {}
-    fields: dict[str, dict[str, Any]] = {"labeling": {}, "training": {}, "review": {}}
+    fields: dict[str, dict[str, Any]] = {group: {} for group in a.flow_groups}
     for dest, value in vars(a).items():
         if dest in FLOW_CONTROL:
             continue
-        target = flag_target(dest)
-        if dest in FLOW_FLAGS_NEGATED:
-            value = not value
-        if target in FLOW_PATHS or (target in FLOW_MODELS and value != "champion"):
+        if dest in FLOW_PATHS or (dest in FLOW_MODELS and value != "champion"):
             value = _absolute(value)
         if isinstance(value, list | tuple):
             value = list(value)  # JSON; and not argparse's shared default list
-        group, _, name = target.rpartition(".")
+        group, _, name = dest.rpartition(".")
         (fields[group] if group else params)[name] = value
-    for group, model in (("labeling", LabelingParams), ("training", TrainingParams), ("review", ReviewParams)):
-        if not fields[group]:  # retrain has no labeling and no review
-            continue
-        switch = FLOW_OPTIONAL_GROUPS.get(group)
-        if switch is not None and fields[group][switch] is None:
+    for group, values in fields.items():
+        if group in FLOW_OPTIONAL_GROUPS and not values:
             params[group] = None
         else:
-            params[group] = parse_params(model, fields[group], group)
+            params[group] = parse_params(FLOW_GROUPS[group], values, group)
     return params
 
 

@@ -4,170 +4,78 @@ runs it). Imports nothing heavy, so ``--help`` is instant."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from typing import get_args
 
-from flows.choices import (
-    AutocastDtype,
-    DinoConfig,
-    MergePolicy,
-    ModelVariant,
-    PredictMode,
-    Promote,
-    RecipeChoice,
-    ReviewFormat,
-    ReviewRanking,
-    SamVariant,
-    ScaleOut,
+from pydantic import BaseModel
+
+from flows.choices import MergePolicy, ModelVariant, Promote, ScaleOut
+from flows.cli_fields import add_model_flags
+from flows.settings import (
+    RUN_SIZES,
+    SIZED_FIELDS,
+    TRAIN_COMMAND_DEFAULTS,
+    LabelingParams,
+    PredictionParams,
+    ReviewParams,
+    TrainingParams,
 )
-from models.labelers.build import LABELER_KINDS  # the table itself: it imports nothing heavy
+from models import release
 
-
-@dataclass(frozen=True)
-class TrainSizes:
-    """`addclass train`'s defaults for what decides a run's time and memory, by device."""
-
-    iters: int
-    batch_size: int
-    crop_size: int
-    points: int
-
-
-# On a GPU: the released recipe per device (its config is 8 GPUs x 2 images: 1024 crops, 12544 points, 80k
-# steps). On the CPU: a run that fits a laptop and learns (the demo's measured setting, a few times longer).
-TRAIN_SIZES = {"cuda": TrainSizes(iters=80000, batch_size=2, crop_size=1024, points=12544),
-               "cpu": TrainSizes(iters=2000, batch_size=2, crop_size=256, points=8192)}
-
-
-def _sized_help(field: str) -> str:
-    gpu, cpu = getattr(TRAIN_SIZES["cuda"], field), getattr(TRAIN_SIZES["cpu"], field)
-    return f"default: {gpu} on a GPU, {cpu} on the CPU"
-
-
-# The choices of the flags. Most are `flows.choices`' Literal aliases (light, like this module); the others are
-# spelled here so that `addclass --help` does not import torch. Each is equal to the list of the module that owns
-# it (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
-RECIPE_CHOICES: tuple[str, ...] = get_args(RecipeChoice)
+# The choices of the flags not generated from a settings model (`flows.cli_fields` takes those from the
+# fields' Literals). Each is equal to the list of the module that owns it
+# (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
 VARIANTS: tuple[str, ...] = get_args(ModelVariant)
 PIXEL_DECODERS = ("hr", "fpn", "msdeform", "semantic_fpn")  # models.massformer.build.PIXEL_DECODERS
 PIXEL_DECODER_HELP = ("MaSSFormer variants: hr (default) or fpn (ablation); the mask2former_* / maskformer_* "
                       "/ semask_fpn_* variants have their own (msdeform / fpn / semantic_fpn) and take no other")
-REWEIGHT_MODES = ("none", "edge", "inverse")  # models.training.loss_weights.REWEIGHT_MODES
 MERGE_POLICIES: tuple[str, ...] = get_args(MergePolicy)
-SAM_VARIANTS: tuple[str, ...] = get_args(SamVariant)
-DINO_CONFIGS: tuple[str, ...] = get_args(DinoConfig)
-PREDICT_MODES: tuple[str, ...] = get_args(PredictMode)
-REVIEW_RANKINGS: tuple[str, ...] = get_args(ReviewRanking)
-REVIEW_FORMATS: tuple[str, ...] = get_args(ReviewFormat)
 
 
 PROMPT_HELP = "the class prompt; phrases of one class separated by ' . ' ('car . van . truck'), named after the first"
 DESCRIPTION = "Teach a segmentation model a new class from a text prompt: pseudo-label, merge, train, evaluate."
 
 
-def add_recipe_args(p: argparse._ActionsContainer) -> None:
-    p.add_argument("--recipe", choices=RECIPE_CHOICES, default="auto",
-                   help="auto: 'scratch' for a random start, 'paper' from ImageNet weights or --init-model")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
-    p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
-                   help="random resize ratio of the training images")
-    p.add_argument("--test-scale", type=float, default=1.0,
-                   help="the model's inference scale (e.g. 2 with --scale-range 0.75 1.5 on small images)")
-    p.add_argument("--test-ratios", type=float, nargs="+", default=[1.0], metavar="R",
-                   help="scales the model averages at inference, as ratios of --test-scale (e.g. 1 1.5)")
-    p.add_argument("--test-window", type=int, default=None, metavar="N",
-                   help="the model predicts larger images in N x N tiles (network pixels; default: the "
-                        "crop size it trains on; 0: whole images)")
+def add_labeler_args(p: argparse.ArgumentParser) -> None:
+    """`addclass pseudo-label`'s labeler flags: the labeling settings but the flow's splits and GPUs, and the
+    device and seed the flows take from the training settings."""
+    g = p.add_argument_group("labeler", "the labeling settings (flows.settings.LabelingParams)")
+    add_model_flags(g, LabelingParams, group="labeling", exclude=("splits", "gpus"))
+    add_model_flags(g, TrainingParams, group="training", only=("device", "seed"))
 
 
-def add_labeler_args(p: argparse.ArgumentParser, *, device_and_seed: bool = True,
-                     title: str = "labeler", description: str | None = None) -> argparse._ArgumentGroup:
-    g = p.add_argument_group(title, description)
-    g.add_argument("--labeler", choices=LABELER_KINDS, default="grounded-sam",
-                   help="simulated: degraded reference masks, for experiments and the demo only")
-    g.add_argument("--sam", default="vit_b", choices=SAM_VARIANTS)
-    g.add_argument("--sam-checkpoint", help="SAM checkpoint (else $ADDCLASS_SAM_CHECKPOINT, else "
-                   "~/.cache/addclass/weights/)")
-    g.add_argument("--dino", default="swint_ogc", choices=DINO_CONFIGS)
-    g.add_argument("--dino-checkpoint", help="GroundingDINO checkpoint (else $ADDCLASS_DINO_CHECKPOINT)")
-    if device_and_seed:
-        g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=get_args(AutocastDtype), help="autocast on GPU")
-    g.add_argument("--box-threshold", type=float, default=0.35)
-    g.add_argument("--text-threshold", type=float, default=0.25)
-    g.add_argument("--max-boxes", type=int, default=20)
-    g.add_argument("--tile-size", type=int, default=None,
-                   help="also detect on overlapping tiles of this many px (large images, small objects)")
-    g.add_argument("--tile-overlap", type=int, default=128, help="overlap of neighbouring detection tiles, px")
-    g.add_argument("--min-region-area", type=int, default=0,
-                   help="remove mask islands and fill holes smaller than this many px")
-    g.add_argument("--negative-phrases", nargs="+", default=[], metavar="PHRASE",
-                   help="phrases whose boxes remove the prompt's boxes they overlap (e.g. 'toy car')")
-    g.add_argument("--negative-iou", type=float, default=0.5, help="IoU at which a negative box removes a box")
-    g.add_argument("--refine", action="store_true",
-                   help="decode every box again on a crop around it (finer masks; one encoder pass per box)")
-    g.add_argument("--refine-margin", type=float, default=0.25, help="context around a refined box, x its side")
-    g.add_argument("--hq-token-only", action="store_true", help="HQ-SAM: the HQ token's mask alone")
-    g.add_argument("--random-weights", action="store_true", help="smoke tests only: random model weights")
-    if device_and_seed:
-        g.add_argument("--seed", type=int, default=0)
-    return g
+# The flow sub-commands (add-class, retrain): one flag per top-level flow parameter, and one generated flag per
+# field of its `labeling` / `training` / `review` parameter (flows.settings); `flows.cli.flow_params` builds
+# them, and tests/flows/test_settings_single_source.py checks every field has exactly one flag.
+FLOW_GROUPS: dict[str, type[BaseModel]] = {"labeling": LabelingParams, "training": TrainingParams,
+                                           "review": ReviewParams}
 
 
-# The flow sub-commands (add-class, retrain): one flag per top-level flow parameter and per field of its
-# `labeling` / `training` parameter (flows.params); `flows.cli.flow_params` maps them, and
-# tests/flows/test_cli.py checks that every parameter and field has one flag with its default.
-def add_flow_labeling_args(p: argparse.ArgumentParser) -> None:
-    g = add_labeler_args(p, device_and_seed=False, title="labeling",  # the labeler uses the training --device
-                         description="the flow's `labeling` parameter (flows.params.LabelingParams)")
-    g.add_argument("--pseudo-batch-size", type=int, default=8, help="images per labelling task")
-    g.add_argument("--pseudo-splits", nargs="+", default=["train", "val"], help="splits to pseudo-label")
-    g.add_argument("--gpus", type=int, nargs="+", default=None,
-                   help="label on these GPUs, one local Dask worker each (with --device cuda and a Prefect server)")
+def add_flow_settings_args(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    descriptions = {
+        "labeling": "the flow's `labeling` parameter (flows.settings.LabelingParams); the labeler runs on the "
+                    "training --device with its --seed",
+        "training": "the flow's `training` parameter (flows.settings.TrainingParams)",
+        "review": "the flow's `review` parameter (flows.settings.ReviewParams): any of these flags stops the "
+                  "flow after the merge with images exported for a person's review; after `addclass review "
+                  "import`, the same command trains on the reviewed version",
+    }
+    for group in groups:
+        g = p.add_argument_group(group, descriptions[group])
+        add_model_flags(g, FLOW_GROUPS[group], group=group, flow=True, prefix="review-" if group == "review" else "")
+    p.set_defaults(flow_groups=groups)
 
 
-def add_flow_training_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training", "the flow's `training` parameter (flows.params.TrainingParams)")
-    g.add_argument("--variant", choices=VARIANTS, default="tiny")
-    g.add_argument("--iters", type=int, default=300)
-    g.add_argument("--train-batch-size", type=int, default=2)
-    g.add_argument("--crop-size", type=int, default=256)
-    g.add_argument("--reweight", choices=REWEIGHT_MODES, default="inverse")
-    g.add_argument("--no-inverse-near-pseudo", action="store_true",
-                   help="precise pixels next to the new class keep the edge weight (inverse reweight only)")
-    add_recipe_args(g)
-    g.add_argument("--points", type=int, default=12544, help="sampled points per mask (CPU: ~8192)")
-    g.add_argument("--workers", type=int, default=2, help="training data-loader processes")
-    g.add_argument("--checkpoint-every", type=int, default=100,
-                   help="steps between checkpoints (a stopped run resumes from the last one)")
-    g.add_argument("--val-every", type=int, default=None,
-                   help="steps between validations on val (default: 10 per run; 0: none)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu", help="where the models run (labeler, training, evaluation)")
-    g.add_argument("--accumulate", type=int, default=1, help="forward/backward passes per step in each process")
-    g.add_argument("--nproc", type=int, default=1,
-                   help="training processes on this node (torchrun, one per GPU); the batch is split over them")
-    g.add_argument("--nnodes", type=int, default=1, help="nodes training together")
-    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="several nodes: where they meet (the first node)")
-
-
-def add_flow_review_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("review", "the flow's `review` parameter (flows.params.ReviewParams): pause after "
-                             "the merge for a person's review")
-    g.add_argument("--review-top", type=int, default=None,
-                   help="stop after the merge with this many images exported for review; after `addclass review "
-                        "import`, the same command trains on the reviewed version")
-    g.add_argument("--review-by", choices=REVIEW_RANKINGS, default="score", help="ranking (see review export)")
-    g.add_argument("--review-model", help="--review-by disagreement|uncertainty: a model folder, or 'champion'")
-    g.add_argument("--review-format", choices=REVIEW_FORMATS, default="coco")
-    g.add_argument("--review-out", help="export folder (default: STORE.review/CLASS-VERSION)")
+def _sized_help(field: str) -> str:
+    gpu, cpu = getattr(RUN_SIZES["cuda"], field), getattr(RUN_SIZES["cpu"], field)
+    return f"{gpu} on a GPU, {cpu} on the CPU"
 
 
 def add_flow_run_args(p: argparse.ArgumentParser, deployment: str) -> None:
     p.add_argument("--init-model", help="fine-tune this model folder, or 'champion' (the store's champion)")
     p.add_argument("--eval-splits", nargs="+", default=["val", "test"], help="splits to evaluate on")
     p.add_argument("--runs-dir", help="where models and reports go (default: STORE.runs/)")
-    p.add_argument("--wait", action="store_true", help="wait for another writer of the store")
+    p.add_argument("--wait", dest="wait_for_lock", action="store_true",
+                   help="wait for another writer of the store")
     p.add_argument("--deployment", action="store_true",
                    help=f"submit to the {deployment} deployment and follow it")
     p.add_argument("--deployment-name", default=deployment)
@@ -211,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--prompt", required=True, help=PROMPT_HELP)
     pl.add_argument("--split", default="train")
     add_labeler_args(pl)
-    pl.add_argument("--batch-size", type=int, default=8, help="images per batch (one task per batch)")
     pl.add_argument("--wait", action="store_true", help="wait for another writer instead of failing")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--quiet", action="store_true")
@@ -259,36 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train MaSSFormer on a label version (resumable)")
     tr.add_argument("store")
     tr.add_argument("--version", default="latest")
-    tr.add_argument("--variant", choices=VARIANTS, default="r50")
+    g = tr.add_argument_group("training", "the training settings (flows.settings.TrainingParams); the defaults "
+                              "that differ from the flows' are flows.settings.TRAIN_COMMAND_DEFAULTS")
+    add_model_flags(g, TrainingParams, group="training", defaults=TRAIN_COMMAND_DEFAULTS,
+                    default_help={name: _sized_help(name) for name in SIZED_FIELDS})
     tr.add_argument("--pixel-decoder", choices=PIXEL_DECODERS, default=None, help=PIXEL_DECODER_HELP)
-    tr.add_argument("--iters", type=int, default=None, help=_sized_help("iters"))
-    tr.add_argument("--batch-size", type=int, default=None, help=_sized_help("batch_size"))
-    tr.add_argument("--crop-size", type=int, default=None, help=_sized_help("crop_size"))
-    add_recipe_args(tr)
     tr.add_argument("--ema-decay", type=float, default=None,
                     help="decay of the weight average the run keeps, 0 for none (default: the recipe's)")
-    tr.add_argument("--val-every", type=int, default=None,
-                    help="steps between validations on val (default: 10 per run; 0: none)")
     tr.add_argument("--amp", action="store_true",
                     help="bf16 autocast of the forward pass on a GPU (MaSSFormer's recipe: fp32)")
-    tr.add_argument("--reweight", choices=REWEIGHT_MODES, default="inverse")
-    tr.add_argument("--no-inverse-near-pseudo", action="store_true")
-    tr.add_argument("--points", type=int, default=None, help=_sized_help("points"))
-    tr.add_argument("--checkpoint-every", type=int, default=1000)
-    tr.add_argument("--accumulate", type=int, default=1,
-                    help="forward/backward passes per step in each process (gradient accumulation): the batch "
-                         "size stays the global one")
-    tr.add_argument("--nproc", type=int, default=1,
-                    help="training processes on this node (torchrun, one per GPU; gloo on the CPU); the batch "
-                         "is split over them")
-    tr.add_argument("--nnodes", type=int, default=1, help="nodes (run the same command on each)")
-    tr.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="several nodes: where they meet (the first node)")
     tr.add_argument("--backbone-checkpoint", help="torchvision ImageNet ResNet weights (resnet50-0676ba61.pth)")
     tr.add_argument("--init-model", help="fine-tune a trained model folder (final/ of an earlier run); "
                     "classes matched by name, new classes start untrained")
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--workers", type=int, default=2, help="data loader processes")
-    tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", required=True)
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     tr.add_argument("--quiet", action="store_true")
@@ -315,19 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", action="append", default=None, metavar="NAME",
                     help="--into-store: a split to predict (repeatable; default: all; the others keep the "
                          "model's label version)")
-    pr.add_argument("--mode", choices=PREDICT_MODES, default="auto",
-                    help="auto: the model's own (tiles of the crop size it trained on); whole image at once; "
-                         "or sliding windows of --window (memory bounded by it)")
-    pr.add_argument("--window", type=int, default=1024, help="slide: tile size")
-    pr.add_argument("--stride", type=int, default=None, help="slide: tile step (default: 3/4 of the window)")
-    pr.add_argument("--tta", action="store_true", help="average over --tta-scales and horizontal flips")
-    pr.add_argument("--tta-scales", type=float, nargs="+", default=None,
-                    help="ratios of the model's test scale (default: 0.5 0.75 1 1.25 1.5 1.75)")
-    pr.add_argument("--device", default="cpu")
-    pr.add_argument("--no-bf16", action="store_true", help="on a GPU: fp32 instead of bf16 autocast")
-    pr.add_argument("--overlays", action="store_true", help="also write overlays/NAME.jpg")
-    pr.add_argument("--scores", action="store_true", help="also write scores/NAME.npz (class scores, large)")
-    pr.add_argument("--overwrite", action="store_true", help="replace predictions an earlier predict wrote")
+    add_model_flags(pr.add_argument_group("prediction", "the prediction settings (flows.settings.PredictionParams)"),
+                    PredictionParams, group="prediction")
     pr.add_argument("--quiet", action="store_true")
 
     xm = sub.add_parser("export-model", help="export a trained model to ONNX or torch.export")
@@ -353,15 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("out", help="a new folder: images/, annotations.json (COCO), manifest.json")
     rx.add_argument("--class", dest="class_name", required=True, help="the class to review (e.g. car)")
     rx.add_argument("--version", default="latest", help="label version whose masks are reviewed")
-    rx.add_argument("--top", type=int, default=20, help="how many images")
-    rx.add_argument("--by", choices=REVIEW_RANKINGS, default="score",
-                    help="score: lowest labeler confidence first; disagreement: lowest IoU between the version's "
-                         "mask and --model's prediction first; uncertainty: --model least sure along the "
-                         "version's boundary of the class first")
-    rx.add_argument("--model", help="--by disagreement|uncertainty: a run folder, or 'champion' of the store")
-    rx.add_argument("--format", choices=REVIEW_FORMATS, default="coco",
-                    help="coco: annotations.json (CVAT 'COCO 1.0', FiftyOne, most tools); labelstudio: tasks.json "
-                         "with brush pre-annotations and labeling_config.xml")
+    add_model_flags(rx, ReviewParams, group="review", only=("top", "by", "model", "format"))
     ri = rv_sub.add_parser("import", help="publish the reviewed annotations of an export (COCO annotations.json, "
                            "or Label Studio's JSON export) as a label version")
     ri.add_argument("store")
@@ -384,9 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--scale-out", choices=get_args(ScaleOut), default="auto",
                     help="runner of the mapped stages (auto: Dask with a server, threads without)")
     add_flow_run_args(ac, "add-class/add-class")
-    add_flow_labeling_args(ac)
-    add_flow_training_args(ac)
-    add_flow_review_args(ac)
+    add_flow_settings_args(ac, ("labeling", "training", "review"))
 
     rt = sub.add_parser("retrain", help="run the retrain flow: train a challenger on a label version, evaluate, "
                         "register (in-process, or on a deployment)")
@@ -395,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--promote", choices=get_args(Promote), default="if-better",
                     help="make the challenger the champion: if it beats it on val, always, or never")
     add_flow_run_args(rt, "retrain/retrain")
-    add_flow_training_args(rt)
+    add_flow_settings_args(rt, ("training",))
 
     demo = sub.add_parser("demo", help="add car to the shipped 7-class tiny model on synthetic data, no downloads "
                                        "(~4 min on 2 cores)")
@@ -411,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: the recipe's)")
     demo.add_argument("--crop", type=int, default=d.crop)
     demo.add_argument("--points", type=int, default=d.points,
-                      help="sampled points per mask (MaSSFormer's default: 12544)")
+                      help=f"sampled points per mask (MaSSFormer's release: {release.NUM_POINTS})")
     demo.add_argument("--test-scale", type=float, default=d.test_scale,
                       help="the model's inference scale (masks at test_scale / 2 of the image's resolution)")
     demo.add_argument("--test-ratios", type=float, nargs="+", default=list(d.test_ratios), metavar="R",

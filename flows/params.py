@@ -1,10 +1,11 @@
-"""The flows' structured parameters and what they turn into.
+"""What the flows' structured parameters turn into.
 
-`LabelingParams` and `TrainingParams` are Pydantic models: Prefect validates them and renders them as forms in
-its UI, a deployment run takes them as JSON (``--param training='{"iters": 600}'``), and ``addclass`` sets
-each field with one flag (`flows.cli.flow_params`). `labeler_config` and `train_config` are the one place each
-becomes the `LabelerConfig` / `TrainConfig` the tasks run; `parse_params` and `check_splits` are the checks
-that run before any work (one-line errors naming the parameter).
+`LabelingParams`, `TrainingParams`, `ReviewParams` and `PredictionParams` (`flows.settings`, re-exported here)
+are Pydantic models: Prefect validates them and renders them as forms in its UI, a deployment run takes them
+as JSON (``--param training='{"iters": 600}'``), and ``addclass`` sets each field with one flag generated
+from it (`flows.cli_fields`). `labeler_config`, `train_config` and `predict_config` are the one place each
+becomes the `LabelerConfig` / `TrainConfig` / `PredictConfig` the tasks run; `parse_params` and
+`check_splits` are the checks that run before any work (one-line errors naming the parameter).
 """
 
 from __future__ import annotations
@@ -14,179 +15,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from common.errors import InputError
-from flows.choices import (
-    AutocastDtype,
-    DinoConfig,
-    LabelerKind,
-    ModelVariant,
-    PredictMode,
-    RecipeChoice,
-    ReviewFormat,
-    ReviewRanking,
-    SamVariant,
-)
-from models.training.loss_weights import ReweightMode
+from flows.settings import LabelingParams as LabelingParams
+from flows.settings import PredictionParams as PredictionParams
+from flows.settings import ReviewParams as ReviewParams
+from flows.settings import TrainingParams as TrainingParams
 from storage.names import parse_split
-from tasks.predict import DEFAULT_TTA_SCALES, PredictConfig
+from tasks.predict import PredictConfig
 from tasks.pseudo_label import LabelerConfig
 from tasks.train import TrainConfig, run_name
 from tasks.train_launch import Launch
-
-# Field descriptions come from the attribute docstrings (Prefect's UI shows them under each field); unknown
-# fields are an error, so a typo in a JSON parameter is not silently ignored.
-_PARAMS_CONFIG = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
-
-
-class LabelingParams(BaseModel):
-    """How the new class is pseudo-labelled (docs/design.md §5). The labeler runs on ``training.device`` with
-    ``training.seed``."""
-
-    model_config = _PARAMS_CONFIG
-
-    kind: LabelerKind = "grounded-sam"
-    """Labeler; 'simulated' (degraded reference masks) is for experiments and the demo only."""
-    sam_variant: SamVariant = "vit_b"
-    """SAM image encoder."""
-    sam_checkpoint: str | None = None
-    """SAM weights (default: $ADDCLASS_SAM_CHECKPOINT, else ~/.cache/addclass/weights/)."""
-    dino_config: DinoConfig = "swint_ogc"
-    """GroundingDINO model."""
-    dino_checkpoint: str | None = None
-    """GroundingDINO weights (default: $ADDCLASS_DINO_CHECKPOINT, else ~/.cache/addclass/weights/)."""
-    random_weights: bool = False
-    """Random model weights: smoke tests only."""
-    box_threshold: float = 0.35
-    """GroundingDINO box score threshold, in [0, 1]."""
-    text_threshold: float = 0.25
-    """GroundingDINO phrase score threshold, in [0, 1]."""
-    max_boxes: int | None = 20
-    """Boxes kept per image, best first (null: all)."""
-    dtype: AutocastDtype | None = None
-    """Autocast on a GPU (null: fp32)."""
-    tile_size: int | None = None
-    """Also detect on overlapping tiles of this many px (large images, small objects; null: whole image only)."""
-    tile_overlap: int = 128
-    """Minimum overlap of neighbouring detection tiles, px."""
-    min_region_area: int = 0
-    """Remove mask islands and fill holes smaller than this many px (0: masks as SAM gives them)."""
-    negative_phrases: list[str] = []
-    """Phrases whose boxes remove the prompt's boxes they overlap (e.g. ["toy car"]); they label nothing."""
-    negative_iou: float = 0.5
-    """IoU at which a negative phrase's box removes a prompt box."""
-    refine: bool = False
-    """Decode every box again on a crop around it: finer masks of small objects, one encoder pass per box."""
-    refine_margin: float = 0.25
-    """Context around a refined box, as a fraction of its side."""
-    hq_token_only: bool = False
-    """HQ-SAM variants only: the HQ token's mask alone (default: added to SAM's mask)."""
-    batch_size: int = 8
-    """Images per labelling task (the unit of scale-out and retries)."""
-    splits: list[str] = ["train", "val"]
-    """Splits to pseudo-label (the others keep the parent version's labels)."""
-    gpus: list[int] | None = None
-    """GPUs to label on, one local Dask worker each (pinned with CUDA_VISIBLE_DEVICES; needs device 'cuda' and a
-    Prefect server)."""
-
-
-class TrainingParams(BaseModel):
-    """How the model is trained (`tasks.train_config.TrainConfig`, docs/design.md §3); CPU-sized defaults."""
-
-    model_config = _PARAMS_CONFIG
-
-    variant: ModelVariant = "tiny"
-    """Model variant: MaSSFormer (tiny, lite_r18, r50) or a baseline (mask2former_*, maskformer_*, semask_fpn_*)."""
-    iters: int = 300
-    """Training steps."""
-    batch_size: int = 2
-    """Images per step, >= 2."""
-    crop_size: int = 256
-    """Side of the square training crops, >= 64."""
-    reweight: ReweightMode = "inverse"
-    """Point weights of the mask loss: 'inverse' trusts pseudo-label edges less."""
-    inverse_weight_near_pseudo: bool = True
-    """Precise pixels next to the new class get the inverse weight too (reweight 'inverse' only)."""
-    num_points: int = 12544
-    """Sampled points per mask (CPU: ~8192)."""
-    num_workers: int = 2
-    """Data-loader processes (0: load in the training process)."""
-    recipe: RecipeChoice = "auto"
-    """Optimiser recipe; 'auto': 'scratch' for a random start, 'paper' from init_model."""
-    lr: float | None = None
-    """Base learning rate (null: the recipe's)."""
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    """Random resize ratio of the training images (low, high)."""
-    test_scale: float = 1.0
-    """The trained model's inference scale (e.g. 2 with scale_range [0.75, 1.5] on small images)."""
-    test_ratios: tuple[float, ...] = (1.0,)
-    """Scales the model averages at inference, as ratios of test_scale (e.g. [1, 1.5])."""
-    test_window: int | None = None
-    """Tile side (network pixels) the model predicts larger images in; None: crop_size; 0: whole images."""
-    checkpoint_every: int = 100
-    """Steps between checkpoints: a stopped run resumes from the last one."""
-    val_every: int | None = None
-    """Steps between validations on val during training (None: 10 per run; 0: none)."""
-    seed: int = 0
-    """Seed of the initialisation, data order, augmentations and loss points (and of the labeler)."""
-    device: str = "cpu"
-    """Where the labeler, the training and the evaluation run: 'cpu', 'cuda', 'cuda:1', 'auto'."""
-    accumulate: int = 1
-    """Forward/backward passes per step in each training process (gradient accumulation)."""
-    processes: int = 1
-    """Training processes per node (torchrun, one per GPU; >1: data-parallel, the batch split over them)."""
-    nnodes: int = 1
-    """Nodes training together (the flow runs on the first; start the same torchrun on the others)."""
-    rdzv_endpoint: str | None = None
-    """host:port where several nodes meet (the first node)."""
-
-
-class ReviewParams(BaseModel):
-    """Stop add-class after the merge for a person's review of the new class (`tasks.review`), and train on
-    the reviewed labels once they are imported (``addclass review import``): a rerun of the same add-class
-    finds the imported version and goes on from it."""
-
-    model_config = _PARAMS_CONFIG
-
-    top: int = 20
-    """Images sent for review, the most worth a look first."""
-    by: ReviewRanking = "score"
-    """Ranking: 'score' (the labeler's lowest confidence first); 'disagreement' or 'uncertainty' need `model`."""
-    model: str | None = None
-    """A trained model folder or 'champion', for the 'disagreement' and 'uncertainty' rankings."""
-    format: ReviewFormat = "coco"
-    """'coco' (CVAT's COCO 1.0, FiftyOne, most tools) or 'labelstudio' (tasks with brush pre-annotations)."""
-    out: str | None = None
-    """Export folder (default: STORE.review/CLASS-VERSION)."""
-
-
-class PredictionParams(BaseModel):
-    """How a trained model predicts new images (`tasks.predict.PredictConfig`)."""
-
-    model_config = _PARAMS_CONFIG
-
-    mode: PredictMode = "auto"
-    """'auto': the model's own tiles (its training crop); 'whole': one pass per image; 'slide': window tiles."""
-    window: int = 1024
-    """Tile size of 'slide', in input pixels."""
-    stride: int | None = None
-    """Tile step of 'slide' (null: 3/4 of the window)."""
-    tta: bool = False
-    """Average over tta_scales and horizontal flips, in probability space."""
-    tta_scales: list[float] = list(DEFAULT_TTA_SCALES)
-    """Ratios of the model's test scale."""
-    device: str = "cpu"
-    """'cpu', 'cuda', 'cuda:1'."""
-    bf16: bool = True
-    """bf16 autocast on a GPU (ignored on the CPU)."""
-    overlays: bool = False
-    """Also write overlays/NAME.jpg."""
-    scores: bool = False
-    """Also write scores/NAME.npz (per-class scores; large)."""
-    overwrite: bool = False
-    """Predict again images predicted before (files addclass did not write are never replaced)."""
-
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -280,12 +120,21 @@ def train_config(training: TrainingParams, *, store: str, version: str, runs_dir
     Raises:
         ValueError: naming the parameter.
     """
-    t = training
-    if t.iters < 1 or t.batch_size < 2 or t.crop_size < 64:
-        raise InputError(f"Expected iters >= 1, batch_size >= 2, crop_size >= 64. "
-                         f"Got {t.iters}, {t.batch_size}, {t.crop_size}.")
     runs = Path(runs_dir) if runs_dir else Path(f"{store.rstrip('/')}.runs")
-    fields = t.model_dump(exclude={"crop_size"} | LAUNCH_FIELDS)
-    cfg = TrainConfig(**fields, crop_size=(t.crop_size, t.crop_size), store=store, version=version,
-                      out_dir=str(runs), init_model=init_model)
+    cfg = task_train_config(training, store=store, version=version, out_dir=str(runs), init_model=init_model)
     return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))
+
+
+def task_train_config(training: TrainingParams, *, store: str, version: str, out_dir: str, init_model: str | None,
+                      **more: Any) -> TrainConfig:
+    """The `TrainConfig` of `training` (square crops) in run folder `out_dir`: every `TrainingParams` field but
+    `LAUNCH_FIELDS` is a `TrainConfig` field; `more` sets others (``addclass train``'s ``lr``, ``amp``, ...),
+    and the rest keep TrainConfig's defaults. Building it checks the values (`training`'s ranges were checked
+    when it was built).
+
+    Raises:
+        ValueError: naming the values.
+    """
+    fields = training.model_dump(exclude={"crop_size"} | LAUNCH_FIELDS)
+    return TrainConfig(**fields, crop_size=(training.crop_size, training.crop_size), store=store, version=version,
+                       out_dir=out_dir, init_model=init_model, **more)

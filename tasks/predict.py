@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from common.errors import InputError
+from models import release
 from models.massformer.model import MaSSFormer
 from models.palette import class_color, colorize
 from storage.staging import WRITTEN_MANIFEST, record_written
@@ -39,7 +40,7 @@ from storage.staging import WRITTEN_MANIFEST, record_written
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CLASSES_FILE = "classes.json"
 PREDICT_MODES = ("auto", "whole", "slide")
-DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # MaSS13K's multi-scale test (ratios of test_scale)
+DEFAULT_TTA_SCALES = release.TTA_SCALES  # MaSS13K's multi-scale test (ratios of test_scale)
 
 
 @dataclass(frozen=True)

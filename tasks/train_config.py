@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InputError
+from models import release
 from models.hashing import json_hash
 from models.massformer.build import MODEL_BUILDERS, default_pixel_decoder, pixel_decoder_problem
 from models.training.loss_weights import parse_reweight_mode
@@ -38,15 +39,14 @@ class TrainConfig:
         store: Label store path.
         out_dir: Run folder (checkpoints, log, ``final/``).
         version: Label version to train on (``"latest"`` is resolved by `resolve_train_config`).
-        variant: A ``models.massformer.build.MODEL_BUILDERS`` key (``r50``, ``lite_r18``, ``tiny``, or a
-            baseline: ``mask2former_r50``, ``maskformer_r50``, ``semask_fpn_swint`` and their ``_tiny``
-            versions).
+        variant: A ``models.massformer.build.MODEL_BUILDERS`` key: MaSSFormer or a baseline (the CLI's and the
+            flows' choices are `flows.choices.ModelVariant`, checked against it by a test).
         num_classes: K; derived from the version (None until resolved; a different value is an error).
         pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (the mask-classification baseline) for the MaSSFormer
             variants; the baselines have their own (``"msdeform"``, ``"fpn"``, ``"semantic_fpn"``) and take no
             other. None (the
             default) is resolved to the variant's own.
-        iters: Training steps (MaSSFormer's default: 80000).
+        iters: Training steps (MaSSFormer's release: `models.release.ITERS`).
         batch_size: Images per step, >= 2 (the pixel decoder has BatchNorm after global pooling): the global
             batch, whatever the number of processes (`tasks.distributed`) and ``accumulate``; both must divide
             it. The step count ``iters`` is counted in these batches too.
@@ -69,7 +69,7 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         reweight: BCE point weights, ``"none"``, ``"edge"`` or ``"inverse"``.
         inverse_weight_near_pseudo: Precise pixels next to pseudo regions get the inverse weight.
-        num_points: Sampled points per mask (matcher and losses; MaSSFormer's default: 12544).
+        num_points: Sampled points per mask (matcher and losses; MaSSFormer's release: `models.release.NUM_POINTS`).
         checkpoint_every: Steps between checkpoints (the last step is always saved).
         keep_checkpoints: Newest checkpoints kept (0: all).
         seed: Seed of the initialisation, the data order, the augmentations and the loss points.
@@ -107,10 +107,10 @@ class TrainConfig:
     variant: str = "r50"
     num_classes: int | None = None
     pixel_decoder: str | None = None
-    iters: int = 80000
+    iters: int = release.ITERS
     batch_size: int = 16
     accumulate: int = 1
-    crop_size: tuple[int, int] = (1024, 1024)
+    crop_size: tuple[int, int] = (release.CROP_SIZE, release.CROP_SIZE)
     scale_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     recipe: str = "auto"
@@ -122,7 +122,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     reweight: str = "inverse"
     inverse_weight_near_pseudo: bool = True
-    num_points: int = 12544
+    num_points: int = release.NUM_POINTS
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     seed: int = 0

@@ -14,6 +14,20 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from common.errors import InputError
+from models.labelers.options import (
+    BOX_THRESHOLD,
+    DINO_CONFIG,
+    DINO_IMAGE_SIZE,
+    MAX_BOXES,
+    NEGATIVE_IOU,
+    NMS_IOU,
+    REFINE_MARGIN,
+    SAM_VARIANT,
+    TEXT_THRESHOLD,
+    TILE_OVERLAP,
+    check_options,
+    without_off_options,
+)
 
 if TYPE_CHECKING:
     from models.labelers.base import Labeler
@@ -24,61 +38,46 @@ if TYPE_CHECKING:
 LabelerKind = Literal["grounded-sam", "simulated"]  # the keys of LABELERS (a test checks they agree)
 
 
-def check_tiles(tile: int, overlap: int) -> None:
-    """Raises InputError unless ``tile >= 64`` and ``0 <= overlap <= tile / 2`` (detection tiles, px)."""
-    if tile < 64 or not 0 <= overlap <= tile // 2:
-        raise InputError(f"Expected tile_size >= 64 and 0 <= tile_overlap <= tile_size / 2. "
-                         f"Got {tile}, {overlap} instead.")
-
-
 @dataclass(frozen=True)
 class LabelerConfig:
     """Which labeler and how (the flow parameter; every field that applies to the kind but ``device`` is part
     of the resume key, so a run interrupted on the GPU can finish on the CPU without relabelling)."""
 
     kind: LabelerKind = "grounded-sam"
-    sam_variant: str = "vit_b"
+    sam_variant: str = SAM_VARIANT
     sam_checkpoint: str | None = None
-    dino_config: str = "swint_ogc"
+    dino_config: str = DINO_CONFIG
     dino_checkpoint: str | None = None
     device: str = "cpu"
     dtype: str | None = None
-    box_threshold: float = 0.35
-    text_threshold: float = 0.25
-    nms_iou: float | None = 0.8
-    max_boxes: int | None = 20
-    dino_image_size: int = 800
+    box_threshold: float = BOX_THRESHOLD
+    text_threshold: float = TEXT_THRESHOLD
+    nms_iou: float | None = NMS_IOU
+    max_boxes: int | None = MAX_BOXES
+    dino_image_size: int = DINO_IMAGE_SIZE
     random_weights: bool = False
     seed: int = 0
     simulated: dict[str, Any] = field(default_factory=dict)  # SimulatedLabeler keyword overrides
     tile_size: int | None = None  # GroundingDINO also on overlapping tiles of this many px (None: whole image)
-    tile_overlap: int = 128
+    tile_overlap: int = TILE_OVERLAP
     min_region_area: int = 0  # px: mask islands and holes smaller than this are removed / filled (0: none)
     negative_phrases: tuple[str, ...] = ()  # their boxes remove overlapping prompt boxes ("toy car")
-    negative_iou: float = 0.5
+    negative_iou: float = NEGATIVE_IOU
     refine: bool = False  # decode every box again on a crop around it (finer masks of small objects)
-    refine_margin: float = 0.25  # context around a refined box, fraction of its side
+    refine_margin: float = REFINE_MARGIN  # context around a refined box, fraction of its side
     hq_token_only: bool = False  # HQ-SAM: the HQ token's mask alone
 
     def __post_init__(self) -> None:
         if self.kind not in LABELERS:
             raise InputError(f"Expected labeler {' or '.join(map(repr, LABELER_KINDS))}. "
                              f"Got {self.kind!r} instead.")
-        for name in ("box_threshold", "text_threshold"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise InputError(f"Expected {name} in [0, 1]. Got {v} instead.")
-        if self.tile_size is not None:
-            check_tiles(self.tile_size, self.tile_overlap)
-        if self.min_region_area < 0:
-            raise InputError(f"Expected min_region_area >= 0. Got {self.min_region_area} instead.")
+        check_options(box_threshold=self.box_threshold, text_threshold=self.text_threshold, nms_iou=self.nms_iou,
+                      max_boxes=self.max_boxes, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+                      min_region_area=self.min_region_area, negative_iou=self.negative_iou,
+                      refine_margin=self.refine_margin)
         if isinstance(self.negative_phrases, str):
             raise InputError(f"Expected negative_phrases as a list. Got the string {self.negative_phrases!r}.")
         object.__setattr__(self, "negative_phrases", tuple(self.negative_phrases))
-        if not 0.0 < self.negative_iou <= 1.0:
-            raise InputError(f"Expected negative_iou in (0, 1]. Got {self.negative_iou} instead.")
-        if not 0.0 <= self.refine_margin <= 4.0:
-            raise InputError(f"Expected refine_margin in [0, 4]. Got {self.refine_margin} instead.")
         if self.kind == "grounded-sam":
             from models.labelers.sam_engines import sam_variant
 
@@ -99,18 +98,9 @@ class LabelerConfig:
 
     def resume_settings(self) -> dict[str, Any]:
         """The settings that decide the labels (the resume key's): all but the device. Options that are off
-        are left out (``OFF_WHEN``), so runs made before an option existed keep their key."""
-        d = self.to_dict()
-        off = {k for k, (switch, value) in OFF_WHEN.items() if k in d and d.get(switch) == value}
-        return {k: v for k, v in d.items() if k != "device" and k not in off}
-
-
-# option -> (the field that switches it, the value meaning "off"): left out of the resume key when off
-OFF_WHEN: dict[str, tuple[str, Any]] = {
-    "tile_size": ("tile_size", None), "tile_overlap": ("tile_size", None), "min_region_area": ("min_region_area", 0),
-    "negative_phrases": ("negative_phrases", ()), "negative_iou": ("negative_phrases", ()),
-    "refine": ("refine", False), "refine_margin": ("refine", False), "hq_token_only": ("hq_token_only", False),
-}
+        are left out (`models.labelers.options.without_off_options`), so runs made before an option existed
+        keep their key."""
+        return {k: v for k, v in without_off_options(self.to_dict()).items() if k != "device"}
 
 
 class LabelerBuilder(Protocol):

@@ -1,7 +1,7 @@
 """Grounded-SAM pseudo-labeler: GroundingDINO boxes for a text prompt, SAM masks for the boxes.
 
 Behaviour follows the reference demos (docs/design.md §5.1, §5.2): caption ``"<prompt> ."``; a
-query is kept when its max-over-tokens sigmoid score is > ``box_threshold`` (0.35); its phrase is the tokens
+query is kept when its max-over-tokens sigmoid score is > ``box_threshold``; its phrase is the tokens
 scoring > ``text_threshold`` (0.25); optional class-agnostic NMS (IoU 0.8) and a top-k cap; every box of an
 image goes through SAM in one batched decoder call on one image embedding, ``multimask_output=False``; mask
 logits are upsampled to the original resolution (bilinear 256 -> 1024, crop the padding, bilinear to H x W)
@@ -54,7 +54,6 @@ from models.labelers.grounded_sam_ops import (
     autocast_context,
     build_caption,
     check_phrases,
-    check_tiles,
     cut_edges,
     merge_tiled_boxes,
     parse_dtype,
@@ -74,6 +73,20 @@ from models.labelers.grounded_sam_weights import (
 )
 from models.labelers.image_input import ImageInput, load_image_rgb, prefetch_images
 from models.labelers.label_record import LabelRecord
+from models.labelers.options import (
+    BOX_THRESHOLD,
+    DINO_CONFIG,
+    DINO_IMAGE_SIZE,
+    MAX_BOXES,
+    NEGATIVE_IOU,
+    NMS_IOU,
+    REFINE_MARGIN,
+    SAM_VARIANT,
+    TEXT_THRESHOLD,
+    TILE_OVERLAP,
+    check_options,
+    without_off_options,
+)
 from models.labelers.sam_engines import FAMILY_URLS, build_engine, build_sam_model
 from models.labelers.sam_engines import sam_variant as sam_variant_entry
 
@@ -131,29 +144,29 @@ class GroundedSamLabeler:
     def __init__(
         self,
         *,
-        sam_variant: str = "vit_b",
+        sam_variant: str = SAM_VARIANT,
         sam_checkpoint: str | os.PathLike[str] | None = None,
-        dino_config: str = "swint_ogc",
+        dino_config: str = DINO_CONFIG,
         dino_checkpoint: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
-        box_threshold: float = 0.35,
-        text_threshold: float = 0.25,
-        nms_iou: float | None = 0.8,
-        max_boxes: int | None = 20,
+        box_threshold: float = BOX_THRESHOLD,
+        text_threshold: float = TEXT_THRESHOLD,
+        nms_iou: float | None = NMS_IOU,
+        max_boxes: int | None = MAX_BOXES,
         dtype: str | None = None,
-        dino_image_size: int = 800,
+        dino_image_size: int = DINO_IMAGE_SIZE,
         dino_max_size: int | None = 1333,
         random_weights: bool = False,
         seed: int = 0,
         embedding_cache: EmbeddingCache | None = None,
         mask_chunk_bytes: int = 64 << 20,
         tile_size: int | None = None,
-        tile_overlap: int = 128,
+        tile_overlap: int = TILE_OVERLAP,
         min_region_area: int = 0,
         negative_phrases: Sequence[str] = (),
-        negative_iou: float = 0.5,
+        negative_iou: float = NEGATIVE_IOU,
         refine: bool = False,
-        refine_margin: float = 0.25,
+        refine_margin: float = REFINE_MARGIN,
         hq_token_only: bool = False,
     ) -> None:
         variant = sam_variant_entry(sam_variant)
@@ -228,31 +241,19 @@ class GroundedSamLabeler:
         refine: bool,
         refine_margin: float,
     ) -> None:
-        for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
-            if not 0.0 <= float(value) < 1.0:
-                raise InputError(f"{name} must be in [0, 1). Got {value} instead.")
-        if nms_iou is not None and not 0.0 < float(nms_iou) <= 1.0:
-            raise InputError(f"nms_iou must be in (0, 1] or None. Got {nms_iou} instead.")
-        if max_boxes is not None and int(max_boxes) < 1:
-            raise InputError(f"max_boxes must be >= 1 or None. Got {max_boxes} instead.")
+        check_options(box_threshold=box_threshold, text_threshold=text_threshold, nms_iou=nms_iou,
+                      max_boxes=max_boxes, tile_size=tile_size, tile_overlap=tile_overlap,
+                      min_region_area=min_region_area, negative_iou=negative_iou, refine_margin=refine_margin)
         self.box_threshold = float(box_threshold)
         self.text_threshold = float(text_threshold)
         self.nms_iou = None if nms_iou is None else float(nms_iou)
         self.max_boxes = None if max_boxes is None else int(max_boxes)
         self.embedding_cache = embedding_cache
         self.dtype = parse_dtype(dtype, self.device)
-        if tile_size is not None:
-            check_tiles(int(tile_size), int(tile_overlap))
-        if int(min_region_area) < 0:
-            raise InputError(f"min_region_area must be >= 0. Got {min_region_area} instead.")
         self.tile_size = None if tile_size is None else int(tile_size)
         self.tile_overlap = int(tile_overlap)
         self.min_region_area = int(min_region_area)
         self.negative_phrases = check_phrases(negative_phrases, what="negative_phrases")
-        if not 0.0 < float(negative_iou) <= 1.0:
-            raise InputError(f"negative_iou must be in (0, 1]. Got {negative_iou} instead.")
-        if not 0.0 <= float(refine_margin) <= 4.0:
-            raise InputError(f"refine_margin must be in [0, 4]. Got {refine_margin} instead.")
         self.negative_iou = float(negative_iou)
         self.refine = bool(refine)
         self.refine_margin = float(refine_margin)
@@ -298,13 +299,12 @@ class GroundedSamLabeler:
             "multimask_output": False,
             "mask_threshold": self.engine.mask_threshold,
             "caption_format": "<prompt> . <prompt> .",
-            # options left out while off, so the keys of runs made before they existed stay the same
-            **({"tile_size": self.tile_size, "tile_overlap": self.tile_overlap} if self.tile_size else {}),
-            **({"min_region_area": self.min_region_area} if self.min_region_area else {}),
-            **({"negative_phrases": list(self.negative_phrases), "negative_iou": self.negative_iou}
-               if self.negative_phrases else {}),
-            **({"refine": True, "refine_margin": self.refine_margin} if self.refine else {}),
-            **({"hq_token_only": True} if self.hq_token_only else {}),
+            **without_off_options({
+                "tile_size": self.tile_size, "tile_overlap": self.tile_overlap,
+                "min_region_area": self.min_region_area,
+                "negative_phrases": list(self.negative_phrases), "negative_iou": self.negative_iou,
+                "refine": self.refine, "refine_margin": self.refine_margin, "hq_token_only": self.hq_token_only,
+            }),  # options left out while off, so the keys of runs made before they existed stay the same
         }
 
     # -- stages --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import InputError
+from models import release
 from models.training.loss_weights import ReweightMode, bce_weight_map, edge_weight_map, parse_reweight_mode
 from models.training.matcher import HungarianMatcher
 from models.training.point_sample import (
@@ -260,7 +261,7 @@ class SetCriterion(nn.Module):
         losses: Subset of ``("labels", "masks", "edge", "semantic")``. ``"edge"`` is skipped for outputs whose
             ``pred_edge`` is None (the fpn baseline), ``"semantic"`` for outputs without ``aux_semantic`` (all
             but SeMask FPN).
-        num_points: Points per matched mask P (MaSSFormer's default: 12544; tests and the CPU demo use fewer).
+        num_points: Points per matched mask P (MaSSFormer's default: `models.release.NUM_POINTS`; tests and the CPU demo use fewer).
         oversample_ratio: Candidates per point for importance sampling (MaSSFormer's default: 3).
         importance_sample_ratio: Fraction of points chosen by uncertainty (MaSSFormer's default: 0.75).
         reweight: ``"none"``, ``"edge"`` or ``"inverse"`` (``models.training.loss_weights``).
@@ -283,7 +284,7 @@ class SetCriterion(nn.Module):
         edge_weight: float = 10.0,
         no_object_weight: float = 0.1,
         losses: Sequence[str] = LOSS_NAMES,
-        num_points: int = 12544,
+        num_points: int = release.NUM_POINTS,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         reweight: ReweightMode = "inverse",
@@ -517,7 +518,7 @@ class SetCriterion(nn.Module):
 def build_criterion(
     *,
     num_classes: int,
-    num_points: int = 12544,
+    num_points: int = release.NUM_POINTS,
     reweight: ReweightMode = "inverse",
     inverse_weight_near_pseudo: bool = True,
     losses: Sequence[str] = LOSS_NAMES,

@@ -2,7 +2,7 @@
 
 After Mask2Former's ``HungarianMatcher`` (facebookresearch/Mask2Former ``mask2former/modeling/matcher.py``)
 with the MaSSFormer settings (docs/design.md §2.1): costs class 2, sigmoid BCE 5, dice 5 (eps 1), on
-``num_points`` (12544) uniform random points per image, shared by all queries and all ground-truth masks of
+``num_points`` (`models.release.NUM_POINTS`) uniform random points per image, shared by all queries and all ground-truth masks of
 that image.
 """
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from models import release
 from models.training.point_sample import PointRng, image_generator, point_sample, uniform_points
 
 
@@ -113,7 +114,7 @@ class HungarianMatcher(nn.Module):
         cost_class: Weight of the class cost (MaSSFormer's default: 2).
         cost_mask: Weight of the sigmoid BCE cost (MaSSFormer's default: 5).
         cost_dice: Weight of the dice cost (MaSSFormer's default: 5).
-        num_points: Uniform random points per image (MaSSFormer's default: 12544).
+        num_points: Uniform random points per image (MaSSFormer's default: `models.release.NUM_POINTS`).
     """
 
     def __init__(
@@ -122,7 +123,7 @@ class HungarianMatcher(nn.Module):
         cost_class: float = 2.0,
         cost_mask: float = 5.0,
         cost_dice: float = 5.0,
-        num_points: int = 12544,
+        num_points: int = release.NUM_POINTS,
     ) -> None:
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:

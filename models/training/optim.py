@@ -226,7 +226,7 @@ def build_lr_scheduler(
 
     Args:
         optimizer: Optimizer whose groups' current ``lr`` are the base rates.
-        max_iters: Total iterations (MaSSFormer's default: 80000).
+        max_iters: Total iterations (MaSSFormer's release: `models.release.ITERS`).
         warmup_iters: Linear warm-up iterations (paper recipe: 0).
 
     Returns:

@@ -23,7 +23,8 @@ def _untouched(store: Path) -> None:
     [
         ({"prompt": ""}, ValueError, "non-empty"),
         ({"prompt": "sky"}, ValueError, "already exists"),
-        ({"prompt": "car", "training": {"batch_size": 1}}, ValueError, "batch_size >= 2"),
+        ({"prompt": "car", "training": {"batch_size": 1}}, ValueError,
+         "training.batch_size: Input should be greater than or equal to 2"),
         ({"prompt": "car", "labeling": {"kind": "grounded-sam", "sam_checkpoint": "/nowhere/sam.pth"}},
          FileNotFoundError, "/nowhere/sam.pth.*segment-anything"),
         ({"prompt": "car", "scale_out": "dask"}, ValueError, "needs a Prefect server"),

@@ -148,79 +148,51 @@ def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path
     assert review.out == str(tmp_path / "rev")
 
 
-def _flag_default(action: argparse.Action) -> Any:
-    from flows.cli import FLOW_FLAGS_NEGATED
-
-    default = action.default
-    if action.dest in FLOW_FLAGS_NEGATED:
-        return not default
-    return list(default) if isinstance(default, list | tuple) else default
-
-
 @pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "flows.add_class", "add_class"),
                                                                    ("retrain", "flows.retrain", "retrain")])
-def test_every_flow_parameter_and_field_has_one_flag_with_its_default(command: str, flow_module: str,
-                                                                      flow_name: str) -> None:
-    """A flow parameter or a field of a parameter object (`labeling`, `training`) that the CLI cannot set, a
-    flag that reaches no parameter or field, or a flag whose default is not the flow's, fails here."""
+def test_every_flow_parameter_has_one_flag_with_its_default(command: str, flow_module: str, flow_name: str) -> None:
+    """A top-level flow parameter the CLI cannot set, a flag that reaches no parameter, or a flag whose default
+    is not the flow's, fails here (the fields of the parameter objects: tests/flows/test_settings_single_source.py)."""
     import importlib
     import inspect
-    from typing import get_args
 
-    from pydantic import BaseModel
-
-    from flows.cli import FLOW_CONTROL, FLOW_OPTIONAL_GROUPS, FLOW_PATHS, flag_target
+    from flows.cli import FLOW_CONTROL, FLOW_PATHS
+    from flows.cli_args import FLOW_GROUPS
 
     flow = getattr(importlib.import_module(flow_module), flow_name)
     params = inspect.signature(flow.fn, eval_str=True).parameters
-    expected: dict[str, Any] = {}  # every top-level parameter and every field of the parameter objects
-    for name, param in params.items():
-        if isinstance(param.default, BaseModel):
-            for field, info in type(param.default).model_fields.items():
-                expected[f"{name}.{field}"] = info.get_default(call_default_factory=True)
-        elif name in FLOW_OPTIONAL_GROUPS:  # None unless its switch flag (default None) is given
-            model = next(t for t in get_args(param.annotation) if isinstance(t, type) and issubclass(t, BaseModel))
-            for field, info in model.model_fields.items():
-                switch = field == FLOW_OPTIONAL_GROUPS[name]
-                expected[f"{name}.{field}"] = None if switch else info.get_default(call_default_factory=True)
-        else:
-            expected[name] = param.default
-    actions = [a for a in _subparser(command)._actions if a.dest not in FLOW_CONTROL and a.dest != "help"]
-    targets = [flag_target(a.dest) for a in actions]
-    assert sorted(targets) == sorted(expected)  # one flag each, and no flag that reaches nothing
-    for action, target in zip(actions, targets, strict=True):
-        if action.required or target in FLOW_PATHS:
+    expected = {name: p.default for name, p in params.items() if name not in FLOW_GROUPS}
+    actions = [a for a in _subparser(command)._actions
+               if a.dest not in FLOW_CONTROL and a.dest != "help" and "." not in a.dest]
+    assert sorted(a.dest for a in actions) == sorted(expected)  # one flag each, and no flag that reaches nothing
+    assert set(_subparser(command).get_default("flow_groups")) == set(params) & set(FLOW_GROUPS)
+    for action in actions:
+        if action.required or action.dest in FLOW_PATHS:
             continue  # prompt, store; paths are made absolute
-        default = expected[target]
-        assert _flag_default(action) == (list(default) if isinstance(default, tuple) else default), target
+        default = expected[action.dest]
+        assert action.default == (list(default) if isinstance(default, tuple) else default), action.dest
 
 
 @pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "flows.add_class", "add_class"),
                                                                    ("retrain", "flows.retrain", "retrain")])
 def test_flag_choices_are_the_parameter_choices(command: str, flow_module: str, flow_name: str) -> None:
-    """A flag with choices offers exactly the values its parameter or field accepts."""
+    """A top-level flag with choices offers exactly the values its parameter accepts."""
     import importlib
     import inspect
     from typing import get_args
 
-    from flows.cli import flag_target
-    from flows.params import LabelingParams, ReviewParams, TrainingParams
-
-    hints = {"labeling": LabelingParams.model_fields, "training": TrainingParams.model_fields,
-             "review": ReviewParams.model_fields}
     flow = inspect.signature(getattr(importlib.import_module(flow_module), flow_name).fn, eval_str=True).parameters
     for action in _subparser(command)._actions:
-        if action.choices is None or action.dest == "help":
+        if action.choices is None or action.dest == "help" or "." in action.dest:
             continue
-        group, _, name = flag_target(action.dest).rpartition(".")
-        annotation = hints[group][name].annotation if group else flow[name].annotation
+        annotation = flow[action.dest].annotation
         literal = next((a for a in get_args(annotation) if get_args(a)), annotation)  # X | None -> X
         assert set(action.choices) == set(get_args(literal)), action.dest
 
 
 def test_flags_set_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.cli import build_parser, flow_params
-    from flows.params import TrainingParams
+    from flows.params import ReviewParams, TrainingParams
 
     monkeypatch.chdir(tmp_path)
     flags = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--no-inverse-near-pseudo",
@@ -243,6 +215,10 @@ def test_flags_set_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert set(retrain) == {"store", "version", "training", "init_model", "eval_splits", "promote", "runs_dir",
                             "wait_for_lock"}
     assert retrain["training"] == TrainingParams(iters=7) and retrain["promote"] == "never"
+    # a review flag alone pauses for review, with the other review fields at their defaults
+    paused = flow_params(build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--review-by",
+                                                    "uncertainty", "--review-model", "champion"]))
+    assert paused["review"] == ReviewParams(by="uncertainty", model="champion")
 
 
 def test_deployment_parameters_are_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,7 +240,7 @@ def test_deployment_parameters_are_json(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--prompt", "Sky"], "names class 'sky', which already exists"),
-    (["--prompt", "car", "--iters", "0"], "iters >= 1"),
+    (["--prompt", "car", "--iters", "0"], "training.iters: Input should be greater than or equal to 1"),
     (["--prompt", "car", "--eval-splits", "valid"], "eval_splits"),
     (["--prompt", "car", "--recipe", "paper", "--test-scale", "0"], "test_scale > 0"),
 ])
@@ -282,6 +258,9 @@ def test_add_class_parameter_errors_come_before_prefect_starts(synthetic_store: 
 
 
 def _owner_choices() -> dict[str, tuple[str, ...]]:
+    """The lists of the modules that own the choices (they load torch), by the `flows.choices` Literal or the
+    `flows.cli_args` tuple that must equal them."""
+    from models.labelers.build import LABELER_KINDS
     from models.labelers.grounded_sam_weights import DINO_VARIANTS
     from models.labelers.sam_engines import SAM_VARIANTS
     from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
@@ -291,19 +270,25 @@ def _owner_choices() -> dict[str, tuple[str, ...]]:
     from tasks.predict import PREDICT_MODES
     from tasks.review import FORMATS, RANKINGS
 
-    return {"RECIPE_CHOICES": RECIPE_CHOICES, "VARIANTS": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
-            "REWEIGHT_MODES": REWEIGHT_MODES, "MERGE_POLICIES": POLICIES, "SAM_VARIANTS": tuple(SAM_VARIANTS),
-            "DINO_CONFIGS": tuple(DINO_VARIANTS), "PREDICT_MODES": PREDICT_MODES, "REVIEW_RANKINGS": RANKINGS,
-            "REVIEW_FORMATS": FORMATS}
+    return {"RecipeChoice": RECIPE_CHOICES, "ModelVariant": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
+            "ReweightChoice": REWEIGHT_MODES, "MergePolicy": POLICIES, "SamVariant": tuple(SAM_VARIANTS),
+            "DinoConfig": tuple(DINO_VARIANTS), "PredictMode": PREDICT_MODES, "ReviewRanking": RANKINGS,
+            "ReviewFormat": FORMATS, "LabelerKind": LABELER_KINDS}
 
 
-@pytest.mark.parametrize("name", ["RECIPE_CHOICES", "VARIANTS", "PIXEL_DECODERS", "REWEIGHT_MODES", "MERGE_POLICIES",
-                                  "SAM_VARIANTS", "DINO_CONFIGS", "PREDICT_MODES", "REVIEW_RANKINGS",
-                                  "REVIEW_FORMATS"])
+@pytest.mark.parametrize("name", ["RecipeChoice", "ModelVariant", "PIXEL_DECODERS", "ReweightChoice", "MergePolicy",
+                                  "SamVariant", "DinoConfig", "PredictMode", "ReviewRanking", "ReviewFormat",
+                                  "LabelerKind"])
 def test_cli_choices_are_their_owners_lists(name: str) -> None:
+    """`flows.choices` (light: the parser and the settings models read it) spells each list once; it must be the
+    owner's."""
+    from typing import get_args
+
+    import flows.choices as choices
     import flows.cli_args as cli_args
 
-    assert set(getattr(cli_args, name)) == set(_owner_choices()[name])
+    mine = get_args(getattr(choices, name)) if hasattr(choices, name) else getattr(cli_args, name)
+    assert set(mine) == set(_owner_choices()[name])
 
 
 def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, capsys: pytest.CaptureFixture[str],
@@ -320,10 +305,13 @@ def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, ca
     assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--out",
                      str(tmp_path / "run"), "--quiet"]) == 0
     c = seen["config"]
-    cpu = cli.TRAIN_SIZES["cpu"]
+    from flows.settings import RUN_SIZES
+
+    cpu = RUN_SIZES["cpu"]
     assert (c.iters, c.batch_size, c.crop_size, c.num_points) == (cpu.iters, cpu.batch_size, (cpu.crop_size,) * 2,
-                                                                   cpu.points)
-    assert "cpu defaults: iters 2000, batch_size 2, crop_size 256, points 8192" in capsys.readouterr().out
+                                                                   cpu.num_points)
+    assert "cpu defaults: iters 2000, batch_size 2, crop_size 256, num_points 8192" in capsys.readouterr().out
+    assert c.checkpoint_every == 1000  # flows.settings.TRAIN_COMMAND_DEFAULTS
     assert c.ema_decay is None  # the recipe's
     assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--iters", "5",
                      "--batch-size", "4", "--ema-decay", "0", "--out", str(tmp_path / "run"), "--quiet"]) == 0

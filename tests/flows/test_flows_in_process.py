@@ -52,7 +52,7 @@ def store(tmp_path: Path) -> str:
         ({"eval_splits": ["valid"]}, ValueError, "eval_splits: .*'valid'"),
         ({"version": "v9"}, KeyError, "v9"),
         ({"training": {"num_points": 0}}, ValueError, "num_points >= 1"),
-        ({"training": {"crop_size": 32}}, ValueError, "crop_size >= 64"),
+        ({"training": {"crop_size": 32}}, ValueError, "training.crop_size: Input should be greater than or equal to 64"),
         ({"init_model": "champion"}, KeyError, "no champion model yet"),
     ],
 )

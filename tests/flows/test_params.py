@@ -44,9 +44,13 @@ def test_every_parameter_field_reaches_the_task_config() -> None:
 def test_run_folder_names_are_those_of_earlier_runs() -> None:
     """The same training settings name the same run folder as before the parameters were structured (pinned
     from `flow_train_config`), so a rerun resumes; `checkpoint_every` is not part of a run's identity."""
-    cfg = train_config(TrainingParams(), store="s.zarr", version="v2", runs_dir="r", init_model=None)
+    cfg = train_config(TrainingParams(num_points=12544), store="s.zarr", version="v2", runs_dir="r", init_model=None)
     assert cfg.out_dir == "r/v2-tiny-inverse-s0-i300-29c09fa5" and cfg.checkpoint_every == 100
     assert cfg.crop_size == (256, 256) and cfg.device == "cpu" and cfg.val_every is None
+    # the flows' default points are the CPU's (flows.settings.RUN_SIZES) since they were one definition: 8192,
+    # not 12544, so a run with the default settings is a new run (and names a new folder)
+    default = train_config(TrainingParams(), store="s.zarr", version="v2", runs_dir="r", init_model=None)
+    assert default.num_points == 8192 and default.out_dir == "r/v2-tiny-inverse-s0-i300-7cbbd69e"
     other = TrainingParams(iters=2, crop_size=64, num_points=64, num_workers=0, reweight="edge",
                            inverse_weight_near_pseudo=False, seed=3, recipe="scratch", scale_range=(0.75, 1.5),
                            test_scale=2.0, checkpoint_every=1)
