@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from storage.registry import IGNORE_INDEX  # noqa: E402
-from storage.store import LabelStore, open_label_store  # noqa: E402
-from tasks.evaluate import hand_mask_kinds, predict_labels  # noqa: E402
-from tasks.model_folder import load_trained_model  # noqa: E402
+from addclass.storage.registry import IGNORE_INDEX  # noqa: E402
+from addclass.storage.store import LabelStore, open_label_store  # noqa: E402
+from addclass.tasks.evaluation.evaluate import hand_mask_kinds, predict_labels  # noqa: E402
+from addclass.tasks.model_files.model_folder import load_trained_model  # noqa: E402
 
 CLASS = "car"
 

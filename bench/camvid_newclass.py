@@ -5,14 +5,14 @@ inverse edge reweighting segments that class better than the pseudo labels thems
 reweighting hurts. This script reproduces the *shape* of that experiment on CamVid, whose hand labels give
 an exact car mask for every frame:
 
-1. **Ingest** CamVid (`tasks.ingest.ingest_camvid`): car is hidden inside "others" (0) of the 7 precise
+1. **Ingest** CamVid (`tasks.data.ingest.ingest_camvid`): car is hidden inside "others" (0) of the 7 precise
    classes; the car hand masks go to ``reference/car`` (train, val) and ``eval/car`` (test). val is the tail
    of the train sequence (``--val-fraction``), so nothing is tuned on test.
-2. **Pseudo-label** "car" on train and val (`tasks.pseudo_label`). The default ``simulated`` labeler
+2. **Pseudo-label** "car" on train and val (`tasks.labels.pseudo_label`). The default ``simulated`` labeler
    degrades the hand masks like Grounded-SAM (`models.labelers.simulated_labeler`); it needs the hand masks,
    so it never runs on test. ``--labeler grounded-sam`` runs the real detector + SAM (weights from
    ``--sam-checkpoint`` / ``--dino-checkpoint`` or their environment variables) on train, val **and** test.
-3. **Merge** (`tasks.merge`, ``carve-others``): car is written only where the precise label is "others", so
+3. **Merge** (`tasks.labels.merge`, ``carve-others``): car is written only where the precise label is "others", so
    the precise classes keep their own boundaries. This is the *mixed* label version.
 4. **Pseudo-only** label version (built here with the store's draft/publish API): the model sees the
    pseudo masks alone, i.e. car where the (raw, uncarved) pseudo mask is set and "others" everywhere else; no
@@ -20,7 +20,7 @@ an exact car mask for every frame:
    evaluation apply, but only ids 0 and 7 occur in its training labels; its 7-class mIoU is therefore only a
    sanity number (it can only predict "others"). It trains without reweighting (the plain baseline).
 5. **Train** one ``massformer_tiny`` per row, sequentially, from the same store, seed, initialisation and data
-   order (`tasks.train`), and **evaluate** it (`tasks.evaluate.evaluate_model`) on val and test: car
+   order (`tasks.training.train`), and **evaluate** it (`tasks.evaluation.evaluate.evaluate_model`) on val and test: car
    class-vs-rest against the hand masks (IoU, BIoU, BF1) and the 7-class mIoU against v1 (car folded into
    "others").
 
@@ -91,22 +91,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from models.metrics import binary_counts, class_vs_rest, metrics_from_counts  # noqa: E402
-from models.training.optim import RECIPE_CHOICES  # noqa: E402
-from storage.pseudo import read_pseudo_mask  # noqa: E402
-from storage.registry import PROV_PRECISE, PROV_PSEUDO  # noqa: E402
-from storage.store import LabelStore, open_label_store  # noqa: E402
-from tasks.evaluate import evaluate_model, evaluate_pseudo, hand_mask_kinds  # noqa: E402
-from tasks.evaluation_results import ClassResult, ModelEvaluation  # noqa: E402
-from tasks.ingest import ingest_camvid  # noqa: E402
-from tasks.merge import merge  # noqa: E402
-from tasks.pseudo_label import LabelerConfig, pseudo_label, validate_labeler  # noqa: E402
-from tasks.report import format_fraction, format_percent  # noqa: E402
-from tasks.review import rank_images, reviewed_labels  # noqa: E402
-from tasks.train import TrainConfig, train  # noqa: E402
-from tasks.validation import read_log  # noqa: E402
+from addclass.models.metrics import binary_counts, class_vs_rest, metrics_from_counts  # noqa: E402
+from addclass.models.training.optim import RECIPE_CHOICES  # noqa: E402
+from addclass.storage.pseudo import read_pseudo_mask  # noqa: E402
+from addclass.storage.registry import PROV_PRECISE, PROV_PSEUDO  # noqa: E402
+from addclass.storage.store import LabelStore, open_label_store  # noqa: E402
+from addclass.tasks.data.ingest import ingest_camvid  # noqa: E402
+from addclass.tasks.evaluation.evaluate import evaluate_model, evaluate_pseudo, hand_mask_kinds  # noqa: E402
+from addclass.tasks.evaluation.evaluation_results import ClassResult, ModelEvaluation  # noqa: E402
+from addclass.tasks.evaluation.report import format_fraction, format_percent  # noqa: E402
+from addclass.tasks.labels.merge import merge  # noqa: E402
+from addclass.tasks.labels.pseudo_label import LabelerConfig, pseudo_label, validate_labeler  # noqa: E402
+from addclass.tasks.labels.review import rank_images, reviewed_labels  # noqa: E402
+from addclass.tasks.training.train import TrainConfig, train  # noqa: E402
+from addclass.tasks.training.validation import read_log  # noqa: E402
 
 CLASS = "car"
 DEFAULT_CAMVID = REPO.parent / "shared" / "data" / "camvid"
@@ -148,7 +147,7 @@ ROWS: dict[str, Row] = {r.id: r for r in (
     Row("mixed_inverse_reviewed", "Mixed + inverse, top 10 % reviewed", "train", "reviewed", "inverse", True),
     Row("hand_car", "Hand-labelled car (oracle)", "train", "hand_car", "none"),
 )}
-REVIEW_SHARE = 0.1  # of the train images, the labeler's least sure first (`tasks.review.rank_images`, by score)
+REVIEW_SHARE = 0.1  # of the train images, the labeler's least sure first (`tasks.labels.review.rank_images`, by score)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,8 +267,8 @@ def build_hand_car_version(store_path: Path, *, parent: str) -> str:
 
 def build_reviewed_version(store_path: Path, *, parent: str, share: float = REVIEW_SHARE) -> str:
     """Publish the mixed version after a person reviewed the ``share`` of the train images the labeler was
-    least sure of (`tasks.review.rank_images`, by score): on those, the car hand mask replaces the pseudo mask
-    inside "others" with provenance ``reviewed`` (`tasks.review.reviewed_labels`, as ``addclass review import``
+    least sure of (`tasks.labels.review.rank_images`, by score): on those, the car hand mask replaces the pseudo mask
+    inside "others" with provenance ``reviewed`` (`tasks.labels.review.reviewed_labels`, as ``addclass review import``
     writes it); every other image keeps ``parent``'s labels."""
     st = open_label_store(store_path)
     ranked = rank_images(st, CLASS, version=parent, by="score", splits=("train",))

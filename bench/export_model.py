@@ -1,7 +1,7 @@
 """onnxruntime against PyTorch on the CPU: seconds per image and the largest score difference.
 
 For each model (the ``tiny`` and ``lite_r18`` variants with random weights, or ``--model-dir`` trained ones),
-exports ONNX with `tasks.export_model.export_model` (checked at its two small sizes), then times
+exports ONNX with `tasks.model_files.export_model.export_model` (checked at its two small sizes), then times
 ``MaSSFormer.semantic_probs(scale=1.0)`` (PyTorch eager, the model's own CPU paths) and the onnxruntime session
 on the same random ``--size`` image, alternating them, with the same thread count for both; the median of
 ``--repeats`` runs after one warm-up each is reported. Prints JSON.
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from models.massformer.build import MODEL_BUILDERS
-from tasks.export_model import export_model, load_exported
-from tasks.model_folder import FORMAT, FORMAT_VERSION, load_trained_model, save_model_dir
+from addclass.models.build import MODEL_BUILDERS
+from addclass.tasks.model_files.export_model import export_model, load_exported
+from addclass.tasks.model_files.model_folder import FORMAT, FORMAT_VERSION, load_trained_model, save_model_dir
 
 NUM_CLASSES = 7
 

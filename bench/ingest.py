@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from storage.registry import ImageRecord  # noqa: E402
-from storage.store import build_label_store, open_label_store  # noqa: E402
-from tasks.synthetic_scenes import make_scene  # noqa: E402
+from addclass.storage.registry import ImageRecord  # noqa: E402
+from addclass.storage.store import build_label_store, open_label_store  # noqa: E402
+from addclass.tasks.data.synthetic_scenes import make_scene  # noqa: E402
 
 
 def main() -> None:

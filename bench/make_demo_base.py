@@ -36,13 +36,18 @@ from typing import Any
 
 import torch
 
-from models.hashing import file_sha256
-from models.pretrained import DEMO_BASE
-from tasks.demo import DemoConfig
-from tasks.evaluate import evaluate_model
-from tasks.ingest import ingest_synthetic
-from tasks.model_folder import build_model, load_model_weights, read_model_config, save_model_dir
-from tasks.train import TrainConfig, train
+from addclass.models.hashing import file_sha256
+from addclass.models.pretrained import DEMO_BASE
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.demo import DemoConfig
+from addclass.tasks.evaluation.evaluate import evaluate_model
+from addclass.tasks.model_files.model_folder import (
+    build_model,
+    load_model_weights,
+    read_model_config,
+    save_model_dir,
+)
+from addclass.tasks.training.train import TrainConfig, train
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +21,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.labelers.label_record import LabelRecord
-from storage.pseudo import read_pseudo_mask, record_pseudo_run, write_pseudo_result
-from storage.registry import ImageRecord
-from storage.store import build_label_store, open_label_store
-from tasks.merge import merge
-from tasks.pseudo_label import settings_key
-from tasks.synthetic_scenes import make_scene
+from addclass.models.labelers.label_record import LabelRecord
+from addclass.storage.pseudo import read_pseudo_mask, record_pseudo_run, write_pseudo_result
+from addclass.storage.registry import ImageRecord
+from addclass.storage.store import build_label_store, open_label_store
+from addclass.tasks.data.synthetic_scenes import make_scene
+from addclass.tasks.labels.merge import merge
+from addclass.tasks.labels.pseudo_label import settings_key
 
 
 def pseudo_record(car: np.ndarray, *, seed: int) -> LabelRecord:

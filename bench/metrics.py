@@ -25,7 +25,7 @@ import tracemalloc
 import cv2
 import numpy as np
 
-from models.metrics import COUNT_KEYS, boundary_width, image_counts, metrics_from_counts
+from addclass.models.metrics import COUNT_KEYS, boundary_width, image_counts, metrics_from_counts
 
 # ------------------------------------------------------------------------------------------------
 # Anchor: the straightforward per-class implementation

@@ -4,7 +4,7 @@ Rows: MaSSFormer R50 (``r50``), its FPN ablation (``r50`` with ``pixel_decoder="
 (``mask2former_r50``), MaskFormer R50 (``maskformer_r50``) and SeMask FPN Swin-T (``semask_fpn_swint``);
 docs/design.md §1.6, §1.8 and §1.9.
 
-MACs are counted by `models.massformer.macs.count_macs` on the meta device (no memory, no compute) at the paper's
+MACs are counted by `models.macs.count_macs` on the meta device (no memory, no compute) at the paper's
 test size 4096 x 3072 (``--macs-size``); see that module for what is counted. The paper's figures (Tab. 2) are
 fvcore MACs, which skip the deformable sampling ops (mmcv's DCN in MaSSFormer, MSDeformAttn in Mask2Former), so
 the comparable column is ``macs_excluding_sampling_g``.
@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from models.massformer.build import MODEL_BUILDERS, model_info
-from models.massformer.macs import count_macs
+from addclass.models.build import MODEL_BUILDERS, model_info
+from addclass.models.macs import count_macs
 
 NUM_CLASSES = 7
 # Row name -> (variant, pixel decoder); None: the variant's own.

@@ -23,17 +23,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Both modes pin torch to the same thread count (the anchor must not differ in its thread pool).
 _COMMON = ("import sys, json, time\nargs = json.loads(sys.argv[1])\n"
            "import torch\ntorch.set_num_threads(args['threads'])\n")
 PLAIN = _COMMON + """
-from tasks.pseudo_label import LabelerConfig, pseudo_label
-from tasks.merge import merge
-from tasks.train import TrainConfig, train
-from tasks.evaluate import evaluate_model, evaluate_pseudo
-from tasks.evaluation_report import write_evaluation_report
+from addclass.tasks.labels.pseudo_label import LabelerConfig, pseudo_label
+from addclass.tasks.labels.merge import merge
+from addclass.tasks.training.train import TrainConfig, train
+from addclass.tasks.evaluation.evaluate import evaluate_model, evaluate_pseudo
+from addclass.tasks.evaluation.evaluation_report import write_evaluation_report
 t = time.perf_counter()
 s = args["store"]
 for split in ("train", "val"):
@@ -49,8 +48,8 @@ print("SECONDS", time.perf_counter() - t)
 """
 FLOW = _COMMON + """
 t0 = time.perf_counter()
-from flows.add_class import add_class
-from flows.params import LabelingParams, TrainingParams
+from addclass.flows.add_class import add_class
+from addclass.flows.params import LabelingParams, TrainingParams
 t = time.perf_counter()
 add_class(prompt="car", store=args["store"], labeling=LabelingParams(kind="simulated"),
           training=TrainingParams(variant="tiny", iters=args["iters"], batch_size=2, crop_size=256,
@@ -79,7 +78,7 @@ def main() -> None:
     ap.add_argument("--server", action="store_true", help="also run against a real server with Dask")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, the same in every mode")
     a = ap.parse_args()
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     tmp = Path(tempfile.mkdtemp(prefix="overhead-"))
     base = ingest_synthetic(tmp / "base.zarr", images=a.images, size=(256, 384), seed=0, progress=False)

@@ -1,5 +1,5 @@
 """Prediction on the CPU: seconds and peak memory per image, whole image vs sliding window, the TTA cost, and how
-close `tasks.predict_memory`'s estimate (the up-front refusal of whole images that do not fit) comes to the
+close `tasks.prediction.predict_memory`'s estimate (the up-front refusal of whole images that do not fit) comes to the
 measured peak.
 
 Each measurement runs in a fresh child process (random weights of the variant, fp32, `MaSSFormer.semantic_probs`
@@ -34,8 +34,7 @@ def child(variant: str, height: int, width: int, mode: str, window: int, views: 
     """One measurement in this (fresh) process."""
     import torch
 
-    sys.path.insert(0, str(REPO))
-    from models.massformer.build import MODEL_BUILDERS
+    from addclass.models.build import MODEL_BUILDERS
 
     torch.set_num_threads(threads)
     model = MODEL_BUILDERS[variant](NUM_CLASSES).eval()
@@ -79,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         v, h, w, mode, window, views, threads = args.child
         print(json.dumps(child(v, int(h), int(w), mode, int(window), int(views), int(threads))))
         return
-    sys.path.insert(0, str(REPO))
-    from tasks.predict_memory import estimate_predict_bytes
+    from addclass.tasks.prediction.predict_memory import estimate_predict_bytes
 
     h, w = args.size
     gb = 2**30

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from models.massformer.build import build_massformer_tiny
-from models.training.criterion import build_criterion
-from models.training.optim import build_optimizer
-from models.training.targets import build_targets
-from tasks.synthetic_scenes import make_scene
+from addclass.models.build import build_massformer_tiny
+from addclass.models.training.criterion import build_criterion
+from addclass.models.training.optim import build_optimizer
+from addclass.models.training.targets import build_targets
+from addclass.tasks.data.synthetic_scenes import make_scene
 
 CAR = 7  # the new class's index in the demo's 8-class model
 

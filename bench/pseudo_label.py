@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,13 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.labelers.embedding_cache import InMemoryEmbeddingCache
-from models.labelers.grounded_sam import GroundedSamLabeler
-from models.labelers.grounded_sam_ops import select_boxes
-from models.labelers.grounded_sam_weights import build_dino
-from models.labelers.sam_engines import SAM_VARIANTS, build_sam_model
+from addclass.models.labelers.embedding_cache import InMemoryEmbeddingCache
+from addclass.models.labelers.grounded_sam import GroundedSamLabeler
+from addclass.models.labelers.grounded_sam_ops import select_boxes
+from addclass.models.labelers.grounded_sam_weights import build_dino
+from addclass.models.labelers.sam_engines import SAM_VARIANTS, build_sam_model
 
 
 def _vm_kb(field: str) -> int:
@@ -252,7 +249,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_all(paths: list[Path]) -> list[np.ndarray]:
-    from models.labelers.grounded_sam import load_image_rgb
+    from addclass.models.labelers.grounded_sam import load_image_rgb
 
     return [load_image_rgb(p) for p in paths]
 
@@ -281,7 +278,7 @@ def run_rss_4k(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     if args.naive_postprocess:
         # The mask stage, step by step: SAM's decoder for all boxes (resolution-independent) ...
-        from models.labelers.grounded_sam_ops import upsample_mask_logits
+        from addclass.models.labelers.grounded_sam_ops import upsample_mask_logits
 
         boxes_px = torch.from_numpy(record.boxes)
         del record

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,14 +27,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/camvid_newclass
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tasks.evaluate import evaluate_model  # noqa: E402
-from tasks.ingest import ingest_synthetic  # noqa: E402
-from tasks.merge import merge  # noqa: E402
-from tasks.model_folder import load_trained_model  # noqa: E402
-from tasks.pseudo_label import LabelerConfig, pseudo_label  # noqa: E402
-from tasks.train import TrainConfig, train  # noqa: E402
+from addclass.tasks.data.ingest import ingest_synthetic  # noqa: E402
+from addclass.tasks.evaluation.evaluate import evaluate_model  # noqa: E402
+from addclass.tasks.labels.merge import merge  # noqa: E402
+from addclass.tasks.labels.pseudo_label import LabelerConfig, pseudo_label  # noqa: E402
+from addclass.tasks.model_files.model_folder import load_trained_model  # noqa: E402
+from addclass.tasks.training.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_OUT = REPO / "runs" / "recipe_search"
 BASE: dict[str, Any] = dict(variant="tiny", batch_size=2, crop_size=(256, 256), num_points=2048, reweight="inverse",

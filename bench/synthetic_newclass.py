@@ -3,7 +3,7 @@
 MaSS13K (Tab. 3) trains on precise labels plus Grounded-SAM pseudo labels of "car" and reports that inverse
 edge reweighting beats plain mixing and the pseudo labels themselves at the edges. On CamVid
 (`bench/camvid_newclass.py`) nothing at CPU scale reaches its labels, so the rows cannot be told apart. Here
-the data is the demo's procedural street scenes (`tasks.synthetic_scenes`), where a tiny model trained from
+the data is the demo's procedural street scenes (`tasks.data.synthetic_scenes`), where a tiny model trained from
 scratch does reach them:
 
 - **precise classes** have exact, pixel-sharp labels (sky, building, vegetation, ground, water, human;
@@ -53,20 +53,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/camvid_newclass
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 import camvid_newclass as common  # noqa: E402  (derived label versions and score helpers)
 
-from models.massformer.build import MODEL_BUILDERS  # noqa: E402
-from storage.store import open_label_store  # noqa: E402
-from tasks.demo import pseudo_label_scores  # noqa: E402
-from tasks.evaluate import evaluate_model, evaluate_pseudo  # noqa: E402
-from tasks.ingest import ingest_synthetic  # noqa: E402
-from tasks.merge import merge  # noqa: E402
-from tasks.pseudo_label import LabelerConfig, pseudo_label  # noqa: E402
-from tasks.report import format_fraction, format_percent  # noqa: E402
-from tasks.train import TrainConfig, train  # noqa: E402
+from addclass.models.build import MODEL_BUILDERS  # noqa: E402
+from addclass.storage.store import open_label_store  # noqa: E402
+from addclass.tasks.data.ingest import ingest_synthetic  # noqa: E402
+from addclass.tasks.demo import pseudo_label_scores  # noqa: E402
+from addclass.tasks.evaluation.evaluate import evaluate_model, evaluate_pseudo  # noqa: E402
+from addclass.tasks.evaluation.report import format_fraction, format_percent  # noqa: E402
+from addclass.tasks.labels.merge import merge  # noqa: E402
+from addclass.tasks.labels.pseudo_label import LabelerConfig, pseudo_label  # noqa: E402
+from addclass.tasks.training.train import TrainConfig, train  # noqa: E402
 
 CLASS = common.CLASS
 DEFAULT_OUT = REPO / "runs" / "synthetic_newclass"

@@ -25,11 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = """
 import json, sys, time
 import torch
-sys.path.insert(0, {repo!r})
-from models.massformer.build import build_massformer_tiny
-from models.training.criterion import build_criterion
-from models.training.optim import build_optimizer
-from models.training.targets import build_targets
+from addclass.models.build import build_massformer_tiny
+from addclass.models.training.criterion import build_criterion
+from addclass.models.training.optim import build_optimizer
+from addclass.models.training.targets import build_targets
 torch.manual_seed(0)
 torch.set_num_threads({threads})
 model = build_massformer_tiny(8).train()

@@ -21,8 +21,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 
-from flows.choices import MergePolicy, ScaleOut
-from flows.params import (
+from addclass.flows.choices import MergePolicy, ScaleOut
+from addclass.flows.params import (
     LabelingParams,
     ReviewParams,
     TrainingParams,
@@ -33,8 +33,8 @@ from flows.params import (
     parse_params,
     train_config,
 )
-from flows.runners import restored_environ, scale_out_runner
-from flows.ui import (
+from addclass.flows.runners import restored_environ, scale_out_runner
+from addclass.flows.ui import (
     ProgressArtifact,
     TrainProgress,
     artifact_key,
@@ -44,12 +44,12 @@ from flows.ui import (
     publish_results,
     score_lines,
 )
-from storage.store import LabelStore, open_label_store
-from tasks import merge as merge_tasks
-from tasks import pseudo_label as pl
-from tasks.model_registry import config_hash, register_model, resolve_init_model
-from tasks.train import TrainConfig
-from tasks.train_launch import Launch, run_training
+from addclass.storage.store import LabelStore, open_label_store
+from addclass.tasks.labels import merge as merge_tasks
+from addclass.tasks.labels import pseudo_label as pl
+from addclass.tasks.model_files.model_registry import config_hash, register_model, resolve_init_model
+from addclass.tasks.training.train import TrainConfig
+from addclass.tasks.training.train_launch import Launch, run_training
 
 
 # ---------------------------------------------------------------------------- thin tasks (paths and ids only)
@@ -66,16 +66,16 @@ def merge_image_task(store: str, version: str, split: str, image_id: str, spec: 
 @task(name="train")
 def train_task(config: TrainConfig, launch: Launch | None = None) -> str:
     """Trains (resuming), with progress in the run: a progress artifact ``train-progress-<run>``, about 20 log
-    lines (step, loss, lr, it/s, ETA) and the periodic validation scores (`tasks.train` log lines). With
-    ``launch`` asking for several processes, under torchrun (`tasks.train_launch`): one task, whose logs carry
+    lines (step, loss, lr, it/s, ETA) and the periodic validation scores (`tasks.training.train` log lines). With
+    ``launch`` asking for several processes, under torchrun (`tasks.training.train_launch`): one task, whose logs carry
     the processes' output."""
     logger = get_run_logger()
     # validation scores and warnings at INFO; `logs_to_run` sends them to the run's logs unless
     # PREFECT_LOGGING_EXTRA_LOGGERS already does (the addclass CLI sets it; a deployment's worker may not)
-    logging.getLogger("tasks").setLevel(logging.INFO)
+    logging.getLogger("addclass.tasks").setLevel(logging.INFO)
     key = artifact_key("train-progress", Path(config.out_dir).name)
     progress = TrainProgress(log=logger.info, publish=ProgressArtifact(key))
-    with logs_to_run("tasks"):
+    with logs_to_run("addclass.tasks"):
         final = run_training(config, launch=launch, resume=True, progress=False, on_step=progress)
     progress.finish(config.iters)
     return str(final)
@@ -83,10 +83,10 @@ def train_task(config: TrainConfig, launch: Launch | None = None) -> str:
 
 @task(name="review")
 def review_task(store: str, class_name: str, version: str, review: ReviewParams) -> dict[str, str | None]:
-    """Exports the images of ``version`` most worth a look (`tasks.review.export_review`) once, and returns
+    """Exports the images of ``version`` most worth a look (`tasks.labels.review.export_review`) once, and returns
     ``{"folder", "version"}``: the version imported from that export, or None while it waits for the import
     (the run then stops; a markdown artifact ``add-class-CLASS-review`` says what to do)."""
-    from tasks.review import default_review_folder, export_review, review_state, review_steps
+    from addclass.tasks.labels.review import default_review_folder, export_review, review_state, review_steps
 
     logger = get_run_logger()
     folder = Path(review.out) if review.out else default_review_folder(store, class_name, version)
@@ -113,12 +113,12 @@ PREDICTIONS_DIR = "predictions"  # the evaluated model's label PNGs, in the repo
 
 @task(name="evaluate")
 def evaluate_task(store: str, checkpoint: str, out_dir: str, splits: list[str], device: str) -> dict[str, Any]:
-    from tasks.evaluate import evaluate_model, evaluate_pseudo
-    from tasks.evaluation_report import write_evaluation_report
+    from addclass.tasks.evaluation.evaluate import evaluate_model, evaluate_pseudo
+    from addclass.tasks.evaluation.evaluation_report import write_evaluation_report
 
     logger = get_run_logger()
-    logging.getLogger("tasks").setLevel(logging.INFO)
-    with logs_to_run("tasks"):
+    logging.getLogger("addclass.tasks").setLevel(logging.INFO)
+    with logs_to_run("addclass.tasks"):
         # the predictions are kept as PNGs (rescorable with `addclass evaluate-masks`), so the report draws its
         # overlays from them instead of running the model again; a rerun replaces the ones it wrote
         model_results = evaluate_model(store, checkpoint, splits=tuple(splits), device=device, progress=False,

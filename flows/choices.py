@@ -1,6 +1,6 @@
 """The choices of the flow parameters and of the CLI flags that set them, spelled once.
 
-Light on purpose (`flows.cli_args` imports it, so ``addclass --help`` loads no torch). A choice whose owner
+Light on purpose (`cli.args` imports it, so ``addclass --help`` loads no torch). A choice whose owner
 exports a Literal alias and loads no torch is re-exported from it (`LabelerKind`); the others are equal to
 the list of the module that owns them (tests/flows/test_cli.py::test_cli_choices_are_their_owners_lists).
 """
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from models.labelers.build import LabelerKind as LabelerKind  # the keys of models.labelers.build.LABELERS
+from addclass.models.labelers.build import (
+    LabelerKind as LabelerKind,  # the keys of models.labelers.build.LABELERS
+)
 
 # models.massformer.build.MODEL_BUILDERS: MaSSFormer, then the Mask2Former / MaskFormer / SeMask FPN baselines
 ModelVariant = Literal[

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.add_class import add_class
-from flows.params import LabelingParams, TrainingParams
-from tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
-from tasks.evaluation_results import ModelEvaluation
-from tasks.ingest import ingest_synthetic
-from tasks.pseudo_label import LabelerConfig
+from addclass.flows.add_class import add_class
+from addclass.flows.params import LabelingParams, TrainingParams
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
+from addclass.tasks.evaluation.evaluation_results import ModelEvaluation
+from addclass.tasks.labels.pseudo_label import LabelerConfig
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:

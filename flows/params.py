@@ -3,7 +3,7 @@
 `LabelingParams`, `TrainingParams`, `ReviewParams` and `PredictionParams` (`flows.settings`, re-exported here)
 are Pydantic models: Prefect validates them and renders them as forms in its UI, a deployment run takes them
 as JSON (``--param training='{"iters": 600}'``), and ``addclass`` sets each field with one flag generated
-from it (`flows.cli_fields`). `labeler_config`, `train_config` and `predict_config` are the one place each
+from it (`cli.fields`). `labeler_config`, `train_config` and `predict_config` are the one place each
 becomes the `LabelerConfig` / `TrainConfig` / `PredictConfig` the tasks run; `parse_params` and
 `check_splits` are the checks that run before any work (one-line errors naming the parameter).
 """
@@ -17,16 +17,16 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from common.errors import InputError
-from flows.settings import LabelingParams as LabelingParams
-from flows.settings import PredictionParams as PredictionParams
-from flows.settings import ReviewParams as ReviewParams
-from flows.settings import TrainingParams as TrainingParams
-from storage.names import parse_split
-from tasks.predict import PredictConfig
-from tasks.pseudo_label import LabelerConfig
-from tasks.train import TrainConfig, run_name
-from tasks.train_launch import Launch
+from addclass.common.errors import InputError
+from addclass.flows.settings import LabelingParams as LabelingParams
+from addclass.flows.settings import PredictionParams as PredictionParams
+from addclass.flows.settings import ReviewParams as ReviewParams
+from addclass.flows.settings import TrainingParams as TrainingParams
+from addclass.storage.names import parse_split
+from addclass.tasks.labels.pseudo_label import LabelerConfig
+from addclass.tasks.prediction.predict import PredictConfig
+from addclass.tasks.training.train import TrainConfig, run_name
+from addclass.tasks.training.train_launch import Launch
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -73,7 +73,7 @@ def check_review(review: ReviewParams | Mapping[str, Any] | None, *, store: str)
     if checked.by != "score" and checked.model is None:
         raise InputError(f"review.by {checked.by!r} needs review.model (a trained model folder, or 'champion').")
     if checked.model is not None:
-        from tasks.model_registry import resolve_init_model
+        from addclass.tasks.model_files.model_registry import resolve_init_model
 
         checked = checked.model_copy(update={"model": resolve_init_model(store, checked.model)})
     return checked
@@ -102,7 +102,7 @@ LAUNCH_FIELDS = {"processes", "nnodes", "rdzv_endpoint"}  # where the run trains
 
 
 def launch(training: TrainingParams) -> Launch:
-    """Where the training stage runs: in the flow's process, or under torchrun (`tasks.train_launch`).
+    """Where the training stage runs: in the flow's process, or under torchrun (`tasks.training.train_launch`).
 
     Raises:
         ValueError: naming the values.

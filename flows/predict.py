@@ -2,7 +2,7 @@
 e.g. the store's champion, mapped over batches of images on the scale-out runner (Dask with a server or
 ``dask_address``, threads in-process).
 
-The plan (`tasks.predict.plan_predict`: find the images, resolve the model, list every output file in the
+The plan (`tasks.prediction.predict.plan_predict`: find the images, resolve the model, list every output file in the
 folder's manifest) runs once in the flow; each `predict_batch_task` loads the model once and writes the label
 PNGs of its images, so a rerun skips what is done, a bad image fails its own entry only, and the run ends
 ``Failed`` naming the images that could not be predicted, after all the others were written.
@@ -15,11 +15,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 
-from common.errors import InputError
-from flows.choices import ScaleOut
-from flows.params import PredictionParams, parse_params, predict_config
-from flows.runners import restored_environ, scale_out_runner
-from tasks.predict import PredictPlan, plan_predict, predict_batch
+from addclass.common.errors import InputError
+from addclass.flows.choices import ScaleOut
+from addclass.flows.params import PredictionParams, parse_params, predict_config
+from addclass.flows.runners import restored_environ, scale_out_runner
+from addclass.tasks.prediction.predict import PredictPlan, plan_predict, predict_batch
 
 
 @task(name="predict-batch", retries=1, retry_delay_seconds=5)
@@ -64,7 +64,7 @@ def predict(
     if model == "champion":
         if not store:
             raise InputError("model='champion' needs store (whose champion to use).")
-        from tasks.model_registry import resolve_init_model
+        from addclass.tasks.model_files.model_registry import resolve_init_model
 
         model = str(resolve_init_model(store, "champion"))
     logger = get_run_logger()

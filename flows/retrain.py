@@ -1,6 +1,6 @@
 """The `retrain` flow (scheduled weekly in prefect.yaml): train on the newest label version, evaluate, and
 promote the new model (`promote`: if-better, always, never) only if it beats the current champion on the
-validation split, compared on the score terms both have (`tasks.model_registry`); champion and challenger are
+validation split, compared on the score terms both have (`tasks.model_files.model_registry`); champion and challenger are
 both recorded in the store's model registry."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.add_class import evaluate_task, train_task
-from flows.choices import Promote
-from flows.params import TrainingParams, check_splits, launch, parse_params, train_config
-from flows.ui import publish_registry, publish_results
-from tasks.model_registry import register_model, resolve_init_model
+from addclass.flows.add_class import evaluate_task, train_task
+from addclass.flows.choices import Promote
+from addclass.flows.params import TrainingParams, check_splits, launch, parse_params, train_config
+from addclass.flows.ui import publish_registry, publish_results
+from addclass.tasks.model_files.model_registry import register_model, resolve_init_model
 
 
 @flow(name="retrain", log_prints=True)
@@ -35,7 +35,7 @@ def retrain(
     ``"champion"``: the current champion) fine-tunes that model instead of training from scratch (a warm
     start). Models and reports go to ``runs_dir`` (default: ``STORE.runs``).
     """
-    from storage.store import open_label_store
+    from addclass.storage.store import open_label_store
 
     training = parse_params(TrainingParams, training, "training")  # `.fn` gets the JSON as it came
     check_splits("eval_splits", eval_splits)

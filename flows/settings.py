@@ -1,8 +1,8 @@
 """Each stage's settings, one typed model each: at once the Prefect flow parameter, the source of the
-``addclass`` flags that set it (`flows.cli_fields` generates them from the fields: names, types, defaults,
+``addclass`` flags that set it (`cli.fields` generates them from the fields: names, types, defaults,
 choices, help) and its validator.
 
-Light on purpose (pydantic and `flows.choices`, no torch): `flows.cli_args` builds the parser from these
+Light on purpose (pydantic and `flows.choices`, no torch): `cli.args` builds the parser from these
 models, and ``addclass --help`` stays instant. `flows.params` turns them into the tasks' configs.
 
 Defaults that depend on the device (the sizes that decide a run's time and memory) are `RUN_SIZES`, applied
@@ -40,7 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.choices import (
+from addclass.flows.choices import (
     AutocastDtype,
     DinoConfig,
     LabelerKind,
@@ -52,9 +52,9 @@ from flows.choices import (
     ReweightChoice,
     SamVariant,
 )
-from models import release
-from models.labelers import options
-from models.labelers.build import LabelerConfig
+from addclass.models import release
+from addclass.models.labelers import options
+from addclass.models.labelers.build import LabelerConfig
 
 # Field descriptions come from the attribute docstrings (Prefect's UI shows them under each field, the CLI in
 # --help); unknown fields are an error, so a typo in a JSON parameter is not silently ignored.
@@ -62,7 +62,7 @@ _PARAMS_CONFIG = ConfigDict(frozen=True, extra="forbid", use_attribute_docstring
 
 
 def _cli(flag: str, **more: Any) -> Any:
-    """The flag users know for a field, where it is not the field's name (`flows.cli_fields`)."""
+    """The flag users know for a field, where it is not the field's name (`cli.fields`)."""
     return {"cli": flag, **more}
 
 
@@ -87,7 +87,7 @@ SIZED_FIELDS = ("iters", "batch_size", "crop_size", "num_points")  # the fields 
 
 def sized_defaults(values: dict[str, Any], *, device_kind: str) -> dict[str, Any]:
     """The `RunSizes` fields missing from `values`, at the sizes of `device_kind` ('cpu' or 'cuda'); the
-    caller adds them and says so (`flows.cli.cmd_train`)."""
+    caller adds them and says so (`cli.main.cmd_train`)."""
     sizes = RUN_SIZES[device_kind]
     return {name: getattr(sizes, name) for name in SIZED_FIELDS if name not in values}
 
@@ -147,7 +147,7 @@ _CPU = RUN_SIZES["cpu"]
 
 
 class TrainingParams(BaseModel):
-    """How the model is trained (`tasks.train_config.TrainConfig`, docs/design.md §3); CPU-sized defaults
+    """How the model is trained (`tasks.training.train_config.TrainConfig`, docs/design.md §3); CPU-sized defaults
     (`RUN_SIZES`)."""
 
     model_config = _PARAMS_CONFIG
@@ -203,7 +203,7 @@ TRAIN_COMMAND_DEFAULTS: dict[str, Any] = {"variant": "r50", "checkpoint_every": 
 
 
 class ReviewParams(BaseModel):
-    """Stop add-class after the merge for a person's review of the new class (`tasks.review`), and train on
+    """Stop add-class after the merge for a person's review of the new class (`tasks.labels.review`), and train on
     the reviewed labels once they are imported (``addclass review import``): a rerun of the same add-class
     finds the imported version and goes on from it."""
 
@@ -222,7 +222,7 @@ class ReviewParams(BaseModel):
 
 
 class PredictionParams(BaseModel):
-    """How a trained model predicts new images (`tasks.predict.PredictConfig`)."""
+    """How a trained model predicts new images (`tasks.prediction.predict.PredictConfig`)."""
 
     model_config = _PARAMS_CONFIG
 

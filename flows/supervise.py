@@ -39,7 +39,7 @@ def supervise(argv: Sequence[str]) -> int | None:
     if not sys.platform.startswith("linux") or os.environ.get(SWITCH_ENV) == "0":
         return None
     env = {**os.environ, CHILD_ENV: str(os.getpid())}
-    child = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env=env, start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-m", "addclass.cli.main", *argv], env=env, start_new_session=True)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         _signal_group(child.pid, signum)

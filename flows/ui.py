@@ -28,11 +28,11 @@ from prefect.artifacts import (
 )
 from prefect.logging.handlers import APILogHandler
 
-from tasks.evaluate import SPLIT_ORDER
-from tasks.evaluation_results import ModelEvaluation, PseudoEvaluation
-from tasks.model_registry import list_models, score_terms
-from tasks.report import format_fraction, format_percent
-from tasks.train import StepInfo
+from addclass.tasks.evaluation.evaluate import SPLIT_ORDER
+from addclass.tasks.evaluation.evaluation_results import ModelEvaluation, PseudoEvaluation
+from addclass.tasks.evaluation.report import format_fraction, format_percent
+from addclass.tasks.model_files.model_registry import list_models, score_terms
+from addclass.tasks.training.train import StepInfo
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def format_duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------------------- training progress
 class TrainProgress:
-    """The ``on_step`` hook of `tasks.train.train` in a flow: a log line every ``iters / lines`` steps (step,
+    """The ``on_step`` hook of `tasks.training.train.train` in a flow: a log line every ``iters / lines`` steps (step,
     loss, lr, it/s, ETA) and a throttled progress report (percent, one-line description).
 
     Rates count the steps of this process only (a resumed run starts its clock at its first new step), on the
@@ -170,7 +170,7 @@ class ProgressArtifact:
 
 
 @contextmanager
-def logs_to_run(name: str = "tasks") -> Iterator[None]:
+def logs_to_run(name: str = "addclass.tasks") -> Iterator[None]:
     """Sends the records of logger ``name`` (and its children) to the current run's logs in the API.
 
     The addclass CLI does that through ``PREFECT_LOGGING_EXTRA_LOGGERS=tasks``; a deployment's worker may not
@@ -344,9 +344,9 @@ def registry_markdown(reg: Mapping[str, Any], *, promote: str, challenger_terms:
     """The registry decision: promoted or not, and the validation scores that were compared.
 
     Args:
-        reg: `tasks.model_registry.register_model`'s answer.
+        reg: `tasks.model_files.model_registry.register_model`'s answer.
         promote: The policy (if-better, always, never).
-        challenger_terms, champion_terms: `tasks.model_registry.score_terms` of both models (champion: the
+        challenger_terms, champion_terms: `tasks.model_files.model_registry.score_terms` of both models (champion: the
             previous one; empty when there was none).
     """
     model_id, prev = reg["model_id"], reg.get("previous_champion")

@@ -2,9 +2,9 @@
 
 Every value made here is persisted: the image sha256 of each `ImageRecord` (checked by
 `LabelStore.read_image`), the SAM and GroundingDINO weights identities in the embedding cache keys, the
-sha256 manifests of model folders, the pseudo-label settings keys (`tasks.pseudo_label.settings_key`), the
-config hashes of the model registry (`tasks.model_registry.config_hash`) and the run-folder names
-(`tasks.train_config.run_name`). A change orphans users' stores and run folders, so tests/models/test_hashing.py
+sha256 manifests of model folders, the pseudo-label settings keys (`tasks.labels.pseudo_label.settings_key`), the
+config hashes of the model registry (`tasks.model_files.model_registry.config_hash`) and the run-folder names
+(`tasks.training.train_config.run_name`). A change orphans users' stores and run folders, so tests/models/test_hashing.py
 pins every one to a fixed value.
 
 Here because models/ and tasks/ both use it; storage/ may not import models/, and needs none of it: it stores

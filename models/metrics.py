@@ -26,8 +26,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.errors import InputError
-from models.boundary import (
+from addclass.common.errors import InputError
+from addclass.models.boundary import (
     BF1_TOLERANCE_PX,
     BIOU_DILATION_RATIO,
     bf1_counts,

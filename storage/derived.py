@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from storage.store import LabelStore
+from addclass.storage.store import LabelStore
 
 # (split, image id) -> (labels, provenance) of a changed image, or None to keep the parent's
 ImageLabels = Callable[[str, str], "tuple[np.ndarray, np.ndarray] | None"]

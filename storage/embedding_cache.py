@@ -13,8 +13,8 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from common.errors import InputError
-from storage.store import open_label_store
+from addclass.common.errors import InputError
+from addclass.storage.store import open_label_store
 
 PREFIX = "cache"
 

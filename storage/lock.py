@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.errors import StateError
+from addclass.common.errors import StateError
 
 LOCK_NAME = ".addclass.lock"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _CLASS_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")

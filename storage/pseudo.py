@@ -5,7 +5,7 @@ RLE, boxes, scores, phrases), the `settings_key` of the labeler settings that pr
 last). A rerun skips images whose `done` record has the same settings key, so an interrupted run resumes, and
 a run with other settings relabels. Workers write only their own images; the run summary in the store
 document (`sections["pseudo"][class]`) is written by the lock holder. The keys are made by the caller
-(`tasks.pseudo_label.settings_key`); this module stores and compares them as given.
+(`tasks.labels.pseudo_label.settings_key`); this module stores and compares them as given.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, cast
 
 import numpy as np
 
-from common.errors import InputError, UnknownNameError
-from storage.names import parse_class_name, parse_image_id, parse_split
-from storage.store import LabelStore
+from addclass.common.errors import InputError, UnknownNameError
+from addclass.storage.names import parse_class_name, parse_image_id, parse_split
+from addclass.storage.store import LabelStore
 
 SECTION = "pseudo"
 

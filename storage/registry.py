@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 ClassSource = Literal["precise", "pseudo"]
 

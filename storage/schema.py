@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
-from common.errors import StateError, UserError
+from addclass.common.errors import StateError, UserError
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "addclass"

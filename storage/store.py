@@ -21,10 +21,16 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from common.errors import InputError, StateError, UnknownNameError
-from storage.lock import store_lock
-from storage.names import parse_class_name, parse_image_id, parse_split, parse_version, version_number
-from storage.registry import (
+from addclass.common.errors import InputError, StateError, UnknownNameError
+from addclass.storage.lock import store_lock
+from addclass.storage.names import (
+    parse_class_name,
+    parse_image_id,
+    parse_split,
+    parse_version,
+    version_number,
+)
+from addclass.storage.registry import (
     IGNORE_INDEX,
     PRECISE_CLASSES,
     PROV_IGNORE,
@@ -33,7 +39,7 @@ from storage.registry import (
     ImageRecord,
     VersionInfo,
 )
-from storage.schema import (
+from addclass.storage.schema import (
     ATTRS_KEY,
     SCHEMA_VERSION,
     ImmutableError,
@@ -45,7 +51,7 @@ from storage.schema import (
     now_iso,
     open_store_root,
 )
-from storage.staging import staged_dir
+from addclass.storage.staging import staged_dir
 
 # ATTRS_KEY ... now_iso live in storage.schema; they are re-exported so that callers import them from here
 __all__ = [

@@ -1,6 +1,6 @@
 """The embedded demo's settings and the comparison it ends with (`flows.demo.run_demo` runs it).
 
-The demo ingests procedural scenes (`tasks.synthetic_scenes`: exact car masks), runs the add-class flow with
+The demo ingests procedural scenes (`tasks.data.synthetic_scenes`: exact car masks), runs the add-class flow with
 the simulated labeler and the tiny model, and then compares, on the **test** images, the model's car masks
 with the pseudo labels the same labeler makes there. Those test pseudo labels are made in memory for scoring
 only (`pseudo_label_scores`): they are never stored and never train anything, since the flow only labels
@@ -13,12 +13,12 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from common.errors import InputError
-from models.pretrained import DEMO_BASE
+from addclass.common.errors import InputError
+from addclass.models.pretrained import DEMO_BASE
 
 if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults without loading torch
-    from tasks.evaluation_results import ClassResult
-    from tasks.pseudo_label import LabelerConfig
+    from addclass.tasks.evaluation.evaluation_results import ClassResult
+    from addclass.tasks.labels.pseudo_label import LabelerConfig
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,15 @@ def pseudo_label_scores(store_path: str | os.PathLike[str], *, class_name: str, 
     in memory (nothing is written: evaluation masks never feed a stored label).
 
     Returns:
-        The class vs rest (counts summed over the split), as `tasks.evaluate` scores a model.
+        The class vs rest (counts summed over the split), as `tasks.evaluation.evaluate` scores a model.
 
     Raises:
         ValueError: ``labeler`` is not the simulated one, or the split has no hand masks of the class.
     """
-    from models.metrics import binary_counts
-    from storage.store import open_label_store
-    from tasks.evaluate_scoring import binary_summary
-    from tasks.pseudo_label import build_labeler
+    from addclass.models.metrics import binary_counts
+    from addclass.storage.store import open_label_store
+    from addclass.tasks.evaluation.evaluate_scoring import binary_summary
+    from addclass.tasks.labels.pseudo_label import build_labeler
 
     if labeler.kind != "simulated":
         raise InputError(f"Expected the simulated labeler (it reads hand masks). Got {labeler.kind!r} instead.")

@@ -29,7 +29,7 @@ needs_camvid = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small read-only synthetic store (8 images of 96 x 128). Tests must not modify it."""
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     path = tmp_path_factory.mktemp("stores") / "synthetic.zarr"
     ingest_synthetic(path, images=8, size=(96, 128), seed=3, progress=False)
@@ -39,7 +39,7 @@ def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def fresh_store(tmp_path: Path) -> Path:
     """A small synthetic store the test may modify."""
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     path = tmp_path / "fresh.zarr"
     ingest_synthetic(path, images=5, size=(64, 80), seed=5, progress=False)

@@ -3,7 +3,7 @@ scores a test names are set, the rest are empty."""
 
 from __future__ import annotations
 
-from tasks.evaluation_results import (
+from addclass.tasks.evaluation.evaluation_results import (
     ClassResult,
     MetricSummary,
     ModelEvaluation,

@@ -1,4 +1,4 @@
-"""The labeler interface: what `tasks.pseudo_label` needs from a pseudo-labeler, whatever its kind.
+"""The labeler interface: what `tasks.labels.pseudo_label` needs from a pseudo-labeler, whatever its kind.
 
 A labeler is a plain, stateful class (after SAM's ``SamPredictor``): built once per process with its models,
 reused for every image, asked for one prompt on one image at a time. ``GroundedSamLabeler`` and
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # the CLI reads the labeler kinds without loading numpy/torch
     import numpy as np
 
-    from models.labelers.label_record import LabelRecord
+    from addclass.models.labelers.label_record import LabelRecord
 
 
 @runtime_checkable

@@ -34,7 +34,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 # Must happen before transformers / huggingface_hub read their constants.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -45,7 +45,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]  # v5: alias
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from models.hashing import file_sha256
+from addclass.models.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 to how it is built, checked and keyed.
 
 A new labeler (SAM 2, HQ-SAM, ...) is a class that satisfies ``models.labelers.base.Labeler``, a
-``build_<kind>_labeler(config, *, embedding_cache=None)`` function and one entry below; `tasks.pseudo_label`
+``build_<kind>_labeler(config, *, embedding_cache=None)`` function and one entry below; `tasks.labels.pseudo_label`
 then runs it without a change. The labeler classes are imported inside the builders, so reading
 ``LABELER_KINDS`` (the CLI's choices) loads neither torch nor the models.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from common.errors import InputError
-from models.labelers.options import (
+from addclass.common.errors import InputError
+from addclass.models.labelers.options import (
     BOX_THRESHOLD,
     DINO_CONFIG,
     DINO_IMAGE_SIZE,
@@ -30,10 +30,10 @@ from models.labelers.options import (
 )
 
 if TYPE_CHECKING:
-    from models.labelers.base import Labeler
-    from models.labelers.embedding_cache import EmbeddingCache
-    from models.labelers.grounded_sam import GroundedSamLabeler
-    from models.labelers.simulated_labeler import SimulatedLabeler
+    from addclass.models.labelers.base import Labeler
+    from addclass.models.labelers.embedding_cache import EmbeddingCache
+    from addclass.models.labelers.grounded_sam import GroundedSamLabeler
+    from addclass.models.labelers.simulated_labeler import SimulatedLabeler
 
 LabelerKind = Literal["grounded-sam", "simulated"]  # the keys of LABELERS (a test checks they agree)
 
@@ -79,7 +79,7 @@ class LabelerConfig:
             raise InputError(f"Expected negative_phrases as a list. Got the string {self.negative_phrases!r}.")
         object.__setattr__(self, "negative_phrases", tuple(self.negative_phrases))
         if self.kind == "grounded-sam":
-            from models.labelers.sam_engines import sam_variant
+            from addclass.models.labelers.sam_engines import sam_variant
 
             if self.hq_token_only and sam_variant(self.sam_variant).family != "hq":
                 raise InputError(f"hq_token_only applies to HQ-SAM variants (hq_*). Got sam_variant "
@@ -147,7 +147,7 @@ def build_grounded_sam_labeler(
     config: LabelerConfig, *, embedding_cache: EmbeddingCache | None = None
 ) -> GroundedSamLabeler:
     """GroundingDINO + SAM with the config's variants, checkpoints, thresholds and device."""
-    from models.labelers.grounded_sam import GroundedSamLabeler
+    from addclass.models.labelers.grounded_sam import GroundedSamLabeler
 
     return GroundedSamLabeler(
         sam_variant=config.sam_variant, sam_checkpoint=config.sam_checkpoint, dino_config=config.dino_config,
@@ -165,8 +165,8 @@ def check_grounded_sam_weights(config: LabelerConfig) -> None:
     """Fail if a SAM or GroundingDINO checkpoint is missing (nothing to check with ``random_weights``)."""
     if config.random_weights:
         return
-    from models.labelers import grounded_sam_weights as w
-    from models.labelers.sam_engines import FAMILY_URLS, sam_variant
+    from addclass.models.labelers import grounded_sam_weights as w
+    from addclass.models.labelers.sam_engines import FAMILY_URLS, sam_variant
 
     variant = sam_variant(config.sam_variant)
     w.resolve_checkpoint(explicit=config.sam_checkpoint, env_var=w.SAM_ENV, url=FAMILY_URLS[variant.family],
@@ -183,7 +183,7 @@ def build_simulated_labeler(
     config: LabelerConfig, *, embedding_cache: EmbeddingCache | None = None
 ) -> SimulatedLabeler:
     """The simulated labeler with the config's seed and ``simulated`` overrides (no embedding cache)."""
-    from models.labelers.simulated_labeler import SimulatedLabeler
+    from addclass.models.labelers.simulated_labeler import SimulatedLabeler
 
     return SimulatedLabeler(seed=config.seed, **config.simulated)
 

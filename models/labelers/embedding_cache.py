@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 
 @runtime_checkable

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou, nms
 
-from common.errors import InputError
-from models.hashing import file_sha256
-from models.labelers.embedding_cache import EmbeddingCache, embedding_key
-from models.labelers.embedding_cache import image_sha256 as compute_image_sha256
-from models.labelers.grounded_sam_detect import detect_boxes, dino_preprocess
-from models.labelers.grounded_sam_ops import (
+from addclass.common.errors import InputError
+from addclass.models.hashing import file_sha256
+from addclass.models.labelers.embedding_cache import EmbeddingCache, embedding_key
+from addclass.models.labelers.embedding_cache import image_sha256 as compute_image_sha256
+from addclass.models.labelers.grounded_sam_detect import detect_boxes, dino_preprocess
+from addclass.models.labelers.grounded_sam_ops import (
     autocast_context,
     build_caption,
     check_phrases,
@@ -63,7 +63,7 @@ from models.labelers.grounded_sam_ops import (
     tile_windows,
     upsample_mask_logits,
 )
-from models.labelers.grounded_sam_weights import (
+from addclass.models.labelers.grounded_sam_weights import (
     DINO_ENV,
     DINO_URL,
     DINO_VARIANTS,
@@ -71,9 +71,9 @@ from models.labelers.grounded_sam_weights import (
     build_dino,
     resolve_checkpoint,
 )
-from models.labelers.image_input import ImageInput, load_image_rgb, prefetch_images
-from models.labelers.label_record import LabelRecord
-from models.labelers.options import (
+from addclass.models.labelers.image_input import ImageInput, load_image_rgb, prefetch_images
+from addclass.models.labelers.label_record import LabelRecord
+from addclass.models.labelers.options import (
     BOX_THRESHOLD,
     DINO_CONFIG,
     DINO_IMAGE_SIZE,
@@ -87,8 +87,8 @@ from models.labelers.options import (
     check_options,
     without_off_options,
 )
-from models.labelers.sam_engines import FAMILY_URLS, build_engine, build_sam_model
-from models.labelers.sam_engines import sam_variant as sam_variant_entry
+from addclass.models.labelers.sam_engines import FAMILY_URLS, build_engine, build_sam_model
+from addclass.models.labelers.sam_engines import sam_variant as sam_variant_entry
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import InputError
-from models.labelers.grounded_sam_ops import (
+from addclass.common.errors import InputError
+from addclass.models.labelers.grounded_sam_ops import (
     autocast_context,
     build_caption,
     cxcywh_to_xyxy,

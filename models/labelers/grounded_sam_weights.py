@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.errors import InputError, UserError
-from models.labelers.bert_offline import OFFLINE_BERT_PREFIX, cache_root, install_offline_patches
+from addclass.common.errors import InputError, UserError
+from addclass.models.labelers.bert_offline import OFFLINE_BERT_PREFIX, cache_root, install_offline_patches
 
 if TYPE_CHECKING:
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import InputError
-from models.labelers.embedding_cache import image_sha256 as compute_image_sha256
+from addclass.common.errors import InputError
+from addclass.models.labelers.embedding_cache import image_sha256 as compute_image_sha256
 
 ImageInput = np.ndarray | str | os.PathLike[str] | Callable[[], np.ndarray]
 

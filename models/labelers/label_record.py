@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 # The options' defaults, for `LabelerConfig` (whose defaults the flows' `LabelingParams` take) and the labeler.
 SAM_VARIANT: Final = "vit_b"

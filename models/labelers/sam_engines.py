@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 SamFamily = Literal["sam", "hq", "sam2"]
 FAMILY_URLS: dict[str, str] = {
@@ -138,7 +138,7 @@ def _build_architecture(variant: SamVariant) -> nn.Module:
 def build_sam_model(name: str, *, checkpoint: Path | None, seed: int = 0) -> nn.Module:
     """Build mask model ``name`` (a `SAM_VARIANTS` key) in eval mode: ``checkpoint`` loaded strictly by
     `load_sam_weights`, else seeded random weights."""
-    from models.labelers.grounded_sam_weights import check_state_dict, load_state_dict_file
+    from addclass.models.labelers.grounded_sam_weights import check_state_dict, load_state_dict_file
 
     variant = sam_variant(name)
     with torch.random.fork_rng(devices=[]):

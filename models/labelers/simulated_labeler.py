@@ -35,8 +35,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.errors import InputError
-from models.labelers.label_record import LabelRecord
+from addclass.common.errors import InputError
+from addclass.models.labelers.label_record import LabelRecord
 
 
 @lru_cache(maxsize=16)

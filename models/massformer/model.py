@@ -4,7 +4,7 @@ inference.
 The same container holds MaSSFormer (HR pixel decoder, masked-attention decoder) and the baselines built from it:
 the FPN ablation, Mask2Former (deformable-attention pixel decoder, masked-attention decoder), MaskFormer (FPN,
 standard DETR decoder) and SeMask FPN (SeMask Swin backbone, Semantic FPN, a fixed per-class head); see
-`models.massformer.build` and docs/design.md §1.8-1.9. The class keeps its name, which saved models and other
+`models.build` and docs/design.md §1.8-1.9. The class keeps its name, which saved models and other
 code refer to.
 
 The model takes RGB images in 0..255 of any size, normalizes them (ImageNet mean/std), pads bottom/right with
@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.massformer.backbone import ResNetBackbone
-from models.massformer.detr_decoder import StandardTransformerDecoder
-from models.massformer.fpn_decoder import FPNPixelDecoder
-from models.massformer.msdeform_decoder import MSDeformAttnPixelDecoder
-from models.massformer.pixel_decoder import HRPixelDecoder, PixelDecoderOutput
-from models.massformer.semask import FixedClassHead, SemanticFPNDecoder, SeMaskSwinBackbone
-from models.massformer.transformer_decoder import MaskedTransformerDecoder
+from addclass.models.mask2former.msdeform_decoder import MSDeformAttnPixelDecoder
+from addclass.models.maskformer.detr_decoder import StandardTransformerDecoder
+from addclass.models.maskformer.fpn_decoder import FPNPixelDecoder
+from addclass.models.massformer.pixel_decoder import HRPixelDecoder, PixelDecoderOutput
+from addclass.models.parts.backbone import ResNetBackbone
+from addclass.models.parts.transformer_decoder import MaskedTransformerDecoder
+from addclass.models.semask.semask import FixedClassHead, SemanticFPNDecoder, SeMaskSwinBackbone
 
 Backbone = ResNetBackbone | SeMaskSwinBackbone
 PixelDecoder = HRPixelDecoder | FPNPixelDecoder | MSDeformAttnPixelDecoder | SemanticFPNDecoder

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.massformer.deform import DeformLayer
-from models.massformer.position_encoding import sine_position_encoding
+from addclass.models.massformer.deform import DeformLayer
+from addclass.models.parts.position_encoding import sine_position_encoding
 
 
 @dataclass

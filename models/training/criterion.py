@@ -30,17 +30,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.errors import InputError
-from models import release
-from models.training.loss_weights import ReweightMode, bce_weight_map, edge_weight_map, parse_reweight_mode
-from models.training.matcher import HungarianMatcher
-from models.training.point_sample import (
+from addclass.common.errors import InputError
+from addclass.models import release
+from addclass.models.training.loss_weights import (
+    ReweightMode,
+    bce_weight_map,
+    edge_weight_map,
+    parse_reweight_mode,
+)
+from addclass.models.training.matcher import HungarianMatcher
+from addclass.models.training.point_sample import (
     PointRng,
     image_generator,
     point_sample,
     uncertain_point_coords_with_randomness,
 )
-from models.training.targets import EDGE_IGNORE
+from addclass.models.training.targets import EDGE_IGNORE
 
 LOSS_NAMES: tuple[str, ...] = ("labels", "masks", "edge", "semantic")
 

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 
 class WeightEma:

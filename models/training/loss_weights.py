@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 ReweightMode = Literal["none", "edge", "inverse"]
 REWEIGHT_MODES: tuple[str, ...] = get_args(ReweightMode)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from models import release
-from models.training.point_sample import PointRng, image_generator, point_sample, uniform_points
+from addclass.models import release
+from addclass.models.training.point_sample import PointRng, image_generator, point_sample, uniform_points
 
 
 def batch_class_cost(pred_logits: Tensor, tgt_labels: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import InputError
+from addclass.common.errors import InputError
 
 DEFAULT_LR = 3e-4
 DEFAULT_WEIGHT_DECAY = 0.05

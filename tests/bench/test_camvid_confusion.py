@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.store import open_label_store
+from addclass.storage.store import open_label_store
 from tests.conftest import REPO
 
 _SPEC = importlib.util.spec_from_file_location("camvid_confusion", REPO / "bench" / "camvid_confusion.py")

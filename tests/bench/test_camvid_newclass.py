@@ -103,8 +103,8 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
     assert by_id["pseudo_only"]["labels"] == "pseudo_only" and by_id["mixed_inverse"]["reweight"] == "inverse"
 
     # the label versions the rows trained on
-    from storage.pseudo import read_pseudo_mask
-    from storage.store import open_label_store
+    from addclass.storage.pseudo import read_pseudo_mask
+    from addclass.storage.store import open_label_store
 
     store = open_label_store(results["store"]["store"])
     mixed, pseudo_only = results["store"]["versions"]["mixed"], results["store"]["versions"]["pseudo_only"]
@@ -126,8 +126,8 @@ def test_pipeline_on_a_few_frames(tmp_path: Path) -> None:
         np.testing.assert_array_equal(h, np.where(hand & (v1 == 0), car, v1))  # the oracle: hand car carved
     # the reviewed version: the one least sure train image of 4 (10 %, at least one) has its hand car mask,
     # with provenance reviewed; every other image is the mixed version's
-    from storage.registry import PROV_REVIEWED
-    from tasks.review import rank_images
+    from addclass.storage.registry import PROV_REVIEWED
+    from addclass.tasks.labels.review import rank_images
 
     reviewed = results["store"]["versions"]["reviewed"]
     worst = rank_images(store, "car", version=mixed, by="score", splits=("train",))[0][1]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tasks.ingest import ingest_synthetic
+from addclass.tasks.data.ingest import ingest_synthetic
 from tests.flows.prefect_server import BIN, prefect_server, run
 
 # add-class's parameters as JSON (`--param`s); 20 steps, so the progress artifact is created early and updated

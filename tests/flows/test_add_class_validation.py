@@ -7,9 +7,9 @@ from pathlib import Path
 import dask
 import pytest
 
-from flows.add_class import add_class
-from flows.params import LabelingParams
-from storage.store import open_label_store
+from addclass.flows.add_class import add_class
+from addclass.flows.params import LabelingParams
+from addclass.storage.store import open_label_store
 from tests.flows.prefect_server import free_port
 
 

@@ -7,8 +7,8 @@ from typing import Any, cast
 
 import pytest
 
-from flows.cli import main
-from tasks.train_launch import Launch
+from addclass.cli.main import main
+from addclass.tasks.training.train_launch import Launch
 
 
 def test_cli_ingest_and_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,7 +25,7 @@ def test_cli_ingest_and_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_cli_overlay_png(tmp_path: Path, synthetic_store: Path) -> None:
-    from storage.store import open_label_store
+    from addclass.storage.store import open_label_store
 
     image_id = open_label_store(synthetic_store).image_ids("val")[0]
     out = tmp_path / "o.png"
@@ -113,7 +113,7 @@ def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
-    from flows.cli import build_parser
+    from addclass.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return cast(argparse.ArgumentParser, sub.choices[command])
@@ -123,8 +123,8 @@ def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import inspect
 
-    from flows.add_class import add_class
-    from flows.cli import build_parser, flow_params
+    from addclass.cli.main import build_parser, flow_params
+    from addclass.flows.add_class import add_class
 
     monkeypatch.chdir(tmp_path)
     a = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s.zarr", "--max-boxes", "5",
@@ -148,16 +148,16 @@ def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path
     assert review.out == str(tmp_path / "rev")
 
 
-@pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "flows.add_class", "add_class"),
-                                                                   ("retrain", "flows.retrain", "retrain")])
+@pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "addclass.flows.add_class", "add_class"),
+                                                                   ("retrain", "addclass.flows.retrain", "retrain")])
 def test_every_flow_parameter_has_one_flag_with_its_default(command: str, flow_module: str, flow_name: str) -> None:
     """A top-level flow parameter the CLI cannot set, a flag that reaches no parameter, or a flag whose default
     is not the flow's, fails here (the fields of the parameter objects: tests/flows/test_settings_single_source.py)."""
     import importlib
     import inspect
 
-    from flows.cli import FLOW_CONTROL, FLOW_PATHS
-    from flows.cli_args import FLOW_GROUPS
+    from addclass.cli.args import FLOW_GROUPS
+    from addclass.cli.main import FLOW_CONTROL, FLOW_PATHS
 
     flow = getattr(importlib.import_module(flow_module), flow_name)
     params = inspect.signature(flow.fn, eval_str=True).parameters
@@ -173,8 +173,8 @@ def test_every_flow_parameter_has_one_flag_with_its_default(command: str, flow_m
         assert action.default == (list(default) if isinstance(default, tuple) else default), action.dest
 
 
-@pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "flows.add_class", "add_class"),
-                                                                   ("retrain", "flows.retrain", "retrain")])
+@pytest.mark.parametrize(("command", "flow_module", "flow_name"), [("add-class", "addclass.flows.add_class", "add_class"),
+                                                                   ("retrain", "addclass.flows.retrain", "retrain")])
 def test_flag_choices_are_the_parameter_choices(command: str, flow_module: str, flow_name: str) -> None:
     """A top-level flag with choices offers exactly the values its parameter accepts."""
     import importlib
@@ -191,8 +191,8 @@ def test_flag_choices_are_the_parameter_choices(command: str, flow_module: str, 
 
 
 def test_flags_set_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.cli import build_parser, flow_params
-    from flows.params import ReviewParams, TrainingParams
+    from addclass.cli.main import build_parser, flow_params
+    from addclass.flows.params import ReviewParams, TrainingParams
 
     monkeypatch.chdir(tmp_path)
     flags = build_parser().parse_args(["add-class", "--prompt", "car", "--store", "s", "--no-inverse-near-pseudo",
@@ -222,7 +222,7 @@ def test_flags_set_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_deployment_parameters_are_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.cli as cli
+    import addclass.cli.main as cli
 
     sent: dict[str, Any] = {}
     def submit(name: str, params: dict[str, Any], timeout: float | None) -> int:
@@ -247,10 +247,10 @@ def test_deployment_parameters_are_json(tmp_path: Path, monkeypatch: pytest.Monk
 def test_add_class_parameter_errors_come_before_prefect_starts(synthetic_store: Path, extra: list[str],
                                                                message: str, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    import flows.add_class
+    import addclass.flows.add_class as add_class_module
 
     started: list[object] = []
-    monkeypatch.setattr(flows.add_class, "add_class", lambda **kw: started.append(kw))  # the flow (and Prefect)
+    monkeypatch.setattr(add_class_module, "add_class", lambda **kw: started.append(kw))  # the flow (and Prefect)
     assert main(["add-class", "--store", str(synthetic_store), "--labeler", "simulated", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("addclass: error:") and message in err and "Traceback" not in err
@@ -259,16 +259,16 @@ def test_add_class_parameter_errors_come_before_prefect_starts(synthetic_store: 
 
 def _owner_choices() -> dict[str, tuple[str, ...]]:
     """The lists of the modules that own the choices (they load torch), by the `flows.choices` Literal or the
-    `flows.cli_args` tuple that must equal them."""
-    from models.labelers.build import LABELER_KINDS
-    from models.labelers.grounded_sam_weights import DINO_VARIANTS
-    from models.labelers.sam_engines import SAM_VARIANTS
-    from models.massformer.build import MODEL_BUILDERS, PIXEL_DECODERS
-    from models.training.loss_weights import REWEIGHT_MODES
-    from models.training.optim import RECIPE_CHOICES
-    from tasks.merge_plan import POLICIES
-    from tasks.predict import PREDICT_MODES
-    from tasks.review import FORMATS, RANKINGS
+    `cli.args` tuple that must equal them."""
+    from addclass.models.build import MODEL_BUILDERS, PIXEL_DECODERS
+    from addclass.models.labelers.build import LABELER_KINDS
+    from addclass.models.labelers.grounded_sam_weights import DINO_VARIANTS
+    from addclass.models.labelers.sam_engines import SAM_VARIANTS
+    from addclass.models.training.loss_weights import REWEIGHT_MODES
+    from addclass.models.training.optim import RECIPE_CHOICES
+    from addclass.tasks.labels.merge_plan import POLICIES
+    from addclass.tasks.labels.review import FORMATS, RANKINGS
+    from addclass.tasks.prediction.predict import PREDICT_MODES
 
     return {"RecipeChoice": RECIPE_CHOICES, "ModelVariant": tuple(MODEL_BUILDERS), "PIXEL_DECODERS": PIXEL_DECODERS,
             "ReweightChoice": REWEIGHT_MODES, "MergePolicy": POLICIES, "SamVariant": tuple(SAM_VARIANTS),
@@ -284,8 +284,8 @@ def test_cli_choices_are_their_owners_lists(name: str) -> None:
     owner's."""
     from typing import get_args
 
-    import flows.choices as choices
-    import flows.cli_args as cli_args
+    import addclass.cli.args as cli_args
+    import addclass.flows.choices as choices
 
     mine = get_args(getattr(choices, name)) if hasattr(choices, name) else getattr(cli_args, name)
     assert set(mine) == set(_owner_choices()[name])
@@ -293,7 +293,7 @@ def test_cli_choices_are_their_owners_lists(name: str) -> None:
 
 def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.cli as cli
+    import addclass.cli.main as cli
 
     seen = {}
 
@@ -301,11 +301,11 @@ def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, ca
         seen["config"], seen["launch"] = config, launch
         return tmp_path / "final"
 
-    monkeypatch.setattr("tasks.train_launch.run_training", fake_train)
+    monkeypatch.setattr("addclass.tasks.training.train_launch.run_training", fake_train)
     assert cli.main(["train", str(synthetic_store), "--variant", "tiny", "--device", "cpu", "--out",
                      str(tmp_path / "run"), "--quiet"]) == 0
     c = seen["config"]
-    from flows.settings import RUN_SIZES
+    from addclass.flows.settings import RUN_SIZES
 
     cpu = RUN_SIZES["cpu"]
     assert (c.iters, c.batch_size, c.crop_size, c.num_points) == (cpu.iters, cpu.batch_size, (cpu.crop_size,) * 2,
@@ -327,8 +327,8 @@ def test_train_defaults_fit_the_device(tmp_path: Path, synthetic_store: Path, ca
 def test_every_sub_command_has_a_handler() -> None:
     import argparse
 
-    from flows.cli import HANDLERS
-    from flows.cli_args import build_parser
+    from addclass.cli.args import build_parser
+    from addclass.cli.main import HANDLERS
 
     subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(subs.choices) == set(HANDLERS)
@@ -339,7 +339,7 @@ def test_torch_threads_wait_passively_on_a_busy_machine(monkeypatch: pytest.Monk
     idle machine, and the user's own choice always; the decision is a line that says which and why."""
     import os
 
-    from flows.cli import passive_threads
+    from addclass.cli.main import passive_threads
 
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
@@ -362,7 +362,7 @@ def test_busy_cores_sees_a_process_that_spins_now() -> None:
     import subprocess
     import sys
 
-    from flows.cli import busy_cores
+    from addclass.cli.main import busy_cores
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

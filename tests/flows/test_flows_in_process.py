@@ -23,13 +23,13 @@ from prefect.client.schemas.filters import (
 from prefect.logging.handlers import APILogHandler
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.add_class import add_class
-from flows.params import LabelingParams, ReviewParams, TrainingParams
-from flows.retrain import retrain
-from storage.registry import ClassInfo
-from storage.store import open_label_store
-from tasks.ingest import ingest_synthetic
-from tasks.review import import_review
+from addclass.flows.add_class import add_class
+from addclass.flows.params import LabelingParams, ReviewParams, TrainingParams
+from addclass.flows.retrain import retrain
+from addclass.storage.registry import ClassInfo
+from addclass.storage.store import open_label_store
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.labels.review import import_review
 
 TRAINING = TrainingParams(variant="tiny", iters=2, batch_size=2, crop_size=64, num_points=64, num_workers=0)
 SMALL = {"training": TRAINING, "eval_splits": ["val"]}
@@ -173,9 +173,9 @@ def test_the_predict_flow_writes_what_predict_images_writes_and_names_a_corrupt_
     import cv2
     import numpy as np
 
-    from flows.predict import predict
-    from tasks.predict import predict_images
-    from tasks.train import TrainConfig, train
+    from addclass.flows.predict import predict
+    from addclass.tasks.prediction.predict import predict_images
+    from addclass.tasks.training.train import TrainConfig, train
 
     model = train(TrainConfig(store=store, out_dir=str(tmp_path / "run"), variant="tiny", iters=2, batch_size=2,
                               crop_size=(64, 64), num_points=64, num_workers=0, device="cpu", val_every=0),

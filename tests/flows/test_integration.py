@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from flows.runners import check_dask_scheduler
-from storage.pseudo import missing_pseudo
-from storage.store import open_label_store
-from tasks.ingest import ingest_synthetic
+from addclass.flows.runners import check_dask_scheduler
+from addclass.storage.pseudo import missing_pseudo
+from addclass.storage.store import open_label_store
+from addclass.tasks.data.ingest import ingest_synthetic
 from tests.crash import die_after_writes
 from tests.flows.prefect_server import BIN, REPO, free_port, run, stop
 
@@ -131,9 +131,9 @@ def _workers(address: str) -> int:
         return 0  # the scheduler is not listening yet
 
 
-_CRASH = die_after_writes("tasks.pseudo_label", "write_pseudo_result", 2) + """
+_CRASH = die_after_writes("addclass.tasks.labels.pseudo_label", "write_pseudo_result", 2) + """
 import sys, json
-from flows.add_class import add_class
+from addclass.flows.add_class import add_class
 add_class(prompt="car", store=sys.argv[1], scale_out="threads", **json.loads(sys.argv[2]))
 """
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from flows.params import (
+from addclass.flows.params import (
     LAUNCH_FIELDS,
     LabelingParams,
     PredictionParams,
@@ -19,10 +19,10 @@ from flows.params import (
     predict_config,
     train_config,
 )
-from tasks.predict import PredictConfig
-from tasks.pseudo_label import LabelerConfig
-from tasks.train import TrainConfig
-from tasks.train_launch import Launch
+from addclass.tasks.labels.pseudo_label import LabelerConfig
+from addclass.tasks.prediction.predict import PredictConfig
+from addclass.tasks.training.train import TrainConfig
+from addclass.tasks.training.train_launch import Launch
 
 
 def test_every_parameter_field_reaches_the_task_config() -> None:
@@ -90,7 +90,7 @@ def test_json_objects_become_parameter_objects() -> None:
 
 
 def test_review_parameter_is_checked_before_any_work(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from common.errors import InputError
+    from addclass.common.errors import InputError
 
     assert check_review(None, store=str(tmp_path)) is None
     assert check_review({"top": 3}, store=str(tmp_path)) == ReviewParams(top=3)

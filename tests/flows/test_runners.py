@@ -9,14 +9,14 @@ import dask
 import distributed
 import pytest
 
-from flows.params import LabelingParams, labeler_config
-from flows.runners import check_dask_scheduler, gpu_cluster, restored_environ, scale_out_runner
+from addclass.flows.params import LabelingParams, labeler_config
+from addclass.flows.runners import check_dask_scheduler, gpu_cluster, restored_environ, scale_out_runner
 from tests.flows.prefect_server import free_port
 
 
 def test_counts_the_workers_of_a_scheduler(caplog: pytest.LogCaptureFixture) -> None:
     with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
-        with caplog.at_level(logging.WARNING, logger="flows.runners"):
+        with caplog.at_level(logging.WARNING, logger="addclass.flows.runners"):
             assert check_dask_scheduler(cluster.scheduler_address) == 0
         assert "has no workers yet" in caplog.text  # logged, not refused: adaptive clusters start them on demand
         cluster.scale(2)
@@ -47,10 +47,10 @@ def test_one_dask_worker_per_gpu_sees_only_its_gpu(monkeypatch: pytest.MonkeyPat
     assert list(nthreads.values()) == [1, 1]
     assert dict(os.environ) == environ  # the nannies' environment did not stay here (the add-class flow does the same)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setattr("flows.runners.has_real_api", lambda: False)
+    monkeypatch.setattr("addclass.flows.runners.has_real_api", lambda: False)
     with pytest.raises(ValueError, match=r"labeling.gpus \[0, 1\] .* needs a Prefect server"):
         scale_out_runner(gpus=[0, 1])
-    monkeypatch.setattr("flows.runners.has_real_api", lambda: True)
+    monkeypatch.setattr("addclass.flows.runners.has_real_api", lambda: True)
     with pytest.raises(ValueError, match="no dask_address"):
         scale_out_runner("tcp://127.0.0.1:8786", gpus=[0])
     runner = scale_out_runner(gpus=[2, 3])

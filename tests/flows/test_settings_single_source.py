@@ -1,5 +1,5 @@
 """Each setting is defined once: its settings model (`flows.settings`) is the flow parameter and the source of
-its flags (`flows.cli_fields`), and its default value is written once in the packages."""
+its flags (`cli.fields`), and its default value is written once in the packages."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from flows.cli_args import build_parser
-from flows.cli_fields import add_model_flags, flag_name, model_values
-from flows.settings import (
+from addclass.cli.args import build_parser
+from addclass.cli.fields import add_model_flags, flag_name, model_values
+from addclass.flows.settings import (
     RUN_SIZES,
     SIZED_FIELDS,
     TRAIN_COMMAND_DEFAULTS,
@@ -26,7 +26,7 @@ from flows.settings import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("flows", "tasks", "models", "storage", "common")
+PACKAGES = ("cli", "flows", "tasks", "models", "storage", "common")
 ALL = None
 
 # sub-command -> (the group, its model, the fields it exposes (ALL: every one), the minimal argv)
@@ -121,9 +121,9 @@ def test_a_field_of_an_unknown_type_is_refused() -> None:
 
 def test_the_entry_points_defaults_differ_only_where_the_table_says() -> None:
     """`addclass train`'s own defaults and its device-sized ones are the rows of flows.settings' table."""
-    import flows.settings
+    import addclass.flows.settings as settings_module
 
-    table = flows.settings.__doc__ or ""
+    table = settings_module.__doc__ or ""
     for name in (*TRAIN_COMMAND_DEFAULTS, *SIZED_FIELDS):
         assert f"``{name}``" in table, name
     for name, value in TRAIN_COMMAND_DEFAULTS.items():
@@ -136,9 +136,9 @@ def test_the_entry_points_defaults_differ_only_where_the_table_says() -> None:
 
 def test_the_task_configs_have_the_settings_defaults() -> None:
     """The tasks' dataclasses and the settings models agree on every shared default."""
-    from flows.params import labeler_config, predict_config
-    from tasks.predict import PredictConfig
-    from tasks.pseudo_label import LabelerConfig
+    from addclass.flows.params import labeler_config, predict_config
+    from addclass.tasks.labels.pseudo_label import LabelerConfig
+    from addclass.tasks.prediction.predict import PredictConfig
 
     assert predict_config(PredictionParams()) == PredictConfig()
     assert labeler_config(LabelingParams(), device=LabelerConfig.device, seed=LabelerConfig.seed) == LabelerConfig()

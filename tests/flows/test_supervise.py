@@ -41,7 +41,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.timeout(300)
 def test_sigkill_of_the_command_ends_its_prefect_server(tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
-    subprocess.run([sys.executable, "-m", "flows.cli", "ingest", "synthetic", str(store), "--images", "4", "--size",
+    subprocess.run([sys.executable, "-m", "addclass.cli.main", "ingest", "synthetic", str(store), "--images", "4", "--size",
                     "64", "80", "--quiet"], cwd=REPO, check=True, timeout=120)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
     env.pop("PREFECT_API_URL")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from prefect.logging.handlers import APILogHandler
 
-from flows import ui
-from tasks.ingest import ingest_synthetic
-from tasks.train import StepInfo, TrainConfig, train
+from addclass.flows import ui
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.training.train import StepInfo, TrainConfig, train
 from tests.evaluations import class_result, model_evaluation, pseudo_evaluation
 
 

@@ -13,15 +13,19 @@ import pytest
 import torch
 from torchvision.models import resnet18, resnet50
 
-from common.errors import InputError
-from models.massformer.build import BASELINE_PIXEL_DECODERS, MODEL_BUILDERS, model_info
-from models.massformer.detr_decoder import StandardTransformerDecoder
-from models.massformer.model import MaSSFormer
-from models.massformer.msdeform_decoder import MSDeformAttn, MSDeformAttnPixelDecoder, ms_deform_attn_sample
-from models.massformer.transformer_decoder import MaskedTransformerDecoder
-from models.massformer.weights import load_backbone_checkpoint
-from models.training.criterion import build_criterion
-from models.training.targets import build_targets
+from addclass.common.errors import InputError
+from addclass.models.build import BASELINE_PIXEL_DECODERS, MODEL_BUILDERS, model_info
+from addclass.models.mask2former.msdeform_decoder import (
+    MSDeformAttn,
+    MSDeformAttnPixelDecoder,
+    ms_deform_attn_sample,
+)
+from addclass.models.maskformer.detr_decoder import StandardTransformerDecoder
+from addclass.models.massformer.model import MaSSFormer
+from addclass.models.parts.transformer_decoder import MaskedTransformerDecoder
+from addclass.models.training.criterion import build_criterion
+from addclass.models.training.targets import build_targets
+from addclass.models.weights import load_backbone_checkpoint
 
 K = 5
 TINY = ("mask2former_tiny", "maskformer_tiny")
@@ -235,7 +239,7 @@ def test_ms_deform_attn_starts_with_rings_of_points_and_uniform_weights() -> Non
 
 @pytest.mark.parametrize("variant", sorted(BASELINE_PIXEL_DECODERS))
 def test_a_baseline_refuses_another_pixel_decoder(variant: str) -> None:
-    from tasks.train_config import TrainConfig
+    from addclass.tasks.training.train_config import TrainConfig
 
     own = BASELINE_PIXEL_DECODERS[variant]
     other = "hr"
@@ -280,7 +284,7 @@ def test_tiny_backbones_load_resnet18_weights(tmp_path: Path, variant: str) -> N
 
 @pytest.mark.parametrize("variant", TINY)
 def test_model_folder_of_a_baseline_builds_and_reloads(tmp_path: Path, variant: str) -> None:
-    from tasks.model_folder import (
+    from addclass.tasks.model_files.model_folder import (
         FORMAT,
         FORMAT_VERSION,
         load_trained_model,
@@ -306,7 +310,7 @@ def test_model_folder_of_a_baseline_builds_and_reloads(tmp_path: Path, variant: 
 def test_model_info_cli_reports_components_and_macs(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from flows import cli
+    from addclass.cli import main as cli
 
     assert cli.main(["model-info", "maskformer_r50", "--macs-size", "256", "320", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -320,7 +324,7 @@ def test_model_info_cli_reports_components_and_macs(capsys: pytest.CaptureFixtur
 
 @pytest.mark.parametrize(("variant", "paper_g"), [("mask2former_r50", 3123.0), ("maskformer_r50", 2396.0)])
 def test_r50_macs_at_4k_near_the_paper(variant: str, paper_g: float) -> None:
-    from models.massformer.macs import count_macs
+    from addclass.models.macs import count_macs
 
     macs = count_macs(variant, height=4096, width=3072)  # meta device: no memory, no compute
     # The paper's figures are fvcore MACs, which skip the deformable-attention sampling (a custom op there).
@@ -336,8 +340,8 @@ def train_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("variant", TINY)
 def test_train_task_trains_and_reloads_a_baseline(train_store: Path, tmp_path: Path, variant: str) -> None:
-    from tasks.model_folder import load_trained_model, read_model_config
-    from tasks.train import train
+    from addclass.tasks.model_files.model_folder import load_trained_model, read_model_config
+    from addclass.tasks.training.train import train
     from tests.tasks.test_train import tiny_config
 
     config = tiny_config(train_store, tmp_path / "run", variant=variant, iters=2, checkpoint_every=2)
@@ -351,8 +355,8 @@ def test_train_task_trains_and_reloads_a_baseline(train_store: Path, tmp_path: P
 
 @pytest.mark.parametrize("variant", TINY)
 def test_onnx_export_of_a_baseline_matches_pytorch(tmp_path: Path, variant: str) -> None:
-    from tasks.export_model import DEFAULT_ATOL, export_model
-    from tasks.model_folder import FORMAT, FORMAT_VERSION, save_model_dir
+    from addclass.tasks.model_files.export_model import DEFAULT_ATOL, export_model
+    from addclass.tasks.model_files.model_folder import FORMAT, FORMAT_VERSION, save_model_dir
 
     model = _build(variant).eval()
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": variant,

@@ -10,8 +10,8 @@ import torch
 import transformers
 from transformers import BertConfig, BertModel
 
-from models.hashing import file_sha256
-from models.labelers.bert_offline import (
+from addclass.models.hashing import file_sha256
+from addclass.models.labelers.bert_offline import (
     OFFLINE_BERT_PREFIX,
     VOCAB_SHA256,
     OfflineBertWarper,

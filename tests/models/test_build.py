@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from models.massformer.build import (
+from addclass.models.build import (
     BASELINE_PIXEL_DECODERS,
     MASSFORMER_PIXEL_DECODERS,
     MODEL_BUILDERS,
     build_massformer_tiny,
     model_info,
 )
-from models.massformer.fpn_decoder import FPNPixelDecoder
-from models.massformer.pixel_decoder import HRPixelDecoder
+from addclass.models.maskformer.fpn_decoder import FPNPixelDecoder
+from addclass.models.massformer.pixel_decoder import HRPixelDecoder
 
 # docs/design.md §1.6 (MaSSFormer R50, K = 7): all parameters incl. BN affines, buffers excluded.
 SPEC_R50 = {

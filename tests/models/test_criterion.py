@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import models.training.criterion as criterion_module
-from models.training.criterion import (
+import addclass.models.training.criterion as criterion_module
+from addclass.models.training.criterion import (
     HungarianMatcher,
     LossNormalizers,
     SetCriterion,
@@ -19,9 +19,12 @@ from models.training.criterion import (
     edge_loss,
     weighted_sigmoid_ce_loss,
 )
-from models.training.loss_weights import edge_weight_map
-from models.training.point_sample import select_uncertain_points, uncertain_point_coords_with_randomness
-from models.training.targets import build_targets
+from addclass.models.training.loss_weights import edge_weight_map
+from addclass.models.training.point_sample import (
+    select_uncertain_points,
+    uncertain_point_coords_with_randomness,
+)
+from addclass.models.training.targets import build_targets
 
 
 def _softplus(v: float) -> float:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.training.ema import WeightEma
+from addclass.models.training.ema import WeightEma
 
 
 def small_model() -> nn.Module:

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from segment_anything import SamPredictor
 from torchvision.ops import box_convert, box_iou, nms
 
-from models.labelers.embedding_cache import (
+from addclass.models.labelers.embedding_cache import (
     EmbeddingCache,
     InMemoryEmbeddingCache,
     embedding_key,
     image_sha256,
 )
-from models.labelers.grounded_sam import GroundedSamLabeler, parse_dtype
-from models.labelers.grounded_sam_ops import (
+from addclass.models.labelers.grounded_sam import GroundedSamLabeler, parse_dtype
+from addclass.models.labelers.grounded_sam_ops import (
     build_caption,
     cut_edges,
     cxcywh_to_xyxy,
@@ -41,15 +41,15 @@ from models.labelers.grounded_sam_ops import (
     token_prompt_index,
     upsample_mask_logits,
 )
-from models.labelers.grounded_sam_weights import (
+from addclass.models.labelers.grounded_sam_weights import (
     DINO_URL,
     CheckpointMismatchError,
     MissingCheckpointError,
     build_dino,
     check_state_dict,
 )
-from models.labelers.label_record import LabelRecord
-from models.labelers.sam_engines import FAMILY_URLS
+from addclass.models.labelers.label_record import LabelRecord
+from addclass.models.labelers.sam_engines import FAMILY_URLS
 
 MAX_BOXES = 3
 
@@ -285,7 +285,7 @@ def test_dino_checkpoint_round_trip_and_required_keys(
     # ... any other missing or unexpected key is logged.
     partial = {k: v for k, v in state.items() if k != "feat_map.bias"}
     partial["extra.key"] = torch.zeros(1)
-    with caplog.at_level(logging.WARNING, logger="models.labelers.grounded_sam_weights"):
+    with caplog.at_level(logging.WARNING, logger="addclass.models.labelers.grounded_sam_weights"):
         check_state_dict(
             labeler.dino, partial, path=path, strict=False, required_prefixes=("bert.", "backbone.")
         )

@@ -13,10 +13,10 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from models.hashing import bytes_sha256, file_sha256, json_hash
-from tasks.model_registry import config_hash
-from tasks.pseudo_label import settings_key
-from tasks.train import TrainConfig, run_name
+from addclass.models.hashing import bytes_sha256, file_sha256, json_hash
+from addclass.tasks.labels.pseudo_label import settings_key
+from addclass.tasks.model_files.model_registry import config_hash
+from addclass.tasks.training.train import TrainConfig, run_name
 
 DATA = bytes(range(256)) * 5000  # 1.28 MB: more than one 1 MiB chunk
 DATA_SHA256 = "7d471e4af16db5a30ce10aebbc29f5178b2edbad6c7dc2e8ff8ee6e4848a726f"

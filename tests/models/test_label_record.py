@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from models.labelers.label_record import LabelRecord, rle_decode, rle_encode
+from addclass.models.labelers.label_record import LabelRecord, rle_decode, rle_encode
 
 
 def test_rle_encode_known_values() -> None:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.labelers.base import Labeler
-from models.labelers.build import LABELER_KINDS, LABELERS, LabelerConfig, LabelerEntry, LabelerKind
-from models.labelers.label_record import LabelRecord
-from tasks.pseudo_label import validate_labeler
+from addclass.models.labelers.base import Labeler
+from addclass.models.labelers.build import LABELER_KINDS, LABELERS, LabelerConfig, LabelerEntry, LabelerKind
+from addclass.models.labelers.label_record import LabelRecord
+from addclass.tasks.labels.pseudo_label import validate_labeler
 
 REPO = Path(__file__).resolve().parents[2]
 H, W = 72, 96

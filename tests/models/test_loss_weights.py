@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.training.loss_weights import (
+from addclass.models.training.loss_weights import (
     bce_weight_map,
     dilate_chessboard,
     edge_weight_map,
     parse_reweight_mode,
 )
-from models.training.targets import build_targets
+from addclass.models.training.targets import build_targets
 
 
 def _loop_w(mask: np.ndarray, k: int = 5) -> np.ndarray:

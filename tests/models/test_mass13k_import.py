@@ -20,19 +20,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.errors import InputError
-from models.hashing import file_sha256
-from models.massformer.mass13k_import import (
+from addclass.common.errors import InputError
+from addclass.models.hashing import file_sha256
+from addclass.models.importers.mass13k import (
     MAPPING_RULES,
     MAPPING_VERSION,
     MASS13K_CLASS_NAMES,
     convert_mass13k_state_dict,
     map_key,
 )
-from models.massformer.weights import read_state_dict
-from models.palette import BASE_CLASS_NAMES
-from tasks.import_model import import_mass13k
-from tasks.model_folder import MODEL_FILE, load_trained_model, read_model_config
+from addclass.models.palette import BASE_CLASS_NAMES
+from addclass.models.weights import read_state_dict
+from addclass.tasks.model_files.import_model import import_mass13k
+from addclass.tasks.model_files.model_folder import MODEL_FILE, load_trained_model, read_model_config
 from tests.conftest import SHARED
 
 REFERENCE = SHARED / "reference" / "mass13k"
@@ -182,8 +182,8 @@ def test_imported_folder_loads_strictly_and_predicts(imported: Path) -> None:
 @needs_reference
 @pytest.mark.slow  # one R50 step on the CPU (~30 s)
 def test_one_training_step_from_the_imported_folder(imported: Path, tmp_path: Path) -> None:
-    from tasks.ingest import ingest_synthetic
-    from tasks.train import TrainConfig, train
+    from addclass.tasks.data.ingest import ingest_synthetic
+    from addclass.tasks.training.train import TrainConfig, train
 
     store = ingest_synthetic(tmp_path / "s.zarr", images=3, size=(64, 64), seed=0, progress=False)
     config = TrainConfig(

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.massformer.build import MASSFORMER_PIXEL_DECODERS, MODEL_BUILDERS, build_massformer_tiny
-from models.massformer.deform import DeformLayer, deform_conv2d
-from models.massformer.model import IMAGENET_MEAN, MaSSFormer
-from models.massformer.pixel_decoder import SEB, window_partition, window_reverse
-from models.massformer.position_encoding import sine_position_encoding
-from models.massformer.transformer_decoder import MaskedTransformerDecoder
+from addclass.models.build import MASSFORMER_PIXEL_DECODERS, MODEL_BUILDERS, build_massformer_tiny
+from addclass.models.massformer.deform import DeformLayer, deform_conv2d
+from addclass.models.massformer.model import IMAGENET_MEAN, MaSSFormer
+from addclass.models.massformer.pixel_decoder import SEB, window_partition, window_reverse
+from addclass.models.parts.position_encoding import sine_position_encoding
+from addclass.models.parts.transformer_decoder import MaskedTransformerDecoder
 
 NUM_CLASSES = 7
 VARIANT_LAYERS = {"r50": 6, "lite_r18": 6, "tiny": 3}
@@ -285,7 +285,7 @@ def test_cpu_deform_conv_paths_match_torchvision(c_in: int, c_out: int, k: int, 
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
     # The one-tap-at-a-time grid-sample path (no gradient, "large" map) gives the same values.
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr("models.massformer.deform.LOW_MEMORY_BYTES", 0)
+        mp.setattr("addclass.models.massformer.deform.LOW_MEMORY_BYTES", 0)
         torch.testing.assert_close(deform_conv2d(x, offset, mask, weight, padding=k // 2), ref.detach())
 
 
@@ -297,9 +297,9 @@ def test_inference_paths_agree_in_full_model(monkeypatch: pytest.MonkeyPatch) ->
         for module in model.modules():  # non-zero, fractional offsets and masks != 0.5
             if isinstance(module, DeformLayer):
                 module.offset_conv.weight.normal_(0.0, 0.05)
-        monkeypatch.setattr("models.massformer.deform.EMBEDDING_BAG_MIN_PIXELS", 0)
+        monkeypatch.setattr("addclass.models.massformer.deform.EMBEDDING_BAG_MIN_PIXELS", 0)
         fast = model(x)
-        monkeypatch.setattr("models.massformer.deform.EMBEDDING_BAG_MIN_PIXELS", 2**62)
+        monkeypatch.setattr("addclass.models.massformer.deform.EMBEDDING_BAG_MIN_PIXELS", 2**62)
         ref = model(x)
     torch.testing.assert_close(fast["pred_masks"], ref["pred_masks"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast["pred_edge"], ref["pred_edge"], rtol=1e-4, atol=1e-4)
@@ -359,7 +359,7 @@ def test_seb_double_sigmoid_gate_range() -> None:
 def test_a_batch_one_window_wide_at_stride_16_predicts() -> None:
     """320 x 256 pads to 512 x 256: the stride-16 map is one window wide, and window_reverse then hands the
     deformable layer a non-contiguous tensor (it crashed with "view size is not compatible")."""
-    from models.massformer.build import MODEL_BUILDERS
+    from addclass.models.build import MODEL_BUILDERS
 
     model = MODEL_BUILDERS["tiny"](num_classes=7).eval()
     assert model.semantic_probs(torch.rand(2, 3, 320, 256) * 255).shape == (2, 7, 320, 256)

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.training.matcher import HungarianMatcher, batch_class_cost, batch_dice_cost, batch_sigmoid_ce_cost
-from models.training.point_sample import point_sample
+from addclass.models.training.matcher import (
+    HungarianMatcher,
+    batch_class_cost,
+    batch_dice_cost,
+    batch_sigmoid_ce_cost,
+)
+from addclass.models.training.point_sample import point_sample
 
 
 def _bilinear(img: np.ndarray, x: float, y: float) -> float:

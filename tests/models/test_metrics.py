@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models import metrics as M
-from models.metrics import (
+from addclass.models import metrics as M
+from addclass.models.metrics import (
     COUNT_KEYS,
     MetricAccumulator,
     binarize,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.training.optim import (
+from addclass.models.training.optim import (
     GRAD_CLIP_MAX_NORM,
     build_lr_scheduler,
     build_optimizer,
@@ -153,7 +153,7 @@ def test_cosine_schedule_per_iteration() -> None:
 
 
 def test_param_groups_on_tiny_massformer() -> None:
-    from models.massformer.build import build_massformer_tiny
+    from addclass.models.build import build_massformer_tiny
 
     model = build_massformer_tiny(num_classes=8)
     groups = {g["name"]: g for g in build_param_groups(model, lr=3e-4, weight_decay=0.05)}
@@ -181,9 +181,9 @@ def test_param_groups_on_tiny_massformer() -> None:
 
 
 def test_one_training_step_on_tiny_massformer() -> None:
-    from models.massformer.build import build_massformer_tiny
-    from models.training.criterion import build_criterion
-    from models.training.targets import build_targets
+    from addclass.models.build import build_massformer_tiny
+    from addclass.models.training.criterion import build_criterion
+    from addclass.models.training.targets import build_targets
 
     torch.manual_seed(0)
     model = build_massformer_tiny(num_classes=8)
@@ -227,7 +227,7 @@ def test_warm_up_then_cosine() -> None:
 
 
 def test_recipes() -> None:
-    from models.training.optim import PAPER_RECIPE, RECIPES, SCRATCH_RECIPE, choose_recipe
+    from addclass.models.training.optim import PAPER_RECIPE, RECIPES, SCRATCH_RECIPE, choose_recipe
 
     assert set(RECIPES) == {"paper", "scratch"}
     assert (PAPER_RECIPE.lr, PAPER_RECIPE.backbone_lr_mult, PAPER_RECIPE.grad_clip) == (3e-4, 0.1, 0.01)

@@ -16,15 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import InputError
-from flows.cli_args import build_parser
-from models.labelers.build import LABELERS, LabelerConfig
-from models.labelers.embedding_cache import InMemoryEmbeddingCache
-from models.labelers.grounded_sam import GroundedSamLabeler
-from models.labelers.grounded_sam_ops import check_phrases, refine_window, split_phrases
-from models.labelers.grounded_sam_weights import CheckpointMismatchError
-from models.labelers.sam_engines import SAM_VARIANTS, SamEngine, build_sam_model
-from storage.names import class_name_from_prompt
+from addclass.cli.args import build_parser
+from addclass.common.errors import InputError
+from addclass.models.labelers.build import LABELERS, LabelerConfig
+from addclass.models.labelers.embedding_cache import InMemoryEmbeddingCache
+from addclass.models.labelers.grounded_sam import GroundedSamLabeler
+from addclass.models.labelers.grounded_sam_ops import check_phrases, refine_window, split_phrases
+from addclass.models.labelers.grounded_sam_weights import CheckpointMismatchError
+from addclass.models.labelers.sam_engines import SAM_VARIANTS, SamEngine, build_sam_model
+from addclass.storage.names import class_name_from_prompt
 
 TEST_VARIANTS = ("tiny", "hq_tiny", "sam2_tiny")
 PARTS = {
@@ -136,7 +136,7 @@ def test_released_checkpoint_layouts_load_through_the_cli_path(tmp_path: Path, v
     torch.save(state if layout == "plain" else {"model": state}, path)
     args = build_parser().parse_args(["pseudo-label", "s.zarr", "--prompt", "car", "--sam", variant,
                                       "--sam-checkpoint", str(path), "--dino", "test", "--random-weights"])
-    from flows.cli import labeler_config_from_args
+    from addclass.cli.main import labeler_config_from_args
 
     config = labeler_config_from_args(args)
     LABELERS[config.kind].check(config)
@@ -206,8 +206,8 @@ def test_phrases_of_one_class_merge_and_negative_boxes_suppress() -> None:
 
 
 def test_cli_and_flow_carry_the_new_labeler_options() -> None:
-    from flows.cli import labeler_config_from_args
-    from flows.params import LabelingParams, labeler_config
+    from addclass.cli.main import labeler_config_from_args
+    from addclass.flows.params import LabelingParams, labeler_config
 
     args = build_parser().parse_args(["pseudo-label", "s", "--prompt", "car . van", "--sam", "hq_vit_b",
                                       "--negative-phrases", "toy car", "model car", "--refine", "--refine-margin",
@@ -291,7 +291,7 @@ def test_refine_window_and_large_boxes_keep_the_whole_image_mask() -> None:
 
 
 def test_each_mask_model_and_option_has_its_own_resume_key() -> None:
-    from tasks.pseudo_label import settings_key
+    from addclass.tasks.labels.pseudo_label import settings_key
 
     def key(**fields: Any) -> str:
         return settings_key({"prompt": "car", **LabelerConfig(**fields).resume_settings()})

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import StateError
-from models.massformer.build import MODEL_BUILDERS, model_info
-from models.massformer.model import MaSSFormer
-from models.massformer.semask import (
+from addclass.common.errors import StateError
+from addclass.models.build import MODEL_BUILDERS, model_info
+from addclass.models.massformer.model import MaSSFormer
+from addclass.models.semask.semask import (
     SHIFT_MASK_VALUE,
     FixedClassHead,
     SeMaskSwinBackbone,
@@ -25,10 +25,15 @@ from models.massformer.semask import (
     relative_position_index,
     shifted_window_mask,
 )
-from models.massformer.weights import load_backbone_checkpoint
-from models.training.criterion import SetCriterion, build_criterion, class_assignment, with_every_class
-from models.training.matcher import HungarianMatcher
-from models.training.targets import build_targets
+from addclass.models.training.criterion import (
+    SetCriterion,
+    build_criterion,
+    class_assignment,
+    with_every_class,
+)
+from addclass.models.training.matcher import HungarianMatcher
+from addclass.models.training.targets import build_targets
+from addclass.models.weights import load_backbone_checkpoint
 
 K = 5
 VARIANT = "semask_fpn_tiny"
@@ -295,7 +300,7 @@ def test_swint_loads_the_real_file_layout_on_meta(tmp_path: Path) -> None:
 
 
 def test_model_folder_builds_and_reloads(tmp_path: Path) -> None:
-    from tasks.model_folder import (
+    from addclass.tasks.model_files.model_folder import (
         FORMAT,
         FORMAT_VERSION,
         load_trained_model,
@@ -313,8 +318,8 @@ def test_model_folder_builds_and_reloads(tmp_path: Path) -> None:
 
 
 def test_train_task_trains_and_reloads(tmp_path: Path) -> None:
-    from tasks.model_folder import load_trained_model, read_model_config
-    from tasks.train import train
+    from addclass.tasks.model_files.model_folder import load_trained_model, read_model_config
+    from addclass.tasks.training.train import train
     from tests.tasks.test_train import make_train_store, tiny_config
 
     store = make_train_store(tmp_path / "scenes.zarr")

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.labelers.simulated_labeler import SimulatedLabeler, low_res_roundtrip
-from models.metrics import class_vs_rest, image_counts, metrics_from_counts
+from addclass.models.labelers.simulated_labeler import SimulatedLabeler, low_res_roundtrip
+from addclass.models.metrics import class_vs_rest, image_counts, metrics_from_counts
 
 H, W = 480, 640  # long side 640 -> one low-res cell = 2.5 px at low_res=256
 EXACT = {"miss_prob": 0.0, "bleed_prob": 0.0, "false_positives": 0.0}  # only the deterministic degradations

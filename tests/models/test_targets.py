@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.training.targets import build_targets, generate_edge
+from addclass.models.training.targets import build_targets, generate_edge
 
 
 def _reference_marks(seg: np.ndarray, ignore: int = 255) -> np.ndarray:

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
-from models.massformer.build import build_massformer_lite_r18, build_massformer_tiny
-from models.massformer.weights import (
+from addclass.models.build import build_massformer_lite_r18, build_massformer_tiny
+from addclass.models.weights import (
     CLASS_HEAD_KEYS,
     load_backbone_checkpoint,
     load_checkpoint,
@@ -107,7 +107,7 @@ def test_remap_keys_strips_wrapper_prefixes() -> None:
 
 
 def test_load_backbone_checkpoint_from_torchvision_resnet18(tmp_path: Path) -> None:
-    from models.massformer.build import build_massformer_lite_r18
+    from addclass.models.build import build_massformer_lite_r18
 
     torch.manual_seed(0)
     ref = resnet18(weights=None)  # stands in for resnet18-f37072fd.pth (same keys, incl. fc)

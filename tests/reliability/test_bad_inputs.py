@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows.cli import main
+from addclass.cli.main import main
 
 
 @dataclass(frozen=True)

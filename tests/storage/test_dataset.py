@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from storage.dataset import (
+from addclass.storage.registry import IGNORE_INDEX, ClassInfo
+from addclass.storage.store import open_label_store
+from addclass.tasks.training.dataset import (
     PAD_RGB,
     WORKER_START_METHOD,
     LabelVersionDataset,
@@ -21,8 +23,6 @@ from storage.dataset import (
     random_resize,
     worker_init,
 )
-from storage.registry import IGNORE_INDEX, ClassInfo
-from storage.store import open_label_store
 
 PROBE = 3  # vegetation: the class whose pixels the test version marks as "pseudo" provenance
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.staging import OWNER_FILE, remove_dead_stagings, staged_dir
+from addclass.storage.staging import OWNER_FILE, remove_dead_stagings, staged_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import zarr
 
-from storage.lock import StoreLockedError, store_lock
-from storage.names import class_name_from_prompt, parse_image_id, parse_version
-from storage.registry import ClassInfo
-from storage.store import (
+from addclass.storage.lock import StoreLockedError, store_lock
+from addclass.storage.names import class_name_from_prompt, parse_image_id, parse_version
+from addclass.storage.registry import ClassInfo
+from addclass.storage.store import (
     ATTRS_KEY,
     SCHEMA_VERSION,
     ImmutableError,
@@ -47,7 +47,7 @@ def test_round_trip_metadata(synthetic_store: Path) -> None:
 def test_chunks_are_bounded_and_compressed(tmp_path: Path) -> None:
     with build_label_store(tmp_path / "big.zarr", name="t", source="test") as st:
         st.write_precise_labels("train", "a", np.zeros((1500, 2100), np.uint8))
-        from storage.registry import ImageRecord
+        from addclass.storage.registry import ImageRecord
 
         st.write_image_records("train", [ImageRecord(id="a", path="x.png", sha256="0", height=1500, width=2100)])
     arr = zarr.open_array(str(tmp_path / "big.zarr" / "labels/v1/train/a"), mode="r")
@@ -196,7 +196,7 @@ def test_lock_excludes_second_writer_and_survives_kill(fresh_store: Path) -> Non
 
 
 def test_overwrite_refuses_locked_store(fresh_store: Path) -> None:
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     with store_lock(fresh_store):
         # flock is per open file description, so even this process cannot take it twice
@@ -234,8 +234,8 @@ def test_version_names() -> None:
 
 @pytest.mark.parametrize("damage", ['"zarr_format": 7', "control", "cut"])
 def test_damaged_store_metadata_is_an_error_naming_the_file(tmp_path: Path, damage: str) -> None:
-    from storage.store import StoreSchemaError
-    from tasks.ingest import ingest_synthetic
+    from addclass.storage.store import StoreSchemaError
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     path = ingest_synthetic(tmp_path / "s.zarr", images=3, size=(40, 40), progress=False)
     meta = path / "zarr.json"
@@ -254,8 +254,8 @@ def test_damaged_store_metadata_is_an_error_naming_the_file(tmp_path: Path, dama
 @pytest.mark.parametrize("damage", ["deleted", "garbled"])
 def test_a_missing_or_damaged_label_chunk_is_an_error_naming_image_and_version(tmp_path: Path, damage: str) -> None:
     """zarr reads a deleted chunk as its fill value (0, "others"): a read must not hand that out as labels."""
-    from storage.store import StoreCorruptError
-    from tasks.ingest import ingest_synthetic
+    from addclass.storage.store import StoreCorruptError
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     path = ingest_synthetic(tmp_path / "s.zarr", images=3, size=(40, 40), progress=False)
     st = open_label_store(path)
@@ -278,7 +278,7 @@ def test_an_image_changed_after_ingest_is_refused_on_every_read(tmp_path: Path) 
     labeler read images through read_image, which checks the recorded sha256."""
     import cv2
 
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     path = ingest_synthetic(tmp_path / "s.zarr", images=3, size=(40, 40), progress=False)
     st = open_label_store(path)
@@ -293,10 +293,10 @@ def test_an_image_changed_after_ingest_is_refused_on_every_read(tmp_path: Path) 
 
 def test_schema_names_stay_importable_from_storage_store() -> None:
     """The schema module holds these; callers keep importing them from storage.store."""
-    import storage.schema
-    import storage.store
+    import addclass.storage.schema as schema_module
+    import addclass.storage.store as store_module
 
     for name in ("ATTRS_KEY", "SCHEMA_VERSION", "StoreSchemaError", "StoreCorruptError", "ImmutableError",
                  "is_label_store", "labels_sha256", "now_iso"):
-        assert getattr(storage.store, name) is getattr(storage.schema, name)
-    assert set(storage.store.__all__) <= set(dir(storage.store))
+        assert getattr(store_module, name) is getattr(schema_module, name)
+    assert set(store_module.__all__) <= set(dir(store_module))

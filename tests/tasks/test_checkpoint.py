@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.checkpoint import atomic_write_json, remove_partial_writes, save_checkpoint
-from tasks.model_folder import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
+from addclass.tasks.model_files.model_folder import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
+from addclass.tasks.training.checkpoint import atomic_write_json, remove_partial_writes, save_checkpoint
 
 
 def _save(run: Path, step: int, keep: int) -> Path:

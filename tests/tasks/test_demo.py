@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from storage.pseudo import pseudo_runs
-from storage.store import open_label_store
-from tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
-from tasks.ingest import ingest_synthetic
-from tasks.pseudo_label import LabelerConfig
+from addclass.storage.pseudo import pseudo_runs
+from addclass.storage.store import open_label_store
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
+from addclass.tasks.labels.pseudo_label import LabelerConfig
 from tests.evaluations import class_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_comparison_lines_say_which_edges_are_sharper() -> None:
 def test_the_demo_command_ends_with_the_comparison(tmp_path: Path) -> None:
     # a subprocess, as users run it: the temporary Prefect server it starts is stopped at that process's exit
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--out", str(out), "--images", "10",
+    proc = subprocess.run([sys.executable, "-m", "addclass.cli.main", "demo", "--out", str(out), "--images", "10",
                            "--iters", "4", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = proc.stdout.rstrip().splitlines()

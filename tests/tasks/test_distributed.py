@@ -24,8 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.train import train
-from tasks.train_launch import Launch, launch_training, run_training, torchrun_command
+from addclass.tasks.training.train import train
+from addclass.tasks.training.train_launch import Launch, launch_training, run_training, torchrun_command
 from tests.tasks.test_train import make_train_store, read_log, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,9 +57,9 @@ def files(run: Path) -> list[str]:
 GRADIENTS = """
 import os, sys
 import torch
-import models.training.sync_norm as sync_norm
-from tasks.distributed import Distributed
-from tasks.train import _build_run, _data_loader, _step, model_config, resolve_train_config
+import addclass.models.training.sync_norm as sync_norm
+from addclass.tasks.training.distributed import Distributed
+from addclass.tasks.training.train import _build_run, _data_loader, _step, model_config, resolve_train_config
 from tests.tasks.test_train import tiny_config
 
 store, out, same_norm = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -118,8 +118,8 @@ def test_two_processes_x_one_image_give_the_gradients_of_one_process_x_two(store
 
 DIE_AT_CHECKPOINT = """
 import os, signal, sys
-import tasks.train as tt
-from tasks.train_launch import main
+import addclass.tasks.training.train as tt
+from addclass.tasks.training.train_launch import main
 
 save = tt.save_checkpoint
 
@@ -211,7 +211,7 @@ def test_batch_norm_over_processes_matches_one_batch_norm(tmp_path: Path) -> Non
 BN_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
-from models.training.sync_norm import AllReduceBatchNorm2d, sync_batch_norm
+from addclass.models.training.sync_norm import AllReduceBatchNorm2d, sync_batch_norm
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for tasks/evaluate.py: the four ground-truth rules on a hand-written store; a real tiny model."""
+"""Tests for tasks/evaluation/evaluate.py: the four ground-truth rules on a hand-written store; a real tiny model."""
 
 from __future__ import annotations
 
@@ -10,22 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from models.hashing import file_sha256
-from models.metrics import MetricAccumulator, binary_counts, class_vs_rest, metrics_from_counts
-from storage.pseudo import record_pseudo_run, write_pseudo_result
-from storage.registry import ImageRecord
-from storage.store import build_label_store, open_label_store
-from tasks.evaluate import (
+from addclass.models.hashing import file_sha256
+from addclass.models.metrics import MetricAccumulator, binary_counts, class_vs_rest, metrics_from_counts
+from addclass.storage.pseudo import record_pseudo_run, write_pseudo_result
+from addclass.storage.registry import ImageRecord
+from addclass.storage.store import build_label_store, open_label_store
+from addclass.tasks.evaluation.evaluate import (
     all_classes_ground_truth,
     evaluate_model,
     evaluate_pseudo,
     fold_new_classes,
     score_prediction,
 )
-from tasks.evaluation_report import write_evaluation_report
-from tasks.evaluation_results import ModelEvaluation, PseudoEvaluation
-from tasks.merge import merge, plan_merge
-from tasks.pseudo_label import settings_key
+from addclass.tasks.evaluation.evaluation_report import write_evaluation_report
+from addclass.tasks.evaluation.evaluation_results import ModelEvaluation, PseudoEvaluation
+from addclass.tasks.labels.merge import merge, plan_merge
+from addclass.tasks.labels.pseudo_label import settings_key
 
 I = 255  # ignore
 CAR = 7
@@ -377,9 +377,9 @@ def test_report_rows_and_overlays_from_saved_predictions(store: Path, tmp_path: 
 
 # ---------------------------------------------------------------------------- a real tiny checkpoint
 def test_real_tiny_checkpoint_end_to_end(tmp_path: Path) -> None:
-    from models.massformer.build import build_massformer_tiny
-    from tasks.ingest import ingest_synthetic
-    from tasks.model_folder import FORMAT, FORMAT_VERSION, save_model_dir
+    from addclass.models.build import build_massformer_tiny
+    from addclass.tasks.data.ingest import ingest_synthetic
+    from addclass.tasks.model_files.model_folder import FORMAT, FORMAT_VERSION, save_model_dir
 
     path = ingest_synthetic(tmp_path / "syn.zarr", images=5, size=(64, 80), seed=1, progress=False)
     st = open_label_store(path, mode="a")

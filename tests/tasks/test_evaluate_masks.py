@@ -1,4 +1,4 @@
-"""Tests for tasks/evaluate_masks.py: folder scoring with hand-computed values and clear errors."""
+"""Tests for tasks/evaluation/evaluate_masks.py: folder scoring with hand-computed values and clear errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
-from models.metrics import COUNT_KEYS
-from tasks.evaluate_masks import evaluate_mask_folders, folder_loader, list_label_pngs, read_label_png
+from addclass.models.metrics import COUNT_KEYS
+from addclass.tasks.evaluation.evaluate_masks import (
+    evaluate_mask_folders,
+    folder_loader,
+    list_label_pngs,
+    read_label_png,
+)
 
 
 def _write(folder: Path, name: str, labels: np.ndarray) -> None:

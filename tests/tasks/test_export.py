@@ -1,4 +1,4 @@
-"""Tests for tasks/export.py: mmseg PNG layout, classes.json, images, COCO RLE JSON, non-empty folders."""
+"""Tests for tasks/data/export.py: mmseg PNG layout, classes.json, images, COCO RLE JSON, non-empty folders."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from models.labelers.label_record import rle_decode
-from storage.store import open_label_store
-from tasks.export import export_coco_rle, export_mmseg
-from tasks.merge import merge
+from addclass.models.labelers.label_record import rle_decode
+from addclass.storage.store import open_label_store
+from addclass.tasks.data.export import export_coco_rle, export_mmseg
+from addclass.tasks.labels.merge import merge
 from tests.tasks.test_merge import CAR_T0, E0, T1, V0, I, add_pseudo, box, car_everywhere, make_tiny_store
 
 

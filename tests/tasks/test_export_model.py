@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.export_model import DEFAULT_ATOL, export_model, load_exported, sidecar_path
-from tasks.ingest import ingest_synthetic
-from tasks.model_folder import load_trained_model, read_model_config
-from tasks.train import TrainConfig, train
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.model_files.export_model import DEFAULT_ATOL, export_model, load_exported, sidecar_path
+from addclass.tasks.model_files.model_folder import load_trained_model, read_model_config
+from addclass.tasks.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_unknown_format_is_an_input_error(run_dir: Path, tmp_path: Path) -> None
 
 
 def test_cli_export_model(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.cli import main
+    from addclass.cli.main import main
 
     out = tmp_path / "m.onnx"
     assert main(["export-model", str(run_dir), str(out)]) == 0

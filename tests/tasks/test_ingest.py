@@ -6,10 +6,16 @@ import cv2
 import numpy as np
 import pytest
 
-from storage.store import open_label_store
-from tasks.ingest import CAMVID_TO_PRECISE, camvid_to_precise, ingest_camvid, ingest_mass13k, ingest_synthetic
-from tasks.inspect import render_overlay, summarize_store
-from tasks.synthetic_scenes import make_scene
+from addclass.storage.store import open_label_store
+from addclass.tasks.data.ingest import (
+    CAMVID_TO_PRECISE,
+    camvid_to_precise,
+    ingest_camvid,
+    ingest_mass13k,
+    ingest_synthetic,
+)
+from addclass.tasks.data.inspect import render_overlay, summarize_store
+from addclass.tasks.data.synthetic_scenes import make_scene
 from tests.conftest import CAMVID, needs_camvid
 
 
@@ -70,7 +76,7 @@ def test_mass13k_round_trip_and_inspect(tmp_path: Path) -> None:
 def test_an_annotation_without_an_image_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = _mass13k(tmp_path / "m", n=2)
     cv2.imwrite(str(src / "annotations/train/lost.png"), np.zeros((40, 48), np.uint8))
-    with caplog.at_level("WARNING", logger="tasks.ingest"):
+    with caplog.at_level("WARNING", logger="addclass.tasks.data.ingest"):
         st = open_label_store(ingest_mass13k(src, tmp_path / "m.zarr", progress=False))
     assert st.image_ids("train") == ["img0", "img1"]
     assert "1 annotations in" in caplog.text and "lost.png" in caplog.text

@@ -1,6 +1,6 @@
 """A learning regression fails CI: the tiny model must learn the new class from its pseudo labels.
 
-A fixed synthetic store (`tasks.synthetic_scenes`, small scenes) gets simulated Grounded-SAM pseudo labels of
+A fixed synthetic store (`tasks.data.synthetic_scenes`, small scenes) gets simulated Grounded-SAM pseudo labels of
 car on train and val, merged with carve-others, exactly as the demo does. The tiny MaSSFormer trains from
 scratch with the default (scratch) recipe for `ITERS` steps and must reach `CAR_IOU_FLOOR` car IoU on val
 against the exact masks. Measured on the 2-core machines (docs/recipes.md): the scratch recipe reaches
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import evaluate_model
-from tasks.ingest import ingest_synthetic
-from tasks.merge import merge
-from tasks.pseudo_label import LabelerConfig, pseudo_label
-from tasks.train import TrainConfig, train
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.evaluation.evaluate import evaluate_model
+from addclass.tasks.labels.merge import merge
+from addclass.tasks.labels.pseudo_label import LabelerConfig, pseudo_label
+from addclass.tasks.training.train import TrainConfig, train
 
 ITERS = 120
 CAR_IOU_FLOOR = 0.10

@@ -1,4 +1,4 @@
-"""Tests for tasks/merge.py: the merge rule on hand-computed arrays, versions, registry, bad input, crash."""
+"""Tests for tasks/labels/merge.py: the merge rule on hand-computed arrays, versions, registry, bad input, crash."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import cv2
 import numpy as np
 import pytest
 
-from models.hashing import file_sha256
-from models.labelers.label_record import LabelRecord
-from storage.lock import StoreLockedError
-from storage.pseudo import record_pseudo_run, write_pseudo_result
-from storage.registry import ImageRecord
-from storage.store import ImmutableError, build_label_store, open_label_store
-from tasks.inspect import summarize_store
-from tasks.merge import (
+from addclass.models.hashing import file_sha256
+from addclass.models.labelers.label_record import LabelRecord
+from addclass.storage.lock import StoreLockedError
+from addclass.storage.pseudo import record_pseudo_run, write_pseudo_result
+from addclass.storage.registry import ImageRecord
+from addclass.storage.store import ImmutableError, build_label_store, open_label_store
+from addclass.tasks.data.inspect import summarize_store
+from addclass.tasks.labels.merge import (
     DELAY_ENV,
     MergeError,
     discard_draft,
@@ -35,7 +35,7 @@ from tasks.merge import (
     pending_images,
     plan_merge,
 )
-from tasks.pseudo_label import settings_key
+from addclass.tasks.labels.pseudo_label import settings_key
 
 REPO = Path(__file__).resolve().parents[2]
 I = 255  # ignore
@@ -466,8 +466,8 @@ def test_process_pool_matches_single_process(fresh_store: Path, tmp_path: Path) 
 
 def test_planning_names_stay_importable_from_tasks_merge() -> None:
     """Planning moved to tasks.merge_plan; callers keep importing it from tasks.merge."""
-    from tasks import merge as merge_module
-    from tasks import merge_plan
+    from addclass.tasks.labels import merge as merge_module
+    from addclass.tasks.labels import merge_plan
 
     for name in ("MergeError", "MergePlan", "plan_merge", "parse_classes", "parse_policy", "POLICIES", "SECTION"):
         assert getattr(merge_module, name) is getattr(merge_plan, name)

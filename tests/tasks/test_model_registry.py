@@ -5,10 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from storage.store import open_label_store
-from tasks.evaluation_results import ModelEvaluation
-from tasks.inspect import format_summary, summarize_store
-from tasks.model_registry import list_models, register_model, resolve_init_model, score_terms, selection_score
+from addclass.storage.store import open_label_store
+from addclass.tasks.data.inspect import format_summary, summarize_store
+from addclass.tasks.evaluation.evaluation_results import ModelEvaluation
+from addclass.tasks.model_files.model_registry import (
+    list_models,
+    register_model,
+    resolve_init_model,
+    score_terms,
+    selection_score,
+)
 from tests.evaluations import class_result, model_evaluation
 
 

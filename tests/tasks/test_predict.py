@@ -1,4 +1,4 @@
-"""`addclass predict` (tasks/predict.py): label PNGs of new images from a trained model, in every mode."""
+"""`addclass predict` (tasks/prediction/predict.py): label PNGs of new images from a trained model, in every mode."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.model_folder import load_trained_model, read_model_config
-from tasks.predict import PredictConfig, find_images, image_scores, predict_images
-from tasks.train import TrainConfig, train
+from addclass.tasks.model_files.model_folder import load_trained_model, read_model_config
+from addclass.tasks.prediction.predict import PredictConfig, find_images, image_scores, predict_images
+from addclass.tasks.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     root = tmp_path_factory.mktemp("predict")
     store = root / "s.zarr"
@@ -126,7 +126,7 @@ def test_flip_tta_of_a_mirror_symmetric_image_is_mirror_symmetric(model_dir: Pat
 
 
 def test_predictions_score_with_evaluate_masks(model_dir: Path, images: Path, tmp_path: Path) -> None:
-    from tasks.evaluate_masks import evaluate_mask_folders
+    from addclass.tasks.evaluation.evaluate_masks import evaluate_mask_folders
 
     out = tmp_path / "out"
     predict_images(model_dir, [images], out)
@@ -141,7 +141,7 @@ def test_predictions_score_with_evaluate_masks(model_dir: Path, images: Path, tm
 
 def test_cli_predict_exit_codes(model_dir: Path, images: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.cli import main
+    from addclass.cli.main import main
 
     out = tmp_path / "out"
     assert main(["predict", str(model_dir.parent), str(images), "--out", str(out), "--quiet"]) == 0
@@ -156,7 +156,7 @@ def test_cli_predict_exit_codes(model_dir: Path, images: Path, tmp_path: Path,
 
 def test_whole_images_that_would_not_fit_are_refused_before_any_prediction(
         model_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.predict_memory as pm
+    import addclass.tasks.prediction.predict_memory as pm
 
     big = tmp_path / "big"
     big.mkdir()

@@ -1,4 +1,4 @@
-"""`addclass predict MODEL --into-store STORE` (tasks/predict_store.py): a model's predictions as a label version."""
+"""`addclass predict MODEL --into-store STORE` (tasks/prediction/predict_store.py): a model's predictions as a label version."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import InputError
-from storage.registry import IGNORE_INDEX, PROV_PRECISE, PROV_PREDICTED, PROV_PSEUDO
-from storage.store import open_label_store
-from tasks.merge import merge
-from tasks.predict import PredictConfig, image_scores
-from tasks.predict_store import SECTION, predict_into_store, predicted_labels
-from tasks.pseudo_label import LabelerConfig, pseudo_label
-from tasks.train import TrainConfig, train
+from addclass.common.errors import InputError
+from addclass.storage.registry import IGNORE_INDEX, PROV_PRECISE, PROV_PREDICTED, PROV_PSEUDO
+from addclass.storage.store import open_label_store
+from addclass.tasks.labels.merge import merge
+from addclass.tasks.labels.pseudo_label import LabelerConfig, pseudo_label
+from addclass.tasks.prediction.predict import PredictConfig, image_scores
+from addclass.tasks.prediction.predict_store import SECTION, predict_into_store, predicted_labels
+from addclass.tasks.training.train import TrainConfig, train
 
 CAR = 7
 
@@ -23,7 +23,7 @@ CAR = 7
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(a store with simulated car pseudo labels merged into v2, a tiny model trained 2 steps on v2)."""
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     root = tmp_path_factory.mktemp("predict_store")
     store = root / "s.zarr"
@@ -48,7 +48,7 @@ def test_a_predicted_version_holds_the_models_labels_and_keeps_every_precise_pix
     trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store_path, model_dir = trained
-    import tasks.predict_store as ps
+    import addclass.tasks.prediction.predict_store as ps
 
     # a model that predicts car on the left half: its new-class pixels are then known
     def left_half_car(model: object, image: np.ndarray, config: PredictConfig) -> object:
@@ -89,7 +89,7 @@ def test_a_predicted_version_holds_the_models_labels_and_keeps_every_precise_pix
 def test_a_crash_mid_run_is_finished_by_the_same_command(trained: tuple[Path, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     store_path, model_dir = trained
-    import tasks.predict_store as ps
+    import addclass.tasks.prediction.predict_store as ps
 
     calls = {"n": 0}
 
@@ -119,7 +119,7 @@ def test_bad_inputs_are_named_before_anything_is_written(trained: tuple[Path, Pa
     before = json.dumps(open_label_store(store_path).info, sort_keys=True, default=str)
     with pytest.raises(InputError, match="Split 'valid' is not in"):
         predict_into_store(model_dir, store_path, splits=["valid"])
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     other = ingest_synthetic(tmp_path / "other.zarr", images=3, size=(64, 80), seed=0, progress=False)
     with pytest.raises(InputError, match="label version 'v2', which .* does not have"):

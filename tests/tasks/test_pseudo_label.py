@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask, read_pseudo_record
-from storage.store import open_label_store
-from tasks.pseudo_label import LabelerConfig, import_pseudo, plan_pseudo_label, pseudo_label
+from addclass.storage.pseudo import missing_pseudo, pseudo_runs, read_pseudo_mask, read_pseudo_record
+from addclass.storage.store import open_label_store
+from addclass.tasks.labels.pseudo_label import LabelerConfig, import_pseudo, plan_pseudo_label, pseudo_label
 from tests.crash import die_after_writes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_simulated_run_writes_every_image_and_resumes(fresh_store: Path) -> None
 
 
 def test_simulated_is_deterministic(tmp_path: Path) -> None:
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     masks = []
     for name in ("a", "b"):
@@ -59,15 +59,15 @@ def test_simulated_is_deterministic(tmp_path: Path) -> None:
     assert all(np.array_equal(x, y) for x, y in zip(*masks, strict=True))
 
 
-_CRASHER = die_after_writes("tasks.pseudo_label", "write_pseudo_result", 2) + """
+_CRASHER = die_after_writes("addclass.tasks.labels.pseudo_label", "write_pseudo_result", 2) + """
 import sys
-import tasks.pseudo_label as pl
+import addclass.tasks.labels.pseudo_label as pl
 pl.pseudo_label(sys.argv[1], prompt="car", labeler=pl.LabelerConfig(kind="simulated"), batch_size=1, progress=False)
 """
 
 
 def test_kill_9_then_rerun_finishes_without_redoing_work(tmp_path: Path) -> None:
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     store = ingest_synthetic(tmp_path / "s.zarr", images=8, size=(64, 80), seed=4, progress=False)
     proc = subprocess.run([sys.executable, "-c", _CRASHER, str(store)], cwd=REPO, capture_output=True, timeout=120)
@@ -126,9 +126,9 @@ def test_import_pseudo_validates_then_writes(fresh_store: Path, tmp_path: Path) 
 
 def test_grounded_sam_random_weights_through_the_task(tmp_path: Path) -> None:
     """Tiny SAM + the small GroundingDINO test config with random weights, over 3 images, twice."""
-    from storage.embedding_cache import StoreEmbeddingCache
-    from tasks.ingest import ingest_synthetic
-    from tasks.pseudo_label import _BUILT, build_labeler
+    from addclass.storage.embedding_cache import StoreEmbeddingCache
+    from addclass.tasks.data.ingest import ingest_synthetic
+    from addclass.tasks.labels.pseudo_label import _BUILT, build_labeler
 
     store = ingest_synthetic(tmp_path / "g.zarr", images=5, size=(72, 96), seed=6, progress=False)
     cfg = LabelerConfig(kind="grounded-sam", sam_variant="tiny", dino_config="test", random_weights=True,
@@ -170,7 +170,7 @@ def test_grounded_sam_random_weights_through_the_task(tmp_path: Path) -> None:
 
 
 def test_a_partial_import_merged_with_allow_partial_can_be_completed(fresh_store: Path, tmp_path: Path) -> None:
-    from tasks.merge import merge
+    from addclass.tasks.labels.merge import merge
 
     st = open_label_store(fresh_store)
     ids = {s: st.image_ids(s) for s in st.splits()}

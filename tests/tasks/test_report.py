@@ -1,4 +1,4 @@
-"""Tests for tasks/report.py: number formats, tables and overlays."""
+"""Tests for tasks/evaluation/report.py: number formats, tables and overlays."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.report import (
+from addclass.tasks.evaluation.report import (
     FALSE_BOUNDARY_COLOR,
     MISSED_BOUNDARY_COLOR,
     format_fraction,

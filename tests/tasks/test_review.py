@@ -1,4 +1,4 @@
-"""`addclass review export|import` (tasks/review.py): the worst labels out as COCO, corrections back as provenance 3."""
+"""`addclass review export|import` (tasks/labels/review.py): the worst labels out as COCO, corrections back as provenance 3."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from common.errors import InputError
-from storage.pseudo import pseudo_runs, read_pseudo_mask, read_pseudo_record, write_pseudo_result
-from storage.registry import IGNORE_INDEX, PROV_PRECISE, PROV_REVIEWED
-from storage.store import open_label_store
-from tasks.merge import merge
-from tasks.pseudo_label import LabelerConfig, pseudo_label
-from tasks.review import (
+from addclass.common.errors import InputError
+from addclass.storage.pseudo import pseudo_runs, read_pseudo_mask, read_pseudo_record, write_pseudo_result
+from addclass.storage.registry import IGNORE_INDEX, PROV_PRECISE, PROV_REVIEWED
+from addclass.storage.store import open_label_store
+from addclass.tasks.labels.merge import merge
+from addclass.tasks.labels.pseudo_label import LabelerConfig, pseudo_label
+from addclass.tasks.labels.review import (
     boundary_band,
     boundary_uncertainty,
     export_review,
@@ -32,7 +32,7 @@ CAR = 7
 @pytest.fixture()
 def store(tmp_path: Path) -> Path:
     """6 synthetic scenes, simulated car pseudo labels on train/val merged into v2."""
-    from tasks.ingest import ingest_synthetic
+    from addclass.tasks.data.ingest import ingest_synthetic
 
     path = tmp_path / "s.zarr"
     ingest_synthetic(path, images=6, size=(64, 80), seed=4, progress=False)
@@ -143,7 +143,7 @@ def test_export_edit_import_changes_exactly_the_edited_pixels(store: Path, tmp_p
             else:
                 assert np.array_equal(new, old) and np.array_equal(prov, old_prov)
     assert import_review(store, out)["existing"]  # the same file again: the same version
-    from tasks.inspect import format_summary, summarize_store
+    from addclass.tasks.data.inspect import format_summary, summarize_store
 
     summary = summarize_store(store, max_images=None)
     car = summary["versions"][version]["class_provenance"]["car"]

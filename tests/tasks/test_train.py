@@ -24,13 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.metrics import MetricAccumulator
-from models.training.optim import SCRATCH_RECIPE
-from storage.dataset import LabelVersionDataset
-from storage.registry import ClassInfo
-from storage.store import open_label_store
-from tasks.ingest import ingest_synthetic
-from tasks.model_folder import (
+from addclass.models.metrics import MetricAccumulator
+from addclass.models.training.optim import SCRATCH_RECIPE
+from addclass.storage.registry import ClassInfo
+from addclass.storage.store import open_label_store
+from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.model_files.model_folder import (
     CheckpointError,
     build_model,
     init_from_model,
@@ -38,7 +37,8 @@ from tasks.model_folder import (
     read_model_config,
     resolve_init_dir,
 )
-from tasks.train import TrainConfig, model_config, resolve_train_config, run_name, train
+from addclass.tasks.training.dataset import LabelVersionDataset
+from addclass.tasks.training.train import TrainConfig, model_config, resolve_train_config, run_name, train
 
 REPO = Path(__file__).resolve().parents[2]
 CAR = 7
@@ -104,8 +104,8 @@ def read_val_log(run: Path) -> list[dict[str, Any]]:
 
 KILLER = """
 import os, signal, sys
-import tasks.train as tt
-from tasks.train import TrainConfig, train
+import addclass.tasks.training.train as tt
+from addclass.tasks.training.train import TrainConfig, train
 
 kill_at = int(sys.argv[2])
 save = tt.save_checkpoint
@@ -401,7 +401,7 @@ def test_the_recipe_follows_the_start_and_explicit_fields_win(train_store: Path,
 def test_a_class_with_iou_zero_on_val_is_warned_about_after_a_share_of_the_run(
     train_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import tasks.train as tt
+    import addclass.tasks.training.train as tt
 
     scores = {"split": "val", "num_images": 1, "miou7": 0.5, "per_class_iou": {"sky": 0.9, "human": 0.0},
               "new_classes": {"car": {"iou": 0.0, "biou": 0.0, "bf1": 0.0}}}
@@ -409,7 +409,7 @@ def test_a_class_with_iou_zero_on_val_is_warned_about_after_a_share_of_the_run(
     config = resolve_train_config(tiny_config(train_store, tmp_path, iters=10))
     model = build_model(model_config(config))
     log_path = tmp_path / "log.jsonl"
-    with caplog.at_level("WARNING", logger="tasks.train"), open(log_path, "w") as f:
+    with caplog.at_level("WARNING", logger="addclass.tasks.training.train"), open(log_path, "w") as f:
         tt._validate_step(config, model, step=2, device=torch.device("cpu"), log_file=f)  # 20 %: too early
         assert not caplog.records
         tt._validate_step(config, model, step=3, device=torch.device("cpu"), log_file=f)
@@ -421,8 +421,8 @@ def test_a_class_with_iou_zero_on_val_is_warned_about_after_a_share_of_the_run(
 def test_training_passes_reviewed_pixels_to_the_targets(train_store: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Pixels with provenance 3 (a person reviewed them) reach `build_targets` as ``reviewed``."""
-    import tasks.train as tt
-    from storage.registry import PROV_REVIEWED
+    import addclass.tasks.training.train as tt
+    from addclass.storage.registry import PROV_REVIEWED
 
     store = tmp_path / "s.zarr"
     shutil.copytree(train_store, store)
@@ -452,7 +452,7 @@ def test_training_passes_reviewed_pixels_to_the_targets(train_store: Path, tmp_p
 def test_validation_predicts_at_the_test_scale_alone(train_store: Path, tmp_path: Path) -> None:
     """A model averaging two scales is validated at its test_scale only, and the scale is recorded; the
     final evaluation (`predict()` without a scale) keeps every scale."""
-    from tasks.validation import format_scores, validate
+    from addclass.tasks.training.validation import format_scores, validate
 
     config = resolve_train_config(tiny_config(train_store, tmp_path))
     model = build_model(model_config(config))
@@ -479,7 +479,7 @@ def test_validation_predicts_at_the_test_scale_alone(train_store: Path, tmp_path
 ])
 def test_a_model_folder_with_bad_inference_settings_is_refused_by_name(
         straight_run: Path, tmp_path: Path, setting: dict[str, Any], message: str) -> None:
-    from tasks.model_folder import save_model_dir
+    from addclass.tasks.model_files.model_folder import save_model_dir
 
     cfg = {**read_model_config(straight_run / "final"), **setting}
     model = load_trained_model(straight_run)

@@ -1,4 +1,4 @@
-"""The memory preflight of training (tasks/train_memory.py): the estimate bounds a measured peak, and a run that
+"""The memory preflight of training (tasks/training/train_memory.py): the estimate bounds a measured peak, and a run that
 cannot fit is refused in one line, before anything is built."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
-from tasks.train_memory import ENV_SWITCH, check_train_memory, estimate_train_bytes
+from addclass.cli.main import main
+from addclass.tasks.training.train_memory import ENV_SWITCH, check_train_memory, estimate_train_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,9 +31,9 @@ def test_estimate_grows_with_the_pixels_of_a_step() -> None:
 def test_estimate_bounds_the_measured_peak_of_two_steps() -> None:
     code = textwrap.dedent("""
         import json, torch
-        from models.massformer.build import MODEL_BUILDERS
-        from models.training.criterion import build_criterion
-        from models.training.targets import build_targets
+        from addclass.models.build import MODEL_BUILDERS
+        from addclass.models.training.criterion import build_criterion
+        from addclass.models.training.targets import build_targets
         torch.manual_seed(0)
         model = MODEL_BUILDERS["tiny"](num_classes=8).train()
         crit = build_criterion(num_classes=8, num_points=2048)
@@ -55,7 +55,7 @@ def test_estimate_bounds_the_measured_peak_of_two_steps() -> None:
 
 
 def test_a_run_that_cannot_fit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tasks.train_memory.available_bytes", lambda device: 4 * 2**30)
+    monkeypatch.setattr("addclass.tasks.training.train_memory.available_bytes", lambda device: 4 * 2**30)
     with pytest.raises(MemoryError, match=r"needs about .* GB on cpu, and 4.0 GB is free.*--batch-size"):
         check_train_memory(variant="tiny", batch_size=16, crop_size=(1024, 1024), device=torch.device("cpu"))
     check_train_memory(variant="tiny", batch_size=2, crop_size=(64, 64), device=torch.device("cpu"))  # fits

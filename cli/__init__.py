@@ -1,0 +1,1 @@
+"""The `addclass` command: the parser (flags generated from flows.settings) and one handler per sub-command."""

@@ -1,0 +1,1 @@
+"""Importers of released checkpoints (the MaSS13K release's MaSSFormer)."""

@@ -1,0 +1,1 @@
+"""Mask2Former's multi-scale deformable-attention pixel decoder."""

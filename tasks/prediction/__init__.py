@@ -1,0 +1,1 @@
+"""Prediction on new images and into a label store, and its memory estimate."""
