@@ -1,9 +1,12 @@
 """Models: MaSSFormer (backbone, HR pixel decoder, masked-attention transformer decoder) and friends.
 
 Kept import-light on purpose (no package re-exports anything): import the submodule you need, e.g.
-``from models.massformer.build import build_massformer_tiny``. Layout:
+``from addclass.models.build import build_massformer_tiny``. Layout:
 
-- ``massformer/``: the network (``model.py``: `MaSSFormer`) and its parts, builders and weight loading
+- ``massformer/``, ``mask2former/``, ``maskformer/``, ``semask/``: one package per architecture; ``parts/``: what
+  they share (ResNet backbone, position encodings, masked-attention decoder); ``importers/``: released checkpoints
+- ``build.py`` (one builder per variant over one private builder), ``weights.py`` (loading), ``macs.py``,
+  ``release.py`` (the release's numbers), ``pretrained/`` (the demo's shipped base model)
 - ``training/``: criterion, matcher, loss weights, point sampling, targets, optimiser recipes
 - ``labelers/``: Grounded-SAM and the simulated labeler, with their weights, caches and `LabelRecord`
 - ``metrics.py`` (mIoU, Boundary IoU, Boundary F1), ``palette.py`` (label-map colours) and ``hashing.py``
