@@ -380,7 +380,7 @@ def test_the_console_script_sets_the_policy_before_torch_loads() -> None:
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = ("import os, sys; from flows import cli; cli.busy_cores = lambda: 64.0; "
+    code = ("import os, sys; from addclass.cli import main as cli; cli.busy_cores = lambda: 64.0; "
             "sys.argv = ['addclass', 'model-info', 'tiny', '--num-classes', '7', '--json']; "
             "assert 'torch' not in sys.modules; rc = cli.console_main(); "
             "print(os.environ.get('ADDCLASS_THREADS').split()[1], os.environ.get('OMP_WAIT_POLICY'), rc)")

@@ -99,7 +99,7 @@ def test_external_dask_cluster_scales_the_mapped_stages(server: dict[str, str], 
         store = _store(tmp_path, "dask")
         script = (
             "import json, sys\n"
-            "from flows.add_class import add_class\n"
+            "from addclass.flows.add_class import add_class\n"
             "out = add_class(prompt='car', store=sys.argv[1], dask_address=sys.argv[2],\n"
             "                **json.loads(sys.argv[3]))\n"
             "import os\n"
@@ -154,7 +154,7 @@ def test_kill_9_mid_pseudo_label_then_rerun_completes(server: dict[str, str], tm
     time.sleep(0.5)  # the killed flow's lock is released by the kernel
     script = (
         "import json, sys\n"
-        "from flows.add_class import add_class\n"
+        "from addclass.flows.add_class import add_class\n"
         "out = add_class(prompt='car', store=sys.argv[1], scale_out='threads', **json.loads(sys.argv[2]))\n"
         "print('RESULT', json.dumps(out['pseudo']))\n"
     )
@@ -168,7 +168,7 @@ def test_kill_9_mid_pseudo_label_then_rerun_completes(server: dict[str, str], tm
 def test_second_add_class_on_a_locked_store_fails_clearly(server: dict[str, str], tmp_path: Path) -> None:
     store = _store(tmp_path, "locked")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom storage.lock import store_lock\n"
+        "import sys, time\nfrom addclass.storage.lock import store_lock\n"
         "with store_lock(sys.argv[1], purpose='add-class busy'):\n    print('ready', flush=True)\n    time.sleep(120)\n"),
         str(store)], cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:

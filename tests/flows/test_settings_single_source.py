@@ -200,6 +200,6 @@ def test_no_labeler_option_has_a_literal_default_outside_its_constant() -> None:
 
 def test_the_parser_loads_no_torch() -> None:
     """The settings models are light: building every flag of every sub-command imports no torch."""
-    code = ("import sys; from flows.cli_args import build_parser; build_parser(); "
+    code = ("import sys; from addclass.cli.args import build_parser; build_parser(); "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -45,7 +45,7 @@ def test_sigkill_of_the_command_ends_its_prefect_server(tmp_path: Path) -> None:
                     "64", "80", "--quiet"], cwd=REPO, check=True, timeout=120)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
     env.pop("PREFECT_API_URL")
-    cmd = [sys.executable, "-c", "import sys; from flows.cli import console_main; sys.exit(console_main())",
+    cmd = [sys.executable, "-c", "import sys; from addclass.cli.main import console_main; sys.exit(console_main())",
            "add-class", "--prompt", "car", "--store", str(store), "--labeler", "simulated", "--iters", "100000",
            "--crop-size", "64", "--points", "64", "--workers", "0", "--checkpoint-every", "100000"]
     supervisor = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -69,7 +69,7 @@ def test_kinds_literal_and_tuple_match_the_table() -> None:
 
 def test_kinds_load_without_torch() -> None:
     """The CLI takes its --labeler choices from LABELER_KINDS before loading any model code."""
-    code = ("import sys; from models.labelers.build import LABELER_KINDS; "
+    code = ("import sys; from addclass.models.labelers.build import LABELER_KINDS; "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules); "
             "print(','.join(LABELER_KINDS))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

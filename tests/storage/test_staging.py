@@ -21,7 +21,7 @@ def test_a_killed_build_leaves_the_destination_and_the_next_build_removes_its_st
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    code = (f"import time; from pathlib import Path; from storage.staging import staged_dir\n"
+    code = (f"import time; from pathlib import Path; from addclass.storage.staging import staged_dir\n"
             f"with staged_dir(Path({str(final)!r})) as tmp:\n"
             f"    (tmp / 'new.txt').write_text('new'); print('ready', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)

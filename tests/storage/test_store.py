@@ -168,7 +168,7 @@ def test_empty_store_is_refused(tmp_path: Path) -> None:
 def test_lock_excludes_second_writer_and_survives_kill(fresh_store: Path) -> None:
     holder = (
         "import sys, time\n"
-        "from storage.lock import store_lock\n"
+        "from addclass.storage.lock import store_lock\n"
         "with store_lock(sys.argv[1], purpose='test holder'):\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(120)\n"

@@ -419,7 +419,7 @@ def test_kill_9_mid_merge_then_rerun_equals_uninterrupted(fresh_store: Path, tmp
     twin = tmp_path / "twin.zarr"
     shutil.copytree(fresh_store, twin)
     v1_sha = tree_sha256(fresh_store / "labels" / "v1")
-    code = "import sys; from tasks.merge import merge; merge(sys.argv[1], classes='car', progress=False)"
+    code = "import sys; from addclass.tasks.labels.merge import merge; merge(sys.argv[1], classes='car', progress=False)"
     env = {**os.environ, DELAY_ENV: "1.0"}
     proc = subprocess.Popen([sys.executable, "-c", code, str(fresh_store)], cwd=REPO, env=env)
     try:
