@@ -50,8 +50,8 @@ def test_the_installed_wheel_imports_as_addclass_and_shadows_no_user_package(whe
     code = ("import importlib.util, addclass.flows.add_class, addclass.cli.main\n"
             "from addclass.models.pretrained import DEMO_BASE\n"
             "assert (DEMO_BASE / 'model.safetensors').is_file(), DEMO_BASE\n"
-            "assert addclass.flows.add_class.__file__.startswith(%r), addclass.flows.add_class.__file__\n"
-            "print([n for n in %r if importlib.util.find_spec(n) is not None])\n") % (str(site), FOLDERS)
+            f"assert addclass.flows.add_class.__file__.startswith({str(site)!r}), addclass.flows.add_class.__file__\n"
+            f"print([n for n in {FOLDERS!r} if importlib.util.find_spec(n) is not None])\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
