@@ -114,7 +114,7 @@ def side_by_side(points: int, steps: int, warmup: int, compile_model: bool) -> d
         for name, s in steppers.items():
             times[name].append(s.step()["step"])
     mean = {k: sum(v) / len(v) for k, v in times.items()}
-    out = {"seconds_per_step": {k: round(v, 4) for k, v in mean.items()},
+    out: dict[str, Any] = {"seconds_per_step": {k: round(v, 4) for k, v in mean.items()},
            "ratio_to_default": {k: round(v / mean["default"], 3) for k, v in mean.items()}}
     if compile_s is not None:
         saved = mean["default"] - mean["compile"]

@@ -4,7 +4,9 @@ Each case times ``--steps`` training steps of the tiny MaSSFormer (batch 2, 256 
 few rectangles as labels, 2048 points, AdamW) in a fresh process with ``--threads`` torch threads, while ``--load``
 busy-looping processes compete for the cores (0 = idle). Cases: OpenMP's default (threads spin a while before
 they sleep: the anchor, idle) and ``OMP_WAIT_POLICY=PASSIVE`` (what the ``addclass`` command sets unless you
-chose a policy), each idle and loaded. Prints one JSON object: seconds per step per case and its ratio to the
+chose a policy on a busy machine) and what the ``addclass`` command decides itself (``addclass_*``: the
+policy `addclass.cli.main.passive_threads` picks, measured with the load already running), each idle and
+loaded. Prints one JSON object: seconds per step per case and its ratio to the
 idle default, measured in the same run.
 
     .venv/bin/python bench/threads_under_load.py            # ~3 min on 2 cores
@@ -18,12 +20,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 STEPS = """
-import json, sys, time
+import json, os, sys, time
+decision = os.environ.get("OMP_WAIT_POLICY", "OpenMP default")
+if {policy}:  # what the addclass command decides, before torch loads OpenMP
+    from addclass.cli.main import passive_threads
+    decision = passive_threads()
 import torch
 from addclass.models.build import build_massformer_tiny
 from addclass.models.training.criterion import build_criterion
@@ -48,23 +51,26 @@ for step in range({warmup} + {steps}):
     torch.stack(list(losses.values())).sum().backward()
     optimizer.step()
     times.append(time.perf_counter() - t)
-print(json.dumps(sum(times[{warmup}:]) / {steps}))
+print(json.dumps({{"seconds": sum(times[{warmup}:]) / {steps}, "decision": decision}}))
 """
 
 
-def seconds_per_step(*, passive: bool, load: int, threads: int, steps: int, warmup: int) -> float:
+def seconds_per_step(*, passive: bool, load: int, threads: int, steps: int, warmup: int,
+                     policy: bool = False) -> dict:
+    """Seconds per step and the wait policy in force (``policy``: the one `addclass.cli.main.passive_threads`
+    picks with the load running)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
     try:
-        code = STEPS.format(repo=str(REPO), threads=threads, steps=steps, warmup=warmup)
+        code = STEPS.format(threads=threads, steps=steps, warmup=warmup, policy=policy)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     finally:
         for p in busy:
             p.kill()
             p.wait()
-    return float(out.stdout.strip().splitlines()[-1])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
@@ -76,15 +82,17 @@ def main() -> None:
     a = ap.parse_args()
     cases = {}
     for load in (0, a.load):
-        for passive in (False, True):
-            name = f"{'passive' if passive else 'default'}_{'idle' if load == 0 else f'load{load}'}"
-            cases[name] = seconds_per_step(passive=passive, load=load, threads=a.threads, steps=a.steps,
-                                           warmup=a.warmup)
-    anchor = cases["default_idle"]
+        where = "idle" if load == 0 else f"load{load}"
+        for mode in ("default", "passive", "addclass"):
+            cases[f"{mode}_{where}"] = seconds_per_step(passive=mode == "passive", policy=mode == "addclass",
+                                                        load=load, threads=a.threads, steps=a.steps,
+                                                        warmup=a.warmup)
+    anchor = cases["default_idle"]["seconds"]
     print(json.dumps({
         "threads": a.threads, "load": a.load, "steps": a.steps, "cpus": os.cpu_count(),
-        "seconds_per_step": {k: round(v, 3) for k, v in cases.items()},
-        "ratio_to_default_idle": {k: round(v / anchor, 2) for k, v in cases.items()},
+        "seconds_per_step": {k: round(v["seconds"], 3) for k, v in cases.items()},
+        "ratio_to_default_idle": {k: round(v["seconds"] / anchor, 2) for k, v in cases.items()},
+        "addclass_decision": {k: v["decision"] for k, v in cases.items() if k.startswith("addclass")},
     }))
 
 

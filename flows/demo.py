@@ -31,7 +31,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     training = TrainingParams(variant="tiny", iters=config.iters, batch_size=2, crop_size=config.crop,
                               num_points=config.points, num_workers=0, seed=config.seed,
                               scale_range=config.scale_range, test_scale=config.test_scale,
-                              test_ratios=config.test_ratios, lr=config.lr,
+                              test_ratios=config.test_ratios, recipe=config.recipe, lr=config.training_lr,
                               val_every=config.val_every)
     result = add_class(prompt="car", store=str(store), labeling=LabelingParams(kind="simulated"),
                        training=training, init_model=config.base_model, eval_splits=["val", "test"])
