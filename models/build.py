@@ -31,7 +31,8 @@ from addclass.models.massformer.model import MaSSFormer
 from addclass.models.massformer.pixel_decoder import HRPixelDecoder
 from addclass.models.parts.backbone import ResNetBackbone
 from addclass.models.parts.transformer_decoder import MaskedTransformerDecoder
-from addclass.models.semask.semask import FixedClassHead, SemanticFPNDecoder, SeMaskSwinBackbone, SwinStage
+from addclass.models.semask.heads import FixedClassHead, SemanticFPNDecoder
+from addclass.models.semask.semask import SeMaskSwinBackbone, SwinStage
 
 PIXEL_DECODERS = ("hr", "fpn", "msdeform", "semantic_fpn")  # every pixel decoder name (the CLI's choices)
 MASSFORMER_PIXEL_DECODERS = ("hr", "fpn")  # what the MaSSFormer variants take; "hr" is their own
