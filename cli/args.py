@@ -44,8 +44,8 @@ def add_labeler_args(p: argparse.ArgumentParser) -> None:
 
 
 # The flow sub-commands (add-class, retrain): one flag per top-level flow parameter, and one generated flag per
-# field of its `labeling` / `training` / `review` parameter (flows.settings); `cli.main.flow_params` builds
-# them, and tests/flows/test_settings_single_source.py checks every field has exactly one flag.
+# field of its `labeling` / `training` / `review` parameter (flows.settings); `cli.commands_flows.flow_params`
+# builds them, and tests/flows/test_settings_single_source.py checks every field has exactly one flag.
 FLOW_GROUPS: dict[str, type[BaseModel]] = {"labeling": LabelingParams, "training": TrainingParams,
                                            "review": ReviewParams}
 
