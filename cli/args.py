@@ -44,8 +44,8 @@ def add_labeler_args(p: argparse.ArgumentParser) -> None:
 
 
 # The flow sub-commands (add-class, retrain): one flag per top-level flow parameter, and one generated flag per
-# field of its `labeling` / `training` / `review` parameter (flows.settings); `cli.main.flow_params` builds
-# them, and tests/flows/test_settings_single_source.py checks every field has exactly one flag.
+# field of its `labeling` / `training` / `review` parameter (flows.settings); `cli.commands_flows.flow_params`
+# builds them, and tests/flows/test_settings_single_source.py checks every field has exactly one flag.
 FLOW_GROUPS: dict[str, type[BaseModel]] = {"labeling": LabelingParams, "training": TrainingParams,
                                            "review": ReviewParams}
 
@@ -83,10 +83,8 @@ def add_flow_run_args(p: argparse.ArgumentParser, deployment: str) -> None:
                    help="with --deployment: seconds to wait (default: until done)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="addclass", description=DESCRIPTION)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """ingest, inspect: a label store made and looked at (`cli.commands_store`)."""
     ing = sub.add_parser("ingest", help="create a label store from a dataset")
     ing_sub = ing.add_subparsers(dest="layout", required=True)
     for layout, helptext in (("mass13k", "MaSS13K layout: images/{split}/*.jpg, annotations/{split}/*.png"),
@@ -114,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
     ins.add_argument("--version", default="latest")
 
+
+def _add_label_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """pseudo-label, import-pseudo, evaluate-masks, merge, discard-draft, export: a label store's labels
+    (`cli.commands_store`)."""
     pl = sub.add_parser("pseudo-label", help="pseudo-label a prompt over a split (Grounded-SAM or simulated)")
     pl.add_argument("store")
     pl.add_argument("--prompt", required=True, help=PROMPT_HELP)
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true")
     ex.add_argument("--quiet", action="store_true")
 
+
+def _add_training_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """train, evaluate (`cli.commands_models`)."""
     tr = sub.add_parser("train", help="train MaSSFormer on a label version (resumable)")
     tr.add_argument("store")
     tr.add_argument("--version", default="latest")
@@ -192,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true")
 
+
+def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """predict, export-model, import-model, review, model-info (`cli.commands_models`)."""
     pr = sub.add_parser("predict", help="label new images of any size with a trained model (PNG per image), or a "
                                          "store's images into a new label version (--into-store)")
     pr.add_argument("model", help="a run folder, its final/ folder, or 'champion' (with --store or --into-store)")
@@ -246,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also count the MACs of one forward at H x W (meta device, no memory)")
     mi.add_argument("--json", action="store_true")
 
+
+def _add_flow_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """add-class, retrain: the flows (`cli.commands_flows`)."""
     ac = sub.add_parser("add-class", help="run the add-class flow (in-process, or on a deployment)")
     ac.add_argument("--prompt", required=True, help=PROMPT_HELP)
     ac.add_argument("--store", required=True)
@@ -265,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flow_run_args(rt, "retrain/retrain")
     add_flow_settings_args(rt, ("training",))
 
+
+def _add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """demo (`cli.commands_flows`)."""
     demo = sub.add_parser("demo", help="add car to the shipped 7-class tiny model on synthetic data, no downloads "
                                        "(~4 min on 2 cores)")
     from addclass.tasks.demo import DemoConfig
@@ -288,4 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="steps between validations on val during training (0: none)")
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="addclass", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_label_commands(sub)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    _add_flow_commands(sub)
+    _add_demo_command(sub)
     return p

@@ -87,7 +87,7 @@ SIZED_FIELDS = ("iters", "batch_size", "crop_size", "num_points")  # the fields 
 
 def sized_defaults(values: dict[str, Any], *, device_kind: str) -> dict[str, Any]:
     """The `RunSizes` fields missing from `values`, at the sizes of `device_kind` ('cpu' or 'cuda'); the
-    caller adds them and says so (`cli.main.cmd_train`)."""
+    caller adds them and says so (`cli.commands_models.cmd_train`)."""
     sizes = RUN_SIZES[device_kind]
     return {name: getattr(sizes, name) for name in SIZED_FIELDS if name not in values}
 

@@ -27,11 +27,12 @@ from addclass.common.errors import InputError
 from addclass.models.mask2former.msdeform_decoder import MSDeformAttnPixelDecoder
 from addclass.models.maskformer.detr_decoder import StandardTransformerDecoder
 from addclass.models.maskformer.fpn_decoder import FPNPixelDecoder
-from addclass.models.massformer.model import MaSSFormer
+from addclass.models.massformer.model import MaSSFormer, PixelDecoder, TransformerDecoder
 from addclass.models.massformer.pixel_decoder import HRPixelDecoder
 from addclass.models.parts.backbone import ResNetBackbone
 from addclass.models.parts.transformer_decoder import MaskedTransformerDecoder
-from addclass.models.semask.semask import FixedClassHead, SemanticFPNDecoder, SeMaskSwinBackbone, SwinStage
+from addclass.models.semask.heads import FixedClassHead, SemanticFPNDecoder
+from addclass.models.semask.semask import SeMaskSwinBackbone, SwinStage
 
 PIXEL_DECODERS = ("hr", "fpn", "msdeform", "semantic_fpn")  # every pixel decoder name (the CLI's choices)
 MASSFORMER_PIXEL_DECODERS = ("hr", "fpn")  # what the MaSSFormer variants take; "hr" is their own
@@ -381,35 +382,8 @@ def _count(module: nn.Module | Sequence[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = None) -> dict[str, Any]:
-    """Parameter counts per component (all parameters incl. frozen BN affines; buffers excluded).
-
-    Builds the model on the meta device, so it is instant and allocates nothing.
-
-    Args:
-        variant: a `MODEL_BUILDERS` key.
-        num_classes: K.
-        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (baseline) for the MaSSFormer variants; a baseline's
-            own (``"msdeform"``, ``"fpn"``, ``"semantic_fpn"``) or None for the baselines; None: the variant's
-            default.
-
-    Returns:
-        JSON-serialisable dict: ``variant``, ``pixel_decoder``, ``num_classes``, ``components`` (backbone,
-        pixel_decoder, transformer_decoder, heads), ``pixel_decoder_parts`` (per-block counts), ``total`` and
-        ``trainable``. With a masked-attention decoder, transformer_decoder = layers + post-norm and heads =
-        queries + level embedding + class and mask heads; with MaskFormer's decoder, transformer_decoder =
-        input projection of C5 + layers + decoder norm and heads = query embedding + class and mask heads. SeMask
-        FPN: backbone = Swin + semantic layers + output norms (``backbone_parts``), pixel_decoder = Semantic FPN
-        head incl. the 1x1 classifier, transformer_decoder = heads = 0 (the fixed class head has no parameters).
-    """
-    problem = pixel_decoder_problem(variant, pixel_decoder)
-    if problem is not None:
-        raise InputError(problem)
-    pixel_decoder = default_pixel_decoder(variant) if pixel_decoder is None else pixel_decoder
-    with torch.device("meta"):
-        model = MODEL_BUILDERS[variant](num_classes, pixel_decoder=pixel_decoder)
-    td = model.transformer_decoder
-    pd = model.pixel_decoder
+def _pixel_decoder_parts(pd: PixelDecoder) -> dict[str, int]:
+    """Parameter counts per block of a pixel decoder (`model_info`'s ``pixel_decoder_parts``)."""
     parts: dict[str, int]
     if isinstance(pd, HRPixelDecoder):
         parts = {
@@ -439,6 +413,11 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = No
             "output": _count(pd.output),
             "mask_features": _count(pd.mask_features),
         }
+    return parts
+
+
+def _transformer_decoder_counts(td: TransformerDecoder) -> tuple[int, int]:
+    """(transformer_decoder, heads) parameter counts of a transformer decoder, as `model_info` splits them."""
     if isinstance(td, FixedClassHead):
         transformer = heads = 0
     elif isinstance(td, StandardTransformerDecoder):
@@ -447,6 +426,56 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = No
     else:
         transformer = _count([td.layers, td.post_norm])
         heads = _count([td.query_feat, td.query_embed, td.level_embed, td.class_embed, td.mask_embed])
+    return transformer, heads
+
+
+def _backbone_parts(backbone: nn.Module) -> dict[str, Any]:
+    """SeMask's backbone split into Swin, semantic layers and output norms (``backbone_parts``); {} for the
+    other backbones."""
+    extra: dict[str, Any] = {}
+    if isinstance(backbone, SeMaskSwinBackbone):
+        bb = backbone
+        semantic = _count([stage.semantic_layer for stage in bb.layers if isinstance(stage, SwinStage)])
+        out_norms = _count([bb.norm0, bb.norm1, bb.norm2, bb.norm3])
+        extra["backbone_parts"] = {
+            "swin": _count(bb) - semantic - out_norms,
+            "semantic_layers": semantic,
+            "out_norms": out_norms,
+        }
+    return extra
+
+
+def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = None) -> dict[str, Any]:
+    """Parameter counts per component (all parameters incl. frozen BN affines; buffers excluded).
+
+    Builds the model on the meta device, so it is instant and allocates nothing.
+
+    Args:
+        variant: a `MODEL_BUILDERS` key.
+        num_classes: K.
+        pixel_decoder: ``"hr"`` (MaSSFormer) or ``"fpn"`` (baseline) for the MaSSFormer variants; a baseline's
+            own (``"msdeform"``, ``"fpn"``, ``"semantic_fpn"``) or None for the baselines; None: the variant's
+            default.
+
+    Returns:
+        JSON-serialisable dict: ``variant``, ``pixel_decoder``, ``num_classes``, ``components`` (backbone,
+        pixel_decoder, transformer_decoder, heads), ``pixel_decoder_parts`` (per-block counts), ``total`` and
+        ``trainable``. With a masked-attention decoder, transformer_decoder = layers + post-norm and heads =
+        queries + level embedding + class and mask heads; with MaskFormer's decoder, transformer_decoder =
+        input projection of C5 + layers + decoder norm and heads = query embedding + class and mask heads. SeMask
+        FPN: backbone = Swin + semantic layers + output norms (``backbone_parts``), pixel_decoder = Semantic FPN
+        head incl. the 1x1 classifier, transformer_decoder = heads = 0 (the fixed class head has no parameters).
+    """
+    problem = pixel_decoder_problem(variant, pixel_decoder)
+    if problem is not None:
+        raise InputError(problem)
+    pixel_decoder = default_pixel_decoder(variant) if pixel_decoder is None else pixel_decoder
+    with torch.device("meta"):
+        model = MODEL_BUILDERS[variant](num_classes, pixel_decoder=pixel_decoder)
+    td = model.transformer_decoder
+    pd = model.pixel_decoder
+    parts = _pixel_decoder_parts(pd)
+    transformer, heads = _transformer_decoder_counts(td)
     components = {
         "backbone": _count(model.backbone),
         "pixel_decoder": _count(pd),
@@ -455,16 +484,7 @@ def model_info(variant: str, *, num_classes: int, pixel_decoder: str | None = No
     }
     total = _count(model)
     assert sum(components.values()) == total, "a parameter is not assigned to any component"
-    extra: dict[str, Any] = {}
-    if isinstance(model.backbone, SeMaskSwinBackbone):
-        bb = model.backbone
-        semantic = _count([stage.semantic_layer for stage in bb.layers if isinstance(stage, SwinStage)])
-        out_norms = _count([bb.norm0, bb.norm1, bb.norm2, bb.norm3])
-        extra["backbone_parts"] = {
-            "swin": _count(bb) - semantic - out_norms,
-            "semantic_layers": semantic,
-            "out_norms": out_norms,
-        }
+    extra = _backbone_parts(model.backbone)
     return {
         "variant": variant,
         "pixel_decoder": pixel_decoder,

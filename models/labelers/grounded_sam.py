@@ -22,9 +22,10 @@ environment variables ``ADDCLASS_SAM_CHECKPOINT`` / ``ADDCLASS_DINO_CHECKPOINT``
 ``~/.cache/addclass/weights/`` (``$ADDCLASS_CACHE_DIR/weights`` when that is set) with the file names above.
 
 Stages: the image input (``models.labelers.image_input``), GroundingDINO's boxes
-(``models.labelers.grounded_sam_detect``), the mask model's masks (``models.labelers.sam_engines``, through
-``GroundedSamLabeler.set_image`` / ``segment_boxes``, optionally refined per box on crops),
-pure ops (``models.labelers.grounded_sam_ops``) and weights (``models.labelers.grounded_sam_weights``).
+(``models.labelers.grounded_sam_detect``, `BoxStage`), the mask model's masks (``models.labelers.sam_engines``,
+through ``GroundedSamLabeler.set_image`` / ``segment_boxes`` of ``models.labelers.grounded_sam_masks``,
+`MaskStage`, optionally refined per box on crops), pure ops (``models.labelers.grounded_sam_ops``) and weights
+(``models.labelers.grounded_sam_weights``). This module holds the options and the public API.
 
 Test-only variants (random weights or a checkpoint saved from them): ``sam_variant="tiny"`` (a 2-block,
 64-wide, window-attention ViT encoder with SAM's real prompt encoder and mask decoder, still a 64 x 64
@@ -34,7 +35,6 @@ embedding) and ``dino_config="test"`` (Swin-T, 2-layer BERT, 1 encoder / 1 decod
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -43,26 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou, nms
 
 from addclass.common.errors import InputError
 from addclass.models.hashing import file_sha256
-from addclass.models.labelers.embedding_cache import EmbeddingCache, embedding_key
-from addclass.models.labelers.embedding_cache import image_sha256 as compute_image_sha256
-from addclass.models.labelers.grounded_sam_detect import detect_boxes, dino_preprocess
-from addclass.models.labelers.grounded_sam_ops import (
-    autocast_context,
-    build_caption,
-    check_phrases,
-    cut_edges,
-    merge_tiled_boxes,
-    parse_dtype,
-    refine_window,
-    remove_small_regions,
-    split_phrases,
-    tile_windows,
-    upsample_mask_logits,
-)
+from addclass.models.labelers.embedding_cache import EmbeddingCache
+from addclass.models.labelers.grounded_sam_detect import BoxStage
+from addclass.models.labelers.grounded_sam_masks import MaskStage
+from addclass.models.labelers.grounded_sam_ops import check_phrases, parse_dtype, remove_small_regions
 from addclass.models.labelers.grounded_sam_weights import (
     DINO_ENV,
     DINO_URL,
@@ -93,7 +80,7 @@ from addclass.models.labelers.sam_engines import sam_variant as sam_variant_entr
 logger = logging.getLogger(__name__)
 
 
-class GroundedSamLabeler:
+class GroundedSamLabeler(BoxStage, MaskStage):
     """Text prompt -> pseudo-masks with GroundingDINO + SAM, models built once and reused for every image.
 
     Not thread-safe (it holds SAM's current image embedding, like ``SamPredictor``); use one labeler per
@@ -307,137 +294,6 @@ class GroundedSamLabeler:
             }),  # options left out while off, so the keys of runs made before they existed stay the same
         }
 
-    # -- stages --------------------------------------------------------------------------------
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return autocast_context(self.device, self.dtype)
-
-    def dino_preprocess(self, image_rgb: np.ndarray) -> torch.Tensor:
-        """H x W x 3 uint8 -> 3 x h x w normalized float, resized as the reference (PIL bilinear)."""
-        return dino_preprocess(image_rgb, size=self.dino_image_size, max_size=self.dino_max_size)
-
-    @torch.no_grad()
-    def detect(self, image_rgb: np.ndarray, prompts: Sequence[str]) -> list[dict[str, Any]]:
-        """Run GroundingDINO once with the joint caption; per prompt, the selected detections
-        (``grounded_sam_detect.detect_boxes``).
-
-        Returns:
-            Per prompt: ``boxes`` K x 4 pixel xyxy, ``scores`` K, ``phrases`` list of K str, best first.
-        """
-        height, width = image_rgb.shape[:2]
-        windows = [] if self.tile_size is None else tile_windows(height, width, tile=self.tile_size,
-                                                                  overlap=self.tile_overlap)
-        if not windows:
-            return self._detect_view(image_rgb, prompts, max_boxes=self.max_boxes)
-        views = [((0, 0, height, width), self._detect_view(image_rgb, prompts, max_boxes=None))]
-        for window in windows:
-            y0, x0, y1, x1 = window
-            found = self._detect_view(image_rgb[y0:y1, x0:x1], prompts, max_boxes=None)
-            for d in found:
-                d["boxes"] = d["boxes"] + torch.tensor([x0, y0, x0, y0], dtype=d["boxes"].dtype)
-            views.append((window, found))
-        results = []
-        for p in range(len(prompts)):
-            boxes = torch.cat([v[p]["boxes"] for _, v in views])
-            scores = torch.cat([v[p]["scores"] for _, v in views])
-            phrases = [ph for _, v in views for ph in v[p]["phrases"]]
-            cut = torch.cat([cut_edges(v[p]["boxes"], w, height=height, width=width) for w, v in views])
-            merged, merged_scores, index = merge_tiled_boxes(boxes, scores, cut, nms_iou=self.nms_iou)
-            keep = slice(None) if self.max_boxes is None else slice(0, self.max_boxes)
-            results.append({"boxes": merged[keep], "scores": merged_scores[keep],
-                            "phrases": [phrases[i] for i in index.tolist()][keep]})
-        return results
-
-    def _detect_view(self, image_rgb: np.ndarray, prompts: Sequence[str], *,
-                     max_boxes: int | None) -> list[dict[str, Any]]:
-        height, width = image_rgb.shape[:2]
-        return detect_boxes(
-            self.dino, self.tokenizer, self.dino_preprocess(image_rgb).to(self.device), prompts,
-            original_size=(height, width), box_threshold=self.box_threshold, text_threshold=self.text_threshold,
-            nms_iou=self.nms_iou, max_boxes=max_boxes, dtype=self.dtype,
-        )  # fmt: skip
-
-    def embedding_cache_key(self, image_sha: str) -> str:
-        """Cache key of an image's SAM embedding for this labeler's SAM weights (and autocast dtype)."""
-        variant = self.sam_variant if self.dtype is None else f"{self.sam_variant}@{self.dtype}"
-        return embedding_key(image_sha256=image_sha, sam_variant=variant, weights_id=self.sam_weights)
-
-    @torch.no_grad()
-    def set_image(self, image_rgb: np.ndarray, *, image_sha256: str | None = None) -> bool:
-        """Give the mask model the image's features (``self.features``), from the cache when every part is
-        there (the first part under the key itself, others under ``<key>.<part>``). Returns True on a hit."""
-        self.original_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
-        cache, parts = self.embedding_cache, self.engine.parts
-        keys: list[str] = []
-        if cache is not None:
-            key = self.embedding_cache_key(image_sha256 or compute_image_sha256(image_rgb))
-            keys = [key] + [f"{key}.{part}" for part in parts[1:]]
-            cached = [cache.get(k) for k in keys]
-            if all(c is not None for c in cached):
-                self.features = {part: c.to(self.device) for part, c in zip(parts, cached, strict=True)}  # type: ignore[union-attr]
-                return True
-        with self._autocast():
-            self.features = self.engine.encode(image_rgb)
-        if cache is not None:
-            for k, part in zip(keys, parts, strict=True):
-                cache.put(k, self.features[part])
-        return False
-
-    @torch.no_grad()
-    def segment_boxes(self, boxes_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All boxes of the current image (`set_image`) through the mask decoder in one batched call.
-
-        Args:
-            boxes_xyxy: N x 4 pixel boxes at the original size.
-
-        Returns:
-            (low-res logits N x 1 x 256 x 256 float32, predicted IoU N), on CPU.
-        """
-        if self.features is None:
-            raise RuntimeError("Call set_image before segment_boxes.")
-        with self._autocast():
-            low_res, iou = self.engine.decode(self.features, boxes_xyxy, self.original_size)
-        return low_res.float().cpu(), iou.float().cpu()
-
-    def _segment_view(
-        self, image_rgb: np.ndarray, boxes_xyxy: torch.Tensor, *, image_sha256: str | None = None,
-        cached: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks of ``boxes_xyxy`` (pixels of ``image_rgb``) at ``image_rgb``'s resolution.
-
-        Returns:
-            (instances N x h x w bool, predicted IoU N), on CPU.
-        """
-        if cached:
-            self.set_image(image_rgb, image_sha256=image_sha256)
-        else:  # refinement crops: features of one box's surroundings, never reused
-            self.original_size = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
-            with torch.no_grad(), self._autocast():
-                self.features = self.engine.encode(image_rgb)
-        low_res, iou = self.segment_boxes(boxes_xyxy)
-        instances, _ = upsample_mask_logits(
-            low_res, input_size=self.engine.input_size(self.original_size), original_size=self.original_size,
-            img_size=self.engine.img_size, threshold=self.engine.mask_threshold, chunk_bytes=self.mask_chunk_bytes,
-        )  # fmt: skip
-        return instances, iou
-
-    def _refine(self, image_rgb: np.ndarray, boxes: torch.Tensor, instances: torch.Tensor) -> list[bool]:
-        """Replace, per box, the mask inside its `refine_window` by the mask decoded on that crop alone (the
-        crop fills the model's input, so a small object gets many more logits). Boxes whose window is more
-        than half the image's long side keep the whole-image mask. Returns, per box, whether it was refined."""
-        height, width = image_rgb.shape[:2]
-        refined = [False] * len(boxes)
-        for i, box in enumerate(boxes.tolist()):
-            window = refine_window(box, height=height, width=width, margin=self.refine_margin)
-            y0, x0, y1, x1 = window
-            if max(y1 - y0, x1 - x0) * 2 > max(height, width):
-                continue
-            local = torch.tensor([[box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]], dtype=torch.float32)
-            crop_masks, _ = self._segment_view(image_rgb[y0:y1, x0:x1], local, cached=False)
-            instances[i, y0:y1, x0:x1] = crop_masks[0]
-            refined[i] = True
-        return refined
-
     # -- public API --------------------------------------------------------------------------------
 
     def label(
@@ -461,39 +317,6 @@ class GroundedSamLabeler:
         if reference_mask is not None:
             raise InputError("GroundedSamLabeler reads no reference mask. Got one instead.")
         return self.label_prompts(image_rgb, [prompt], image_sha256=image_sha256)[prompt]
-
-    def _class_detections(
-        self, image_rgb: np.ndarray, prompts: Sequence[str]
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """The joint caption and, per prompt, its phrases' detections merged (best first, class-agnostic NMS
-        across phrases, top-k), minus the boxes a negative phrase's box overlaps by IoU >= ``negative_iou``."""
-        phrase_lists = [split_phrases(p) for p in prompts]
-        flat = [ph for phrases in phrase_lists for ph in phrases]
-        negatives = list(self.negative_phrases)
-        if len(set(flat + negatives)) != len(flat) + len(negatives):
-            raise InputError(f"A phrase appears twice among the prompts {list(prompts)} and negative phrases "
-                             f"{negatives}.")
-        found = self.detect(image_rgb, flat + negatives)
-        negative_boxes = torch.cat([d["boxes"] for d in found[len(flat):]] or [torch.zeros(0, 4)])
-        results, start = [], 0
-        for phrases in phrase_lists:
-            group, start = found[start : start + len(phrases)], start + len(phrases)
-            if len(group) == 1:
-                det = group[0]
-            else:
-                boxes, scores = torch.cat([d["boxes"] for d in group]), torch.cat([d["scores"] for d in group])
-                names = [ph for d in group for ph in d["phrases"]]
-                order = torch.argsort(scores, descending=True, stable=True)
-                if self.nms_iou is not None and len(order):
-                    order = order[nms(boxes[order], scores[order], self.nms_iou)]
-                order = order[: self.max_boxes]
-                det = {"boxes": boxes[order], "scores": scores[order], "phrases": [names[i] for i in order.tolist()]}
-            if len(negative_boxes) and len(det["boxes"]):
-                keep = box_iou(det["boxes"], negative_boxes).max(dim=1).values < self.negative_iou
-                det = {"boxes": det["boxes"][keep], "scores": det["scores"][keep],
-                       "phrases": [ph for ph, k in zip(det["phrases"], keep.tolist(), strict=True) if k]}
-            results.append(det)
-        return build_caption(flat + negatives)[0], results
 
     def label_prompts(
         self, image_rgb: np.ndarray, prompts: Sequence[str], *, image_sha256: str | None = None

@@ -45,7 +45,8 @@ from addclass.models.maskformer.fpn_decoder import FPNPixelDecoder
 from addclass.models.massformer.pixel_decoder import HRPixelDecoder, PixelDecoderOutput
 from addclass.models.parts.backbone import ResNetBackbone
 from addclass.models.parts.transformer_decoder import MaskedTransformerDecoder
-from addclass.models.semask.semask import FixedClassHead, SemanticFPNDecoder, SeMaskSwinBackbone
+from addclass.models.semask.heads import FixedClassHead, SemanticFPNDecoder
+from addclass.models.semask.semask import SeMaskSwinBackbone
 
 Backbone = ResNetBackbone | SeMaskSwinBackbone
 PixelDecoder = HRPixelDecoder | FPNPixelDecoder | MSDeformAttnPixelDecoder | SemanticFPNDecoder

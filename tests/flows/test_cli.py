@@ -113,7 +113,7 @@ def test_cli_fine_tunes_a_seven_class_model_on_the_new_class(tmp_path: Path,
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
-    from addclass.cli.main import build_parser
+    from addclass.cli.args import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return cast(argparse.ArgumentParser, sub.choices[command])
@@ -123,7 +123,8 @@ def test_add_class_options_all_reach_the_flow_with_absolute_paths(tmp_path: Path
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import inspect
 
-    from addclass.cli.main import build_parser, flow_params
+    from addclass.cli.args import build_parser
+    from addclass.cli.commands_flows import flow_params
     from addclass.flows.add_class import add_class
 
     monkeypatch.chdir(tmp_path)
@@ -157,7 +158,7 @@ def test_every_flow_parameter_has_one_flag_with_its_default(command: str, flow_m
     import inspect
 
     from addclass.cli.args import FLOW_GROUPS
-    from addclass.cli.main import FLOW_CONTROL, FLOW_PATHS
+    from addclass.cli.commands_flows import FLOW_CONTROL, FLOW_PATHS
 
     flow = getattr(importlib.import_module(flow_module), flow_name)
     params = inspect.signature(flow.fn, eval_str=True).parameters
@@ -191,7 +192,8 @@ def test_flag_choices_are_the_parameter_choices(command: str, flow_module: str, 
 
 
 def test_flags_set_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from addclass.cli.main import build_parser, flow_params
+    from addclass.cli.args import build_parser
+    from addclass.cli.commands_flows import flow_params
     from addclass.flows.params import ReviewParams, TrainingParams
 
     monkeypatch.chdir(tmp_path)
@@ -222,6 +224,7 @@ def test_flags_set_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_deployment_parameters_are_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import addclass.cli.commands_flows as flow_commands
     import addclass.cli.main as cli
 
     sent: dict[str, Any] = {}
@@ -229,7 +232,7 @@ def test_deployment_parameters_are_json(tmp_path: Path, monkeypatch: pytest.Monk
         sent.update(name=name, params=params)
         return 0
 
-    monkeypatch.setattr(cli, "_run_deployment", submit)
+    monkeypatch.setattr(flow_commands, "_run_deployment", submit)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["add-class", "--prompt", "car", "--store", "s", "--iters", "600", "--deployment"]) == 0
     params = sent["params"]

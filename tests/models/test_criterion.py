@@ -14,6 +14,8 @@ from addclass.models.training.criterion import (
     LossNormalizers,
     SetCriterion,
     build_criterion,
+)
+from addclass.models.training.loss_terms import (
     classification_loss,
     dice_loss,
     edge_loss,

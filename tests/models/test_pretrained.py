@@ -3,15 +3,14 @@ on the demo's val images what docs/quickstart.md states, and ready to have car a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from addclass.models.hashing import file_sha256
 from addclass.models.pretrained import DEMO_BASE, DEMO_BASE_SHA256, DEMO_BASE_VAL_MIOU
-from addclass.tasks.demo import DemoConfig
 from addclass.tasks.data.ingest import ingest_synthetic
+from addclass.tasks.demo import DemoConfig
 from addclass.tasks.evaluation.evaluate import evaluate_model
 from addclass.tasks.model_files.model_folder import build_model, init_from_model, read_model_config
 

@@ -136,7 +136,7 @@ def test_released_checkpoint_layouts_load_through_the_cli_path(tmp_path: Path, v
     torch.save(state if layout == "plain" else {"model": state}, path)
     args = build_parser().parse_args(["pseudo-label", "s.zarr", "--prompt", "car", "--sam", variant,
                                       "--sam-checkpoint", str(path), "--dino", "test", "--random-weights"])
-    from addclass.cli.main import labeler_config_from_args
+    from addclass.cli.commands_store import labeler_config_from_args
 
     config = labeler_config_from_args(args)
     LABELERS[config.kind].check(config)
@@ -206,7 +206,7 @@ def test_phrases_of_one_class_merge_and_negative_boxes_suppress() -> None:
 
 
 def test_cli_and_flow_carry_the_new_labeler_options() -> None:
-    from addclass.cli.main import labeler_config_from_args
+    from addclass.cli.commands_store import labeler_config_from_args
     from addclass.flows.params import LabelingParams, labeler_config
 
     args = build_parser().parse_args(["pseudo-label", "s", "--prompt", "car . van", "--sam", "hq_vit_b",

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from addclass.common.errors import StateError
 from addclass.models.build import MODEL_BUILDERS, model_info
 from addclass.models.massformer.model import MaSSFormer
+from addclass.models.semask.heads import FixedClassHead
 from addclass.models.semask.semask import (
     SHIFT_MASK_VALUE,
-    FixedClassHead,
     SeMaskSwinBackbone,
     SwinBlock,
     relative_position_index,
