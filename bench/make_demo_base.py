@@ -49,7 +49,6 @@ from addclass.tasks.model_files.model_folder import (
 )
 from addclass.tasks.training.train import TrainConfig, train
 
-
 # the scales the published base model was made and scored with (the demo's fine-tuned model averages 1.5, 2 and 3,
 # chosen later on val: docs/quickstart.md)
 BASE_TEST_RATIOS = (1.0, 1.5)

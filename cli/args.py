@@ -290,7 +290,8 @@ def _add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     demo.add_argument("--base-model", default=d.base_model, metavar="MODEL",
                       help="the 7-class model car is added to ('none': train every class from scratch)")
     demo.add_argument("--iters", type=int, default=d.iters, help="fine-tuning steps (from scratch: ~600)")
-    demo.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: the recipe's)")
+    demo.add_argument("--lr", type=float, default=d.lr,
+                      help="learning rate (default: 1e-3 to fine-tune the base model, the recipe's from scratch)")
     demo.add_argument("--crop", type=int, default=d.crop)
     demo.add_argument("--points", type=int, default=d.points,
                       help=f"sampled points per mask (MaSSFormer's release: {release.NUM_POINTS})")

@@ -382,7 +382,7 @@ def test_the_console_script_sets_the_policy_before_torch_loads() -> None:
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ADDCLASS_THREADS")}
     code = ("import os, sys; from addclass.cli import main as cli; cli.busy_cores = lambda: 64.0; "
             "sys.argv = ['addclass', 'model-info', 'tiny', '--num-classes', '7', '--json']; "
             "assert 'torch' not in sys.modules; rc = cli.console_main(); "
