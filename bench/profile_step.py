@@ -101,12 +101,17 @@ def side_by_side(points: int, steps: int, warmup: int, compile_model: bool) -> d
     compile_s = None
     if compile_model:
         variants["compile"] = dict(points=points, compile_model=True)
-    steppers = {}
+    steppers, errors = {}, {}
     for name, kw in variants.items():
         t = time.perf_counter()
-        steppers[name] = Stepper(**kw)  # type: ignore[arg-type]
-        for _ in range(warmup):
-            steppers[name].step()
+        try:
+            stepper = Stepper(**kw)  # type: ignore[arg-type]
+            for _ in range(warmup):
+                stepper.step()
+        except Exception as e:  # a variant the model does not support is a result, not a crash
+            errors[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        steppers[name] = stepper
         if name == "compile":
             compile_s = time.perf_counter() - t
     times: dict[str, list[float]] = {name: [] for name in steppers}
@@ -115,7 +120,7 @@ def side_by_side(points: int, steps: int, warmup: int, compile_model: bool) -> d
             times[name].append(s.step()["step"])
     mean = {k: sum(v) / len(v) for k, v in times.items()}
     out: dict[str, Any] = {"seconds_per_step": {k: round(v, 4) for k, v in mean.items()},
-           "ratio_to_default": {k: round(v / mean["default"], 3) for k, v in mean.items()}}
+           "ratio_to_default": {k: round(v / mean["default"], 3) for k, v in mean.items()}, "errors": errors}
     if compile_s is not None:
         saved = mean["default"] - mean["compile"]
         out["compile"] = {"compile_and_warmup_s": round(compile_s, 1),
