@@ -6,9 +6,10 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from addclass.flows.add_class import add_class
+from addclass.flows.choices import RecipeChoice
 from addclass.flows.params import LabelingParams, TrainingParams
 from addclass.tasks.data.ingest import ingest_synthetic
 from addclass.tasks.demo import DemoConfig, comparison_lines, pseudo_label_scores
@@ -31,7 +32,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     training = TrainingParams(variant="tiny", iters=config.iters, batch_size=2, crop_size=config.crop,
                               num_points=config.points, num_workers=0, seed=config.seed,
                               scale_range=config.scale_range, test_scale=config.test_scale,
-                              test_ratios=config.test_ratios, recipe=config.recipe, lr=config.training_lr,
+                              test_ratios=config.test_ratios, recipe=cast(RecipeChoice, config.recipe), lr=config.training_lr,
                               val_every=config.val_every)
     result = add_class(prompt="car", store=str(store), labeling=LabelingParams(kind="simulated"),
                        training=training, init_model=config.base_model, eval_splits=["val", "test"])

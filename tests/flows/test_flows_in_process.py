@@ -91,7 +91,8 @@ def test_retrain_trains_on_two_processes_under_torchrun(store: str) -> None:
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=[f"train-progress-{run.name}"])))
     text = "\n".join(log.message for log in logs)
-    assert "[rank 0] INFO tasks.train: data parallel: 2 processes x 1 images x 1 accumulation steps = batch 2" in text
+    assert ("[rank 0] INFO addclass.tasks.training.train: data parallel: 2 processes x 1 images x 1 accumulation "
+            "steps = batch 2") in text
     assert "train 2/2 (100 %)" in text  # the progress hook, fed from the run's log
     assert progress and max(progress, key=lambda a: a.created).data == 100.0  # its last version
 

@@ -111,8 +111,9 @@ def test_two_processes_x_one_image_give_the_gradients_of_one_process_x_two(store
     print(f"gradients, relative L2 difference: {against_same:.2e} (same batch-norm layer), {against_torch:.2e} "
           f"(torch's BatchNorm2d kernel)")
     # float32 sums taken in another order (a batch of 2 against 1 + 1 all-reduced): 2.4e-6 on one CPU, 1.2e-4 on
-    # another; a wrong normaliser or a missing all-reduce is off by 0.5 or more
-    assert against_same < 1e-3
+    # another, 1.04e-3 on a loaded machine; a wrong normaliser or a missing all-reduce is off by 0.5 or more, so
+    # the bound keeps a factor 50 from either side
+    assert against_same < 1e-2
     assert against_torch < 2e-2
 
 

@@ -321,7 +321,9 @@ def test_tiny_model_overfits_one_image(train_store: Path, tmp_path: Path) -> Non
     miou = acc.compute()["miou"]
     rate = config.iters / seconds
     print(f"overfit: {config.iters} steps in {seconds:.1f} s ({rate:.2f} it/s), mIoU {miou:.3f}")
-    assert miou > 0.9
+    # seen: above 0.9 on some CPUs, 0.891 on others (the same seed; float sums in another order); an untrained
+    # model (or one predicting a single class) scores far lower on this 7-class image
+    assert miou > 0.8
 
 
 def test_fine_tune_a_seven_class_model_on_the_new_class(
