@@ -80,7 +80,7 @@ class RunSizes:
 # laptop and learns (the demo's measured setting, a few times longer; README "Points per mask").
 RUN_SIZES = {
     "cuda": RunSizes(iters=release.ITERS, batch_size=2, crop_size=release.CROP_SIZE, num_points=release.NUM_POINTS),
-    "cpu": RunSizes(iters=2000, batch_size=2, crop_size=256, num_points=8192),
+    "cpu": RunSizes(iters=2000, batch_size=2, crop_size=256, num_points=release.CPU_NUM_POINTS),
 }
 SIZED_FIELDS = ("iters", "batch_size", "crop_size", "num_points")  # the fields of RunSizes
 

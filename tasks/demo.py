@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from addclass.common.errors import InputError
 from addclass.models.pretrained import DEMO_BASE
+from addclass.models.release import CPU_NUM_POINTS
 
 if TYPE_CHECKING:  # imported where used: the CLI reads DemoConfig's defaults without loading torch
     from addclass.tasks.evaluation.evaluation_results import ClassResult
@@ -56,7 +57,7 @@ class DemoConfig:
     scale_range: tuple[float, float] = (0.75, 1.5)
     test_scale: float = 2.0
     test_ratios: tuple[float, ...] = (0.75, 1.0, 1.5)
-    points: int = 8192
+    points: int = CPU_NUM_POINTS
     val_every: int = 100
     seed: int = 0
     progress: bool = True

@@ -157,9 +157,8 @@ def _package_files() -> list[Path]:
     return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
 
 
-# value -> the one module that writes it (a second writer fails), with those still to move
-ONCE = {12544: "models/release.py", 80000: "models/release.py", 8192: "flows/settings.py"}
-NOT_YET = {(8192, "tasks/demo.py")}  # DemoConfig.points: tasks/demo.py is being rewritten elsewhere
+# value -> the one module that writes it (a second writer fails)
+ONCE = {12544: "models/release.py", 80000: "models/release.py", 8192: "models/release.py"}
 
 
 def test_each_default_value_is_written_once_in_the_packages() -> None:
@@ -167,7 +166,7 @@ def test_each_default_value_is_written_once_in_the_packages() -> None:
     for path in _package_files():
         rel = path.relative_to(ROOT).as_posix()
         for value, line in _code_constants(path):
-            if type(value) is int and value in ONCE and (value, rel) not in NOT_YET:
+            if type(value) is int and value in ONCE:
                 found[value].append(f"{rel}:{line}")
     for value, where in ONCE.items():
         assert [w.split(":")[0] for w in found[value]] == [where], (value, found[value])
