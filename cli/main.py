@@ -131,11 +131,12 @@ def console_main() -> int:
     """The `addclass` console script: `main`, with in-process flow commands supervised (`flows.supervise`) so
     that the temporary Prefect server they start ends with them, however they end; on a busy machine torch
     threads wait passively (`passive_threads`)."""
-    # the decision, for the training log and the demo's last lines; a supervised child keeps its parent's
+    argv = sys.argv[1:]
+    args = build_parser().parse_args(argv)  # --help and usage errors stay in the user's process (no torch yet)
+    # the decision (0.25 s of measuring, so not for --help), for the training log and the demo's last lines; a
+    # supervised child keeps its parent's
     if "ADDCLASS_THREADS" not in os.environ:
         os.environ["ADDCLASS_THREADS"] = passive_threads()
-    argv = sys.argv[1:]
-    args = build_parser().parse_args(argv)  # --help and usage errors stay in the user's process
     if args.command in IN_PROCESS_FLOWS and not getattr(args, "deployment", False):
         from addclass.flows.supervise import supervise
 
